@@ -1,0 +1,162 @@
+"""Patches that let ColossalAI 0.5.0 booster plugins train on a CPU-only machine (gloo backend).
+
+ColossalAI picks its `CpuAccelerator` automatically when CUDA is absent, but several of that
+accelerator's methods raise "not supported", and a few code paths assume CUDA or NPU. Each patch
+below says what it fixes. They were written against colossalai==0.5.0 and are applied only when
+CUDA is absent and that exact version is installed: on a GPU machine ColossalAI runs unmodified.
+
+With these patches ddp, zero2, zero2_cpu and hybrid_parallel (tp and pp) train, save and load on
+CPU. Gemini cannot: its chunk manager uses the device strings "cpu"/"cuda" as placement states,
+which no small patch can untangle (see `plugins.py`, which refuses it with a clear message).
+Evidence: ../shared/notes/colossalai-on-cpu.md in the project's planning notes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PATCHED_FOR_VERSION = "0.5.0"
+_applied: list[str] = []
+
+
+class _NoOpEvent:
+    """Stands in for a CUDA event; CPU work is synchronous, so there is nothing to wait on."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, *args, **kwargs):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+
+def _patch_accelerator_sync_and_memory(accel) -> None:
+    # checkpoint_io/utils.py calls get_accelerator().synchronize() when loading an optimizer, and
+    # the plugins query memory statistics; CpuAccelerator raises "not supported" for all of them.
+    accel.synchronize = lambda self, device=None: None
+    accel.empty_cache = lambda self: None
+    accel.current_device = lambda self: 0
+    accel.device_count = lambda self: 1
+    accel.memory_allocated = lambda self, device=None: 0
+    accel.max_memory_allocated = lambda self, device=None: 0
+    accel.reset_peak_memory_stats = lambda self, device=None: None
+    accel.reset_max_memory_allocated = lambda self, device=None: None
+    _applied.append("accelerator sync/memory stats are no-ops")
+
+
+def _patch_accelerator_streams(accel) -> None:
+    # zero/low_level/bookkeeping/bucket_store.py always creates a side stream, and
+    # overlap_communication uses current_stream()/stream(); CPU work runs in order anyway.
+    accel.Stream = lambda self, device=None, priority=0, **kw: torch.cpu.Stream()
+    accel.current_stream = lambda self, device=None: torch.cpu.current_stream()
+    accel.default_stream = lambda self, device=None: torch.cpu.current_stream()
+    accel.stream = lambda self, stream_: contextlib.nullcontext()
+    accel.set_stream = lambda self, stream_: None
+    accel.Event = lambda self, *a, **k: _NoOpEvent()
+    _applied.append("accelerator streams/events are CPU stubs")
+
+
+def _patch_accelerator_rng(accel) -> None:
+    # shardformer's Randomizer (tensor parallel) calls get_rng_state(), which passes a device to
+    # torch.get_rng_state() (TypeError, a colossalai bug); manual_seed and friends raise.
+    accel.get_rng_state = lambda self, device=None: torch.get_rng_state()
+    accel.set_rng_state = lambda self, state, device=None: torch.set_rng_state(state)
+    accel.get_rng_state_all = lambda self: [torch.get_rng_state()]
+    accel.set_rng_state_all = lambda self, states: torch.set_rng_state(states[0])
+    accel.manual_seed = lambda self, seed: torch.manual_seed(seed)
+    accel.manual_seed_all = lambda self, seed: torch.manual_seed(seed)
+    accel.seed = lambda self: torch.seed()
+    accel.seed_all = lambda self: torch.seed()
+    accel.initial_seed = lambda self: torch.initial_seed()
+    _applied.append("accelerator RNG uses torch's CPU generator")
+
+
+def _patch_pipeline_hccl() -> None:
+    # pipeline/p2p.py asks torch.distributed.is_hccl_available() (a torch_npu API) when torch was
+    # built without NCCL, and reads c10d.Backend.HCCL on NCCL builds with a gloo group.
+    import torch.distributed as dist
+
+    if not hasattr(dist, "is_hccl_available"):
+        dist.is_hccl_available = lambda: False
+        _applied.append("torch.distributed.is_hccl_available stub")
+    if not hasattr(dist.Backend, "HCCL"):
+        dist.Backend.HCCL = "hccl"
+        _applied.append("torch.distributed.Backend.HCCL constant")
+
+
+def _patch_record_stream() -> None:
+    # ZeRO's overlap_communication calls tensor.record_stream(stream), which rejects CPU tensors.
+    original = torch.Tensor.record_stream
+
+    def record_stream(self, stream):
+        if self.device.type == "cpu":
+            return None
+        return original(self, stream)
+
+    torch.Tensor.record_stream = record_stream
+    _applied.append("Tensor.record_stream is a no-op on CPU tensors")
+
+
+def _patch_zero_sanity_check() -> None:
+    # zero/low_level/low_level_optim.py asserts the accelerator is "cuda" or "npu"; keep the dtype check.
+    from colossalai.zero.low_level import low_level_optim
+
+    def _sanity_checks(self):
+        for group in self.optim.param_groups:
+            for p in group["params"]:
+                if not getattr(p, "skip_zero_check", False):
+                    assert p.dtype == self._dtype, f"ZeRO expected parameters of {self._dtype}, got {p.dtype}"
+
+    low_level_optim.LowLevelZeroOptimizer._sanity_checks = _sanity_checks
+    _applied.append("LowLevelZeroOptimizer device assert removed")
+
+
+def _patch_cpu_adam_build() -> None:
+    # HybridAdam/CPUAdam need a compiled CPU Adam. The x86 variant is declared a CUDA extension
+    # (cuda_fp16.h, cuBLAS); the ARM variant is plain C++ with a scalar fallback, so allow it on x86.
+    from colossalai.kernel.extensions.pybind.cpu_adam.cpu_adam_arm import CpuAdamArmExtension
+
+    CpuAdamArmExtension.is_available = lambda self: True
+    CpuAdamArmExtension.assert_compatible = lambda self: None
+    _applied.append("CPU Adam extension builds from its portable C++ source")
+
+
+def apply_cpu_patches() -> list[str]:
+    """Patch ColossalAI for CPU-only training. Idempotent; returns the list of applied patches.
+
+    Does nothing when CUDA is available. Refuses to patch a ColossalAI version other than the one
+    the patches were written for, because they replace internals by name.
+    """
+    if torch.cuda.is_available() or _applied:
+        return list(_applied)
+    import colossalai
+
+    if colossalai.__version__ != PATCHED_FOR_VERSION:
+        raise RuntimeError(
+            f"llama_recipe's CPU patches were written for colossalai=={PATCHED_FOR_VERSION}, "
+            f"but {colossalai.__version__} is installed; install the pinned version "
+            "(pip install --no-deps -r requirements-colossalai.txt) or run on a GPU"
+        )
+    from colossalai.accelerator.cpu_accelerator import CpuAccelerator
+
+    _patch_accelerator_sync_and_memory(CpuAccelerator)
+    _patch_accelerator_streams(CpuAccelerator)
+    _patch_accelerator_rng(CpuAccelerator)
+    _patch_pipeline_hccl()
+    _patch_record_stream()
+    _patch_zero_sanity_check()
+    _patch_cpu_adam_build()
+    return list(_applied)

@@ -1,0 +1,100 @@
+"""LLaMA model configurations and construction.
+
+The model is Hugging Face `transformers.LlamaForCausalLM`: ColossalAI's shardformer knows how to
+split it for tensor and pipeline parallelism, and its checkpoints load with `from_pretrained`.
+Nothing here knows about parallelism; `plugins.py` does that.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+LLAMA_VOCAB_SIZE = 32000
+
+
+def _llama(hidden, layers, heads, intermediate, max_positions, rms_norm_eps, kv_heads=None) -> dict:
+    return dict(
+        vocab_size=LLAMA_VOCAB_SIZE,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_positions,
+        rms_norm_eps=rms_norm_eps,
+    )
+
+
+# Meta's published shapes. LLaMA-1 uses rms_norm_eps 1e-6 and 2048 positions; LLaMA-2 uses 1e-5 and
+# 4096. (The ColossalAI example had 13760/17888 as the 13b/30b FFN sizes and 1e-6 for LLaMA-2: wrong.)
+MODEL_PRESETS: dict[str, dict] = {
+    "llama-7b": _llama(4096, 32, 32, 11008, 2048, 1e-6),
+    "llama-13b": _llama(5120, 40, 40, 13824, 2048, 1e-6),
+    "llama-30b": _llama(6656, 60, 52, 17920, 2048, 1e-6),
+    "llama-65b": _llama(8192, 80, 64, 22016, 2048, 1e-6),
+    "llama2-7b": _llama(4096, 32, 32, 11008, 4096, 1e-5),
+    "llama2-13b": _llama(5120, 40, 40, 13824, 4096, 1e-5),
+    "llama2-70b": _llama(8192, 80, 64, 28672, 4096, 1e-5, kv_heads=8),
+    # Small presets for laptops, CI and quick GPU checks.
+    "tiny": _llama(64, 2, 4, 176, 1024, 1e-5),  # ~4.2M params, mostly the 32000-token embeddings
+    "small": _llama(512, 8, 8, 1408, 2048, 1e-5),  # ~58M params
+    "1b": _llama(2048, 22, 32, 5632, 2048, 1e-5, kv_heads=4),  # TinyLlama-1.1B shape
+}
+# The reference recipe's spellings: `-c 7b` meant LLaMA-2 7B; 30b and 65b only exist for LLaMA-1.
+MODEL_ALIASES = {
+    "7b": "llama2-7b",
+    "13b": "llama2-13b",
+    "70b": "llama2-70b",
+    "30b": "llama-30b",
+    "65b": "llama-65b",
+}
+
+
+def model_config_names() -> list[str]:
+    return sorted(MODEL_PRESETS) + sorted(MODEL_ALIASES)
+
+
+def get_model_config(name_or_path: str) -> LlamaConfig:
+    """A preset name (see `model_config_names()`), or a path to a Hugging Face `config.json`
+    (or to a directory that holds one). Raises ValueError naming the choices otherwise."""
+    name = MODEL_ALIASES.get(name_or_path, name_or_path)
+    if name in MODEL_PRESETS:
+        return LlamaConfig(**MODEL_PRESETS[name])
+    path = Path(name_or_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.is_file():
+        try:
+            fields = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"model config {path} is not valid JSON ({e}); pass a Hugging Face config.json") from None
+        if fields.get("model_type", "llama") != "llama":
+            raise ValueError(
+                f"model config {path} has model_type {fields['model_type']!r}; this recipe trains LLaMA models"
+            )
+        return LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+    raise ValueError(
+        f"unknown model config {name_or_path!r}; pass one of {', '.join(model_config_names())} "
+        "or a path to a Hugging Face config.json"
+    )
+
+
+def build_model(config: LlamaConfig, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """A randomly initialised LLaMA. Call under a fixed seed so every rank builds the same weights."""
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(config: LlamaConfig) -> int:
+    """Exact parameter count of `LlamaForCausalLM(config)`, without building it."""
+    h, layers, v, ffn = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    head_dim = h // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    attention = h * h * 2 + h * kv * 2  # q, o and k, v projections
+    mlp = 3 * h * ffn  # gate, up, down (SwiGLU)
+    per_layer = attention + mlp + 2 * h  # two RMSNorm weights
+    embeddings = v * h * (1 if config.tie_word_embeddings else 2)
+    return layers * per_layer + embeddings + h  # final norm

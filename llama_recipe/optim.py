@@ -1,0 +1,53 @@
+"""Optimizers and the learning-rate schedule: AdamW as LLaMA was trained, with linear warmup and
+cosine decay to 10% of the peak learning rate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+OPTIMIZER_NAMES = ["adamw", "hybrid_adam"]
+LLAMA_BETAS = (0.9, 0.95)
+FINAL_LR_FRACTION = 0.1
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: decaying RMSNorm gains (and biases) toward zero hurts training."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    groups = parameter_groups(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=LLAMA_BETAS)
+    if name == "hybrid_adam":
+        # ColossalAI's fused Adam (CUDA kernel on GPU, CPU kernel for offloaded states); adamw_mode=True
+        # makes it decoupled-weight-decay AdamW. On a CPU-only machine it JIT-compiles once (~2.5 min).
+        from colossalai.nn.optimizer import HybridAdam
+
+        return HybridAdam(groups, lr=lr, betas=LLAMA_BETAS, adamw_mode=True)
+    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr for the update numbered `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
+    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps))

@@ -1,0 +1,247 @@
+"""Everything ColossalAI-specific: process launch, booster plugins, and the few places where the
+plugins differ (data-parallel groups, pipeline execution, gradient norms, mixed precision).
+
+The training loop asks this module questions ("which data-parallel rank am I?", "step the
+optimizer and tell me the gradient norm") instead of checking plugin types itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig, UsageError
+
+PLUGIN_NAMES = ["gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp"]
+GPU_ONLY_PLUGINS = ["gemini", "gemini_auto"]
+CPU_PLUGINS = [p for p in PLUGIN_NAMES if p not in GPU_ONLY_PLUGINS]
+FP16_INITIAL_LOSS_SCALE = 2**16
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def resolve_precision(cfg: TrainConfig) -> str:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 matrix products run about 100x slower than fp32."""
+    return cfg.mixed_precision or ("bf16" if has_cuda() else "fp32")
+
+
+def resolve_optimizer_name(cfg: TrainConfig) -> str:
+    """Gemini only works with ColossalAI's HybridAdam; everything else defaults to torch AdamW."""
+    return cfg.optimizer or ("hybrid_adam" if cfg.plugin in GPU_ONLY_PLUGINS else "adamw")
+
+
+def check_plugin_layout(cfg: TrainConfig, world_size: int) -> None:
+    """Raise UsageError if the plugin cannot run this layout here. Runs before any process group exists."""
+    plugin, precision = cfg.plugin, resolve_precision(cfg)
+    if plugin not in PLUGIN_NAMES:
+        raise UsageError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_NAMES)}")
+    if plugin in GPU_ONLY_PLUGINS:
+        if not has_cuda():
+            raise UsageError(
+                f"-p {plugin} needs CUDA GPUs (Gemini's chunk manager is built around them); "
+                f"on this CPU-only machine use -p {', '.join(CPU_PLUGINS)}"
+            )
+        if precision == "fp32":
+            raise UsageError(f"-p {plugin} trains in fp16 or bf16 only; pass -x bf16 or -x fp16")
+        if cfg.optimizer == "adamw":
+            raise UsageError(f"-p {plugin} needs ColossalAI's HybridAdam; pass --optimizer hybrid_adam")
+    if plugin != "hybrid_parallel" and (cfg.tp > 1 or cfg.pp > 1):
+        raise UsageError(f"--tp/--pp need -p hybrid_parallel (got -p {plugin})")
+    if plugin == "hybrid_parallel":
+        if cfg.tp < 1 or cfg.pp < 1:
+            raise UsageError("--tp and --pp must be at least 1")
+        if world_size % (cfg.tp * cfg.pp) != 0:
+            raise UsageError(
+                f"world size {world_size} is not divisible by tp*pp = {cfg.tp}*{cfg.pp}; "
+                f"launch a multiple of {cfg.tp * cfg.pp} processes or change --tp/--pp"
+            )
+        if cfg.zero_stage > 0 and precision == "fp32":
+            raise UsageError("ZeRO inside hybrid_parallel needs -x bf16 or -x fp16; with -x fp32 pass --zero_stage 0")
+        if cfg.pp > 1:
+            if cfg.batch_size % cfg.microbatch_size != 0:
+                raise UsageError(f"-b {cfg.batch_size} is not a multiple of --microbatch_size {cfg.microbatch_size}")
+            if cfg.accumulation_steps > 1:
+                raise UsageError(
+                    "with --pp > 1 the pipeline already accumulates micro-batches; "
+                    "raise -b (a multiple of --microbatch_size) instead of --accumulation_steps"
+                )
+            if cfg.zero_stage > 1:
+                raise UsageError("pipeline parallelism supports --zero_stage 0 or 1, not 2")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(seed: int) -> None:
+    """Join the process group that torchrun / `colossalai run` set up, or make a 1-process one
+    so that `python pretrain.py` works without a launcher. Applies the CPU patches when needed."""
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if not has_cuda():
+        from .cpu_compat import apply_cpu_patches
+
+        apply_cpu_patches()
+    import colossalai
+
+    colossalai.launch_from_torch(seed=seed, verbose=False)
+    # ColossalAI logs every checkpoint shard at INFO; our own log lines say what matters.
+    from colossalai.logging import get_dist_logger
+
+    get_dist_logger().set_level("WARNING")
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def device() -> torch.device:
+    from colossalai.accelerator import get_accelerator
+
+    return get_accelerator().get_current_device() if has_cuda() else torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plugins
+
+
+@dataclass
+class Parallelism:
+    """What the training loop needs to know about the layout it runs in."""
+
+    booster: object
+    plugin: object
+    name: str
+    precision: str
+    dp_rank: int
+    dp_size: int
+    pipeline: bool
+
+    @property
+    def is_last_pipeline_stage(self) -> bool:
+        return not self.pipeline or self.plugin.stage_manager.is_last_stage()
+
+
+def create_plugin(cfg: TrainConfig, precision: str):
+    """The booster plugin named by `-p`, with the run's precision, clipping and layout, and the
+    precision the Booster itself must handle (only for ddp, whose plugin leaves precision alone)."""
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
+
+    common = dict(precision=precision, max_norm=cfg.grad_clip, initial_scale=FP16_INITIAL_LOSS_SCALE)
+    if cfg.plugin in ("gemini", "gemini_auto"):
+        placement = "static" if cfg.plugin == "gemini" else "auto"
+        return GeminiPlugin(placement_policy=placement, enable_flash_attention=cfg.flash_attention, **common), None
+    if cfg.plugin in ("zero2", "zero2_cpu"):
+        return LowLevelZeroPlugin(stage=2, cpu_offload=cfg.plugin == "zero2_cpu", **common), None
+    if cfg.plugin == "hybrid_parallel":
+        pipeline_args = dict(microbatch_size=cfg.microbatch_size) if cfg.pp > 1 else {}
+        plugin = HybridParallelPlugin(
+            tp_size=cfg.tp,
+            pp_size=cfg.pp,
+            zero_stage=cfg.zero_stage,
+            enable_flash_attention=cfg.flash_attention and has_cuda(),
+            **pipeline_args,
+            **common,
+        )
+        return plugin, None
+    # ddp: torch DDP leaves precision alone; fp16 goes through the Booster's torch AMP, bf16 through
+    # autocast in `forward_context` (bf16 needs no loss scaling).
+    return TorchDDPPlugin(), ("fp16" if precision == "fp16" else None)
+
+
+def build_parallelism(cfg: TrainConfig) -> Parallelism:
+    from colossalai.booster import Booster
+    from colossalai.booster.plugin import HybridParallelPlugin
+
+    precision = resolve_precision(cfg)
+    check_plugin_layout(cfg, dist.get_world_size())
+    plugin, booster_precision = create_plugin(cfg, precision)
+    booster = Booster(plugin=plugin, mixed_precision=booster_precision)
+    if isinstance(plugin, HybridParallelPlugin):
+        dp_rank, dp_size = dist.get_rank(plugin.dp_group), plugin.dp_size
+    else:
+        dp_rank, dp_size = dist.get_rank(), dist.get_world_size()
+    return Parallelism(booster, plugin, cfg.plugin, precision, dp_rank, dp_size, pipeline=cfg.pp > 1)
+
+
+def model_init_context(par: Parallelism):
+    """Gemini and hybrid_parallel can materialise weights lazily, shard by shard, so a 70B model
+    never sits whole in one process. (LazyInit with LowLevelZero hits a RecursionError in 0.5.0.)"""
+    from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin
+    from colossalai.lazy import LazyInitContext
+
+    if isinstance(par.plugin, (GeminiPlugin, HybridParallelPlugin)):
+        return LazyInitContext(default_device=device())
+    return contextlib.nullcontext()
+
+
+def forward_context(par: Parallelism):
+    """bf16 autocast for ddp (the other plugins cast the model themselves)."""
+    if par.name == "ddp" and par.precision == "bf16":
+        return torch.autocast(device_type=device().type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def no_sync_context(par: Parallelism, model, optimizer, is_last_micro_step: bool):
+    """Skip the gradient all-reduce on accumulation micro-steps where the plugin allows it.
+    (ZeRO-2 reduce-scatters every micro-step by design; it still accumulates correctly.)"""
+    if is_last_micro_step or not par.plugin.support_no_sync() or getattr(par.plugin, "zero_stage", 0) == 2:
+        return contextlib.nullcontext()
+    return par.booster.no_sync(model, optimizer)
+
+
+def run_pipeline(par: Parallelism, model, optimizer, batch: dict) -> torch.Tensor | None:
+    """One forward+backward of a pipelined batch. Returns the loss on the last stage, None elsewhere."""
+    outputs = par.booster.execute_pipeline(
+        iter([batch]), model, criterion=lambda out, _inputs: out.loss, optimizer=optimizer, return_loss=True
+    )
+    return outputs["loss"] if par.is_last_pipeline_stage else None
+
+
+def step_optimizer(par: Parallelism, optimizer, max_norm: float) -> float | None:
+    """Clip, step, and return the global gradient norm (before clipping) where it is known.
+
+    The ColossalAI optimizers clip inside `step()` (we passed max_norm to the plugin) and remember
+    the norm; torch DDP's wrapper does neither, so we clip here.
+    """
+    if par.name == "ddp":
+        norm = optimizer.clip_grad_by_norm(max_norm if max_norm > 0 else float("inf"))
+        optimizer.step()
+        return float(norm)
+    optimizer.step()
+    norm = optimizer.get_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def mean_across_replicas(par: Parallelism, value: torch.Tensor | None) -> float:
+    """Average a per-rank scalar (the loss) over data-parallel replicas, so every rank sees the
+    same number. With a pipeline, only the last stage has the loss; it is summed onto the others."""
+    t = torch.zeros(1, device=device()) if value is None else value.detach().float().reshape(1).clone()
+    if par.pipeline:
+        dist.all_reduce(t, group=par.plugin.pp_group)
+    dp_group = par.plugin.dp_group if par.name == "hybrid_parallel" else None
+    dist.all_reduce(t, group=dp_group)
+    return t.item() / par.dp_size
