@@ -53,9 +53,12 @@ def resolve_local_files(dataset: str) -> list[str]:
     return files
 
 
+SYNTHETIC = "synthetic"  # `-d synthetic`: random tokens (benchmarks)
+
+
 def check_dataset_source(dataset: str) -> None:
     """Fail early on a local dataset path that holds no data. Hub names are checked when loaded."""
-    if _looks_local(dataset):
+    if dataset != SYNTHETIC and _looks_local(dataset):
         resolve_local_files(dataset)
 
 
@@ -164,6 +167,26 @@ class PretrainBatches:
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state)
         self._iterator = iter(self.rows)
+
+
+class SyntheticBatches:
+    """Uniformly random tokens, for benchmarks: the same shapes as real data, no input pipeline cost."""
+
+    def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int):
+        self.shape = (batch_size, seq_len)
+        self.vocab_size = vocab_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        input_ids = torch.randint(0, self.vocab_size, self.shape, generator=self.generator)
+        return {"input_ids": input_ids, "labels": input_ids.clone()}
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
 def build_pretrain_batches(

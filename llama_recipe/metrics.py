@@ -52,3 +52,45 @@ class MetricsLogger:
         self.bar.close()
         if self.writer is not None:
             self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and MFU
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
+MFU_FORMULA = "6*N_matmul + 6*L*S*H per token (Megatron model FLOPs, causal attention half-counted, no recompute)"
+
+
+def training_flops_per_token(config, seq_len: int) -> float:
+    """Model FLOPs per trained token: forward + backward = 3x the forward's 2 FLOPs per multiply-add.
+
+    N_matmul counts every weight that takes part in a matrix product (attention and SwiGLU projections,
+    which covers GQA through the k/v sizes, and the LM head), not the input embedding lookup or norms.
+    Attention scores and values add 2*2*S*H per token per layer forward; causal masking halves it.
+    """
+    h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size
+    n_matmul = layers * per_layer + h * v
+    return 6 * n_matmul + 6 * layers * seq_len * h
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from): the GPU data sheet, or a measured fp32 GEMM on CPU."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12, f"{name} bf16 data sheet"
+        return float("nan"), f"{name}: unknown peak, pass --peak_tflops"
+    import time
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return 2 * 2048**3 / best, f"measured fp32 GEMM on {torch.get_num_threads()} CPU thread(s)"

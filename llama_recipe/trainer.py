@@ -13,7 +13,7 @@ from . import plugins
 from .attention import select_attention
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, UsageError
-from .data import PretrainBatches, build_pretrain_batches, count_tokens, load_tokenizer
+from .data import SYNTHETIC, PretrainBatches, SyntheticBatches, build_pretrain_batches, count_tokens, load_tokenizer
 from .metrics import MetricsLogger, peak_memory_mb
 from .model import build_model, count_parameters, get_model_config
 from .optim import build_lr_scheduler, build_optimizer
@@ -93,7 +93,12 @@ def pretrain(cfg: TrainConfig) -> dict:
     )
 
     # Data, optimizer, schedule
-    batches = build_pretrain_batches(cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
+    if cfg.dataset == SYNTHETIC:
+        batches = SyntheticBatches(model_config.vocab_size, seq_len, cfg.batch_size, seed=cfg.seed + par.dp_rank)
+        if not cfg.max_steps:
+            raise UsageError("-d synthetic has no epochs; pass --max_steps")
+    else:
+        batches = build_pretrain_batches(cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
     total_steps = cfg.max_steps or steps_for_epochs(cfg, tokenizer, par, seq_len)
     if cfg.warmup_steps >= total_steps:
         say(
@@ -158,9 +163,9 @@ def pretrain(cfg: TrainConfig) -> dict:
         step_seconds.append(elapsed)
         write = state.step % cfg.log_interval == 0 or state.step == total_steps
         logger.log_step(state.step, loss, lr, grad_norm, tokens_per_step / elapsed, write)
-        if cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
+        if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
-    if losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
+    if cfg.save_dir and losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
         last_checkpoint = checkpoint()
     logger.close()
 
@@ -172,6 +177,13 @@ def pretrain(cfg: TrainConfig) -> dict:
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
         tokens_per_s=tokens_per_step * len(timed) / sum(timed) if timed else None,
+        tokens_per_step=tokens_per_step,
+        step_seconds=step_seconds,
+        losses=losses,
+        peak_memory_mb=peak_memory_mb(),
+        world_size=dist.get_world_size(),
+        dp_size=par.dp_size,
+        precision=par.precision,
         checkpoint=last_checkpoint,
         tensorboard_dir=cfg.tensorboard_dir,
     )
@@ -180,7 +192,7 @@ def pretrain(cfg: TrainConfig) -> dict:
             f"done: {summary['steps_this_run']} steps this run (step {state.step} of {total_steps}), "
             f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
             f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {peak_memory_mb():,.0f} MB on rank 0\n"
-            f"checkpoint: {last_checkpoint}\n"
+            f"checkpoint: {last_checkpoint or 'none (no -o/--save_dir)'}\n"
             f"tensorboard: {cfg.tensorboard_dir or 'disabled'}"
             + (f"  (tensorboard --logdir {cfg.tensorboard_dir})" if cfg.tensorboard_dir else ""),
             flush=True,

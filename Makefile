@@ -1,0 +1,41 @@
+# The two commands a new user runs (see README.md):
+#   make demo   install into .venv if needed, then a short 2-process pretraining run on the shipped sample
+#   make test   install into .venv if needed, then the test suite (real ColossalAI plugins on CPU)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+NPROC ?= 2
+
+.PHONY: install demo test test-fast lint format clean
+
+$(STAMP): requirements.txt requirements-colossalai.txt
+	@echo "Installing into $(VENV) (first time: about 2-3 minutes)..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -r requirements.txt
+	@# colossalai pins torch<=2.5.1 and ~100 packages; install it alone so pip keeps our pinned stack.
+	$(BIN)/pip install --quiet --no-deps -r requirements-colossalai.txt
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) pretrain.py \
+		-c tiny -p zero2 -d data/redpajama-sample -l 256 -b 4 --max_steps 40 -s 4 --lr 3e-3 \
+		-i 20 -o runs/demo/checkpoints -t runs/demo/tensorboard
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not multiprocess"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
