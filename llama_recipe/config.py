@@ -26,7 +26,8 @@ class UsageError(Exception):
 @dataclass
 class TrainConfig:
     # model
-    config: str = "tiny"
+    config: str = "tiny"  # pretraining: a preset or a HF config.json
+    model_path: str | None = None  # finetuning: pretrained weights (local directory or hub name)
     grad_checkpoint: bool = False
     flash_attention: bool = False
     # parallelism
@@ -38,13 +39,15 @@ class TrainConfig:
     mixed_precision: str | None = None  # None: bf16 on GPU, fp32 on CPU (bf16 matmuls crawl there)
     # data
     dataset: str = DEFAULT_HUB_DATASET
-    tokenizer: str = str(SHIPPED_TOKENIZER)
+    task_name: str = "super_natural_instructions"  # finetuning: the dataset configuration
+    tokenizer: str | None = None  # None: the model's own (finetuning) or the shipped LLaMA tokenizer
     max_length: int | None = None  # None: the model's max_position_embeddings
     # optimisation
     optimizer: str | None = None  # None: hybrid_adam for gemini, adamw otherwise
     lr: float = 3e-4
     weight_decay: float = 0.1
     warmup_steps: int = 2000
+    warmup_ratio: float = 0.03  # finetuning: warmup as a fraction of all steps
     grad_clip: float = 1.0
     batch_size: int = 2
     accumulation_steps: int = 1
@@ -70,39 +73,15 @@ class OneLineErrorParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def build_pretrain_parser() -> argparse.ArgumentParser:
-    from .model import model_config_names
+def _add_training_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The flags pretrain.py and finetune.py share, with the ColossalAI example's spellings."""
     from .optim import OPTIMIZER_NAMES
     from .plugins import PLUGIN_NAMES
 
-    d = TrainConfig()
-    p = OneLineErrorParser(prog="pretrain.py", description="Pretrain a LLaMA model with a ColossalAI booster plugin.")
     add = p.add_argument
-    add(
-        "-c",
-        "--config",
-        default=d.config,
-        help=f"model preset ({', '.join(model_config_names())}) or a path to a HF config.json",
-    )
     add("-p", "--plugin", default=d.plugin, choices=PLUGIN_NAMES, help="ColossalAI booster plugin")
-    add(
-        "-d",
-        "--dataset",
-        default=d.dataset,
-        help="Hugging Face dataset name, or a local JSONL/Parquet file, directory or glob",
-    )
-    add(
-        "--tokenizer",
-        default=d.tokenizer,
-        help="tokenizer directory or Hugging Face name (default: the shipped LLaMA tokenizer)",
-    )
-    add(
-        "-e",
-        "--num_epochs",
-        type=int,
-        default=d.num_epochs,
-        help="passes over the data (ignored when --max_steps is set)",
-    )
+    add("--tokenizer", default=d.tokenizer, help="tokenizer directory or HF name (default: the shipped LLaMA one)")
+    add("-e", "--num_epochs", type=int, default=d.num_epochs, help="passes over the data (unless --max_steps)")
     add("--max_steps", type=int, default=d.max_steps, help="stop after this many optimizer steps")
     add("-b", "--batch_size", type=int, default=d.batch_size, help="sequences per data-parallel rank per micro-step")
     add("--accumulation_steps", type=int, default=d.accumulation_steps, help="micro-steps per optimizer step")
@@ -113,22 +92,17 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         "--weigth_decay",
         type=float,
         default=d.weight_decay,
-        help="AdamW weight decay (not applied to norms and biases)",
+        help="AdamW weight decay (matrices only)",
     )
-    add("-s", "--warmup_steps", type=int, default=d.warmup_steps, help="linear warmup steps before the cosine decay")
     add(
         "-g",
         "--grad_checkpoint",
         "--gradient_checkpoint",
         action="store_true",
-        help="recompute activations in backward to save memory",
+        help="recompute activations in backward",
     )
     add(
-        "-l",
-        "--max_length",
-        type=int,
-        default=d.max_length,
-        help="tokens per training row (default: the model's max positions)",
+        "-l", "--max_length", type=int, default=d.max_length, help="tokens per row (default: the model's max positions)"
     )
     add(
         "-x",
@@ -142,7 +116,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         "--save_interval",
         type=int,
         default=d.save_interval,
-        help="save a checkpoint every N steps (<=0: only at the end)",
+        help="checkpoint every N steps (<=0: only at the end)",
     )
     add("-o", "--save_dir", default=d.save_dir, help="checkpoint root directory")
     add("-f", "--load", default=d.load, help="checkpoint directory to resume from")
@@ -154,32 +128,62 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         help="clip the global gradient norm (0: off)",
     )
     add("-t", "--tensorboard_dir", default=d.tensorboard_dir, help="TensorBoard log directory ('' to disable)")
-    add("-a", "--flash_attention", action="store_true", help="use flash-attn 2 where installed on a CUDA device")
+    add("-a", "--flash_attention", action="store_true", help="flash-attn 2 where installed on a CUDA device")
     add("--seed", type=int, default=d.seed, help="random seed (model init and data order)")
     add("--log_interval", type=int, default=d.log_interval, help="log metrics every N steps")
-    add(
-        "--optimizer",
-        choices=OPTIMIZER_NAMES,
-        default=d.optimizer,
-        help="adamw (torch) or hybrid_adam (ColossalAI's fused kernel); default: hybrid_adam for gemini, adamw otherwise",
-    )
+    add("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer, help="default: hybrid_adam for gemini, else adamw")
     add("--tp", type=int, default=d.tp, help="tensor-parallel size (hybrid_parallel)")
     add("--pp", type=int, default=d.pp, help="pipeline-parallel size (hybrid_parallel)")
     add("--zero_stage", type=int, choices=[0, 1, 2], default=d.zero_stage, help="ZeRO stage inside hybrid_parallel")
-    add(
-        "--microbatch_size",
-        type=int,
-        default=d.microbatch_size,
-        help="pipeline micro-batch size (hybrid_parallel with --pp > 1)",
+    add("--microbatch_size", type=int, default=d.microbatch_size, help="pipeline micro-batch size (with --pp > 1)")
+
+
+def build_pretrain_parser() -> argparse.ArgumentParser:
+    from .model import model_config_names
+
+    d = TrainConfig()
+    p = OneLineErrorParser(prog="pretrain.py", description="Pretrain a LLaMA model with a ColossalAI booster plugin.")
+    p.add_argument(
+        "-c", "--config", default=d.config, help=f"model: {', '.join(model_config_names())}, or a HF config.json"
     )
+    p.add_argument(
+        "-d", "--dataset", default=d.dataset, help="HF dataset name, or local JSONL/Parquet file, directory or glob"
+    )
+    p.add_argument("-s", "--warmup_steps", type=int, default=d.warmup_steps, help="linear warmup steps, then cosine")
+    _add_training_flags(p, d)
     return p
 
 
-def parse_pretrain_args(argv: list[str] | None = None) -> TrainConfig:
-    args = build_pretrain_parser().parse_args(argv)
+def build_finetune_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(dataset="yizhongw/self_instruct", lr=2e-5, weight_decay=0.0, save_dir="checkpoint-finetune")
+    p = OneLineErrorParser(prog="finetune.py", description="Finetune a LLaMA model on prompt/completion pairs.")
+    p.add_argument(
+        "--model_path", required=True, help="HF model directory, one of our step-<N> checkpoints, or a hub name"
+    )
+    p.add_argument(
+        "-d",
+        "--dataset",
+        default=d.dataset,
+        help="HF dataset name, a directory with one folder per task, or a JSONL file",
+    )
+    p.add_argument("--task_name", default=d.task_name, help="dataset configuration / task folder (e.g. self_instruct)")
+    p.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, help="warmup steps as a fraction of all steps")
+    _add_training_flags(p, d)
+    return p
+
+
+def _to_config(args: argparse.Namespace) -> TrainConfig:
     if args.tensorboard_dir == "":
         args.tensorboard_dir = None
     return TrainConfig(**vars(args))
+
+
+def parse_pretrain_args(argv: list[str] | None = None) -> TrainConfig:
+    return _to_config(build_pretrain_parser().parse_args(argv))
+
+
+def parse_finetune_args(argv: list[str] | None = None) -> TrainConfig:
+    return _to_config(build_finetune_parser().parse_args(argv))
 
 
 def world_size_from_env() -> int:
@@ -189,7 +193,7 @@ def world_size_from_env() -> int:
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check everything that can be checked before training starts; raise one UsageError listing all problems."""
     from .data import check_dataset_source
-    from .model import get_model_config
+    from .model import get_model_config, resolve_pretrained
     from .plugins import check_plugin_layout
 
     problems: list[str] = []
@@ -200,21 +204,21 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         except (UsageError, ValueError) as e:
             problems.append(str(e))
 
-    model_config = check(get_model_config, cfg.config)
+    if cfg.model_path is not None:  # finetuning: the shape comes with the weights
+        model_dir = check(resolve_pretrained, cfg.model_path)
+        model_config = check(get_model_config, str(model_dir)) if model_dir else None
+    else:
+        model_config = check(get_model_config, cfg.config)
     check(check_plugin_layout, cfg, world_size)
     check(check_dataset_source, cfg.dataset)
-    if not Path(cfg.tokenizer).exists() and os.path.isabs(cfg.tokenizer):
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists() and cfg.tokenizer.startswith((".", "/", "~")):
         problems.append(
             f"tokenizer directory {cfg.tokenizer} does not exist; pass --tokenizer with a tokenizer directory"
         )
-    if (
-        model_config is not None
-        and cfg.max_length is not None
-        and cfg.max_length > model_config.max_position_embeddings
-    ):
+    if model_config is not None and (cfg.max_length or 0) > model_config.max_position_embeddings:
+        limit = model_config.max_position_embeddings
         problems.append(
-            f"-l/--max_length {cfg.max_length} exceeds the model's {model_config.max_position_embeddings} positions; "
-            f"pass -l {model_config.max_position_embeddings} or less"
+            f"-l/--max_length {cfg.max_length} exceeds the model's {limit} positions; pass -l {limit} or less"
         )
     for flag, value, minimum in [
         ("-b/--batch_size", cfg.batch_size, 1),
@@ -229,6 +233,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             problems.append(f"{flag} must be at least {minimum}, got {value}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.load is not None:
         from .checkpoint import check_checkpoint_dir
 

@@ -236,11 +236,12 @@ def step_optimizer(par: Parallelism, optimizer, max_norm: float) -> float | None
     return None if norm is None else float(norm)
 
 
-def mean_across_replicas(par: Parallelism, value: torch.Tensor | None) -> float:
-    """Average a per-rank scalar (the loss) over data-parallel replicas, so every rank sees the
-    same number. With a pipeline, only the last stage has the loss; it is summed onto the others."""
-    t = torch.zeros(1, device=device()) if value is None else value.detach().float().reshape(1).clone()
-    if par.pipeline:
+def mean_across_replicas(par: Parallelism, value: torch.Tensor | None, sum_pipeline: bool = True) -> float:
+    """Average a per-rank scalar over data-parallel replicas, so every rank sees the same number.
+    With a pipeline only the last stage has the loss (None elsewhere): `sum_pipeline` copies it to
+    the other stages by summing over the pipeline group."""
+    t = torch.zeros(1, device=device()) if value is None else value.detach().float().reshape(1).clone().to(device())
+    if par.pipeline and sum_pipeline:
         dist.all_reduce(t, group=par.plugin.pp_group)
     dp_group = par.plugin.dp_group if par.name == "hybrid_parallel" else None
     dist.all_reduce(t, group=dp_group)

@@ -1,4 +1,8 @@
-"""The pretraining loop: build the pieces, then step, log and checkpoint until done."""
+"""The training loop, shared by pretraining and finetuning.
+
+`pretrain()` and `finetune()` only decide where the model shape, the starting weights and the
+batches come from; `fit()` does the rest: build, boost, resume, then step, log and checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +16,11 @@ import torch.distributed as dist
 from . import plugins
 from .attention import select_attention
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, UsageError
-from .data import SYNTHETIC, PretrainBatches, SyntheticBatches, build_pretrain_batches, count_tokens, load_tokenizer
+from .config import SHIPPED_TOKENIZER, TrainConfig, UsageError
+from .data import SYNTHETIC, SyntheticBatches, build_pretrain_batches, count_tokens, load_tokenizer
+from .instruct import InstructionBatches, load_instruction_rows
 from .metrics import MetricsLogger, peak_memory_mb
-from .model import build_model, count_parameters, get_model_config
+from .model import build_model, count_parameters, get_model_config, resolve_pretrained, weights_location
 from .optim import build_lr_scheduler, build_optimizer
 
 
@@ -31,54 +36,46 @@ def _to_device(batch: dict) -> dict:
     return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(par: plugins.Parallelism, model, optimizer, batches: PretrainBatches, accumulation_steps: int):
-    """Forward and backward over `accumulation_steps` micro-batches; returns this rank's mean loss
-    (None on pipeline stages other than the last)."""
+def _tokens_in(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation_steps: int):
+    """Forward and backward over `accumulation_steps` micro-batches. Returns (this rank's mean loss,
+    or None on pipeline stages other than the last; the number of tokens it trained on)."""
     if par.pipeline:
-        return plugins.run_pipeline(par, model, optimizer, _to_device(batches.next_batch()))
-    total = None
+        batch = batches.next_batch()
+        return plugins.run_pipeline(par, model, optimizer, _to_device(batch)), _tokens_in(batch)
+    total_loss, tokens = None, 0
     for micro_step in range(accumulation_steps):
-        batch = _to_device(batches.next_batch())
+        batch = batches.next_batch()
+        tokens += _tokens_in(batch)
         is_last = micro_step == accumulation_steps - 1
         with plugins.no_sync_context(par, model, optimizer, is_last):
             with plugins.forward_context(par):
-                loss = model(**batch).loss / accumulation_steps
+                loss = model(**_to_device(batch)).loss / accumulation_steps
             par.booster.backward(loss, optimizer)
-        total = loss.detach() if total is None else total + loss.detach()
-    return total
+        total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
+    return total_loss, tokens
 
 
-def steps_for_epochs(cfg: TrainConfig, tokenizer, par: plugins.Parallelism, seq_len: int) -> int:
-    """Optimizer steps in `-e` epochs, from a token count of the data (the replica with the least data decides)."""
-    tokens = count_tokens(cfg.dataset, tokenizer, par.dp_rank, par.dp_size, progress=plugins.is_main_process())
-    steps = torch.tensor([tokens // seq_len // (cfg.batch_size * cfg.accumulation_steps)], device=plugins.device())
-    dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-    steps_per_epoch = int(steps.item())
-    if steps_per_epoch == 0:
-        raise UsageError(
-            f"the data holds fewer than {seq_len * cfg.batch_size * cfg.accumulation_steps} tokens per replica, "
-            "not enough for one step; lower -b/-l/--accumulation_steps or add data"
-        )
-    return steps_per_epoch * cfg.num_epochs
-
-
-def pretrain(cfg: TrainConfig) -> dict:
-    plugins.launch(cfg.seed)
-    par = plugins.build_parallelism(cfg)
+def fit(
+    cfg: TrainConfig,
+    par: plugins.Parallelism,
+    model_config,
+    batches,
+    total_steps: int,
+    warmup_steps: int,
+    initial_weights: str | None = None,
+    desc: str = "training",
+) -> dict:
     main = plugins.is_main_process()
 
     def say(message: str) -> None:
         if main:
             print(message, flush=True)
 
-    # Model
-    model_config = get_model_config(cfg.config)
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    if len(tokenizer) > model_config.vocab_size:
-        raise UsageError(
-            f"tokenizer has {len(tokenizer)} tokens but the model only {model_config.vocab_size}; pick a matching -c/--tokenizer"
-        )
-    seq_len = cfg.max_length or model_config.max_position_embeddings
     attn_implementation, attn_message = select_attention(cfg.flash_attention)
     if attn_message:
         say(attn_message)
@@ -88,24 +85,13 @@ def pretrain(cfg: TrainConfig) -> dict:
     if cfg.grad_checkpoint:
         model.gradient_checkpointing_enable()
     say(
-        f"model {cfg.config}: {count_parameters(model_config) / 1e6:,.1f}M parameters, {seq_len} tokens per row; "
-        f"plugin {cfg.plugin} ({par.precision}), {dist.get_world_size()} processes, {par.dp_size} data-parallel replicas"
+        f"model: {count_parameters(model_config) / 1e6:,.1f}M parameters; plugin {cfg.plugin} ({par.precision}), "
+        f"{dist.get_world_size()} processes, {par.dp_size} data-parallel replicas; {total_steps} steps"
     )
-
-    # Data, optimizer, schedule
-    if cfg.dataset == SYNTHETIC:
-        batches = SyntheticBatches(model_config.vocab_size, seq_len, cfg.batch_size, seed=cfg.seed + par.dp_rank)
-        if not cfg.max_steps:
-            raise UsageError("-d synthetic has no epochs; pass --max_steps")
-    else:
-        batches = build_pretrain_batches(cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
-    total_steps = cfg.max_steps or steps_for_epochs(cfg, tokenizer, par, seq_len)
-    if cfg.warmup_steps >= total_steps:
-        say(
-            f"note: -s/--warmup_steps {cfg.warmup_steps} >= {total_steps} total steps, so the lr never reaches its peak"
-        )
+    if warmup_steps >= total_steps:
+        say(f"note: {warmup_steps} warmup steps >= {total_steps} total steps, so the lr never reaches its peak")
     optimizer = build_optimizer(plugins.resolve_optimizer_name(cfg), model, cfg.lr, cfg.weight_decay)
-    lr_scheduler = build_lr_scheduler(optimizer, cfg.warmup_steps, total_steps)
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
     model, optimizer, _, _, lr_scheduler = par.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
 
     state = TrainState()
@@ -118,11 +104,13 @@ def pretrain(cfg: TrainConfig) -> dict:
         say(
             f"resumed from {cfg.load} at step {state.step} (epoch {batches.epoch}, {state.consumed_tokens:,} tokens seen)"
         )
+    elif initial_weights:
+        par.booster.load_model(model, initial_weights)
+        say(f"loaded weights from {initial_weights}")
 
     samples_per_step = cfg.batch_size * cfg.accumulation_steps * par.dp_size
-    tokens_per_step = samples_per_step * seq_len
-    logger = MetricsLogger(main, cfg.tensorboard_dir, total_steps, state.step, desc="pretraining")
-    last_checkpoint, losses, step_seconds = None, [], []
+    logger = MetricsLogger(main, cfg.tensorboard_dir, total_steps, state.step, desc=desc)
+    last_checkpoint, losses, step_seconds, step_tokens = None, [], [], []
 
     def checkpoint() -> str:
         running_states = dict(
@@ -144,40 +132,45 @@ def pretrain(cfg: TrainConfig) -> dict:
     while state.step < total_steps:
         started = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        local_loss = train_step(par, model, optimizer, batches, cfg.accumulation_steps)
+        local_loss, local_tokens = train_step(par, model, optimizer, batches, cfg.accumulation_steps)
         grad_norm = plugins.step_optimizer(par, optimizer, cfg.grad_clip)
         lr_scheduler.step()
         optimizer.zero_grad()
         loss = plugins.mean_across_replicas(par, local_loss)  # a sync point: the step is done on every rank
+        tokens = round(
+            plugins.mean_across_replicas(par, torch.tensor(float(local_tokens)), sum_pipeline=False) * par.dp_size
+        )
         elapsed = time.perf_counter() - started
 
         state.step += 1
         state.consumed_samples += samples_per_step
-        state.consumed_tokens += tokens_per_step
+        state.consumed_tokens += tokens
         if not math.isfinite(loss):
             raise RuntimeError(
-                f"loss is {loss} at step {state.step}; lower --lr or raise -s/--warmup_steps, "
+                f"loss is {loss} at step {state.step}; lower --lr or raise the warmup, "
                 f"and resume from the last good checkpoint ({last_checkpoint or 'none saved yet'})"
             )
         losses.append(loss)
         step_seconds.append(elapsed)
+        step_tokens.append(tokens)
         write = state.step % cfg.log_interval == 0 or state.step == total_steps
-        logger.log_step(state.step, loss, lr, grad_norm, tokens_per_step / elapsed, write)
+        logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, write)
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
     if cfg.save_dir and losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
         last_checkpoint = checkpoint()
     logger.close()
 
-    # The first step includes warm-up work (allocations, kernel selection); leave it out of the rate.
-    timed = step_seconds[1:] or step_seconds
+    # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
+    timed = slice(1, None) if len(losses) > 1 else slice(None)
+    tokens_per_s = sum(step_tokens[timed]) / sum(step_seconds[timed]) if losses else None
     summary = dict(
         steps=state.step,
         steps_this_run=len(losses),
         first_loss=losses[0] if losses else None,
         final_loss=losses[-1] if losses else None,
-        tokens_per_s=tokens_per_step * len(timed) / sum(timed) if timed else None,
-        tokens_per_step=tokens_per_step,
+        tokens_per_s=tokens_per_s,
+        step_tokens=step_tokens,
         step_seconds=step_seconds,
         losses=losses,
         peak_memory_mb=peak_memory_mb(),
@@ -187,14 +180,73 @@ def pretrain(cfg: TrainConfig) -> dict:
         checkpoint=last_checkpoint,
         tensorboard_dir=cfg.tensorboard_dir,
     )
-    if main and losses:
-        print(
-            f"done: {summary['steps_this_run']} steps this run (step {state.step} of {total_steps}), "
-            f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}, "
-            f"{summary['tokens_per_s']:,.0f} tokens/s, peak memory {peak_memory_mb():,.0f} MB on rank 0\n"
+    if losses:
+        tb_hint = f"  (tensorboard --logdir {cfg.tensorboard_dir})" if cfg.tensorboard_dir else ""
+        say(
+            f"done: {len(losses)} steps this run (step {state.step} of {total_steps}), "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {tokens_per_s:,.0f} tokens/s, "
+            f"peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0\n"
             f"checkpoint: {last_checkpoint or 'none (no -o/--save_dir)'}\n"
-            f"tensorboard: {cfg.tensorboard_dir or 'disabled'}"
-            + (f"  (tensorboard --logdir {cfg.tensorboard_dir})" if cfg.tensorboard_dir else ""),
-            flush=True,
+            f"tensorboard: {cfg.tensorboard_dir or 'disabled'}{tb_hint}"
         )
+    return summary
+
+
+def pretrain_steps_for_epochs(cfg: TrainConfig, tokenizer, par: plugins.Parallelism, seq_len: int) -> int:
+    """Optimizer steps in `-e` epochs, from a token count of the data (the replica with the least data decides)."""
+    tokens = count_tokens(cfg.dataset, tokenizer, par.dp_rank, par.dp_size, progress=plugins.is_main_process())
+    steps = torch.tensor([tokens // seq_len // (cfg.batch_size * cfg.accumulation_steps)], device=plugins.device())
+    dist.all_reduce(steps, op=dist.ReduceOp.MIN)
+    steps_per_epoch = int(steps.item())
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"the data holds fewer than {seq_len * cfg.batch_size * cfg.accumulation_steps} tokens per replica, "
+            "not enough for one step; lower -b/-l/--accumulation_steps or add data"
+        )
+    return steps_per_epoch * cfg.num_epochs
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Pretrain a randomly initialised model on packed text."""
+    plugins.launch(cfg.seed)
+    par = plugins.build_parallelism(cfg)
+    model_config = get_model_config(cfg.config)
+    tokenizer = load_tokenizer(cfg.tokenizer or str(SHIPPED_TOKENIZER))
+    if len(tokenizer) > model_config.vocab_size:
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model {model_config.vocab_size}; match -c and --tokenizer"
+        )
+    seq_len = cfg.max_length or model_config.max_position_embeddings
+    if cfg.dataset == SYNTHETIC:
+        if not cfg.max_steps:
+            raise UsageError("-d synthetic has no epochs; pass --max_steps")
+        batches = SyntheticBatches(model_config.vocab_size, seq_len, cfg.batch_size, seed=cfg.seed + par.dp_rank)
+    else:
+        batches = build_pretrain_batches(cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
+    total_steps = cfg.max_steps or pretrain_steps_for_epochs(cfg, tokenizer, par, seq_len)
+    return fit(cfg, par, model_config, batches, total_steps, cfg.warmup_steps, desc="pretraining")
+
+
+def finetune(cfg: TrainConfig) -> dict:
+    """Finetune pretrained weights on prompt/completion pairs, with the loss on completions only."""
+    plugins.launch(cfg.seed)
+    par = plugins.build_parallelism(cfg)
+    model_dir = resolve_pretrained(cfg.model_path)
+    model_config = get_model_config(str(model_dir))
+    model_has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(cfg.tokenizer or str(model_dir if model_has_tokenizer else SHIPPED_TOKENIZER))
+    max_length = cfg.max_length or model_config.max_position_embeddings
+    rows = load_instruction_rows(cfg.dataset, cfg.task_name)
+    batches = InstructionBatches(
+        rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, cfg.seed, pad_to_max_length=par.pipeline
+    )
+    total_steps = cfg.max_steps or batches.steps_per_epoch // cfg.accumulation_steps * cfg.num_epochs
+    if total_steps == 0:
+        raise UsageError("the dataset is too small for one step; lower -b or --accumulation_steps")
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    if plugins.is_main_process():
+        print(f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {max_length} tokens max")
+    summary = fit(cfg, par, model_config, batches, total_steps, warmup_steps, weights_location(model_dir), "finetuning")
+    if batches.truncated and plugins.is_main_process():
+        print(f"note: {batches.truncated} examples on rank 0 were longer than -l {max_length}; their prompts were cut")
     return summary

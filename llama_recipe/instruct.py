@@ -1,0 +1,117 @@
+"""Instruction-tuning data: `{"prompt", "completion"}` rows, loss on the completion only.
+
+Each example is `prompt + completion + EOS`. Prompt tokens and padding get label -100, so the
+model is trained only to produce the answer (the ColossalAI example trained on the prompt and the
+padding, with no EOS). An example longer than the row is cut from the prompt's start, keeping the
+answer. The data is small and map-style: it is shuffled per epoch from the seed, split evenly
+across data-parallel replicas, and its position is (epoch, index) — exactly resumable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import UsageError
+from .data import resolve_local_files
+
+IGNORE_INDEX = -100  # the label transformers' loss skips
+
+
+def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
+    """Rows from a local JSONL file, a directory laid out like the hub dataset (one sub-directory
+    per task), or a Hugging Face dataset name with `task_name` as its configuration."""
+    from datasets import load_dataset
+
+    path = Path(dataset).expanduser()
+    if path.is_dir() and not any(path.glob("*.json*")):
+        tasks = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob("*.json*")))
+        if task_name not in tasks:
+            raise UsageError(
+                f"{dataset} has no task {task_name!r} (it has: {', '.join(tasks)}); pass --task_name with one of them"
+            )
+        path = path / task_name
+    if path.exists() or dataset.endswith((".jsonl", ".json")):
+        rows = load_dataset("json", data_files=resolve_local_files(str(path)), split="train")
+    else:
+        try:
+            rows = load_dataset(dataset, task_name, split="train")
+        except Exception as e:
+            raise UsageError(
+                f"could not open Hugging Face dataset {dataset!r}/{task_name} ({type(e).__name__}); if this machine is "
+                "offline, pass -d data/self_instruct with --task_name self_instruct, human_eval or prompt_source "
+                "(the shipped sample has no super_natural_instructions)"
+            ) from None
+    missing = {"prompt", "completion"} - set(rows.column_names)
+    if missing:
+        raise UsageError(
+            f"dataset {dataset!r} lacks the field(s) {', '.join(sorted(missing))}; rows need prompt and completion"
+        )
+    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+
+
+def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated). BOS + prompt + completion + EOS; labels mask the prompt."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    truncated = len(prompt_ids) + len(answer_ids) > max_length
+    if truncated:
+        keep = max(0, max_length - len(answer_ids))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
+        answer_ids = answer_ids[:max_length]
+    return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
+
+
+class InstructionBatches:
+    """Padded batches of encoded examples for one data-parallel replica, epoch after epoch."""
+
+    def __init__(self, rows, tokenizer, max_length, batch_size, dp_rank, dp_size, seed, pad_to_max_length=False):
+        self.rows, self.tokenizer, self.max_length = rows, tokenizer, max_length
+        self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
+        self.pad_to_max_length = pad_to_max_length  # pipelines need one shape for every step
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.per_replica = len(rows) // dp_size  # equal shares: every replica runs the same number of steps
+        if self.per_replica < batch_size:
+            raise UsageError(f"{len(rows)} examples are too few for -b {batch_size} on {dp_size} replicas; lower -b")
+        self.epoch, self.position, self.truncated = 0, 0, 0
+        self._order = self._epoch_order()
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.per_replica // self.batch_size
+
+    def _epoch_order(self) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.rows), generator=generator).tolist()
+        return order[self.dp_rank * self.per_replica : (self.dp_rank + 1) * self.per_replica]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.position + self.batch_size > self.per_replica:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        indices = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        encoded = []
+        for i in indices:
+            ids, labels, truncated = encode_example(
+                self.tokenizer, self.rows[i]["prompt"], self.rows[i]["completion"], self.max_length
+            )
+            self.truncated += truncated
+            encoded.append((ids, labels))
+        width = self.max_length if self.pad_to_max_length else max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, (ids, lab) in enumerate(encoded):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._epoch_order()
