@@ -117,10 +117,13 @@ class PackedRows:
         self.seq_len = seq_len
         self.buffer: list[int] = []
         self.epoch = 0
+        self._resumed = False
 
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             self.documents.set_epoch(self.epoch)
+            # A pass resumed from a checkpoint may start at the very end of an epoch and see nothing.
+            resumed, self._resumed = self._resumed, False
             documents_seen = 0
             for example in self.documents:
                 documents_seen += 1
@@ -128,7 +131,7 @@ class PackedRows:
                 while len(self.buffer) >= self.seq_len:
                     row, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
                     yield row
-            if documents_seen == 0 and not self.buffer:
+            if documents_seen == 0 and not resumed:
                 raise UsageError(
                     "the dataset has no documents for this data-parallel rank; use more data or fewer processes"
                 )
@@ -143,6 +146,7 @@ class PackedRows:
         self.documents.load_state_dict(state["documents"])
         self.buffer = list(state["buffer"])
         self.epoch = state["epoch"]
+        self._resumed = True
 
 
 class PretrainBatches:

@@ -21,6 +21,8 @@ class MetricsLogger:
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True
         )
+        self.tensorboard_dir = tensorboard_dir
+        self.history: list[tuple[int, float]] = []
         self.writer = None
         if enabled and tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +34,7 @@ class MetricsLogger:
     ) -> None:
         if not self.enabled:
             return
+        self.history.append((step, loss))
         self.bar.update(1)
         if not write:
             return
@@ -48,10 +51,30 @@ class MetricsLogger:
         if self.enabled:
             self.bar.write(message)
 
-    def close(self) -> None:
+    def close(self) -> str | None:
+        """Close the bar and writer; draw this run's loss curve next to the TensorBoard logs."""
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return None
+        self.writer.close()
+        return plot_loss_curve(self.history, f"{self.tensorboard_dir}/loss.png") if len(self.history) > 1 else None
+
+
+def plot_loss_curve(history: list[tuple[int, float]], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([s for s, _ in history], [loss for _, loss in history], marker="." if len(history) < 60 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

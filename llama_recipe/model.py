@@ -91,10 +91,15 @@ def build_model(config: LlamaConfig, attn_implementation: str = "sdpa") -> Llama
 def count_parameters(config: LlamaConfig) -> int:
     """Exact parameter count of `LlamaForCausalLM(config)`, without building it."""
     h, layers, v, ffn = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
-    head_dim = h // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
     kv = config.num_key_value_heads * head_dim
-    attention = h * h * 2 + h * kv * 2  # q, o and k, v projections
+    attention = 2 * h * q + 2 * h * kv  # q, o and k, v projections
+    if getattr(config, "attention_bias", False):
+        attention += q + 2 * kv + h
     mlp = 3 * h * ffn  # gate, up, down (SwiGLU)
+    if getattr(config, "mlp_bias", False):
+        mlp += 2 * ffn + h
     per_layer = attention + mlp + 2 * h  # two RMSNorm weights
     embeddings = v * h * (1 if config.tie_word_embeddings else 2)
     return layers * per_layer + embeddings + h  # final norm

@@ -43,7 +43,7 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     """Multiplier of the peak lr for the update numbered `step` (0-based)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - warmup_steps)
+    decay_steps = max(1, total_steps - warmup_steps - 1)  # the last update (total_steps - 1) gets the floor
     progress = min(1.0, (step - warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine

@@ -159,7 +159,7 @@ def fit(
             last_checkpoint = checkpoint()
     if cfg.save_dir and losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
         last_checkpoint = checkpoint()
-    logger.close()
+    loss_plot = logger.close()
 
     # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
     timed = slice(1, None) if len(losses) > 1 else slice(None)
@@ -188,6 +188,7 @@ def fit(
             f"peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0\n"
             f"checkpoint: {last_checkpoint or 'none (no -o/--save_dir)'}\n"
             f"tensorboard: {cfg.tensorboard_dir or 'disabled'}{tb_hint}"
+            + (f"\nloss curve: {loss_plot}" if loss_plot else "")
         )
     return summary
 

@@ -1,0 +1,376 @@
+"""Fast in-process checks of the pieces the training loop is built from: model presets and their
+sizes, the optimizer's parameter groups and lr schedule, and the packed, resumable data stream."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from conftest import REPO
+from transformers import LlamaConfig
+
+from llama_recipe.config import UsageError
+from llama_recipe.data import build_pretrain_batches, load_tokenizer, resolve_local_files
+from llama_recipe.model import MODEL_PRESETS, build_model, count_parameters, get_model_config, model_config_names
+from llama_recipe.optim import FINAL_LR_FRACTION, build_lr_scheduler, parameter_groups, warmup_cosine_factor
+
+TOKENIZER = str(REPO / "data" / "llama-tokenizer")
+
+# ---------------------------------------------------------------------------------------------
+# Model presets
+
+# Published sizes (Hugging Face model cards / Meta's papers). LLaMA-1 7B/13B have the same shapes as LLaMA-2's.
+KNOWN_SIZES = {
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama-7b": 6_738_415_616,
+    "llama-13b": 13_015_864_320,
+    "llama-30b": 32_528_943_616,
+    "llama-65b": 65_285_660_672,
+}
+
+
+def _untied_llama_size(hidden, layers, heads, kv_heads, ffn, vocab=32000) -> int:
+    """Parameter count written out independently of `count_parameters`."""
+    head_dim = hidden // heads
+    q_o = 2 * hidden * hidden
+    k_v = 2 * hidden * kv_heads * head_dim
+    swiglu = 3 * hidden * ffn
+    norms = 2 * hidden
+    return layers * (q_o + k_v + swiglu + norms) + 2 * vocab * hidden + hidden
+
+
+@pytest.mark.parametrize("name", list(KNOWN_SIZES))
+def test_preset_has_its_published_parameter_count(name):
+    assert count_parameters(get_model_config(name)) == KNOWN_SIZES[name]
+
+
+def test_65b_size_matches_its_shape_written_out():
+    # 80 layers, hidden 8192, FFN 22016, 64 heads (no GQA), vocab 32000, untied embeddings.
+    assert _untied_llama_size(8192, 80, 64, 64, 22016) == 65_285_660_672
+    assert _untied_llama_size(8192, 80, 64, 8, 28672) == KNOWN_SIZES["llama2-70b"]
+
+
+@pytest.mark.parametrize(
+    "alias, preset",
+    [("7b", "llama2-7b"), ("13b", "llama2-13b"), ("70b", "llama2-70b"), ("30b", "llama-30b"), ("65b", "llama-65b")],
+)
+def test_aliases_map_to_the_reference_recipe_models(alias, preset):
+    assert get_model_config(alias).to_dict() == get_model_config(preset).to_dict()
+    assert count_parameters(get_model_config(alias)) == KNOWN_SIZES[preset]
+
+
+def test_preset_shapes():
+    c70 = get_model_config("llama2-70b")
+    assert (c70.num_attention_heads, c70.num_key_value_heads) == (64, 8)
+    assert get_model_config("llama-13b").intermediate_size == 13824
+    assert get_model_config("llama-30b").intermediate_size == 17920
+    for name in ["llama2-7b", "llama2-13b", "llama2-70b"]:
+        config = get_model_config(name)
+        assert config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 4096, name
+    for name in ["llama-7b", "llama-13b", "llama-30b", "llama-65b"]:
+        config = get_model_config(name)
+        assert config.rms_norm_eps == 1e-6 and config.max_position_embeddings == 2048, name
+    for name in KNOWN_SIZES:
+        config = get_model_config(name)
+        assert config.vocab_size == 32000 and not config.tie_word_embeddings, name
+
+
+def _built_size(config: LlamaConfig) -> int:
+    return sum(p.numel() for p in build_model(config).parameters())
+
+
+TINY_GQA = dict(
+    model_type="llama",
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=176,
+    max_position_embeddings=128,
+)
+
+
+def test_count_parameters_equals_a_built_tiny_model():
+    config = get_model_config("tiny")
+    assert count_parameters(config) == _built_size(get_model_config("tiny"))
+    assert 4_000_000 < count_parameters(config) < 4_500_000  # "~4.2M" as the preset says
+
+
+@pytest.mark.parametrize("extra", [{}, {"tie_word_embeddings": True}], ids=["untied", "tied"])
+def test_count_parameters_equals_a_built_gqa_model_from_config_json(tmp_path, extra):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_GQA, **extra}))
+    config = get_model_config(str(tmp_path / "config.json"))
+    assert config.num_key_value_heads == 2
+    assert config.tie_word_embeddings == bool(extra)
+    assert count_parameters(config) == _built_size(get_model_config(str(tmp_path / "config.json")))
+
+
+@pytest.mark.parametrize("extra", [{"attention_bias": True}, {"mlp_bias": True}, {"head_dim": 32}])
+def test_count_parameters_follows_optional_llama_config_fields(extra):
+    config = LlamaConfig(**{k: v for k, v in TINY_GQA.items() if k != "model_type"}, **extra)
+    assert count_parameters(config) == _built_size(config)
+
+
+def test_model_config_from_file_and_from_directory(tmp_path):
+    fields = {**TINY_GQA, "hidden_size": 96, "num_attention_heads": 6, "rms_norm_eps": 1e-6}
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    for source in [tmp_path / "config.json", tmp_path]:
+        config = get_model_config(str(source))
+        assert (config.hidden_size, config.num_attention_heads, config.num_key_value_heads) == (96, 6, 2)
+        assert config.rms_norm_eps == 1e-6 and config.vocab_size == 1000
+
+
+def test_unknown_model_config_names_the_presets():
+    with pytest.raises(ValueError) as info:
+        get_model_config("llama3-8b")
+    message = str(info.value)
+    assert "llama3-8b" in message
+    for name in model_config_names():
+        assert name in message
+    assert set(MODEL_PRESETS) | {"7b", "13b", "70b", "30b", "65b"} == set(model_config_names())
+
+
+def test_model_config_rejects_bad_json_and_other_architectures(tmp_path):
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        get_model_config(str(tmp_path / "broken.json"))
+    (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ValueError, match="gpt2"):
+        get_model_config(str(tmp_path / "gpt2.json"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and schedule
+
+WARMUP, TOTAL = 10, 50
+
+
+def test_warmup_is_linear_and_reaches_the_peak():
+    factors = [warmup_cosine_factor(step, WARMUP, TOTAL) for step in range(WARMUP)]
+    assert factors == pytest.approx([(step + 1) / WARMUP for step in range(WARMUP)], abs=1e-12)
+    assert factors[-1] == 1.0
+    assert warmup_cosine_factor(WARMUP, WARMUP, TOTAL) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_cosine_decay_never_rises_and_stays_above_the_floor():
+    decay = [warmup_cosine_factor(step, WARMUP, TOTAL) for step in range(WARMUP, TOTAL)]
+    drops = [earlier - later for earlier, later in zip(decay[:-1], decay[1:], strict=True)]
+    assert all(drop >= 0 for drop in drops), decay
+    assert all(FINAL_LR_FRACTION - 1e-12 <= f <= 1.0 for f in decay)
+    assert decay[0] == pytest.approx(1.0, abs=1e-12) and decay[-1] < 0.11  # from the peak nearly to the floor
+    steepest = drops.index(max(drops))
+    assert len(drops) / 3 < steepest < 2 * len(drops) / 3  # a cosine: flat at both ends, steepest mid-way
+    assert max(drops[0], drops[-1]) < max(drops) / 4
+
+
+@pytest.mark.parametrize("warmup, total", [(WARMUP, TOTAL), (0, 6), (2, 8)])
+def test_last_update_uses_exactly_the_final_fraction(warmup, total):
+    assert warmup_cosine_factor(total - 1, warmup, total) == pytest.approx(FINAL_LR_FRACTION, abs=1e-12)
+
+
+def test_lr_scheduler_drives_torch_adamw_through_the_schedule():
+    peak = 3e-4
+    weight = torch.nn.Parameter(torch.ones(3, 3))
+    optimizer = torch.optim.AdamW([weight], lr=peak)
+    scheduler = build_lr_scheduler(optimizer, WARMUP, TOTAL)
+    seen = []
+    for _ in range(TOTAL):
+        seen.append(optimizer.param_groups[0]["lr"])
+        weight.grad = torch.ones_like(weight)
+        optimizer.step()
+        scheduler.step()
+    expected = [peak * warmup_cosine_factor(step, WARMUP, TOTAL) for step in range(TOTAL)]
+    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen[0] == pytest.approx(peak / WARMUP) and max(seen) == pytest.approx(peak)
+    assert not torch.equal(weight.detach(), torch.ones(3, 3))  # the optimizer really stepped
+
+
+def test_weight_decay_only_on_matrices():
+    torch.manual_seed(0)
+    model = build_model(get_model_config("tiny"))
+    decay, no_decay = parameter_groups(model, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["params"] and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["params"] and all(p.ndim == 1 for p in no_decay["params"])
+
+    grouped = [id(p) for p in decay["params"] + no_decay["params"]]
+    assert len(grouped) == len(set(grouped))  # nobody twice
+    assert set(grouped) == {id(p) for p in model.parameters()}  # nobody left out
+    norms = {id(p) for name, p in model.named_parameters() if "norm" in name}
+    assert norms == {id(p) for p in no_decay["params"]}
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1  # two per layer plus the final norm
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-3)  # groups torch accepts as they are
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+DOCUMENTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Packing joins documents; each one ends with EOS.",
+    "Ünïcödé and numbers 12345 tokenize too.",
+    "A",
+    "Multi-line\ndocument with\ttabs and    spaces.",
+    "def f(x):\n    return x * 2  # code is text as well",
+    "Short one.",
+    "The last document of the corpus, a little longer than the others so rows straddle it.",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TOKENIZER)
+
+
+def _write_jsonl(path, texts):
+    path.write_text("".join(json.dumps({"text": t, "meta": {"n": i}}) + "\n" for i, t in enumerate(texts)))
+    return path
+
+
+def _stream(tokenizer, texts) -> list[int]:
+    out = []
+    for text in texts:
+        out += tokenizer(text).input_ids + [tokenizer.eos_token_id]
+    return out
+
+
+def _rows(batches, n) -> list[list[int]]:
+    return [row for _ in range(n) for row in batches.next_batch()["input_ids"].tolist()]
+
+
+def test_rows_are_full_and_labels_equal_inputs(tmp_path, tokenizer):
+    _write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
+    batches = build_pretrain_batches(str(tmp_path / "a.jsonl"), tokenizer, 24, 3, 0, 1)
+    for _ in range(8):  # several epochs of this small corpus
+        batch = batches.next_batch()
+        assert batch["input_ids"].shape == (3, 24) and batch["input_ids"].dtype == torch.long
+        assert torch.equal(batch["labels"], batch["input_ids"])
+    assert batches.epoch >= 1
+
+
+def test_first_epoch_is_the_concatenated_documents_and_the_tail_waits(tmp_path, tokenizer):
+    for i in range(4):
+        _write_jsonl(tmp_path / f"part-{i}.jsonl", DOCUMENTS[i * 2 : i * 2 + 2])
+    stream = _stream(tokenizer, DOCUMENTS)
+    assert tokenizer.bos_token_id == stream[0] and stream[-1] == tokenizer.eos_token_id
+    seq_len = 13
+    full_rows = len(stream) // seq_len
+    tail = len(stream) - full_rows * seq_len
+    assert tail > 0, "pick seq_len so the epoch leaves a tail"
+
+    batches = build_pretrain_batches(str(tmp_path / "part-*.jsonl"), tokenizer, seq_len, 1, 0, 1)
+    rows = _rows(batches, full_rows)
+    assert all(len(row) == seq_len for row in rows)
+    assert [t for row in rows for t in row] == stream[: full_rows * seq_len]
+    assert batches.epoch == 0
+
+    straddling = _rows(batches, 1)[0]  # the tail of epoch 0, then the start of epoch 1
+    assert straddling[:tail] == stream[-tail:]
+    assert straddling[tail] == tokenizer.bos_token_id
+    assert batches.epoch == 1
+
+
+def test_epochs_follow_each_other_without_losing_a_token(tmp_path, tokenizer):
+    _write_jsonl(tmp_path / "one.jsonl", DOCUMENTS)
+    stream = _stream(tokenizer, DOCUMENTS)
+    seq_len, batch_size = 17, 2
+    batches = build_pretrain_batches(str(tmp_path / "one.jsonl"), tokenizer, seq_len, batch_size, 0, 1)
+    n_batches = math.ceil(2.5 * len(stream) / (seq_len * batch_size))
+    flat = [t for row in _rows(batches, n_batches) for t in row]
+    assert flat == (stream * 3)[: len(flat)]
+    assert batches.epoch == 2
+
+
+def _equal_length_corpus(tmp_path, tokenizer, n_files=4, per_file=3):
+    """Documents that all tokenize to the same length, so `seq_len` = one document per row."""
+    texts = []
+    for f in range(n_files):
+        file_texts = [f"File {f} document {i}: the quick brown fox." for i in range(per_file)]
+        _write_jsonl(tmp_path / f"part-{f}.jsonl", file_texts)
+        texts += file_texts
+    docs = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
+    assert len({len(d) for d in docs}) == 1 and len({tuple(d) for d in docs}) == len(docs)
+    return texts, docs, len(docs[0])
+
+
+def test_data_parallel_ranks_read_disjoint_parts_that_cover_the_stream(tmp_path, tokenizer):
+    texts, docs, doc_len = _equal_length_corpus(tmp_path, tokenizer)
+    per_rank = len(docs) // 2
+    ranks = []
+    for dp_rank in range(2):
+        batches = build_pretrain_batches(str(tmp_path), tokenizer, doc_len, 1, dp_rank, 2)
+        rows = _rows(batches, per_rank)
+        assert batches.epoch == 0 and batches.state_dict()["buffer"] == []
+        ranks.append([tuple(row) for row in rows])
+    assert not set(ranks[0]) & set(ranks[1])
+    assert sorted(ranks[0] + ranks[1]) == sorted(tuple(d) for d in docs)
+    assert ranks[0] != ranks[1]
+
+
+def _resumed(dataset, tokenizer, seq_len, batch_size, k, n):
+    """Take k batches, checkpoint the position through JSON, and read n more batches in a new stream."""
+    first = build_pretrain_batches(dataset, tokenizer, seq_len, batch_size, 0, 1)
+    _rows(first, k)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = build_pretrain_batches(dataset, tokenizer, seq_len, batch_size, 0, 1)
+    second.load_state_dict(state)
+    return state, _rows(second, n)
+
+
+RESUME_SEQ, RESUME_BATCH, RESUME_AFTER = 16, 2, 4
+
+
+@pytest.fixture(scope="module")
+def resume_corpus(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("resume")
+    _write_jsonl(root / "a.jsonl", DOCUMENTS[:5])
+    _write_jsonl(root / "b.jsonl", DOCUMENTS[5:])
+    batches_per_epoch = len(_stream(tokenizer, DOCUMENTS)) / (RESUME_SEQ * RESUME_BATCH)
+    assert 3 < batches_per_epoch < 6  # epochs wrap within ~10 batches
+    reference = build_pretrain_batches(str(root), tokenizer, RESUME_SEQ, RESUME_BATCH, 0, 1)
+    return str(root), len(_stream(tokenizer, DOCUMENTS)), _rows(reference, 14)
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 6, 9])
+def test_resume_continues_exactly_where_the_stream_stopped(resume_corpus, tokenizer, k):
+    dataset, epoch_tokens, reference = resume_corpus
+    state, rows = _resumed(dataset, tokenizer, RESUME_SEQ, RESUME_BATCH, k, RESUME_AFTER)
+    assert rows == reference[k * RESUME_BATCH : (k + RESUME_AFTER) * RESUME_BATCH]
+    # the checkpoint sits in the epoch of the last token handed out: k = 1, 3 before the boundary, 6, 9 after
+    assert state["epoch"] == (k * RESUME_BATCH * RESUME_SEQ - 1) // epoch_tokens
+
+
+def test_resume_exactly_at_the_end_of_an_epoch(tmp_path, tokenizer):
+    _, docs, doc_len = _equal_length_corpus(tmp_path, tokenizer, n_files=2)
+    reference = _rows(build_pretrain_batches(str(tmp_path), tokenizer, doc_len, 1, 0, 1), len(docs) + 2)
+    state, rows = _resumed(str(tmp_path), tokenizer, doc_len, 1, len(docs), 2)
+    assert state["buffer"] == [] and state["epoch"] == 0  # every document of epoch 0 went into full rows
+    assert rows == reference[len(docs) :]
+
+
+def test_resolve_local_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    a = _write_jsonl(tmp_path / "a.jsonl", ["x"])
+    b = _write_jsonl(tmp_path / "sub" / "b.jsonl", ["y"])
+    gz = tmp_path / "c.json.gz"
+    gz.write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not data")
+
+    assert resolve_local_files(str(a)) == [str(a)]
+    assert resolve_local_files(str(tmp_path)) == sorted([str(a), str(b), str(gz)])
+    assert resolve_local_files(str(tmp_path / "*.jsonl")) == [str(a)]
+    assert resolve_local_files(str(tmp_path / "**" / "*.jsonl")) == sorted([str(a), str(b)])
+    with pytest.raises(UsageError, match="matches no"):
+        resolve_local_files(str(tmp_path / "*.parquet"))
+    with pytest.raises(UsageError, match="matches no"):
+        resolve_local_files(str(tmp_path / "sub" / "missing.jsonl"))
+    (tmp_path / "d.parquet").write_bytes(b"")
+    with pytest.raises(UsageError, match="mixes Parquet and JSON"):
+        resolve_local_files(str(tmp_path))
