@@ -50,7 +50,7 @@ def parse_args():
 def report(summary: dict, cfg: TrainConfig, args) -> None:
     timed = summary["step_seconds"][args.ignore_steps :] or summary["step_seconds"]
     median = statistics.median(timed)
-    tokens_per_s = summary["tokens_per_step"] / median
+    tokens_per_s = summary["step_tokens"][-1] / median  # synthetic batches: every step has the same tokens
     world = summary["world_size"]
     seq_len = cfg.max_length or get_model_config(cfg.config).max_position_embeddings
     flops = training_flops_per_token(get_model_config(cfg.config), seq_len) * tokens_per_s / world

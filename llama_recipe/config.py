@@ -39,6 +39,7 @@ class TrainConfig:
     mixed_precision: str | None = None  # None: bf16 on GPU, fp32 on CPU (bf16 matmuls crawl there)
     # data
     dataset: str = DEFAULT_HUB_DATASET
+    data_mix: str | None = None  # pretraining: slice=weight,... or "llama"
     task_name: str = "super_natural_instructions"  # finetuning: the dataset configuration
     tokenizer: str | None = None  # None: the model's own (finetuning) or the shipped LLaMA tokenizer
     max_length: int | None = None  # None: the model's max_position_embeddings
@@ -57,7 +58,10 @@ class TrainConfig:
     # checkpoints and logs
     save_interval: int = 1000
     save_dir: str = "checkpoint"
-    load: str | None = None
+    load: str | None = None  # a step-<N> directory, or "latest"
+    auto_resume: bool = False  # resume from save_dir/latest when it exists
+    keep_last: int = 0  # keep only the newest K checkpoints (0: keep all)
+    export_hf: str | None = None  # write a Hugging Face model directory here at the end
     tensorboard_dir: str | None = "tb_logs"
     log_interval: int = 1
 
@@ -119,7 +123,10 @@ def _add_training_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
         help="checkpoint every N steps (<=0: only at the end)",
     )
     add("-o", "--save_dir", default=d.save_dir, help="checkpoint root directory")
-    add("-f", "--load", default=d.load, help="checkpoint directory to resume from")
+    add("-f", "--load", default=d.load, help="checkpoint to resume from: a step-<N> directory, or 'latest' in -o")
+    add("--auto_resume", action="store_true", help="resume from the newest checkpoint in -o if there is one")
+    add("--keep_last", type=int, default=d.keep_last, help="keep only the newest K checkpoints (0: all)")
+    add("--export_hf", default=d.export_hf, help="at the end, export a Hugging Face model directory here")
     add(
         "--grad_clip",
         "--gradient_clipping",
@@ -150,6 +157,9 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         "-d", "--dataset", default=d.dataset, help="HF dataset name, or local JSONL/Parquet file, directory or glob"
     )
     p.add_argument("-s", "--warmup_steps", type=int, default=d.warmup_steps, help="linear warmup steps, then cosine")
+    p.add_argument(
+        "--data_mix", default=d.data_mix, help="token weights of the corpus slices: arxiv=0.1,book=0.2,... or llama"
+    )
     _add_training_flags(p, d)
     return p
 
@@ -211,6 +221,19 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         model_config = check(get_model_config, cfg.config)
     check(check_plugin_layout, cfg, world_size)
     check(check_dataset_source, cfg.dataset)
+    if cfg.data_mix:
+        from .data import files_by_slice, parse_data_mix
+        from .prepared import is_prepared_dataset
+
+        weights = check(parse_data_mix, cfg.data_mix)
+        if is_prepared_dataset(cfg.dataset):
+            problems.append(
+                "--data_mix weights the slices of JSONL/Parquet files, not a prepared dataset; mix before preparing"
+            )
+        elif weights:
+            check(files_by_slice, cfg.dataset, weights)
+        if not cfg.max_steps:
+            problems.append("--data_mix draws from the slices without end; pass --max_steps to set the run's length")
     if cfg.tokenizer and not Path(cfg.tokenizer).exists() and cfg.tokenizer.startswith((".", "/", "~")):
         problems.append(
             f"tokenizer directory {cfg.tokenizer} does not exist; pass --tokenizer with a tokenizer directory"
@@ -235,9 +258,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         problems.append(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.keep_last < 0:
+        problems.append(f"--keep_last must be 0 (keep all) or more, got {cfg.keep_last}")
     if cfg.load is not None:
         from .checkpoint import check_checkpoint_dir
 
-        check(check_checkpoint_dir, cfg.load)
+        check(check_checkpoint_dir, cfg.load, model_config)
     if problems:
         raise UsageError("; ".join(problems))

@@ -7,6 +7,7 @@ batches come from; `fit()` does the rest: build, boost, resume, then step, log a
 from __future__ import annotations
 
 import math
+import signal
 import time
 from dataclasses import dataclass
 
@@ -15,13 +16,50 @@ import torch.distributed as dist
 
 from . import plugins
 from .attention import select_attention
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import describe_layout, load_checkpoint, save_checkpoint
 from .config import SHIPPED_TOKENIZER, TrainConfig, UsageError
-from .data import SYNTHETIC, SyntheticBatches, build_pretrain_batches, count_tokens, load_tokenizer
+from .data import (
+    SKIPPED,
+    SYNTHETIC,
+    Prefetcher,
+    SyntheticBatches,
+    build_pretrain_batches,
+    count_tokens,
+    load_tokenizer,
+)
 from .instruct import InstructionBatches, load_instruction_rows
 from .metrics import MetricsLogger, peak_memory_mb
 from .model import build_model, count_parameters, get_model_config, resolve_pretrained, weights_location
 from .optim import build_lr_scheduler, build_optimizer
+from .prepared import PreparedBatches, check_prepared_tokenizer, is_prepared_dataset
+
+
+class StopRequest:
+    """SIGTERM (what schedulers send before preemption) or Ctrl-C: finish the step, checkpoint, exit.
+
+    Ranks may receive the signal at different moments, so each step they agree (an all-reduce of
+    one flag) and stop together. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal_name else 0.0], device=plugins.device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not self.signal_name:
+            self.signal_name = "a stop signal on another rank"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass
@@ -32,8 +70,11 @@ class TrainState:
 
 
 def _to_device(batch: dict) -> dict:
+    """Model inputs on the training device. Packed rows carry per-document position ids, but restarting
+    positions only helps when attention is confined to each document too; until the attention
+    backend does that, the model keeps its default positions over the whole row."""
     dev = plugins.device()
-    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != "position_ids"}
 
 
 def _tokens_in(batch: dict) -> int:
@@ -67,6 +108,7 @@ def fit(
     batches,
     total_steps: int,
     warmup_steps: int,
+    tokenizer,
     initial_weights: str | None = None,
     desc: str = "training",
 ) -> dict:
@@ -94,19 +136,35 @@ def fit(
     lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
     model, optimizer, _, _, lr_scheduler = par.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
 
+    layout = dict(
+        plugin=cfg.plugin, world_size=dist.get_world_size(), dp_size=par.dp_size, tp=cfg.tp, pp=cfg.pp,
+        zero_stage=cfg.zero_stage,
+    )  # fmt: skip
     state = TrainState()
     if cfg.load:
-        running_states, data_state = load_checkpoint(par, model, optimizer, lr_scheduler, cfg.load)
+        started = time.perf_counter()
+        running_states, data_state = load_checkpoint(par, model, optimizer, lr_scheduler, cfg.load, layout)
         state = TrainState(
             running_states["step"], running_states["consumed_samples"], running_states["consumed_tokens"]
         )
-        batches.load_state_dict(data_state)
-        say(
-            f"resumed from {cfg.load} at step {state.step} (epoch {batches.epoch}, {state.consumed_tokens:,} tokens seen)"
-        )
+        if data_state is not None:
+            batches.load_state_dict(data_state)
+            say(
+                f"resumed from {cfg.load} at step {state.step} (epoch {batches.epoch}, "
+                f"{state.consumed_tokens:,} tokens seen) in {time.perf_counter() - started:.1f}s"
+            )
+        else:
+            say(
+                f"{cfg.load} was saved with {describe_layout(running_states.get('layout', {'plugin': '?', 'world_size': '?'}))}; "
+                f"this run uses {describe_layout(layout)}: loaded the model weights and the schedule position "
+                f"(step {state.step}). Optimizer state and data position cannot be resharded across layouts: "
+                "the optimizer starts fresh and the data stream restarts from its beginning"
+            )
     elif initial_weights:
         par.booster.load_model(model, initial_weights)
         say(f"loaded weights from {initial_weights}")
+    if state.step >= total_steps:
+        say(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {total_steps}")
 
     samples_per_step = cfg.batch_size * cfg.accumulation_steps * par.dp_size
     logger = MetricsLogger(main, cfg.tensorboard_dir, total_steps, state.step, desc=desc)
@@ -120,14 +178,24 @@ def fit(
             consumed_tokens=state.consumed_tokens,
             world_size=dist.get_world_size(),
             dp_size=par.dp_size,
+            layout=layout,
             config=cfg.to_dict(),
         )
-        path, seconds = save_checkpoint(
-            par, model, optimizer, lr_scheduler, cfg.save_dir, running_states, batches.state_dict()
+        path, seconds, size = save_checkpoint(
+            par,
+            model,
+            optimizer,
+            lr_scheduler,
+            cfg.save_dir,
+            running_states,
+            batches.state_dict(),
+            tokenizer,
+            cfg.keep_last,
         )
-        logger.print(f"saved checkpoint {path} in {seconds:.1f}s")
+        logger.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
         return str(path)
 
+    stop = StopRequest()
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
@@ -157,9 +225,18 @@ def fit(
         logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, write)
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
+        if stop.agreed():
+            logger.print(f"{stop.signal_name} received: stopping at the end of step {state.step}")
+            break
     if cfg.save_dir and losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
         last_checkpoint = checkpoint()
+    stop.restore()
     loss_plot = logger.close()
+    if cfg.export_hf and last_checkpoint and plugins.is_main_process():
+        from .export import export_hf
+
+        export_hf(last_checkpoint, cfg.export_hf)
+        say(f"exported a Hugging Face model to {cfg.export_hf}")
 
     # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
     timed = slice(1, None) if len(losses) > 1 else slice(None)
@@ -218,14 +295,39 @@ def pretrain(cfg: TrainConfig) -> dict:
             f"the tokenizer has {len(tokenizer)} tokens but the model {model_config.vocab_size}; match -c and --tokenizer"
         )
     seq_len = cfg.max_length or model_config.max_position_embeddings
+    steps_per_epoch = None
     if cfg.dataset == SYNTHETIC:
         if not cfg.max_steps:
             raise UsageError("-d synthetic has no epochs; pass --max_steps")
         batches = SyntheticBatches(model_config.vocab_size, seq_len, cfg.batch_size, seed=cfg.seed + par.dp_rank)
+    elif is_prepared_dataset(cfg.dataset):
+        check_prepared_tokenizer(cfg.dataset, tokenizer)
+        batches = PreparedBatches(cfg.dataset, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
+        steps_per_epoch = batches.rows_per_replica // (cfg.batch_size * cfg.accumulation_steps)
     else:
-        batches = build_pretrain_batches(cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size)
-    total_steps = cfg.max_steps or pretrain_steps_for_epochs(cfg, tokenizer, par, seq_len)
-    return fit(cfg, par, model_config, batches, total_steps, cfg.warmup_steps, desc="pretraining")
+        batches = build_pretrain_batches(
+            cfg.dataset, tokenizer, seq_len, cfg.batch_size, par.dp_rank, par.dp_size, cfg.data_mix
+        )
+    if cfg.max_steps:
+        total_steps = cfg.max_steps
+    elif steps_per_epoch is not None:
+        total_steps = steps_per_epoch * cfg.num_epochs
+    else:
+        total_steps = pretrain_steps_for_epochs(cfg, tokenizer, par, seq_len)
+    if total_steps == 0:
+        raise UsageError("the data is too small for one step; lower -b/-l/--accumulation_steps or add data")
+    batches = Prefetcher(batches)
+    try:
+        summary = fit(cfg, par, model_config, batches, total_steps, cfg.warmup_steps, tokenizer, desc="pretraining")
+    finally:
+        batches.close()
+    if SKIPPED:
+        details = ", ".join(f"{n} {reason}" for reason, n in SKIPPED.items())
+        print(
+            f"warning (rank {dist.get_rank()}): skipped {sum(SKIPPED.values())} unusable data lines while training "
+            f"({details}; a line read in several epochs counts each time)"
+        )
+    return summary
 
 
 def finetune(cfg: TrainConfig) -> dict:
@@ -247,7 +349,9 @@ def finetune(cfg: TrainConfig) -> dict:
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if plugins.is_main_process():
         print(f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {max_length} tokens max")
-    summary = fit(cfg, par, model_config, batches, total_steps, warmup_steps, weights_location(model_dir), "finetuning")
+    summary = fit(
+        cfg, par, model_config, batches, total_steps, warmup_steps, tokenizer, weights_location(model_dir), "finetuning"
+    )
     if batches.truncated and plugins.is_main_process():
         print(f"note: {batches.truncated} examples on rank 0 were longer than -l {max_length}; their prompts were cut")
     return summary

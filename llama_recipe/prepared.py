@@ -1,0 +1,304 @@
+"""Offline pretraining data, Megatron-style: tokenize a corpus once, then train from a memory-mapped file.
+
+    python scripts/prepare_data.py -d data/redpajama-sample -o data/redpajama-prepared
+    python pretrain.py -d data/redpajama-prepared ...
+
+`prepare_dataset` reads the same documents as the streaming path (`load_text_stream`), tokenizes them
+the same way (BOS from the tokenizer, EOS appended) and writes into OUT_DIR:
+
+    tokens.bin       every document's tokens, one after the other: raw little-endian uint16 (uint32 for
+                     vocabularies over 65536 tokens), so it can be memory-mapped without parsing
+    doc_offsets.npy  int64, where each document starts in tokens.bin, plus the total at the end
+    meta.json        dtype, counts, tokenizer identity and source; written last, so it marks a finished prepare
+
+`PreparedBatches` cuts tokens.bin into consecutive rows of `seq_len` tokens and deals them out to the
+data-parallel replicas. Its position is two integers (epoch and row), so resuming costs nothing and
+reading needs no tokenizer, no Python loop over documents and no more memory than one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import data
+from .config import UsageError
+from .data import load_text_stream, tokenize_texts
+
+PREPARED_META = "meta.json"
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "doc_offsets.npy"
+FORMAT_VERSION = 1
+TOKENIZE_BATCH = 256  # documents per call of the fast tokenizer: big enough to amortise the call, small in memory
+_COPY_CHUNK = 1 << 20  # offsets copied per step when turning the raw offsets file into .npy
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # explicit byte order: the file is portable
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The smallest dtype that holds every token id: uint16 halves the file for vocabularies up to 65536."""
+    return "uint16" if vocab_size <= 1 << 16 else "uint32"
+
+
+def is_prepared_dataset(path: str) -> bool:
+    """Whether `path` is a directory written by `prepare_dataset` (it holds meta.json)."""
+    return os.path.isfile(os.path.join(path, PREPARED_META))
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a prepared dataset, checked to be one this code can read."""
+    if not is_prepared_dataset(path):
+        raise UsageError(
+            f"{path!r} is not a prepared dataset (no {PREPARED_META}); "
+            f"run scripts/prepare_data.py -d INPUT -o {path} first, or pass -d with the raw data"
+        )
+    meta_path = os.path.join(path, PREPARED_META)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError:
+        raise UsageError(f"{meta_path} is not valid JSON; prepare the dataset again") from None
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
+        raise UsageError(
+            f"{path!r} has prepared-data format {meta.get('format_version')!r} (dtype {meta.get('dtype')!r}); "
+            f"this code reads format {FORMAT_VERSION}: prepare it again with this version of scripts/prepare_data.py"
+        )
+    return meta
+
+
+def check_prepared_tokenizer(path: str, tokenizer) -> None:
+    """Fail if the dataset was tokenized with another tokenizer: the ids would mean other words."""
+    meta = read_meta(path)
+    prepared = (meta["vocab_size"], meta["eos_token_id"])
+    current = (len(tokenizer), tokenizer.eos_token_id)
+    if prepared != current:
+        raise UsageError(
+            f"{path!r} was prepared with tokenizer {meta.get('tokenizer')!r} (vocab {prepared[0]}, EOS {prepared[1]}) "
+            f"but this run uses {tokenizer.name_or_path!r} (vocab {current[0]}, EOS {current[1]}); "
+            f"pass --tokenizer {meta.get('tokenizer')} (the one it was prepared with), or prepare it again"
+        )
+
+
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+    """Refuse to write over something: a non-empty OUT_DIR only with `overwrite`, and only if it is prepared data."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {out_dir!r} exists and is not a directory; pass -o with a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UsageError(f"output directory {out_dir!r} exists and is not empty; pass --overwrite to replace it")
+        if not is_prepared_dataset(out_dir):  # --overwrite deletes it: never do that to a directory we did not write
+            raise UsageError(
+                f"output directory {out_dir!r} is not empty and not a prepared dataset; "
+                "--overwrite only replaces prepared datasets: pass -o with a new directory"
+            )
+
+
+def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True, overwrite: bool = False) -> dict:
+    """Tokenize `dataset` (any form `pretrain.py -d` takes) into `out_dir`. Returns counts and speed.
+
+    Documents whose `text` is empty, blank or not a string are skipped and counted, as the JSONL reader
+    skips them. Everything is written into the sibling `.OUT_DIR.tmp` and renamed into place at the end,
+    so an interrupted prepare never leaves a directory that looks prepared.
+    """
+    from tqdm import tqdm
+
+    check_out_dir(out_dir, overwrite)
+    out = Path(out_dir).expanduser().resolve()
+    tmp = out.parent / f".{out.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left behind by an interrupted prepare
+    tmp.mkdir(parents=True)
+
+    vocab_size = len(tokenizer)  # added tokens included: every id is below this
+    dtype = token_dtype(vocab_size)
+    raw_offsets = tmp / "doc_offsets.raw"  # offsets streamed here, turned into .npy once their number is known
+    num_docs = num_tokens = skipped = 0
+    skipped_by_reader = sum(data.SKIPPED.values())  # a process-wide count: take the difference
+    start = time.perf_counter()
+    try:
+        stream = load_text_stream(dataset)
+        with (
+            open(tmp / TOKENS_FILE, "wb") as tokens_file,
+            open(raw_offsets, "wb") as offsets_file,
+            tqdm(desc=f"preparing {dataset}", unit=" docs", disable=not progress) as bar,
+        ):
+            for batch in stream.iter(batch_size=TOKENIZE_BATCH):
+                if "text" not in batch:
+                    raise UsageError(
+                        f"dataset {dataset!r} has no 'text' field (fields: {', '.join(sorted(batch))}); "
+                        "pretraining data needs one"
+                    )
+                # The JSONL reader already drops (and counts) such lines; Parquet and hub rows arrive as they are.
+                texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
+                skipped += len(batch["text"]) - len(texts)
+                bar.update(len(batch["text"]))
+                if not texts:
+                    continue
+                ids = tokenize_texts(tokenizer, texts)  # the streaming path's tokenization: BOS ... EOS
+                lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
+                starts = num_tokens + np.cumsum(lengths) - lengths
+                flat = np.fromiter(chain.from_iterable(ids), _DTYPES[dtype], int(lengths.sum()))
+                flat.tofile(tokens_file)
+                starts.astype("<i8").tofile(offsets_file)
+                num_docs += len(ids)
+                num_tokens += int(lengths.sum())
+                bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
+            np.array([num_tokens], dtype="<i8").tofile(offsets_file)  # the final total closes the last document
+        skipped += sum(data.SKIPPED.values()) - skipped_by_reader
+        if num_docs == 0:
+            raise UsageError(f"dataset {dataset!r} has no documents with non-empty text ({skipped} skipped)")
+        _raw_to_npy(raw_offsets, tmp / OFFSETS_FILE, num_docs + 1)
+
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "num_tokens": num_tokens,
+            "num_docs": num_docs,
+            "vocab_size": vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "tokenizer": tokenizer.name_or_path,
+            "source": dataset,
+        }
+        with open(tmp / PREPARED_META, "w") as f:  # last: its presence means the files above are complete
+            json.dump(meta, f, indent=2)
+        _move_into_place(tmp, out)
+    except BaseException:  # Ctrl-C included: leave nothing half-written behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    seconds = time.perf_counter() - start
+    return {
+        "num_docs": num_docs,
+        "num_tokens": num_tokens,
+        "skipped": skipped,
+        "seconds": seconds,
+        "tokens_per_s": num_tokens / max(seconds, 1e-9),
+    }
+
+
+def _raw_to_npy(raw_path: Path, npy_path: Path, length: int) -> None:
+    """Copy raw int64 offsets into a .npy file in chunks (its header needs the length, known only at the end)."""
+    raw = np.memmap(raw_path, dtype="<i8", mode="r", shape=(length,))
+    npy = np.lib.format.open_memmap(npy_path, mode="w+", dtype="<i8", shape=(length,))
+    for i in range(0, length, _COPY_CHUNK):
+        npy[i : i + _COPY_CHUNK] = raw[i : i + _COPY_CHUNK]
+    npy.flush()
+    del raw, npy
+    os.remove(raw_path)
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished directory to OUT_DIR; an old prepared OUT_DIR (--overwrite) is set aside first."""
+    if out.is_dir() and any(out.iterdir()):
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        if out.is_dir():
+            out.rmdir()  # empty: rename needs the name free
+        os.replace(tmp, out)
+
+
+class PreparedBatches:
+    """Batches of consecutive `seq_len`-token rows of a prepared dataset, for one data-parallel replica.
+
+    Row r is tokens[r * seq_len : (r + 1) * seq_len]; an epoch has num_tokens // seq_len rows, so the
+    final partial row (fewer than seq_len tokens) is not used. Replica k takes rows k, k + dp_size,
+    k + 2 * dp_size, ...: num_rows // dp_size rows each, so all replicas have equally many per epoch
+    (the up to dp_size - 1 rows left over are not used either). When a replica's rows run out the
+    epoch increments and it starts again from its first row, in the same order (no shuffle); like
+    `PretrainBatches`, that happens when the next row is asked for, and a batch may span two epochs.
+
+    `input_ids` and `labels` are equal (the model shifts); `position_ids` count from 0 at the start of
+    each document (the token after each EOS), also where a document began in an earlier row.
+    """
+
+    def __init__(self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int):
+        if seq_len < 1 or batch_size < 1 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad layout: seq_len={seq_len} batch_size={batch_size} dp_rank={dp_rank}/{dp_size}")
+        self.meta = read_meta(path)
+        self.path = path
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+        num_tokens = self.meta["num_tokens"]
+        dtype = _DTYPES[self.meta["dtype"]]
+        tokens_path = os.path.join(path, TOKENS_FILE)
+        size = os.path.getsize(tokens_path) if os.path.isfile(tokens_path) else None
+        if size != num_tokens * dtype.itemsize:  # a truncated copy would otherwise fail deep inside numpy
+            raise UsageError(
+                f"{tokens_path} holds {size} bytes but {PREPARED_META} says {num_tokens} {self.meta['dtype']} tokens; "
+                "the directory is damaged: prepare it again"
+            )
+        num_rows = num_tokens // seq_len
+        if num_rows < dp_size * batch_size:
+            raise UsageError(
+                f"{path!r} has {num_tokens} tokens: {num_rows} rows of {seq_len}, fewer than one batch for each "
+                f"data-parallel replica ({dp_size} x {batch_size}); use more data, a smaller -b or -l, or fewer processes"
+            )
+        self.rows_per_replica = num_rows // dp_size
+        # Memory-mapped, read-only: the OS pages in what a batch touches, the file is never loaded whole.
+        self.tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(num_tokens,))
+        self.doc_offsets = np.load(os.path.join(path, OFFSETS_FILE), mmap_mode="r")
+        self._positions = np.arange(seq_len, dtype=np.int64)
+        self._epoch = 0
+        self.row = 0  # the next row of this replica's share, 0 .. rows_per_replica - 1
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Whole batches in one epoch of this replica (every replica has the same number)."""
+        return self.rows_per_replica // self.batch_size
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        rows = np.empty(self.batch_size, dtype=np.int64)
+        for i in range(self.batch_size):
+            if self.row == self.rows_per_replica:  # this replica's share is used up: the next epoch starts over
+                self._epoch += 1
+                self.row = 0
+            rows[i] = self.dp_rank + self.row * self.dp_size
+            self.row += 1
+        starts = rows * self.seq_len
+        input_ids = np.stack([self.tokens[s : s + self.seq_len] for s in starts]).astype(np.int64)
+
+        # Document-relative positions: the document holding global token g starts at the last offset <= g.
+        index = starts[:, None] + self._positions
+        doc = np.searchsorted(self.doc_offsets, index, side="right") - 1
+        position_ids = np.asarray(index - self.doc_offsets[doc])
+
+        input_ids = torch.from_numpy(input_ids)
+        return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": torch.from_numpy(position_ids)}
+
+    def state_dict(self) -> dict:
+        # The layout travels with the position: the same row index means other tokens under another layout.
+        return {"epoch": self._epoch, "row": self.row, "dp_size": self.dp_size, "seq_len": self.seq_len}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, current in (("dp_size", self.dp_size), ("seq_len", self.seq_len)):
+            if state[key] != current:
+                raise UsageError(
+                    f"the checkpoint's data position was saved with {key}={state[key]}, this run has {key}={current}; "
+                    f"resume with the same {'number of data-parallel replicas' if key == 'dp_size' else '-l'}"
+                )
+        if not 0 <= state["row"] <= self.rows_per_replica:
+            raise UsageError(
+                f"the checkpoint's data position (row {state['row']}) is past this replica's {self.rows_per_replica} "
+                f"rows of {self.path!r}; resume with the prepared dataset the run started with"
+            )
+        self._epoch = int(state["epoch"])
+        self.row = int(state["row"])

@@ -1,0 +1,82 @@
+"""How fast each data path delivers tokens, next to how fast training consumes them, in one run.
+
+    python scripts/benchmark_data.py                # the shipped sample, rows of 256 tokens
+    python scripts/benchmark_data.py -d DIR -l 2048 --no_training
+
+1. streaming: JSONL -> tokenize -> pack (the default path of pretrain.py), one replica, one thread;
+2. prepared: `scripts/prepare_data.py` once, then reading rows from the memory-mapped tokens;
+3. training: benchmark.py with the `small` preset on 2 CPU processes (what the data must keep up with).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llama_recipe.config import SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER  # noqa: E402
+from llama_recipe.data import build_pretrain_batches, load_tokenizer  # noqa: E402
+from llama_recipe.prepared import PreparedBatches, prepare_dataset  # noqa: E402
+
+
+def rate(batches, seq_len: int, batch_size: int, seconds: float) -> float:
+    """Tokens per second delivered by next_batch() over at least `seconds` (and at least one epoch's start)."""
+    batches.next_batch()  # first call opens files and fills buffers
+    started, n = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        batches.next_batch()
+        n += 1
+    return n * batch_size * seq_len / (time.perf_counter() - started)
+
+
+def training_rate(seq_len: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        results = Path(tmp) / "results.jsonl"
+        cmd = [
+            str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "benchmark.py",
+            "-c", "small", "-p", "zero2", "-l", str(seq_len), "-b", "2", "-s", "5", "-i", "1", "--results", str(results),
+        ]  # fmt: skip
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)
+        return json.loads(results.read_text().splitlines()[-1])["tokens_per_s"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-d", "--dataset", default=str(SHIPPED_PRETRAIN_DATA))
+    p.add_argument("-l", "--max_length", type=int, default=256)
+    p.add_argument("-b", "--batch_size", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--no_training", action="store_true", help="skip the training-consumption measurement")
+    args = p.parse_args()
+    tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
+
+    streaming = rate(
+        build_pretrain_batches(args.dataset, tokenizer, args.max_length, args.batch_size, 0, 1),
+        args.max_length, args.batch_size, args.seconds,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        stats = prepare_dataset(args.dataset, f"{tmp}/prepared", tokenizer, progress=False)
+        prepared = rate(
+            PreparedBatches(f"{tmp}/prepared", args.max_length, args.batch_size, 0, 1),
+            args.max_length, args.batch_size, args.seconds,
+        )  # fmt: skip
+    print(f"streaming (tokenize + pack, 1 thread): {streaming:>12,.0f} tokens/s")
+    print(f"prepare_data.py (one-off)            : {stats['tokens_per_s']:>12,.0f} tokens/s")
+    print(
+        f"prepared memmap                      : {prepared:>12,.0f} tokens/s  ({prepared / streaming:,.0f}x streaming)"
+    )
+    if not args.no_training:
+        training = training_rate(args.max_length)
+        print(f"training, small preset, 2 CPU procs  : {training:>12,.0f} tokens/s")
+        print(f"streaming / training                 : {streaming / training:>12,.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""benchmark.py reports real measurements, and its FLOPs formula matches an independent count."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import check_ok, run_script
+
+from llama_recipe.metrics import training_flops_per_token
+from llama_recipe.model import count_parameters, get_model_config
+
+
+def test_flops_formula_against_parameter_count():
+    """6 FLOPs per matmul weight per token (fwd + bwd) plus causal attention, for dense MHA and for GQA."""
+    for name, seq_len in [("llama2-7b", 4096), ("llama2-70b", 4096), ("tiny", 128)]:
+        config = get_model_config(name)
+        h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
+        norms = (2 * layers + 1) * h
+        input_embedding = v * h
+        matmul_weights = count_parameters(config) - norms - input_embedding  # everything that multiplies
+        expected = 6 * matmul_weights + 6 * layers * seq_len * h
+        assert training_flops_per_token(config, seq_len) == expected
+    # LLaMA-2 7B at 4096 tokens, by hand: 6,738,415,616 params - 131,072,000 input embedding - 266,240 norm
+    # weights = 6,607,077,376 matmul weights; x6 = 39,642,464,256; + causal attention 6*32*4096*4096.
+    assert training_flops_per_token(get_model_config("llama2-7b"), 4096) == 39_642_464_256 + 3_221_225_472
+
+
+@pytest.mark.multiprocess
+def test_benchmark_reports_a_results_line(tmp_path):
+    results = tmp_path / "results.jsonl"
+    args = ["-c", "tiny", "-p", "zero2", "-l", "128", "-b", "2", "-s", "4", "-i", "1", "--results", str(results)]
+    proc = run_script("benchmark.py", args, nproc=2)
+    check_ok(proc)
+    row = json.loads(results.read_text())
+    assert row["plugin"] == "zero2" and row["world_size"] == 2 and row["dp_size"] == 2
+    assert row["tokens_per_s"] == pytest.approx(2 * 2 * 128 / row["step_s_median"])  # 2 replicas x 2 x 128 tokens
+    assert row["tgs"] == pytest.approx(row["tokens_per_s"] / 2)
+    flops = training_flops_per_token(get_model_config("tiny"), 128)
+    assert row["tflops_per_device"] == pytest.approx(flops * row["tgs"] / 1e12)
+    assert 0 < row["mfu"] < 1 and row["peak_memory_mb"] > 100
+    assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout

@@ -1,0 +1,228 @@
+"""Checkpoints users can trust: atomic saves, `latest`, keep-last-k, SIGTERM, kill -9, HF export,
+loading across layouts, and one-line errors for bad checkpoints. Real runs, 2 processes, on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, PYTHON_BIN, REPO, TINY_RUN, check_ok, read_scalars, run_script, script_env
+
+pytestmark = pytest.mark.multiprocess
+
+
+def launch_in_background(args: list[str], log: Path) -> subprocess.Popen:
+    """torchrun with its workers, in the background."""
+    cmd = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "pretrain.py", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def signal_job(job: subprocess.Popen, sig: int) -> None:
+    """Signal torchrun and every worker, as a scheduler does (torchrun starts workers in their own sessions)."""
+    import psutil
+
+    parent = psutil.Process(job.pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def latest_checkpoint(save_dir: Path) -> Path:
+    return save_dir / (save_dir / "latest").read_text().strip()
+
+
+@pytest.fixture
+def background_jobs():
+    """Jobs a test starts in the background; whatever is still running at the end is killed."""
+    jobs: list[subprocess.Popen] = []
+    yield jobs
+    for job in jobs:
+        if job.poll() is None:
+            signal_job(job, signal.SIGKILL)
+            job.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    """4 steps of zero2 on 2 processes, a checkpoint every step, keeping the newest 2."""
+    root = tmp_path_factory.mktemp("zero2")
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "4", "-i", "1", "--keep_last", "2"]
+    check_ok(run_script("pretrain.py", [*args, "-o", str(root / "ckpt"), "-t", str(root / "tb")], nproc=2))
+    return root
+
+
+def test_keep_last_keeps_exactly_k_and_latest_points_to_the_newest(zero2_run):
+    ckpt = zero2_run / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-3", "step-4"]
+    assert latest_checkpoint(ckpt).name == "step-4"
+    rng_files = sorted(p.name for p in (ckpt / "step-4" / "rng").iterdir())
+    assert rng_files == ["rank-0.pt", "rank-1.pt"]
+
+
+def test_hf_export_round_trips_with_identical_logits(zero2_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    checkpoint = zero2_run / "ckpt" / "step-4"
+    proc = subprocess.run(
+        [sys.executable, "scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")],
+        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    check_ok(proc)
+    # Same attention kernel on both sides, so the comparison is about the weights and config alone.
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    trained = AutoModelForCausalLM.from_pretrained(checkpoint / "model", attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert len(tokenizer) == 32000 and (tmp_path / "hf" / "model.safetensors").is_file()
+    ids = tokenizer("The meaning of pretraining is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, trained(ids).logits)
+    # The exported weights are the trained ones: the run's step-5 loss would come from them.
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(tensor, exported.state_dict()[name]), name
+
+
+def _first_batch_loss(model_dir: Path, dp_size: int) -> float:
+    """HF loss of these weights on the first batch each of `dp_size` replicas reads."""
+    from transformers import LlamaForCausalLM
+
+    from llama_recipe.data import build_pretrain_batches, load_tokenizer
+
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = load_tokenizer(str(REPO / "data" / "llama-tokenizer"))
+    losses = []
+    for r in range(dp_size):
+        batch = build_pretrain_batches(str(DATA), tokenizer, 128, 2, r, dp_size).next_batch()
+        with torch.no_grad():  # the trainer feeds input_ids and labels (positions stay continuous)
+            losses.append(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item())
+    return sum(losses) / dp_size
+
+
+@pytest.mark.parametrize(
+    "layout,nproc,dp_size",
+    [(["-p", "hybrid_parallel", "--tp", "2"], 2, 1), (["-p", "ddp"], 1, 1)],
+    ids=["zero2x2->tp2", "zero2x2->ddp1"],
+)
+def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, layout, nproc, dp_size):
+    checkpoint = zero2_run / "ckpt" / "step-4"
+    args = [*TINY_RUN, *layout, "--max_steps", "5", "-f", str(checkpoint), "-o", str(tmp_path / "ckpt")]
+    proc = run_script("pretrain.py", [*args, "-t", str(tmp_path / "tb")], nproc=nproc)
+    check_ok(proc)
+    assert "was saved with zero2, 2 processes" in proc.stdout
+    assert "Optimizer state and data position cannot be resharded" in proc.stdout
+    losses = read_scalars(tmp_path / "tb")
+    assert list(losses) == [5]  # the step count continues
+    # The data restarted, so step 5 trains on the stream's first batch, with the checkpoint's weights.
+    assert losses[5] == pytest.approx(_first_batch_loss(checkpoint / "model", dp_size), abs=1e-4)
+
+
+def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, background_jobs):
+    save_dir = tmp_path / "ckpt"
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", ""]
+    job = launch_in_background(args, tmp_path / "log.txt")
+    background_jobs.append(job)
+    caught = None
+    deadline = time.time() + 240
+    while caught is None and time.time() < deadline and job.poll() is None:
+        partial = [p for p in save_dir.glob(".step-*.tmp") if int(p.name[6:-4]) >= 3] if save_dir.is_dir() else []
+        if partial:
+            signal_job(job, signal.SIGKILL)  # every process of the job, mid-save
+            caught = partial[0]
+        time.sleep(0.001)
+    job.wait(timeout=60)
+    assert caught is not None, "never caught a save in progress:\n" + (tmp_path / "log.txt").read_text()[-3000:]
+    killed_step = int(caught.name[6:-4])
+
+    latest = latest_checkpoint(save_dir)
+    states = json.loads((latest / "running_states.json").read_text())
+    assert states["step"] in (killed_step - 1, killed_step)  # the rename may just have happened; never a partial one
+    assert not (save_dir / f"step-{killed_step}").exists() or states["step"] == killed_step
+
+    resumed = run_script("pretrain.py", [*TINY_RUN, "-p", "zero2", "--max_steps", str(killed_step + 1), "-i", "1",
+                                         "-f", "latest", "-o", str(save_dir), "-t", ""], nproc=2)  # fmt: skip
+    check_ok(resumed)
+    assert f"resumed from {latest} at step {states['step']}" in resumed.stdout
+    assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
+
+
+def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs):
+    save_dir, tb = tmp_path / "ckpt", tmp_path / "tb"
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "500", "-i", "0", "-o", str(save_dir), "-t", str(tb)]
+    job = launch_in_background(args, tmp_path / "log.txt")
+    background_jobs.append(job)
+    deadline = time.time() + 240
+    while time.time() < deadline and job.poll() is None:
+        try:
+            if len(read_scalars(tb)) >= 3:
+                break
+        except Exception:  # the log directory or its first scalar does not exist yet
+            pass
+        time.sleep(0.5)
+    signal_job(job, signal.SIGTERM)  # what a scheduler does before preemption
+    job.wait(timeout=120)
+    log = (tmp_path / "log.txt").read_text()
+    assert "SIGTERM received: stopping at the end of step" in log, log[-3000:]
+
+    checkpoint = latest_checkpoint(save_dir)
+    step = json.loads((checkpoint / "running_states.json").read_text())["step"]
+    assert 3 <= step < 500 and checkpoint.name == f"step-{step}"
+    resumed = run_script("pretrain.py", [*args[:-6], "--max_steps", str(step + 1), "-f", "latest", "-o", str(save_dir),
+                                         "-t", str(tmp_path / "tb2")], nproc=2)  # fmt: skip
+    check_ok(resumed)
+    assert list(read_scalars(tmp_path / "tb2")) == [step + 1]
+
+
+# Bad checkpoints: one line, exit code 2, nothing written.
+
+
+def _expect_one_line_error(proc, *keywords: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for keyword in keywords:
+        assert keyword in lines[0], lines[0]
+    return lines[0]
+
+
+def _copy_checkpoint(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupt_running_states_is_one_line(zero2_run, tmp_path):
+    bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
+    (bad / "running_states.json").write_text("{not json")
+    proc = run_script("pretrain.py", [*TINY_RUN, "-p", "ddp", "-f", str(bad), "-o", str(tmp_path / "o")])
+    _expect_one_line_error(proc, "corrupt")
+    assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_of_another_model_is_one_line(zero2_run, tmp_path):
+    args = [*TINY_RUN, "-p", "ddp", "-c", "small", "-f", str(zero2_run / "ckpt" / "step-4"), "-o", str(tmp_path / "o")]
+    _expect_one_line_error(run_script("pretrain.py", args), "different model", "hidden_size 64 vs 512")
+
+
+def test_missing_latest_is_one_line(tmp_path):
+    args = [*TINY_RUN, "-p", "ddp", "-f", "latest", "-o", str(tmp_path / "o")]
+    _expect_one_line_error(run_script("pretrain.py", args), "latest", "does not exist")
+
+
+def test_truncated_weights_are_one_line(zero2_run, tmp_path):
+    bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
+    shard = next((bad / "model").glob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = run_script(
+        "pretrain.py", [*TINY_RUN, "-p", "ddp", "--max_steps", "5", "-f", str(bad), "-o", str(tmp_path / "o")]
+    )
+    _expect_one_line_error(proc, "could not load", "corrupt")
+    assert not (tmp_path / "o").exists()
