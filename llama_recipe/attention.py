@@ -1,7 +1,11 @@
-"""Which attention kernel the model uses.
+"""Attention: which kernel the model uses, and attention confined to documents in packed rows.
 
 `-a/--flash_attention` asks for flash-attn 2. It needs the `flash-attn` package and a CUDA device;
 where either is missing the run falls back to PyTorch SDPA and says so in one line.
+
+`--document_attention` makes every token of a packed row attend only to earlier tokens of its own
+document: flash-attn's varlen kernel on GPU (transformers finds the documents from the position
+ids), SDPA with the equivalent block-diagonal causal mask elsewhere.
 """
 
 from __future__ import annotations
@@ -27,3 +31,38 @@ def select_attention(flash_requested: bool) -> tuple[str, str | None]:
             "flash-attn is not installed (pip install -r requirements-gpu.txt); this run uses PyTorch SDPA attention instead",
         )
     return "flash_attention_2", None
+
+
+def segment_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """Document positions with each row's leading segment (a document begun in an earlier row)
+    restarted at 0, so that every segment of a row starts at 0. With attention confined to a
+    segment this changes nothing (RoPE scores depend only on distances), and it lets kernels find
+    segments as "position 0 starts one" without ever joining a row to the previous row."""
+    first = position_ids[:, :1]
+    leading = torch.cumsum(position_ids == 0, dim=1) == 0  # before the row's first document start
+    return torch.where(leading, position_ids - first, position_ids)
+
+
+def document_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The block-diagonal causal mask of packed rows, as transformers takes a custom 4-D mask:
+    shape (batch, 1, seq, seq), 0 where a token may attend and the dtype's minimum elsewhere."""
+    document = torch.cumsum(position_ids == 0, dim=1)  # segment index of every token
+    same_document = document[:, :, None] == document[:, None, :]
+    seq = position_ids.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = same_document & causal
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def model_inputs(batch: dict, attn_implementation: str, document_attention: bool, dtype: torch.dtype) -> dict:
+    """What the model gets from a batch. With `document_attention`, packed rows attend only within
+    their own documents: flash-attn 2 reads the segments from the position ids (its varlen kernel),
+    SDPA gets the equivalent block-diagonal mask. Otherwise a row is one causal sequence with
+    continuous positions, the usual GPT-style packing."""
+    inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    if document_attention and "position_ids" in batch:
+        inputs["position_ids"] = segment_positions(batch["position_ids"])
+        if attn_implementation != "flash_attention_2":
+            inputs["attention_mask"] = document_causal_mask(inputs["position_ids"], dtype)
+    return inputs

@@ -30,6 +30,7 @@ class TrainConfig:
     model_path: str | None = None  # finetuning: pretrained weights (local directory or hub name)
     grad_checkpoint: bool = False
     flash_attention: bool = False
+    document_attention: bool = False  # packed rows: attend only within each document
     # parallelism
     plugin: str = "zero2"
     tp: int = 1
@@ -157,6 +158,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
         "-d", "--dataset", default=d.dataset, help="HF dataset name, or local JSONL/Parquet file, directory or glob"
     )
     p.add_argument("-s", "--warmup_steps", type=int, default=d.warmup_steps, help="linear warmup steps, then cosine")
+    p.add_argument("--document_attention", action="store_true", help="packed rows attend only within each document")
     p.add_argument(
         "--data_mix", default=d.data_mix, help="token weights of the corpus slices: arxiv=0.1,book=0.2,... or llama"
     )

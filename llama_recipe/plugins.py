@@ -52,6 +52,11 @@ def check_plugin_layout(cfg: TrainConfig, world_size: int) -> None:
             raise UsageError(f"-p {plugin} trains in fp16 or bf16 only; pass -x bf16 or -x fp16")
         if cfg.optimizer == "adamw":
             raise UsageError(f"-p {plugin} needs ColossalAI's HybridAdam; pass --optimizer hybrid_adam")
+    if plugin == "hybrid_parallel" and cfg.document_attention:
+        raise UsageError(
+            "--document_attention is not available with -p hybrid_parallel (shardformer builds its own attention masks); "
+            "drop it, or use ddp, zero2, zero2_cpu or gemini"
+        )
     if plugin != "hybrid_parallel" and (cfg.tp > 1 or cfg.pp > 1):
         raise UsageError(f"--tp/--pp need -p hybrid_parallel (got -p {plugin})")
     if plugin == "hybrid_parallel":

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from . import plugins
-from .attention import select_attention
+from .attention import model_inputs, select_attention
 from .checkpoint import describe_layout, load_checkpoint, save_checkpoint
 from .config import SHIPPED_TOKENIZER, TrainConfig, UsageError
 from .data import (
@@ -70,11 +70,8 @@ class TrainState:
 
 
 def _to_device(batch: dict) -> dict:
-    """Model inputs on the training device. Packed rows carry per-document position ids, but restarting
-    positions only helps when attention is confined to each document too; until the attention
-    backend does that, the model keeps its default positions over the whole row."""
     dev = plugins.device()
-    return {k: v.to(dev, non_blocking=True) for k, v in batch.items() if k != "position_ids"}
+    return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
 
 
 def _tokens_in(batch: dict) -> int:
@@ -82,12 +79,13 @@ def _tokens_in(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation_steps: int):
-    """Forward and backward over `accumulation_steps` micro-batches. Returns (this rank's mean loss,
-    or None on pipeline stages other than the last; the number of tokens it trained on)."""
+def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation_steps: int, inputs):
+    """Forward and backward over `accumulation_steps` micro-batches. `inputs` turns a batch into the
+    model's arguments. Returns (this rank's mean loss, or None on pipeline stages other than the
+    last; the number of tokens it trained on)."""
     if par.pipeline:
         batch = batches.next_batch()
-        return plugins.run_pipeline(par, model, optimizer, _to_device(batch)), _tokens_in(batch)
+        return plugins.run_pipeline(par, model, optimizer, inputs(_to_device(batch))), _tokens_in(batch)
     total_loss, tokens = None, 0
     for micro_step in range(accumulation_steps):
         batch = batches.next_batch()
@@ -95,7 +93,7 @@ def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation
         is_last = micro_step == accumulation_steps - 1
         with plugins.no_sync_context(par, model, optimizer, is_last):
             with plugins.forward_context(par):
-                loss = model(**_to_device(batch)).loss / accumulation_steps
+                loss = model(**inputs(_to_device(batch))).loss / accumulation_steps
             par.booster.backward(loss, optimizer)
         total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
     return total_loss, tokens
@@ -121,6 +119,8 @@ def fit(
     attn_implementation, attn_message = select_attention(cfg.flash_attention)
     if attn_message:
         say(attn_message)
+    if cfg.document_attention:
+        say(f"attention confined to documents ({attn_implementation})")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     with plugins.model_init_context(par):
         model = build_model(model_config, attn_implementation)
@@ -195,12 +195,17 @@ def fit(
         logger.print(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
         return str(path)
 
+    mask_dtype = next(model.parameters()).dtype  # the document mask is added to scores in the model's dtype
+
+    def inputs(batch: dict) -> dict:
+        return model_inputs(batch, attn_implementation, cfg.document_attention, mask_dtype)
+
     stop = StopRequest()
     model.train()
     while state.step < total_steps:
         started = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        local_loss, local_tokens = train_step(par, model, optimizer, batches, cfg.accumulation_steps)
+        local_loss, local_tokens = train_step(par, model, optimizer, batches, cfg.accumulation_steps, inputs)
         grad_norm = plugins.step_optimizer(par, optimizer, cfg.grad_clip)
         lr_scheduler.step()
         optimizer.zero_grad()
