@@ -14,14 +14,14 @@ from llama_recipe.cli import run_script
 from llama_recipe.config import OneLineErrorParser, TrainConfig
 from llama_recipe.metrics import MFU_FORMULA, peak_flops_per_device, training_flops_per_token
 from llama_recipe.model import get_model_config
-from llama_recipe.plugins import PLUGIN_NAMES
+from llama_recipe.plugins import BASELINE, PLUGIN_NAMES
 from llama_recipe.trainer import pretrain
 
 
 def parse_args():
     p = OneLineErrorParser(prog="benchmark.py", description=__doc__.splitlines()[0])
     p.add_argument("-c", "--config", default="small", help="model preset or HF config.json")
-    p.add_argument("-p", "--plugin", default="zero2", choices=PLUGIN_NAMES)
+    p.add_argument("-p", "--plugin", default="zero2", choices=[*PLUGIN_NAMES, BASELINE], help="'none': plain PyTorch")
     p.add_argument("-b", "--batch_size", type=int, default=2, help="sequences per data-parallel rank")
     p.add_argument("-s", "--num_steps", type=int, default=8)
     p.add_argument("-i", "--ignore_steps", type=int, default=2, help="warm-up steps left out of the timing")
@@ -61,6 +61,7 @@ def report(summary: dict, cfg: TrainConfig, args) -> None:
         tokens_per_s=tokens_per_s, tgs=tokens_per_s / world, samples_per_s=tokens_per_s / seq_len,
         step_s_median=median, step_s_spread=max(timed) - min(timed), tflops_per_device=flops / 1e12,
         mfu=flops / peak, peak_tflops=peak / 1e12, peak_source=peak_source, peak_memory_mb=summary["peak_memory_mb"],
+        losses=summary["losses"],
     )  # fmt: skip
     print(
         f"\n{cfg.plugin} {cfg.config} x{world} ({row['precision']}), {cfg.batch_size}x{seq_len} per replica, "

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from .config import TrainConfig, UsageError
 
 PLUGIN_NAMES = ["gemini", "gemini_auto", "zero2", "zero2_cpu", "hybrid_parallel", "ddp"]
+BASELINE = "none"  # benchmark.py only: plain PyTorch, no booster, to measure the plugins' overhead against
 GPU_ONLY_PLUGINS = ["gemini", "gemini_auto"]
 CPU_PLUGINS = [p for p in PLUGIN_NAMES if p not in GPU_ONLY_PLUGINS]
 FP16_INITIAL_LOSS_SCALE = 2**16
@@ -40,6 +41,10 @@ def resolve_optimizer_name(cfg: TrainConfig) -> str:
 def check_plugin_layout(cfg: TrainConfig, world_size: int) -> None:
     """Raise UsageError if the plugin cannot run this layout here. Runs before any process group exists."""
     plugin, precision = cfg.plugin, resolve_precision(cfg)
+    if plugin == BASELINE:
+        if cfg.tp > 1 or cfg.pp > 1 or precision == "fp16":
+            raise UsageError("-p none is plain PyTorch (DDP across processes) in fp32 or bf16; drop --tp/--pp/-x fp16")
+        return
     if plugin not in PLUGIN_NAMES:
         raise UsageError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_NAMES)}")
     if plugin in GPU_ONLY_PLUGINS:
@@ -208,12 +213,40 @@ def create_plugin(cfg: TrainConfig, precision: str):
     return TorchDDPPlugin(), ("fp16" if precision == "fp16" else None)
 
 
+class PlainTorch:
+    """`-p none`: what the loop would be without ColossalAI — the model on the device, wrapped in
+    torch DDP when there are several processes, `loss.backward()`, `optimizer.step()`. It stands in
+    for both the booster and its plugin, so the training loop runs unchanged."""
+
+    def boost(self, model, optimizer, lr_scheduler=None):
+        model = model.to(device())
+        if dist.get_world_size() > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+        return model, optimizer, None, None, lr_scheduler
+
+    def backward(self, loss, optimizer) -> None:
+        loss.backward()
+
+    def support_no_sync(self) -> bool:
+        return True
+
+    def no_sync(self, model, optimizer):
+        return (
+            model.no_sync()
+            if isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            else contextlib.nullcontext()
+        )
+
+
 def build_parallelism(cfg: TrainConfig) -> Parallelism:
     from colossalai.booster import Booster
     from colossalai.booster.plugin import HybridParallelPlugin
 
     precision = resolve_precision(cfg)
     check_plugin_layout(cfg, dist.get_world_size())
+    if cfg.plugin == BASELINE:
+        plain = PlainTorch()
+        return Parallelism(plain, plain, BASELINE, precision, dist.get_rank(), dist.get_world_size(), pipeline=False)
     plugin, booster_precision = create_plugin(cfg, precision)
     booster = Booster(plugin=plugin, mixed_precision=booster_precision)
     if isinstance(plugin, HybridParallelPlugin):
@@ -236,7 +269,7 @@ def model_init_context(par: Parallelism):
 
 def forward_context(par: Parallelism):
     """bf16 autocast for ddp (the other plugins cast the model themselves)."""
-    if par.name == "ddp" and par.precision == "bf16":
+    if par.name in ("ddp", BASELINE) and par.precision == "bf16":
         return torch.autocast(device_type=device().type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -263,8 +296,9 @@ def step_optimizer(par: Parallelism, optimizer, max_norm: float) -> float | None
     The ColossalAI optimizers clip inside `step()` (we passed max_norm to the plugin) and remember
     the norm; torch DDP's wrapper does neither, so we clip here.
     """
-    if par.name == "ddp":
-        norm = optimizer.clip_grad_by_norm(max_norm if max_norm > 0 else float("inf"))
+    if par.name in ("ddp", BASELINE):
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         optimizer.step()
         return float(norm)
     optimizer.step()

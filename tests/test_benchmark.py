@@ -40,3 +40,15 @@ def test_benchmark_reports_a_results_line(tmp_path):
     assert row["tflops_per_device"] == pytest.approx(flops * row["tgs"] / 1e12)
     assert 0 < row["mfu"] < 1 and row["peak_memory_mb"] > 100
     assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout
+
+
+@pytest.mark.multiprocess
+def test_plain_pytorch_baseline_matches_ddp(tmp_path):
+    """`-p none` is the loop without ColossalAI; on the same batches it must give ddp's losses."""
+    results = tmp_path / "results.jsonl"
+    for plugin in ("none", "ddp"):
+        args = ["-c", "tiny", "-p", plugin, "-l", "128", "-b", "2", "-s", "3", "-i", "1", "--results", str(results)]
+        check_ok(run_script("benchmark.py", args, nproc=2))
+    none, ddp = (json.loads(line) for line in results.read_text().splitlines())
+    assert none["plugin"] == "none" and ddp["plugin"] == "ddp"
+    assert none["losses"] == pytest.approx(ddp["losses"], abs=1e-6)
