@@ -266,7 +266,8 @@ def fit(
         tb_hint = f"  (tensorboard --logdir {cfg.tensorboard_dir})" if cfg.tensorboard_dir else ""
         say(
             f"done: {len(losses)} steps this run (step {state.step} of {total_steps}), "
-            f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {tokens_per_s:,.0f} tokens/s, "
+            f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {len(losses[-10:])}: "
+            f"{sum(losses[-10:]) / len(losses[-10:]):.4f}), {tokens_per_s:,.0f} tokens/s, "
             f"peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0\n"
             f"checkpoint: {last_checkpoint or 'none (no -o/--save_dir)'}\n"
             f"tensorboard: {cfg.tensorboard_dir or 'disabled'}{tb_hint}"
