@@ -38,6 +38,11 @@ class TrainConfig:
     zero_stage: int = 0
     microbatch_size: int = 1
     mixed_precision: str | None = None  # None: bf16 on GPU, fp32 on CPU (bf16 matmuls crawl there)
+    # Gemini placement (gemini: static fractions; gemini_auto: the non-model-data warm-up ratio)
+    shard_param_frac: float = 1.0
+    offload_optim_frac: float = 0.0
+    offload_param_frac: float = 0.0
+    gemini_warmup_ratio: float = 0.8
     # data
     dataset: str = DEFAULT_HUB_DATASET
     data_mix: str | None = None  # pretraining: slice=weight,... or "llama"

@@ -30,7 +30,14 @@ class MetricsLogger:
             self.writer = SummaryWriter(tensorboard_dir)
 
     def log_step(
-        self, step: int, loss: float, lr: float, grad_norm: float | None, tokens_per_s: float, write: bool
+        self,
+        step: int,
+        loss: float,
+        lr: float,
+        grad_norm: float | None,
+        tokens_per_s: float,
+        mfu: float | None,
+        write: bool,
     ) -> None:
         if not self.enabled:
             return
@@ -39,11 +46,16 @@ class MetricsLogger:
         if not write:
             return
         memory = peak_memory_mb()
-        self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mem_mb=f"{memory:,.0f}")
+        postfix = dict(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", mem_mb=f"{memory:,.0f}")
+        if mfu is not None:
+            postfix["mfu"] = f"{100 * mfu:.1f}%"
+        self.bar.set_postfix(postfix)
         if self.writer is not None:
             scalars = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory}
             if grad_norm is not None:
                 scalars["grad_norm"] = grad_norm
+            if mfu is not None:
+                scalars["mfu"] = mfu
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
 
@@ -97,6 +109,11 @@ def training_flops_per_token(config, seq_len: int) -> float:
     per_layer = 2 * h * h + 2 * h * kv + 3 * h * config.intermediate_size
     n_matmul = layers * per_layer + h * v
     return 6 * n_matmul + 6 * layers * seq_len * h
+
+
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, devices: int, peak_flops: float) -> float:
+    """The fraction of the devices' peak that the model's own FLOPs use (recompute not counted)."""
+    return tokens_per_s * flops_per_token / devices / peak_flops
 
 
 def peak_flops_per_device() -> tuple[float, str]:

@@ -159,6 +159,12 @@ def barrier() -> None:
         dist.barrier()
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work before reading a clock (CPU work is already done when it returns)."""
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
 def device() -> torch.device:
     from colossalai.accelerator import get_accelerator
 
@@ -192,9 +198,17 @@ def create_plugin(cfg: TrainConfig, precision: str):
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
     common = dict(precision=precision, max_norm=cfg.grad_clip, initial_scale=FP16_INITIAL_LOSS_SCALE)
-    if cfg.plugin in ("gemini", "gemini_auto"):
-        placement = "static" if cfg.plugin == "gemini" else "auto"
-        return GeminiPlugin(placement_policy=placement, enable_flash_attention=cfg.flash_attention, **common), None
+    if cfg.plugin == "gemini":
+        placement = dict(
+            placement_policy="static",
+            shard_param_frac=cfg.shard_param_frac,
+            offload_optim_frac=cfg.offload_optim_frac,
+            offload_param_frac=cfg.offload_param_frac,
+        )
+        return GeminiPlugin(**placement, enable_flash_attention=cfg.flash_attention, **common), None
+    if cfg.plugin == "gemini_auto":
+        placement = dict(placement_policy="auto", warmup_non_model_data_ratio=cfg.gemini_warmup_ratio)
+        return GeminiPlugin(**placement, enable_flash_attention=cfg.flash_attention, **common), None
     if cfg.plugin in ("zero2", "zero2_cpu"):
         return LowLevelZeroPlugin(stage=2, cpu_offload=cfg.plugin == "zero2_cpu", **common), None
     if cfg.plugin == "hybrid_parallel":

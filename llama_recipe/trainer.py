@@ -28,7 +28,14 @@ from .data import (
     load_tokenizer,
 )
 from .instruct import InstructionBatches, load_instruction_rows
-from .metrics import MetricsLogger, peak_memory_mb
+from .metrics import (
+    MFU_FORMULA,
+    MetricsLogger,
+    model_flops_utilization,
+    peak_flops_per_device,
+    peak_memory_mb,
+    training_flops_per_token,
+)
 from .model import build_model, count_parameters, get_model_config, resolve_pretrained, weights_location
 from .optim import build_lr_scheduler, build_optimizer
 from .prepared import PreparedBatches, check_prepared_tokenizer, is_prepared_dataset
@@ -82,13 +89,17 @@ def _tokens_in(batch: dict) -> int:
 def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation_steps: int, inputs):
     """Forward and backward over `accumulation_steps` micro-batches. `inputs` turns a batch into the
     model's arguments. Returns (this rank's mean loss, or None on pipeline stages other than the
-    last; the number of tokens it trained on)."""
+    last; the number of tokens it trained on; the seconds spent waiting for data)."""
+    waited = time.perf_counter()
     if par.pipeline:
         batch = batches.next_batch()
-        return plugins.run_pipeline(par, model, optimizer, inputs(_to_device(batch))), _tokens_in(batch)
-    total_loss, tokens = None, 0
+        waited = time.perf_counter() - waited
+        return plugins.run_pipeline(par, model, optimizer, inputs(_to_device(batch))), _tokens_in(batch), waited
+    total_loss, tokens, data_seconds = None, 0, 0.0
     for micro_step in range(accumulation_steps):
+        waited = time.perf_counter()
         batch = batches.next_batch()
+        data_seconds += time.perf_counter() - waited
         tokens += _tokens_in(batch)
         is_last = micro_step == accumulation_steps - 1
         with plugins.no_sync_context(par, model, optimizer, is_last):
@@ -96,7 +107,7 @@ def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation
                 loss = model(**inputs(_to_device(batch))).loss / accumulation_steps
             par.booster.backward(loss, optimizer)
         total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
-    return total_loss, tokens
+    return total_loss, tokens, data_seconds
 
 
 def fit(
@@ -107,6 +118,7 @@ def fit(
     total_steps: int,
     warmup_steps: int,
     tokenizer,
+    seq_len: int,
     initial_weights: str | None = None,
     desc: str = "training",
 ) -> dict:
@@ -168,7 +180,10 @@ def fit(
 
     samples_per_step = cfg.batch_size * cfg.accumulation_steps * par.dp_size
     logger = MetricsLogger(main, cfg.tensorboard_dir, total_steps, state.step, desc=desc)
-    last_checkpoint, losses, step_seconds, step_tokens = None, [], [], []
+    last_checkpoint, losses, step_seconds, step_tokens, step_parts = None, [], [], [], []
+    flops_per_token = training_flops_per_token(model_config, seq_len)
+    peak_flops, peak_source = peak_flops_per_device()
+    say(f"MFU against {peak_flops / 1e12:,.3f} TFLOP/s per device ({peak_source}); {MFU_FORMULA}")
 
     def checkpoint() -> str:
         running_states = dict(
@@ -205,10 +220,16 @@ def fit(
     while state.step < total_steps:
         started = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
-        local_loss, local_tokens = train_step(par, model, optimizer, batches, cfg.accumulation_steps, inputs)
+        local_loss, local_tokens, data_seconds = train_step(
+            par, model, optimizer, batches, cfg.accumulation_steps, inputs
+        )
+        plugins.synchronize()  # so the clock measures work done, not work queued on a GPU
+        backward_done = time.perf_counter()
         grad_norm = plugins.step_optimizer(par, optimizer, cfg.grad_clip)
         lr_scheduler.step()
         optimizer.zero_grad()
+        plugins.synchronize()
+        optimizer_done = time.perf_counter()
         loss = plugins.mean_across_replicas(par, local_loss)  # a sync point: the step is done on every rank
         tokens = round(
             plugins.mean_across_replicas(par, torch.tensor(float(local_tokens)), sum_pipeline=False) * par.dp_size
@@ -226,8 +247,17 @@ def fit(
         losses.append(loss)
         step_seconds.append(elapsed)
         step_tokens.append(tokens)
+        step_parts.append(
+            dict(
+                data=data_seconds,
+                forward_backward=backward_done - started - data_seconds,
+                optimizer=optimizer_done - backward_done,
+                other=elapsed - (optimizer_done - started),
+            )
+        )
         write = state.step % cfg.log_interval == 0 or state.step == total_steps
-        logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, write)
+        mfu = model_flops_utilization(tokens / elapsed, flops_per_token, dist.get_world_size(), peak_flops)
+        logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, mfu, write)
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
         if stop.agreed():
@@ -254,6 +284,10 @@ def fit(
         tokens_per_s=tokens_per_s,
         step_tokens=step_tokens,
         step_seconds=step_seconds,
+        step_parts=step_parts,
+        flops_per_token=flops_per_token,
+        peak_flops=peak_flops,
+        peak_source=peak_source,
         losses=losses,
         peak_memory_mb=peak_memory_mb(),
         world_size=dist.get_world_size(),
@@ -324,7 +358,9 @@ def pretrain(cfg: TrainConfig) -> dict:
         raise UsageError("the data is too small for one step; lower -b/-l/--accumulation_steps or add data")
     batches = Prefetcher(batches)
     try:
-        summary = fit(cfg, par, model_config, batches, total_steps, cfg.warmup_steps, tokenizer, desc="pretraining")
+        summary = fit(
+            cfg, par, model_config, batches, total_steps, cfg.warmup_steps, tokenizer, seq_len, desc="pretraining"
+        )
     finally:
         batches.close()
     if SKIPPED:
@@ -356,7 +392,16 @@ def finetune(cfg: TrainConfig) -> dict:
     if plugins.is_main_process():
         print(f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {max_length} tokens max")
     summary = fit(
-        cfg, par, model_config, batches, total_steps, warmup_steps, tokenizer, weights_location(model_dir), "finetuning"
+        cfg,
+        par,
+        model_config,
+        batches,
+        total_steps,
+        warmup_steps,
+        tokenizer,
+        max_length,
+        weights_location(model_dir),
+        "finetuning",
     )
     if batches.truncated and plugins.is_main_process():
         print(f"note: {batches.truncated} examples on rank 0 were longer than -l {max_length}; their prompts were cut")

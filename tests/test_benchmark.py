@@ -39,6 +39,10 @@ def test_benchmark_reports_a_results_line(tmp_path):
     flops = training_flops_per_token(get_model_config("tiny"), 128)
     assert row["tflops_per_device"] == pytest.approx(flops * row["tgs"] / 1e12)
     assert 0 < row["mfu"] < 1 and row["peak_memory_mb"] > 100
+    parts = row["step_parts_s"]
+    assert set(parts) == {"data", "forward_backward", "optimizer", "other"} and min(parts.values()) >= 0
+    assert parts["forward_backward"] == max(parts.values())  # the model's own work dominates a step
+    assert 0 <= row["outside_model_fraction"] < 0.5
     assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout
 
 

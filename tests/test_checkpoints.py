@@ -67,6 +67,11 @@ def test_keep_last_keeps_exactly_k_and_latest_points_to_the_newest(zero2_run):
     assert rng_files == ["rank-0.pt", "rank-1.pt"]
 
 
+def test_training_logs_mfu_with_the_benchmark_formula(zero2_run):
+    mfu = read_scalars(zero2_run / "tb", "train/mfu")
+    assert sorted(mfu) == [1, 2, 3, 4] and all(0 < v < 1 for v in mfu.values())
+
+
 def test_hf_export_round_trips_with_identical_logits(zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,11 +19,14 @@ from colossalai.booster import Booster
 launch(seed=0)
 out = {}
 for name in ["gemini", "gemini_auto"]:
-    plugin, booster_precision = create_plugin(TrainConfig(plugin=name, grad_clip=0.5), "bf16")
+    cfg = TrainConfig(plugin=name, grad_clip=0.5, offload_optim_frac=0.25, gemini_warmup_ratio=0.6)
+    plugin, booster_precision = create_plugin(cfg, "bf16")
     Booster(plugin=plugin)  # the booster accepts it on this machine too
     out[name] = dict(
         cls=type(plugin).__name__, placement=plugin.gemini_config["placement_policy"], precision=str(plugin.gemini_config["mixed_precision"]),
         max_norm={**plugin.zero_optim_config, **plugin.optim_kwargs}["max_norm"], booster_precision=booster_precision,
+        offload_optim_frac=plugin.gemini_config.get("offload_optim_frac"),
+        warmup_ratio=plugin.gemini_config.get("warmup_non_model_data_ratio"),
     )
 print("RESULT" + json.dumps(out))
 """
@@ -41,6 +44,8 @@ def test_gemini_plugins_are_built_from_our_flags():
         assert result[name]["precision"] == str(torch.bfloat16)
         assert result[name]["max_norm"] == 0.5  # --grad_clip reaches the plugin
         assert result[name]["booster_precision"] is None  # Gemini manages precision itself
+    assert result["gemini"]["offload_optim_frac"] == 0.25  # the benchmark's placement flags reach it
+    assert result["gemini_auto"]["warmup_ratio"] == 0.6
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
