@@ -55,6 +55,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 2000
     warmup_ratio: float = 0.03  # finetuning: warmup as a fraction of all steps
+    eval_interval: int = 0  # finetuning: held-out loss every N steps (0: only at the end)
+    eval_split: float = 0.05  # finetuning: fraction of the examples held out for evaluation
     grad_clip: float = 1.0
     batch_size: int = 2
     accumulation_steps: int = 1
@@ -185,6 +187,10 @@ def build_finetune_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task_name", default=d.task_name, help="dataset configuration / task folder (e.g. self_instruct)")
     p.add_argument("--warmup_ratio", type=float, default=d.warmup_ratio, help="warmup steps as a fraction of all steps")
+    p.add_argument(
+        "--eval_interval", type=int, default=d.eval_interval, help="held-out loss every N steps (0: at the end)"
+    )
+    p.add_argument("--eval_split", type=float, default=d.eval_split, help="fraction of examples held out (0: none)")
     _add_training_flags(p, d)
     return p
 
@@ -263,6 +269,10 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
             problems.append(f"{flag} must be at least {minimum}, got {value}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
+    if not 0 <= cfg.eval_split < 1:
+        problems.append(f"--eval_split must be in [0, 1), got {cfg.eval_split}")
+    if cfg.eval_interval < 0:
+        problems.append(f"--eval_interval must be 0 (only at the end) or more, got {cfg.eval_interval}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"--warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.keep_last < 0:

@@ -63,6 +63,63 @@ def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> 
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
 
 
+def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, width: int | None = None) -> dict:
+    """Right-pad (input_ids, labels) pairs into a batch; padding is masked out of attention and loss."""
+    width = width or max(len(ids) for ids, _ in encoded)
+    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, lab) in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(lab)] = torch.tensor(lab)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def split_held_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out rows): a fixed random `fraction` of the examples is never trained on."""
+    if fraction <= 0:
+        return rows, []
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_eval = max(1, round(len(rows) * fraction))
+    return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
+
+
+def held_out_batches(
+    rows: list[dict], tokenizer, max_length: int, batch_size: int, dp_rank: int, dp_size: int, pad_to_max_length: bool
+) -> list[dict]:
+    """This replica's share of the held-out examples, in order. Every replica gets the same number of
+    batches, so forward passes with collectives (DDP buffers, tensor parallel) stay in step."""
+    share = len(rows) // dp_size
+    mine = rows[dp_rank * share : (dp_rank + 1) * share]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(mine), batch_size):
+        encoded = [
+            encode_example(tokenizer, r["prompt"], r["completion"], max_length)[:2]
+            for r in mine[start : start + batch_size]
+        ]
+        batches.append(collate(encoded, pad_id, max_length if pad_to_max_length else None))
+    return batches
+
+
+def generate_answers(model_dir: str, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Greedy answers of a saved model to some prompts (on one process, from the checkpoint, so it
+    works whatever the training layout was)."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    answers = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
+        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
+    return answers
+
+
 class InstructionBatches:
     """Padded batches of encoded examples for one data-parallel replica, epoch after epoch."""
 
@@ -99,15 +156,7 @@ class InstructionBatches:
             )
             self.truncated += truncated
             encoded.append((ids, labels))
-        width = self.max_length if self.pad_to_max_length else max(len(ids) for ids, _ in encoded)
-        input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, lab) in enumerate(encoded):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            labels[row, : len(lab)] = torch.tensor(lab)
-            attention_mask[row, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return collate(encoded, self.pad_id, self.max_length if self.pad_to_max_length else None)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}

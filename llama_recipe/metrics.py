@@ -59,6 +59,11 @@ class MetricsLogger:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
 
+    def log_eval(self, step: int, loss: float, perplexity: float) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", loss, step)
+            self.writer.add_scalar("eval/perplexity", perplexity, step)
+
     def print(self, message: str) -> None:
         if self.enabled:
             self.bar.write(message)

@@ -27,7 +27,13 @@ from .data import (
     count_tokens,
     load_tokenizer,
 )
-from .instruct import InstructionBatches, load_instruction_rows
+from .instruct import (
+    InstructionBatches,
+    generate_answers,
+    held_out_batches,
+    load_instruction_rows,
+    split_held_out,
+)
 from .metrics import (
     MFU_FORMULA,
     MetricsLogger,
@@ -121,6 +127,7 @@ def fit(
     seq_len: int,
     initial_weights: str | None = None,
     desc: str = "training",
+    held_out: list[dict] | None = None,
 ) -> dict:
     main = plugins.is_main_process()
 
@@ -215,6 +222,35 @@ def fit(
     def inputs(batch: dict) -> dict:
         return model_inputs(batch, attn_implementation, cfg.document_attention, mask_dtype)
 
+    def evaluate() -> None:
+        """Loss and perplexity on the held-out batches, weighted by their completion tokens."""
+        model.eval()
+        loss_sum = torch.zeros((), device=plugins.device())
+        tokens = 0
+        with torch.no_grad():
+            for batch in held_out:
+                n = int((batch["labels"][:, 1:] != -100).sum())  # the tokens the loss averages over
+                if par.pipeline:
+                    loss = plugins.run_pipeline(par, model, None, inputs(_to_device(batch)))
+                else:
+                    with plugins.forward_context(par):
+                        loss = model(**inputs(_to_device(batch))).loss
+                if loss is not None:
+                    loss_sum += loss.float() * n
+                tokens += n
+        model.train()
+        total = plugins.mean_across_replicas(par, loss_sum) * par.dp_size
+        count = plugins.mean_across_replicas(par, torch.tensor(float(tokens)), sum_pipeline=False) * par.dp_size
+        eval_loss = total / max(count, 1)
+        summary_evals.append((state.step, eval_loss))
+        logger.print(
+            f"held-out loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):,.2f} at step {state.step}"
+        )
+        logger.log_eval(state.step, eval_loss, math.exp(min(eval_loss, 50)))
+
+    summary_evals: list[tuple[int, float]] = []
+    if held_out and state.step == 0:
+        evaluate()  # the starting point, so the run shows what training changed
     stop = StopRequest()
     model.train()
     while state.step < total_steps:
@@ -260,12 +296,16 @@ def fit(
         logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, mfu, write)
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
+        if held_out and cfg.eval_interval > 0 and state.step % cfg.eval_interval == 0:
+            evaluate()
         if stop.agreed():
             logger.print(f"{stop.signal_name} received: stopping at the end of step {state.step}")
             break
     if cfg.save_dir and losses and (last_checkpoint is None or not last_checkpoint.endswith(f"step-{state.step}")):
         last_checkpoint = checkpoint()
     stop.restore()
+    if held_out and losses and (not summary_evals or summary_evals[-1][0] != state.step):
+        evaluate()
     loss_plot = logger.close()
     if cfg.export_hf and last_checkpoint and plugins.is_main_process():
         from .export import export_hf
@@ -295,6 +335,7 @@ def fit(
         precision=par.precision,
         checkpoint=last_checkpoint,
         tensorboard_dir=cfg.tensorboard_dir,
+        evals=summary_evals,
     )
     if losses:
         tb_hint = f"  (tensorboard --logdir {cfg.tensorboard_dir})" if cfg.tensorboard_dir else ""
@@ -381,28 +422,41 @@ def finetune(cfg: TrainConfig) -> dict:
     model_has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(cfg.tokenizer or str(model_dir if model_has_tokenizer else SHIPPED_TOKENIZER))
     max_length = cfg.max_length or model_config.max_position_embeddings
-    rows = load_instruction_rows(cfg.dataset, cfg.task_name)
+    rows, held_out_rows = split_held_out(load_instruction_rows(cfg.dataset, cfg.task_name), cfg.eval_split, cfg.seed)
     batches = InstructionBatches(
         rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, cfg.seed, pad_to_max_length=par.pipeline
+    )
+    held_out = held_out_batches(
+        held_out_rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, pad_to_max_length=par.pipeline
     )
     total_steps = cfg.max_steps or batches.steps_per_epoch // cfg.accumulation_steps * cfg.num_epochs
     if total_steps == 0:
         raise UsageError("the dataset is too small for one step; lower -b or --accumulation_steps")
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if plugins.is_main_process():
-        print(f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {max_length} tokens max")
+        print(
+            f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {len(held_out_rows)} held out, "
+            f"{max_length} tokens max"
+        )
     summary = fit(
-        cfg,
-        par,
-        model_config,
-        batches,
-        total_steps,
-        warmup_steps,
-        tokenizer,
-        max_length,
-        weights_location(model_dir),
-        "finetuning",
-    )
+        cfg, par, model_config, batches, total_steps, warmup_steps, tokenizer, max_length,
+        weights_location(model_dir), "finetuning", held_out=held_out,
+    )  # fmt: skip
+    if plugins.is_main_process() and summary["checkpoint"] and held_out_rows:
+        # Show what finetuning did: the model's greedy answers to a few held-out prompts.
+        prompts = [r["prompt"] for r in held_out_rows[:3]]
+        answers = generate_answers(f"{summary['checkpoint']}/model", tokenizer, prompts)
+        summary["generations"] = list(zip(prompts, answers, strict=True))
+        for prompt, answer in summary["generations"]:
+            print(f"--- held-out prompt:\n{prompt.strip()}\n--- model answer:\n{answer}")
+        if cfg.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            with SummaryWriter(cfg.tensorboard_dir) as writer:
+                for i, (prompt, answer) in enumerate(summary["generations"]):
+                    writer.add_text(
+                        f"generation/{i}", f"**prompt**: {prompt}\n\n**answer**: {answer}", summary["steps"]
+                    )
     if batches.truncated and plugins.is_main_process():
         print(f"note: {batches.truncated} examples on rank 0 were longer than -l {max_length}; their prompts were cut")
     return summary

@@ -9,7 +9,13 @@ import torch
 from conftest import REPO, check_ok, read_scalars, run_script
 
 from llama_recipe.data import load_tokenizer
-from llama_recipe.instruct import IGNORE_INDEX, InstructionBatches, encode_example, load_instruction_rows
+from llama_recipe.instruct import (
+    IGNORE_INDEX,
+    InstructionBatches,
+    encode_example,
+    load_instruction_rows,
+    split_held_out,
+)
 
 TOKENIZER = str(REPO / "data" / "llama-tokenizer")
 SHIPPED = REPO / "data" / "self_instruct"
@@ -89,7 +95,12 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
         "--model_path", str(tmp_path / "pretrained"), "-p", "zero2", "-d", str(SHIPPED), "--task_name", "self_instruct",
         "-l", "128", "-b", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
     ]  # fmt: skip
-    check_ok(run_script("finetune.py", [*common, "-i", "3", "-t", str(tmp_path / "tb")], nproc=2))
+    full = run_script("finetune.py", [*common, "-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], nproc=2)
+    check_ok(full)
+    held_out = read_scalars(tmp_path / "tb", "eval/loss")
+    assert sorted(held_out) == [0, 3, 6]
+    assert held_out[6] < held_out[0] - 0.1, held_out  # finetuning lowers the loss on examples it never saw
+    assert full.stdout.count("--- model answer:") == 3  # and shows its answers to held-out prompts
     resumed = run_script(
         "finetune.py",
         [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
@@ -100,7 +111,7 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
 
     # Step 1's loss is the pretrained model's loss on each replica's first batch: the weights were loaded.
     model = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
-    rows = load_instruction_rows(str(SHIPPED), "self_instruct")
+    rows, _ = split_held_out(load_instruction_rows(str(SHIPPED), "self_instruct"), 0.05, seed=42)  # what it trains on
     with torch.no_grad():
         first = [
             model(**InstructionBatches(rows, tokenizer, 128, 2, r, 2, seed=42).next_batch()).loss.item()
