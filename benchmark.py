@@ -48,7 +48,7 @@ def parse_args():
         zero_stage=args.zero_stage, optimizer=args.optimizer, dataset="synthetic", warmup_steps=0,
         shard_param_frac=args.shard_param_frac, offload_optim_frac=args.offload_optim_frac,
         offload_param_frac=args.offload_param_frac, gemini_warmup_ratio=args.warmup_ratio,
-        save_dir="", tensorboard_dir=None, log_interval=1,
+        save_dir="", tensorboard_dir=None, log_interval=1, time_breakdown=True,
     )  # fmt: skip
     return cfg, args
 

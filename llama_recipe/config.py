@@ -72,6 +72,7 @@ class TrainConfig:
     export_hf: str | None = None  # write a Hugging Face model directory here at the end
     tensorboard_dir: str | None = "tb_logs"
     log_interval: int = 1
+    time_breakdown: bool = False  # benchmark.py: synchronize the device to time each part of a step
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -213,6 +214,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _has_known_length(dataset: str) -> bool:
+    """Local files and prepared datasets can be counted cheaply; a hub stream cannot."""
+    from .data import SYNTHETIC, _looks_local
+    from .prepared import is_prepared_dataset
+
+    return dataset == SYNTHETIC or is_prepared_dataset(dataset) or _looks_local(dataset)
+
+
 def validate(cfg: TrainConfig, world_size: int) -> None:
     """Check everything that can be checked before training starts; raise one UsageError listing all problems."""
     from .data import check_dataset_source
@@ -234,6 +243,11 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
         model_config = check(get_model_config, cfg.config)
     check(check_plugin_layout, cfg, world_size)
     check(check_dataset_source, cfg.dataset)
+    if cfg.model_path is None and not cfg.max_steps and not _has_known_length(cfg.dataset):
+        problems.append(
+            f"-d {cfg.dataset} is streamed from the Hugging Face hub, so sizing -e epochs would first read all of it; "
+            "pass --max_steps, or prepare it locally (scripts/prepare_data.py) to train by epochs"
+        )
     if cfg.data_mix:
         from .data import files_by_slice, parse_data_mix
         from .prepared import is_prepared_dataset

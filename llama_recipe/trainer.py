@@ -259,12 +259,14 @@ def fit(
         local_loss, local_tokens, data_seconds = train_step(
             par, model, optimizer, batches, cfg.accumulation_steps, inputs
         )
-        plugins.synchronize()  # so the clock measures work done, not work queued on a GPU
+        if cfg.time_breakdown:  # so the clock measures work done, not work queued on a GPU
+            plugins.synchronize()
         backward_done = time.perf_counter()
         grad_norm = plugins.step_optimizer(par, optimizer, cfg.grad_clip)
         lr_scheduler.step()
         optimizer.zero_grad()
-        plugins.synchronize()
+        if cfg.time_breakdown:  # only when asked: a sync each step would stall the CPU behind the GPU
+            plugins.synchronize()
         optimizer_done = time.perf_counter()
         loss = plugins.mean_across_replicas(par, local_loss)  # a sync point: the step is done on every rank
         tokens = round(

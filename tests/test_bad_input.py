@@ -45,6 +45,12 @@ CASES = {
     "unknown_model_config": (["-c", "nonsense"], {}, ["nonsense", "tiny", "llama2-7b", "70b", "config.json"]),
     "zero_batch_size": (["-b", "0"], {}, ["-b/--batch_size", "at least 1", "got 0"]),
     "non_integer_batch_size": (["-b", "two"], {}, ["-b/--batch_size", "'two'", "int"]),
+    # --max_steps 0 is "not given": sizing epochs of a hub stream would read all of it first
+    "hub_stream_without_max_steps": (
+        ["-d", "someorg/some-corpus", "--max_steps", "0"],
+        {},
+        ["someorg/some-corpus", "--max_steps", "prepare_data.py"],
+    ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
 
