@@ -38,6 +38,17 @@ def check_ok(proc) -> None:
     )
 
 
+def expect_one_line_error(proc, *keywords: str) -> str:
+    """Bad input: exit code 2, exactly one line on stderr starting with "error:", naming each keyword; no traceback."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for keyword in keywords:
+        assert keyword in lines[0], lines[0]
+    return lines[0]
+
+
 def read_scalars(tensorboard_dir: Path, tag: str = "train/loss") -> dict[int, float]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA, PYTHON_BIN, REPO, TINY_RUN, check_ok, read_scalars, run_script, script_env
+from conftest import (
+    DATA,
+    PYTHON_BIN,
+    REPO,
+    TINY_RUN,
+    check_ok,
+    expect_one_line_error,
+    read_scalars,
+    run_script,
+    script_env,
+)
 
 pytestmark = pytest.mark.multiprocess
 
@@ -187,16 +197,6 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs
 # Bad checkpoints: one line, exit code 2, nothing written.
 
 
-def _expect_one_line_error(proc, *keywords: str) -> str:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for keyword in keywords:
-        assert keyword in lines[0], lines[0]
-    return lines[0]
-
-
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
     import shutil
 
@@ -208,18 +208,18 @@ def test_corrupt_running_states_is_one_line(zero2_run, tmp_path):
     bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
     (bad / "running_states.json").write_text("{not json")
     proc = run_script("pretrain.py", [*TINY_RUN, "-p", "ddp", "-f", str(bad), "-o", str(tmp_path / "o")])
-    _expect_one_line_error(proc, "corrupt")
+    expect_one_line_error(proc, "corrupt")
     assert not (tmp_path / "o").exists()
 
 
 def test_checkpoint_of_another_model_is_one_line(zero2_run, tmp_path):
     args = [*TINY_RUN, "-p", "ddp", "-c", "small", "-f", str(zero2_run / "ckpt" / "step-4"), "-o", str(tmp_path / "o")]
-    _expect_one_line_error(run_script("pretrain.py", args), "different model", "hidden_size 64 vs 512")
+    expect_one_line_error(run_script("pretrain.py", args), "different model", "hidden_size 64 vs 512")
 
 
 def test_missing_latest_is_one_line(tmp_path):
     args = [*TINY_RUN, "-p", "ddp", "-f", "latest", "-o", str(tmp_path / "o")]
-    _expect_one_line_error(run_script("pretrain.py", args), "latest", "does not exist")
+    expect_one_line_error(run_script("pretrain.py", args), "latest", "does not exist")
 
 
 def test_truncated_weights_are_one_line(zero2_run, tmp_path):
@@ -229,5 +229,5 @@ def test_truncated_weights_are_one_line(zero2_run, tmp_path):
     proc = run_script(
         "pretrain.py", [*TINY_RUN, "-p", "ddp", "--max_steps", "5", "-f", str(bad), "-o", str(tmp_path / "o")]
     )
-    _expect_one_line_error(proc, "could not load", "corrupt")
+    expect_one_line_error(proc, "could not load", "corrupt")
     assert not (tmp_path / "o").exists()
