@@ -19,6 +19,9 @@ SHIPPED_PRETRAIN_DATA = REPO_ROOT / "data" / "redpajama-sample"
 DEFAULT_HUB_DATASET = "togethercomputer/RedPajama-Data-1T-Sample"
 
 
+PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
+
+
 class UsageError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
@@ -37,7 +40,7 @@ class TrainConfig:
     pp: int = 1
     zero_stage: int = 0
     microbatch_size: int = 1
-    mixed_precision: str | None = None  # None: bf16 on GPU, fp32 on CPU (bf16 matmuls crawl there)
+    mixed_precision: str | None = None  # None: bf16 on GPU, fp32 on CPU; pure_bf16 with the Collage optimizers
     # Gemini placement (gemini: static fractions; gemini_auto: the non-model-data warm-up ratio)
     shard_param_frac: float = 1.0
     offload_optim_frac: float = 0.0
@@ -51,8 +54,11 @@ class TrainConfig:
     max_length: int | None = None  # None: the model's max_position_embeddings
     # optimisation
     optimizer: str | None = None  # None: hybrid_adam for gemini, adamw otherwise
+    collage_reference_multiply: bool = False  # reproduce the Collage paper's code (biased second moment)
+    log_edq: bool = False  # Collage: log effective descent quality and lost updates
     lr: float = 3e-4
     weight_decay: float = 0.1
+    beta2: float = 0.95  # Adam's second-moment decay (LLaMA: 0.95; BERT-style: 0.999)
     warmup_steps: int = 2000
     warmup_ratio: float = 0.03  # finetuning: warmup as a fraction of all steps
     eval_interval: int = 0  # finetuning: held-out loss every N steps (0: only at the end)
@@ -120,9 +126,10 @@ def _add_training_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     add(
         "-x",
         "--mixed_precision",
-        choices=["fp16", "bf16", "fp32"],
+        choices=PRECISIONS,
         default=d.mixed_precision,
-        help="default: bf16 on GPU, fp32 on CPU",
+        help="bf16/fp16: fp32 master weights, 16-bit compute; pure_bf16: everything bf16, no fp32 copy "
+        "(what --optimizer collage_* needs). Default: bf16 on GPU, fp32 on CPU, pure_bf16 for collage_*",
     )
     add(
         "-i",
@@ -147,7 +154,20 @@ def _add_training_flags(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     add("-a", "--flash_attention", action="store_true", help="flash-attn 2 where installed on a CUDA device")
     add("--seed", type=int, default=d.seed, help="random seed (model init and data order)")
     add("--log_interval", type=int, default=d.log_interval, help="log metrics every N steps")
-    add("--optimizer", choices=OPTIMIZER_NAMES, default=d.optimizer, help="default: hybrid_adam for gemini, else adamw")
+    add(
+        "--optimizer",
+        choices=OPTIMIZER_NAMES,
+        default=d.optimizer,
+        help="default: hybrid_adam for gemini, else adamw. collage_light/collage_plus: bf16 AdamW with error terms "
+        "instead of fp32 master weights; inplace_sgd: SGD fused into the backward pass (LOMO), for low-memory finetuning",
+    )
+    add("--beta2", type=float, default=d.beta2, help="Adam second-moment decay (LLaMA used 0.95)")
+    add(
+        "--collage_reference_multiply",
+        action="store_true",
+        help="Collage: use the published code's multiply (under-estimates the second moment); for comparisons only",
+    )
+    add("--log_edq", action="store_true", help="Collage: log effective descent quality and the %% of updates lost")
     add("--tp", type=int, default=d.tp, help="tensor-parallel size (hybrid_parallel)")
     add("--pp", type=int, default=d.pp, help="pipeline-parallel size (hybrid_parallel)")
     add("--zero_stage", type=int, choices=[0, 1, 2], default=d.zero_stage, help="ZeRO stage inside hybrid_parallel")
@@ -281,6 +301,8 @@ def validate(cfg: TrainConfig, world_size: int) -> None:
     ]:
         if value < minimum:
             problems.append(f"{flag} must be at least {minimum}, got {value}")
+    if not 0 < cfg.beta2 < 1:
+        problems.append(f"--beta2 must be between 0 and 1, got {cfg.beta2}")
     if cfg.lr <= 0:
         problems.append(f"--lr must be positive, got {cfg.lr}")
     if not 0 <= cfg.eval_split < 1:

@@ -86,6 +86,7 @@ class InplaceSGD(torch.optim.Optimizer):
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
         self.skipped = False  # whether the last fused_backward skipped its update (non-finite gradient norm)
+        self.last_grad_norm: float | None = None  # what the last fused_backward returned
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mode: str | None = None  # None (hooks idle), "norm" (pass 1) or "update"
         self._norms: dict[tuple[int, int], torch.Tensor] = {}  # (group, index) -> fp32 norm, filled in pass 1
@@ -169,6 +170,7 @@ class InplaceSGD(torch.optim.Optimizer):
                 "plain loss.backward() (or call zero_grad() first to drop those gradients)"
             )
         self.skipped = False
+        self.last_grad_norm = None
         scaler = self.loss_scaler
         scaled_loss = loss * scaler.scale if scaler is not None else loss
         if self.max_norm == 0 and scaler is None:
@@ -188,6 +190,7 @@ class InplaceSGD(torch.optim.Optimizer):
             self.skipped = True
             if scaler is not None:
                 scaler.update(overflow=True)
+            self.last_grad_norm = norm
             return norm
         # Kept a 0-d fp32 tensor, computed as clip_grad_norm_ does, so updates match torch bit for bit.
         self._coef = torch.clamp(self.max_norm / (total + 1e-6), max=1.0) if self.max_norm > 0 else None
@@ -199,6 +202,7 @@ class InplaceSGD(torch.optim.Optimizer):
             self._coef = None
         if scaler is not None:
             scaler.update(overflow=False)
+        self.last_grad_norm = norm
         return norm
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -3,16 +3,73 @@
 from __future__ import annotations
 
 import resource
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 
+def reset_peak_memory() -> None:
+    """Measure the peak from here on, so that it is training's own, not loading's (loading a
+    checkpoint briefly holds the weights twice)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets this process's peak RSS (VmHWM)
+    except OSError:
+        pass  # not Linux: the peak then covers the whole process
+
+
 def peak_memory_mb() -> float:
-    """Peak device memory of this process: CUDA allocations on GPU, resident set size on CPU."""
+    """Peak device memory of this process (since `reset_peak_memory`): CUDA allocations on GPU,
+    resident set size on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def tensor_bytes_by_dtype(*roots) -> dict[str, int]:
+    """Bytes of every tensor reachable from `roots` (models, optimizers and the plugins' optimizer
+    wrappers with their gradient stores), each storage counted once, by dtype. This is what the
+    weights, gradients and optimizer states really occupy, whatever the plugin keeps where."""
+    seen_objects, seen_storages, totals = set(), set(), {}
+
+    def visit(obj) -> None:
+        if id(obj) in seen_objects:
+            return
+        seen_objects.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            for t in (obj, obj.grad):
+                if t is not None and t.untyped_storage().data_ptr() not in seen_storages:
+                    seen_storages.add(t.untyped_storage().data_ptr())
+                    key = str(t.dtype).removeprefix("torch.")
+                    totals[key] = totals.get(key, 0) + t.untyped_storage().nbytes()
+        elif isinstance(obj, torch.nn.Module):
+            for t in [*obj.parameters(), *obj.buffers()]:
+                visit(t)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                visit(k)
+                visit(v)
+        elif isinstance(obj, (list, tuple, set)):
+            for v in obj:
+                visit(v)
+        elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
+            obj, "__dict__"
+        ):
+            for v in vars(obj).values():
+                visit(v)
+
+    for root in roots:
+        visit(root)
+    return totals
 
 
 class MetricsLogger:
@@ -60,9 +117,12 @@ class MetricsLogger:
                 self.writer.add_scalar(f"train/{name}", value, step)
 
     def log_eval(self, step: int, loss: float, perplexity: float) -> None:
+        self.log_scalars(step, {"eval/loss": loss, "eval/perplexity": perplexity})
+
+    def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("eval/loss", loss, step)
-            self.writer.add_scalar("eval/perplexity", perplexity, step)
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
 
     def print(self, message: str) -> None:
         if self.enabled:

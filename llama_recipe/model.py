@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 LLAMA_VOCAB_SIZE = 32000
@@ -82,10 +83,22 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
     )
 
 
-def build_model(config: LlamaConfig, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """A randomly initialised LLaMA. Call under a fixed seed so every rank builds the same weights."""
+def build_model(
+    config: LlamaConfig, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+) -> LlamaForCausalLM:
+    """A randomly initialised LLaMA. Call under a fixed seed so every rank builds the same weights.
+
+    `dtype` builds the weights directly in that dtype, so no fp32 copy ever exists (and lazy
+    initialisation, which ignores a later `.to()`, gets it too). The values equal building in fp32
+    and casting. The rotary frequencies stay fp32, as transformers computes them explicitly.
+    """
     config._attn_implementation = attn_implementation
-    return LlamaForCausalLM(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def count_parameters(config: LlamaConfig) -> int:

@@ -1,5 +1,10 @@
 """Optimizers and the learning-rate schedule: AdamW as LLaMA was trained, with linear warmup and
-cosine decay to 10% of the peak learning rate."""
+cosine decay to 10% of the peak learning rate.
+
+Besides AdamW: ColossalAI's HybridAdam (Gemini needs it), Collage (bf16 AdamW without fp32 master
+weights, collage.py), plain SGD, and in-place SGD (LOMO: the update fused into the backward pass,
+inplace_sgd.py) for finetuning with the least memory.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-OPTIMIZER_NAMES = ["adamw", "hybrid_adam"]
-LLAMA_BETAS = (0.9, 0.95)
+OPTIMIZER_NAMES = ["adamw", "hybrid_adam", "collage_light", "collage_plus", "sgd", "inplace_sgd"]
+BETA1 = 0.9  # LLaMA's AdamW betas were (0.9, 0.95); --beta2 sets the second
 FINAL_LR_FRACTION = 0.1
 
 
@@ -26,16 +31,45 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    groups = parameter_groups(model, weight_decay)
+def build_optimizer(
+    name: str,
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    *,
+    beta2: float = 0.95,
+    max_norm: float = 0.0,
+    fp16_loss_scaling: bool = False,
+    process_group=None,
+    reference_multiply: bool = False,
+    monitor: bool = False,
+) -> torch.optim.Optimizer:
+    """The optimizer named by --optimizer. The keyword arguments matter only to some: inplace_sgd clips
+    (`max_norm`), scales an fp16 loss and all-reduces gradients (`process_group`) itself, because it
+    updates during backward where no plugin can step in; Collage takes `reference_multiply` and `monitor`."""
+    groups, betas = parameter_groups(model, weight_decay), (BETA1, beta2)
+    if name in ("collage_light", "collage_plus"):
+        from .collage import COLLAGE_MODES, CollageAdamW
+
+        mode = COLLAGE_MODES[name]
+        return CollageAdamW(
+            groups, lr=lr, betas=betas, mode=mode, reference_multiply=reference_multiply, monitor=monitor
+        )
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr)
+    if name == "inplace_sgd":
+        from .inplace_sgd import DynamicLossScaler, InplaceSGD
+
+        scaler = DynamicLossScaler() if fp16_loss_scaling else None
+        return InplaceSGD(groups, lr=lr, max_norm=max_norm, loss_scaler=scaler, process_group=process_group)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=LLAMA_BETAS)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if name == "hybrid_adam":
         # ColossalAI's fused Adam (CUDA kernel on GPU, CPU kernel for offloaded states); adamw_mode=True
         # makes it decoupled-weight-decay AdamW. On a CPU-only machine it JIT-compiles once (~2.5 min).
         from colossalai.nn.optimizer import HybridAdam
 
-        return HybridAdam(groups, lr=lr, betas=LLAMA_BETAS, adamw_mode=True)
+        return HybridAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
@@ -51,3 +85,10 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps))
+
+
+def edq_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Collage's effective descent quality and lost-update percentage, from its summed counters."""
+    from .collage import edq_metrics as from_sums
+
+    return from_sums(sums)

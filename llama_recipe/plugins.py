@@ -28,9 +28,8 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
-    """bf16 on GPUs; fp32 on CPUs, where bf16 matrix products run about 100x slower than fp32."""
-    return cfg.mixed_precision or ("bf16" if has_cuda() else "fp32")
+COLLAGE_OPTIMIZERS = ["collage_light", "collage_plus"]  # bf16 weights + error terms, no fp32 masters
+FUSED_OPTIMIZERS = ["inplace_sgd"]  # the update happens inside the backward pass
 
 
 def resolve_optimizer_name(cfg: TrainConfig) -> str:
@@ -38,15 +37,66 @@ def resolve_optimizer_name(cfg: TrainConfig) -> str:
     return cfg.optimizer or ("hybrid_adam" if cfg.plugin in GPU_ONLY_PLUGINS else "adamw")
 
 
+def resolve_precision(cfg: TrainConfig) -> str:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 matrix products run about 100x slower than fp32;
+    pure bf16 for Collage, whose whole point is having no fp32 copy of anything."""
+    if cfg.mixed_precision:
+        return cfg.mixed_precision
+    if resolve_optimizer_name(cfg) in COLLAGE_OPTIMIZERS:
+        return "pure_bf16"
+    return "bf16" if has_cuda() else "fp32"
+
+
+def check_optimizer_precision(cfg: TrainConfig, precision: str) -> None:
+    """The optimizer/precision/plugin combinations that cannot work, as one-line errors."""
+    plugin, optimizer = cfg.plugin, resolve_optimizer_name(cfg)
+    if optimizer in COLLAGE_OPTIMIZERS and precision != "pure_bf16":
+        raise UsageError(
+            f"--optimizer {optimizer} keeps bf16 weights plus bf16 error terms instead of fp32 master weights; "
+            f"drop -x {precision} (or pass -x pure_bf16)"
+        )
+    if precision == "pure_bf16":
+        if plugin in GPU_ONLY_PLUGINS:
+            raise UsageError(
+                f"-p {plugin} always keeps fp32 master chunks and needs HybridAdam, so it cannot train pure bf16 "
+                "(-x pure_bf16 / --optimizer collage_*); use -p zero2, zero2_cpu, ddp or hybrid_parallel"
+            )
+        if optimizer == "hybrid_adam":
+            raise UsageError(
+                "HybridAdam keeps fp32 optimizer states; with -x pure_bf16 use --optimizer adamw or collage_*"
+            )
+        if plugin == "hybrid_parallel" and cfg.zero_stage > 0:
+            raise UsageError(
+                "-x pure_bf16 under -p hybrid_parallel needs --zero_stage 0: ColossalAI 0.5.0's ZeRO there always "
+                "makes fp32 master copies; for ZeRO-sharded pure bf16 use -p zero2"
+            )
+    if optimizer in FUSED_OPTIMIZERS:
+        if plugin not in ("ddp", BASELINE):
+            raise UsageError(
+                f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
+                f"every process; use -p ddp (one process, or data parallel), not -p {plugin}"
+            )
+        if cfg.accumulation_steps > 1:
+            raise UsageError(
+                f"--optimizer {optimizer} applies the update during the backward pass, so gradients cannot "
+                "accumulate; drop --accumulation_steps and raise -b instead"
+            )
+    if cfg.log_edq and optimizer not in COLLAGE_OPTIMIZERS:
+        raise UsageError(
+            "--log_edq measures the Collage optimizers' updates; add --optimizer collage_light or collage_plus"
+        )
+
+
 def check_plugin_layout(cfg: TrainConfig, world_size: int) -> None:
     """Raise UsageError if the plugin cannot run this layout here. Runs before any process group exists."""
     plugin, precision = cfg.plugin, resolve_precision(cfg)
+    if plugin != BASELINE and plugin not in PLUGIN_NAMES:
+        raise UsageError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_NAMES)}")
+    check_optimizer_precision(cfg, precision)
     if plugin == BASELINE:
-        if cfg.tp > 1 or cfg.pp > 1 or precision == "fp16":
+        if cfg.tp > 1 or cfg.pp > 1 or (precision == "fp16" and resolve_optimizer_name(cfg) not in FUSED_OPTIMIZERS):
             raise UsageError("-p none is plain PyTorch (DDP across processes) in fp32 or bf16; drop --tp/--pp/-x fp16")
         return
-    if plugin not in PLUGIN_NAMES:
-        raise UsageError(f"unknown plugin {plugin!r}; choose one of {', '.join(PLUGIN_NAMES)}")
     if plugin in GPU_ONLY_PLUGINS:
         if not has_cuda():
             raise UsageError(
@@ -186,10 +236,26 @@ class Parallelism:
     dp_rank: int
     dp_size: int
     pipeline: bool
+    optimizer: str = "adamw"
 
     @property
     def is_last_pipeline_stage(self) -> bool:
         return not self.pipeline or self.plugin.stage_manager.is_last_stage()
+
+    @property
+    def fused_update(self) -> bool:
+        """The optimizer updates the weights during backward (inplace_sgd)."""
+        return self.optimizer in FUSED_OPTIMIZERS
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype we cast the model to before boosting, when no fp32 master copy may exist: pure bf16,
+        and fp16 with inplace_sgd (LOMO's fp16 weights with dynamic loss scaling). None: the plugin decides."""
+        if self.precision == "pure_bf16":
+            return torch.bfloat16
+        if self.precision == "fp16" and self.fused_update:
+            return torch.float16
+        return None
 
 
 def create_plugin(cfg: TrainConfig, precision: str):
@@ -197,6 +263,12 @@ def create_plugin(cfg: TrainConfig, precision: str):
     precision the Booster itself must handle (only for ddp, whose plugin leaves precision alone)."""
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin
 
+    pure_bf16 = precision == "pure_bf16"
+    # Pure bf16: ZeRO gets bf16 with master_weights=False (its "master" shard is then a view of the bf16
+    # weights); hybrid_parallel has no such switch, so it gets fp32 (it then casts nothing) and a model we
+    # already cast to bf16 — see Parallelism.weight_dtype.
+    if pure_bf16:
+        precision = "fp32" if cfg.plugin == "hybrid_parallel" else "bf16"
     common = dict(precision=precision, max_norm=cfg.grad_clip, initial_scale=FP16_INITIAL_LOSS_SCALE)
     if cfg.plugin == "gemini":
         placement = dict(
@@ -210,7 +282,8 @@ def create_plugin(cfg: TrainConfig, precision: str):
         placement = dict(placement_policy="auto", warmup_non_model_data_ratio=cfg.gemini_warmup_ratio)
         return GeminiPlugin(**placement, enable_flash_attention=cfg.flash_attention, **common), None
     if cfg.plugin in ("zero2", "zero2_cpu"):
-        return LowLevelZeroPlugin(stage=2, cpu_offload=cfg.plugin == "zero2_cpu", **common), None
+        offload = cfg.plugin == "zero2_cpu"
+        return LowLevelZeroPlugin(stage=2, cpu_offload=offload, master_weights=not pure_bf16, **common), None
     if cfg.plugin == "hybrid_parallel":
         pipeline_args = dict(microbatch_size=cfg.microbatch_size) if cfg.pp > 1 else {}
         plugin = HybridParallelPlugin(
@@ -223,8 +296,12 @@ def create_plugin(cfg: TrainConfig, precision: str):
         )
         return plugin, None
     # ddp: torch DDP leaves precision alone; fp16 goes through the Booster's torch AMP, bf16 through
-    # autocast in `forward_context` (bf16 needs no loss scaling).
-    return TorchDDPPlugin(), ("fp16" if precision == "fp16" else None)
+    # autocast in `forward_context` (bf16 needs no loss scaling), pure bf16 through a bf16 model.
+    # inplace_sgd scales an fp16 loss itself, inside its fused backward.
+    # gradient_as_bucket_view: the gradients live in DDP's communication buckets instead of beside them,
+    # which saves one copy of the gradients.
+    amp_fp16 = precision == "fp16" and resolve_optimizer_name(cfg) not in FUSED_OPTIMIZERS
+    return TorchDDPPlugin(gradient_as_bucket_view=True), ("fp16" if amp_fp16 else None)
 
 
 class PlainTorch:
@@ -252,31 +329,46 @@ class PlainTorch:
         )
 
 
+def keep_ddp_buckets_small(model: torch.nn.Module) -> None:
+    """For inplace_sgd under torch DDP. DDP allocates gradient buckets as large as the model when it
+    wraps it, which is the memory in-place SGD exists to avoid, and our optimizer's hooks all-reduce
+    each gradient themselves (DDP only runs in no_sync). So DDP is told to ignore every parameter
+    but the smallest (it refuses a model with nothing to synchronise). Call before wrapping."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    names = [name for name, _ in model.named_parameters()]
+    smallest = min(model.named_parameters(), key=lambda item: item[1].numel())[0]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n in names if n != smallest])
+
+
 def build_parallelism(cfg: TrainConfig) -> Parallelism:
     from colossalai.booster import Booster
     from colossalai.booster.plugin import HybridParallelPlugin
 
-    precision = resolve_precision(cfg)
+    precision, optimizer = resolve_precision(cfg), resolve_optimizer_name(cfg)
     check_plugin_layout(cfg, dist.get_world_size())
     if cfg.plugin == BASELINE:
         plain = PlainTorch()
-        return Parallelism(plain, plain, BASELINE, precision, dist.get_rank(), dist.get_world_size(), pipeline=False)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return Parallelism(plain, plain, BASELINE, precision, rank, world, pipeline=False, optimizer=optimizer)
     plugin, booster_precision = create_plugin(cfg, precision)
     booster = Booster(plugin=plugin, mixed_precision=booster_precision)
     if isinstance(plugin, HybridParallelPlugin):
         dp_rank, dp_size = dist.get_rank(plugin.dp_group), plugin.dp_size
     else:
         dp_rank, dp_size = dist.get_rank(), dist.get_world_size()
-    return Parallelism(booster, plugin, cfg.plugin, precision, dp_rank, dp_size, pipeline=cfg.pp > 1)
+    return Parallelism(booster, plugin, cfg.plugin, precision, dp_rank, dp_size, cfg.pp > 1, optimizer)
 
 
 def model_init_context(par: Parallelism):
     """Gemini and hybrid_parallel can materialise weights lazily, shard by shard, so a 70B model
-    never sits whole in one process. (LazyInit with LowLevelZero hits a RecursionError in 0.5.0.)"""
+    never sits whole in one process. (LazyInit with LowLevelZero hits a RecursionError in 0.5.0.)
+    Not for 16-bit weights without masters: lazy tensors materialise in fp32 whatever dtype they
+    were built in, so those models are built whole, directly in bf16/fp16, then sharded."""
     from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin
     from colossalai.lazy import LazyInitContext
 
-    if isinstance(par.plugin, (GeminiPlugin, HybridParallelPlugin)):
+    if isinstance(par.plugin, (GeminiPlugin, HybridParallelPlugin)) and par.weight_dtype is None:
         return LazyInitContext(default_device=device())
     return contextlib.nullcontext()
 
@@ -290,7 +382,10 @@ def forward_context(par: Parallelism):
 
 def no_sync_context(par: Parallelism, model, optimizer, is_last_micro_step: bool):
     """Skip the gradient all-reduce on accumulation micro-steps where the plugin allows it.
-    (ZeRO-2 reduce-scatters every micro-step by design; it still accumulates correctly.)"""
+    (ZeRO-2 reduce-scatters every micro-step by design; it still accumulates correctly.)
+    inplace_sgd always runs outside DDP's reducer: it all-reduces each gradient itself, in its hook."""
+    if par.fused_update and dist.get_world_size() > 1:
+        return par.booster.no_sync(model, optimizer)
     if is_last_micro_step or not par.plugin.support_no_sync() or getattr(par.plugin, "zero_stage", 0) == 2:
         return contextlib.nullcontext()
     return par.booster.no_sync(model, optimizer)
@@ -304,12 +399,27 @@ def run_pipeline(par: Parallelism, model, optimizer, batch: dict) -> torch.Tenso
     return outputs["loss"] if par.is_last_pipeline_stage else None
 
 
+def unwrap_optimizer(optimizer):
+    """Our optimizer inside the booster's wrapper (ColossalAI wrappers keep it as `.optim`)."""
+    return optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
+
+
+def backward(par: Parallelism, loss: torch.Tensor, optimizer) -> None:
+    if par.fused_update:
+        unwrap_optimizer(optimizer).fused_backward(loss)  # backward and update, parameter by parameter
+    else:
+        par.booster.backward(loss, optimizer)
+
+
 def step_optimizer(par: Parallelism, optimizer, max_norm: float) -> float | None:
     """Clip, step, and return the global gradient norm (before clipping) where it is known.
 
     The ColossalAI optimizers clip inside `step()` (we passed max_norm to the plugin) and remember
-    the norm; torch DDP's wrapper does neither, so we clip here.
+    the norm; torch DDP's wrapper does neither, so we clip here. inplace_sgd already clipped and
+    stepped inside its backward pass.
     """
+    if par.fused_update:
+        return unwrap_optimizer(optimizer).last_grad_norm
     if par.name in ("ddp", BASELINE):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
@@ -330,3 +440,11 @@ def mean_across_replicas(par: Parallelism, value: torch.Tensor | None, sum_pipel
     dp_group = par.plugin.dp_group if par.name == "hybrid_parallel" else None
     dist.all_reduce(t, group=dp_group)
     return t.item() / par.dp_size
+
+
+def optimizer_metric_sums(optimizer) -> torch.Tensor:
+    """Collage's monitoring sums, added over all ranks (ZeRO and tensor-parallel ranks each hold a
+    part of the weights; the metrics are ratios, so replicas counting the same weights cancel out)."""
+    sums = unwrap_optimizer(optimizer).metric_sums.detach().clone().to(device())
+    dist.all_reduce(sums)
+    return sums

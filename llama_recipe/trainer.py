@@ -40,10 +40,11 @@ from .metrics import (
     model_flops_utilization,
     peak_flops_per_device,
     peak_memory_mb,
+    reset_peak_memory,
     training_flops_per_token,
 )
 from .model import build_model, count_parameters, get_model_config, resolve_pretrained, weights_location
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import build_lr_scheduler, build_optimizer, edq_metrics
 from .prepared import PreparedBatches, check_prepared_tokenizer, is_prepared_dataset
 
 
@@ -111,9 +112,43 @@ def train_step(par: plugins.Parallelism, model, optimizer, batches, accumulation
         with plugins.no_sync_context(par, model, optimizer, is_last):
             with plugins.forward_context(par):
                 loss = model(**inputs(_to_device(batch))).loss / accumulation_steps
-            par.booster.backward(loss, optimizer)
+            plugins.backward(par, loss, optimizer)
         total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
     return total_loss, tokens, data_seconds
+
+
+def build_boosted(
+    cfg: TrainConfig,
+    par: plugins.Parallelism,
+    model_config,
+    attn_implementation: str,
+    warmup_steps: int,
+    total_steps: int,
+):
+    """The model, optimizer and lr schedule, boosted by the plugin. Returns (model, optimizer, lr_scheduler)."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    with plugins.model_init_context(par):
+        # par.weight_dtype: no fp32 master copy may exist, so the weights themselves are 16-bit
+        model = build_model(model_config, attn_implementation, par.weight_dtype)
+    if cfg.grad_checkpoint:
+        model.gradient_checkpointing_enable()
+    optimizer = build_optimizer(
+        par.optimizer,
+        model,
+        cfg.lr,
+        cfg.weight_decay,
+        beta2=cfg.beta2,
+        max_norm=cfg.grad_clip,
+        fp16_loss_scaling=par.precision == "fp16",
+        process_group=dist.group.WORLD if par.dp_size > 1 else None,
+        reference_multiply=cfg.collage_reference_multiply,
+        monitor=cfg.log_edq,
+    )
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
+    if par.fused_update:
+        plugins.keep_ddp_buckets_small(model)
+    model, optimizer, _, _, lr_scheduler = par.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+    return model, optimizer, lr_scheduler
 
 
 def fit(
@@ -140,20 +175,16 @@ def fit(
         say(attn_message)
     if cfg.document_attention:
         say(f"attention confined to documents ({attn_implementation})")
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    with plugins.model_init_context(par):
-        model = build_model(model_config, attn_implementation)
-    if cfg.grad_checkpoint:
-        model.gradient_checkpointing_enable()
     say(
         f"model: {count_parameters(model_config) / 1e6:,.1f}M parameters; plugin {cfg.plugin} ({par.precision}), "
-        f"{dist.get_world_size()} processes, {par.dp_size} data-parallel replicas; {total_steps} steps"
+        f"optimizer {par.optimizer}, {dist.get_world_size()} processes, {par.dp_size} data-parallel replicas; "
+        f"{total_steps} steps"
     )
     if warmup_steps >= total_steps:
         say(f"note: {warmup_steps} warmup steps >= {total_steps} total steps, so the lr never reaches its peak")
-    optimizer = build_optimizer(plugins.resolve_optimizer_name(cfg), model, cfg.lr, cfg.weight_decay)
-    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
-    model, optimizer, _, _, lr_scheduler = par.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+    model, optimizer, lr_scheduler = build_boosted(
+        cfg, par, model_config, attn_implementation, warmup_steps, total_steps
+    )
 
     layout = dict(
         plugin=cfg.plugin, world_size=dist.get_world_size(), dp_size=par.dp_size, tp=cfg.tp, pp=cfg.pp,
@@ -253,6 +284,7 @@ def fit(
         evaluate()  # the starting point, so the run shows what training changed
     stop = StopRequest()
     model.train()
+    reset_peak_memory()
     while state.step < total_steps:
         started = time.perf_counter()
         lr = lr_scheduler.get_last_lr()[0]
@@ -296,6 +328,11 @@ def fit(
         write = state.step % cfg.log_interval == 0 or state.step == total_steps
         mfu = model_flops_utilization(tokens / elapsed, flops_per_token, dist.get_world_size(), peak_flops)
         logger.log_step(state.step, loss, lr, grad_norm, tokens / elapsed, mfu, write)
+        if cfg.log_edq and write:
+            edq = edq_metrics(plugins.optimizer_metric_sums(optimizer))
+            logger.log_scalars(state.step, {f"optimizer/{name}": value for name, value in edq.items()})
+        if getattr(plugins.unwrap_optimizer(optimizer), "skipped", False):
+            logger.print(f"fp16 gradients overflowed at step {state.step}: update skipped, loss scale lowered")
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
         if held_out and cfg.eval_interval > 0 and state.step % cfg.eval_interval == 0:

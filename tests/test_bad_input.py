@@ -51,6 +51,26 @@ CASES = {
         {},
         ["someorg/some-corpus", "--max_steps", "prepare_data.py"],
     ),
+    # Collage and in-place SGD only work where no fp32 master copy / whole gradients are guaranteed
+    "collage_with_gemini": (["-p", "gemini", "--optimizer", "collage_plus"], {}, ["gemini", "fp32", "zero2"]),
+    "collage_with_mixed_precision": (
+        ["--optimizer", "collage_light", "-x", "bf16"],
+        {},
+        ["collage_light", "master weights", "-x bf16", "pure_bf16"],
+    ),
+    "pure_bf16_with_hybrid_zero": (
+        ["-p", "hybrid_parallel", "-x", "pure_bf16", "--zero_stage", "1"],
+        {},
+        ["pure_bf16", "--zero_stage 0", "zero2"],
+    ),
+    "inplace_sgd_with_zero": (["--optimizer", "inplace_sgd", "-p", "zero2"], {}, ["inplace_sgd", "-p ddp", "zero2"]),
+    "inplace_sgd_with_accumulation": (
+        ["--optimizer", "inplace_sgd", "-p", "ddp", "--accumulation_steps", "2"],
+        {},
+        ["inplace_sgd", "--accumulation_steps"],
+    ),
+    "edq_without_collage": (["--log_edq"], {}, ["--log_edq", "collage_light"]),
+    "beta2_out_of_range": (["--beta2", "1.5"], {}, ["--beta2", "1.5"]),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
 

@@ -1,0 +1,119 @@
+"""Collage and pure bf16 inside the real booster plugins, 1–2 processes on CPU.
+
+- Memory: the bytes of every tensor reachable from the boosted model and optimizer (weights,
+  gradients, optimizer states, and whatever the plugin keeps: ZeRO's gradient store, fp32 masters),
+  per parameter, must be 16 for fp32-master AdamW, 8 for pure-bf16 AdamW, 10 for collage_light and
+  12 for collage_plus, under ddp and zero2.
+- No fp32 copy survives anywhere in pure bf16, also with 2 ZeRO ranks and with tensor parallelism.
+- Resume: Collage's error terms are optimizer state; the steps after a resume reproduce the
+  uninterrupted run bit for bit.
+
+These runs compute in real bf16, which is ~10x slower than fp32 on these CPUs (no native bf16), so
+they use the tiny model and a handful of steps. They show the optimizer's state and arithmetic, not
+bf16 speed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_RUN, check_ok, read_scalars, run_script, script_env
+
+pytestmark = pytest.mark.multiprocess
+
+# (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
+MEMORY_CASES = {
+    ("ddp", "bf16", "adamw"): 16,  # fp32 weights (autocast), fp32 grads, fp32 m and v
+    ("zero2", "bf16", "adamw"): 16,  # bf16 weights + bf16 grads, fp32 master + m + v
+    ("ddp", "pure_bf16", "adamw"): 8,
+    ("zero2", "pure_bf16", "adamw"): 8,
+    ("ddp", "pure_bf16", "collage_light"): 10,  # + bf16 weight error
+    ("zero2", "pure_bf16", "collage_light"): 10,
+    ("ddp", "pure_bf16", "collage_plus"): 12,  # + bf16 second-moment error
+    ("zero2", "pure_bf16", "collage_plus"): 12,
+}
+# fp32 tensors allowed in pure bf16: the rotary-embedding frequencies and the optimizer's step counters
+FP32_ALLOWANCE_BYTES = 1024
+
+
+def memory_report(args: list[str], nproc: int = 1) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(script_env(), PYTHONPATH=str(REPO), MEMORY_PROBE_OUT=out)
+        proc = run_script("tests/memory_probe.py", ["-c", "tiny", "-l", "64", "-b", "1", *args], nproc=nproc, env=env)
+        check_ok(proc)
+        return [json.loads(path.read_text()) for path in sorted(Path(out).glob("rank-*.json"))]
+
+
+@pytest.fixture(scope="module")
+def memory_reports():
+    """One probe per case, two at a time (each is one process)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            case: pool.submit(memory_report, ["-p", case[0], "-x", case[1], "--optimizer", case[2]])
+            for case in MEMORY_CASES
+        }
+        return {case: future.result()[0] for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES), ids=["-".join(case) for case in MEMORY_CASES])
+def test_bytes_per_parameter(memory_reports, case):
+    report = memory_reports[case]
+    per_parameter = sum(report["bytes"].values()) / report["parameters"]
+    expected = MEMORY_CASES[case]
+    assert abs(per_parameter - expected) <= 0.05 * expected, f"{case}: {per_parameter:.3f} B/param, {report}"
+    if case[1] == "pure_bf16":
+        assert report["param_dtypes"] == ["torch.bfloat16"]
+        assert report["bytes"].get("float32", 0) <= FP32_ALLOWANCE_BYTES, report
+
+
+@pytest.mark.parametrize("layout", [["-p", "zero2"], ["-p", "hybrid_parallel", "--tp", "2"]], ids=["zero2", "tp2"])
+def test_no_fp32_copy_with_two_ranks(layout):
+    """Sharded (zero2) and split (tp2) runs: each rank holds only bf16 tensors, and less than one
+    full model's collage_plus state (the shards really are shards)."""
+    reports = memory_report([*layout, "--optimizer", "collage_plus"], nproc=2)
+    assert len(reports) == 2
+    for report in reports:
+        assert report["param_dtypes"] == ["torch.bfloat16"]
+        assert report["bytes"].get("float32", 0) <= FP32_ALLOWANCE_BYTES, report
+        assert report["bytes"]["bfloat16"] / report["parameters"] < 12, report
+
+
+RESUME_LAYOUTS = {
+    "ddp": ["-p", "ddp"],
+    "zero2": ["-p", "zero2"],
+    "tp2": ["-p", "hybrid_parallel", "--tp", "2"],
+}
+STEPS, SAVE_AT = 4, 2
+
+
+@pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
+def test_collage_resume_is_bit_identical(tmp_path, layout):
+    common = [
+        *TINY_RUN, *RESUME_LAYOUTS[layout], "--optimizer", "collage_plus", "--beta2", "0.999",
+        "-o", str(tmp_path / "ckpt"), "--max_steps", str(STEPS), "--log_edq",
+    ]  # fmt: skip
+    full = run_script("pretrain.py", [*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")], nproc=2)
+    check_ok(full)
+    assert "pure_bf16" in full.stdout and "collage_plus" in full.stdout
+    resumed = run_script(
+        "pretrain.py",
+        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")],
+        nproc=2,
+    )
+    check_ok(resumed)
+    losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+    assert sorted(resumed_losses) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step, loss in resumed_losses.items():
+        assert loss == losses[step], f"step {step}: {loss!r} after resume vs {losses[step]!r}"
+    assert losses[STEPS] < losses[1]
+    # --log_edq: the effective descent quality is read back from the real event file
+    edq = read_scalars(tmp_path / "tb", "optimizer/edq")
+    imprecision = read_scalars(tmp_path / "tb", "optimizer/imprecision_pct")
+    assert sorted(edq) == list(range(1, STEPS + 1))
+    for step in edq:
+        assert 0.5 < edq[step] < 1.5, edq
+        assert 0 <= imprecision[step] <= 100, imprecision
