@@ -65,4 +65,6 @@ def model_inputs(batch: dict, attn_implementation: str, document_attention: bool
         inputs["position_ids"] = segment_positions(batch["position_ids"])
         if attn_implementation != "flash_attention_2":
             inputs["attention_mask"] = document_causal_mask(inputs["position_ids"], dtype)
+        else:  # with a padding mask, transformers would unpad by it and ignore the documents
+            inputs.pop("attention_mask", None)
     return inputs

@@ -50,6 +50,7 @@ class TrainConfig:
     dataset: str = DEFAULT_HUB_DATASET
     data_mix: str | None = None  # pretraining: slice=weight,... or "llama"
     task_name: str = "super_natural_instructions"  # finetuning: the dataset configuration
+    pack_examples: bool = False  # finetuning: several examples per row, each attending only to itself
     tokenizer: str | None = None  # None: the model's own (finetuning) or the shipped LLaMA tokenizer
     max_length: int | None = None  # None: the model's max_position_embeddings
     # optimisation
@@ -212,6 +213,11 @@ def build_finetune_parser() -> argparse.ArgumentParser:
         "--eval_interval", type=int, default=d.eval_interval, help="held-out loss every N steps (0: at the end)"
     )
     p.add_argument("--eval_split", type=float, default=d.eval_split, help="fraction of examples held out (0: none)")
+    p.add_argument(
+        "--pack_examples",
+        action="store_true",
+        help="fill each row with several whole examples (less padding); each attends only to itself",
+    )
     _add_training_flags(p, d)
     return p
 
@@ -227,7 +233,9 @@ def parse_pretrain_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def parse_finetune_args(argv: list[str] | None = None) -> TrainConfig:
-    return _to_config(build_finetune_parser().parse_args(argv))
+    args = build_finetune_parser().parse_args(argv)
+    args.document_attention = args.pack_examples  # packed examples must not see each other
+    return _to_config(args)
 
 
 def world_size_from_env() -> int:

@@ -76,6 +76,27 @@ def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, width: int 
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def collate_packed(rows: list[list[tuple[list[int], list[int]]]], pad_id: int, width: int) -> dict:
+    """Rows of several examples each, padded to `width`. Position ids restart at 0 for every
+    example (and for the padding), which is how document attention finds the examples: each one
+    attends only to itself. Labels need no seam handling: an example's first label is its BOS,
+    a prompt token, so -100, and the previous example's last token never learns to predict it."""
+    packed = []
+    for examples in rows:
+        ids = [t for example_ids, _ in examples for t in example_ids]
+        packed.append((ids, [label for _, example_labels in examples for label in example_labels]))
+    batch = collate(packed, pad_id, width)
+    position_ids = torch.zeros_like(batch["input_ids"])
+    for row, examples in enumerate(rows):
+        start = 0
+        for example_ids, _ in examples:
+            position_ids[row, start : start + len(example_ids)] = torch.arange(len(example_ids))
+            start += len(example_ids)
+        position_ids[row, start:] = torch.arange(width - start)
+    batch["position_ids"] = position_ids
+    return batch
+
+
 def split_held_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(training rows, held-out rows): a fixed random `fraction` of the examples is never trained on."""
     if fraction <= 0:
@@ -121,12 +142,19 @@ def generate_answers(model_dir: str, tokenizer, prompts: list[str], max_new_toke
 
 
 class InstructionBatches:
-    """Padded batches of encoded examples for one data-parallel replica, epoch after epoch."""
+    """Padded batches of encoded examples for one data-parallel replica, epoch after epoch.
 
-    def __init__(self, rows, tokenizer, max_length, batch_size, dp_rank, dp_size, seed, pad_to_max_length=False):
+    With `pack`, each row holds as many whole examples as fit in `max_length` (in shuffled order),
+    with position ids restarting per example for document attention (see `collate_packed`)."""
+
+    def __init__(
+        self, rows, tokenizer, max_length, batch_size, dp_rank, dp_size, seed, pad_to_max_length=False, pack=False
+    ):
         self.rows, self.tokenizer, self.max_length = rows, tokenizer, max_length
         self.batch_size, self.dp_rank, self.dp_size, self.seed = batch_size, dp_rank, dp_size, seed
         self.pad_to_max_length = pad_to_max_length  # pipelines need one shape for every step
+        self.pack = pack
+        self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # packing looks ahead: encode each row once
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.per_replica = len(rows) // dp_size  # equal shares: every replica runs the same number of steps
         if self.per_replica < batch_size:
@@ -136,7 +164,43 @@ class InstructionBatches:
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.per_replica // self.batch_size
+        if not self.pack:
+            return self.per_replica // self.batch_size
+        rows, length = 0, 0  # replay the packing of this epoch's order
+        for i in self._order:
+            n = len(self._encode(i)[0])
+            if length and length + n > self.max_length:
+                rows, length = rows + 1, 0
+            length += n
+        return (rows + (length > 0)) // self.batch_size
+
+    def _encode(self, index: int) -> tuple[list[int], list[int]]:
+        if index not in self._encoded:
+            row = self.rows[index]
+            ids, labels, truncated = encode_example(self.tokenizer, row["prompt"], row["completion"], self.max_length)
+            self.truncated += truncated
+            self._encoded[index] = (ids, labels)
+        return self._encoded[index]
+
+    def _next_index(self) -> int:
+        if self.position >= self.per_replica:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._order = self._epoch_order()
+        return self._order[self.position]
+
+    def _next_packed_batch(self) -> dict[str, torch.Tensor]:
+        rows = []
+        for _ in range(self.batch_size):
+            examples, length = [], 0
+            while True:
+                example = self._encode(self._next_index())
+                if examples and length + len(example[0]) > self.max_length:
+                    break  # it starts the next row
+                examples.append(example)
+                length += len(example[0])
+                self.position += 1
+            rows.append(examples)
+        return collate_packed(rows, self.pad_id, self.max_length)
 
     def _epoch_order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -144,18 +208,14 @@ class InstructionBatches:
         return order[self.dp_rank * self.per_replica : (self.dp_rank + 1) * self.per_replica]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.pack:
+            return self._next_packed_batch()
         if self.position + self.batch_size > self.per_replica:
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._epoch_order()
         indices = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
-        encoded = []
-        for i in indices:
-            ids, labels, truncated = encode_example(
-                self.tokenizer, self.rows[i]["prompt"], self.rows[i]["completion"], self.max_length
-            )
-            self.truncated += truncated
-            encoded.append((ids, labels))
+        encoded = [self._encode(i) for i in indices]
         return collate(encoded, self.pad_id, self.max_length if self.pad_to_max_length else None)
 
     def state_dict(self) -> dict:

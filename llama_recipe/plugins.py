@@ -109,7 +109,8 @@ def check_plugin_layout(cfg: TrainConfig, world_size: int) -> None:
             raise UsageError(f"-p {plugin} needs ColossalAI's HybridAdam; pass --optimizer hybrid_adam")
     if plugin == "hybrid_parallel" and cfg.document_attention:
         raise UsageError(
-            "--document_attention is not available with -p hybrid_parallel (shardformer builds its own attention masks); "
+            "--document_attention (and --pack_examples) is not available with -p hybrid_parallel (shardformer builds "
+            "its own attention masks); "
             "drop it, or use ddp, zero2, zero2_cpu or gemini"
         )
     if plugin != "hybrid_parallel" and (cfg.tp > 1 or cfg.pp > 1):

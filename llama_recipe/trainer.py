@@ -463,19 +463,24 @@ def finetune(cfg: TrainConfig) -> dict:
     max_length = cfg.max_length or model_config.max_position_embeddings
     rows, held_out_rows = split_held_out(load_instruction_rows(cfg.dataset, cfg.task_name), cfg.eval_split, cfg.seed)
     batches = InstructionBatches(
-        rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, cfg.seed, pad_to_max_length=par.pipeline
-    )
+        rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, cfg.seed,
+        pad_to_max_length=par.pipeline, pack=cfg.pack_examples,
+    )  # fmt: skip
     held_out = held_out_batches(
         held_out_rows, tokenizer, max_length, cfg.batch_size, par.dp_rank, par.dp_size, pad_to_max_length=par.pipeline
     )
-    total_steps = cfg.max_steps or batches.steps_per_epoch // cfg.accumulation_steps * cfg.num_epochs
+    total_steps = cfg.max_steps
+    if not total_steps:
+        steps = torch.tensor([batches.steps_per_epoch // cfg.accumulation_steps], device=plugins.device())
+        dist.all_reduce(steps, op=dist.ReduceOp.MIN)  # packed rows differ per replica; all run the same steps
+        total_steps = int(steps.item()) * cfg.num_epochs
     if total_steps == 0:
         raise UsageError("the dataset is too small for one step; lower -b or --accumulation_steps")
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
     if plugins.is_main_process():
         print(
             f"finetuning on {len(rows):,} examples of {cfg.dataset} ({cfg.task_name}), {len(held_out_rows)} held out, "
-            f"{max_length} tokens max"
+            f"{max_length} tokens max" + (", several examples per row (--pack_examples)" if cfg.pack_examples else "")
         )
     summary = fit(
         cfg, par, model_config, batches, total_steps, warmup_steps, tokenizer, max_length,

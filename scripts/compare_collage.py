@@ -2,7 +2,7 @@
 collage_light and collage_plus (same seed, data, steps and schedule). Writes a PNG of the curves,
 a markdown table and the raw losses as JSON.
 
-    python scripts/compare_collage.py                      # tiny model, 300 steps, beta2 0.999
+    python scripts/compare_collage.py                      # tiny model, 250 steps, beta2 0.999
     python scripts/compare_collage.py --beta2 0.95 --steps 200 -o runs/collage-0.95
 
 fp32 AdamW computes in fp32; the other three store everything in bf16 and compute in bf16 (on
@@ -87,10 +87,10 @@ def main() -> None:
     p.add_argument("-c", "--config", default="tiny")
     p.add_argument("-d", "--dataset", default=str(REPO / "data" / "redpajama-sample"))
     p.add_argument("-l", "--max_length", type=int, default=128)
-    p.add_argument("-b", "--batch_size", type=int, default=4)
+    p.add_argument("-b", "--batch_size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=20)
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=250)
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--jobs", type=int, default=2, help="variants run side by side")

@@ -1,0 +1,47 @@
+"""Greedy answers of a trained model to your prompts, on one process (CPU or the first GPU).
+
+python scripts/generate.py runs/finetune/latest "Give three tips for staying healthy."
+python scripts/generate.py exported/llama-tiny "Once upon a time" --max_new_tokens 64
+
+The model is a checkpoint's step-<N> directory (or its `latest` file's target), an exported Hugging
+Face directory, or a hub name. Prompts are used as given: for a finetuned model, write them as the
+training prompts were written.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from llama_recipe.config import SHIPPED_TOKENIZER, OneLineErrorParser  # noqa: E402
+
+
+def main() -> None:
+    p: argparse.ArgumentParser = OneLineErrorParser(prog="generate.py", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a step-<N> checkpoint, a `latest` file, an exported model directory or a hub name")
+    p.add_argument("prompts", nargs="+", help="one or more prompts")
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    args = p.parse_args()
+
+    from llama_recipe.data import load_tokenizer
+    from llama_recipe.instruct import generate_answers
+    from llama_recipe.model import resolve_pretrained
+
+    model_path = Path(args.model)
+    if model_path.name == "latest" and model_path.is_file():  # the pointer a run writes next to its checkpoints
+        model_path = model_path.parent / model_path.read_text().strip()
+    try:
+        model_dir = resolve_pretrained(str(model_path))
+    except ValueError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(model_dir if has_tokenizer else SHIPPED_TOKENIZER))
+    answers = generate_answers(str(model_dir), tokenizer, args.prompts, args.max_new_tokens)
+    for prompt, answer in zip(args.prompts, answers, strict=True):
+        print(f"--- prompt:\n{prompt}\n--- answer:\n{answer}")
+
+
+if __name__ == "__main__":
+    main()
