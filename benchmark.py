@@ -11,9 +11,10 @@ import statistics
 import torch
 
 from llama_recipe.cli import run_script
-from llama_recipe.config import OneLineErrorParser, TrainConfig
+from llama_recipe.config import PRECISIONS, OneLineErrorParser, TrainConfig
 from llama_recipe.metrics import MFU_FORMULA, model_flops_utilization
 from llama_recipe.model import get_model_config
+from llama_recipe.optim import OPTIMIZER_NAMES
 from llama_recipe.plugins import BASELINE, PLUGIN_NAMES
 from llama_recipe.trainer import pretrain
 
@@ -27,13 +28,13 @@ def parse_args():
     p.add_argument("-i", "--ignore_steps", type=int, default=2, help="warm-up steps left out of the timing")
     p.add_argument("-g", "--grad_checkpoint", action="store_true")
     p.add_argument("-l", "--max_length", type=int, default=None)
-    p.add_argument("-x", "--mixed_precision", choices=["fp16", "bf16", "fp32"], default=None)
+    p.add_argument("-x", "--mixed_precision", choices=PRECISIONS, default=None)
     p.add_argument("-a", "--flash_attention", "--xformers", action="store_true")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--mbs", "--microbatch_size", dest="microbatch_size", type=int, default=1)
     p.add_argument("--zero", "--zero_stage", dest="zero_stage", type=int, default=0)
-    p.add_argument("--optimizer", default=None, choices=["adamw", "hybrid_adam"])
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZER_NAMES)
     p.add_argument("--shard_param_frac", type=float, default=1.0, help="gemini: fraction of parameters sharded")
     p.add_argument("--offload_optim_frac", type=float, default=0.0, help="gemini: optimizer states kept on CPU")
     p.add_argument("--offload_param_frac", type=float, default=0.0, help="gemini: parameters kept on CPU")
@@ -72,7 +73,7 @@ def report(summary: dict, cfg: TrainConfig, args) -> None:
     outside = (parts["data"] + parts["other"]) / sum(seconds)
     row = dict(
         plugin=cfg.plugin, config=cfg.config, world_size=world, dp_size=summary["dp_size"], tp=cfg.tp, pp=cfg.pp,
-        precision=summary["precision"], batch_size=cfg.batch_size, seq_len=seq_len,
+        precision=summary["precision"], optimizer=summary["optimizer"], batch_size=cfg.batch_size, seq_len=seq_len,
         tokens_per_s=tokens_per_s, tgs=tokens_per_s / world, samples_per_s=tokens_per_s / seq_len,
         step_s_median=median, step_s_spread=max(seconds) - min(seconds),
         tflops_per_device=tokens_per_s * summary["flops_per_token"] / world / 1e12, mfu=mfu,

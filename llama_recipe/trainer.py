@@ -372,6 +372,7 @@ def fit(
         world_size=dist.get_world_size(),
         dp_size=par.dp_size,
         precision=par.precision,
+        optimizer=par.optimizer,
         checkpoint=last_checkpoint,
         tensorboard_dir=cfg.tensorboard_dir,
         evals=summary_evals,

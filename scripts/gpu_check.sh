@@ -70,4 +70,23 @@ for line in open(sys.argv[1]):
     print(f"{r['config']:8} {r['plugin']:16} {r['tgs']:>10,.0f} {100*r['mfu']:>5.1f}% {r['tflops_per_device']:>8.1f} {r['peak_memory_mb']:>9,.0f}")
 PY
 endsection
+section "Collage on GPU: pure bf16 throughput and memory vs fp32-master bf16 AdamW (zero2, 1b)"
+RESULTS_COLLAGE=$(mktemp -d)/collage.jsonl
+for variant in "-x bf16 --optimizer adamw" "-x pure_bf16 --optimizer adamw" "--optimizer collage_light" "--optimizer collage_plus"; do
+  # shellcheck disable=SC2086
+  $TORCHRUN benchmark.py -c 1b -p zero2 $variant -a -l 2048 -b 4 -s 12 -i 3 --results "$RESULTS_COLLAGE" \
+    >/dev/null 2>&1 || echo "collage $variant: FAILED" >>"$REPORT"
+done
+$PYTHON - "$RESULTS_COLLAGE" >>"$REPORT" <<'PY'
+import json, sys
+print(f"{'precision':10} {'optimizer':14} {'tok/s/GPU':>10} {'MFU':>6} {'peak MB':>9}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['precision']:10} {r['optimizer']:14} {r['tgs']:>10,.0f} {100*r['mfu']:>5.1f}% {r['peak_memory_mb']:>9,.0f}")
+PY
+endsection
+
+section "Collage vs fp32 AdamW loss curves, small model, beta2 0.999 (scripts/compare_collage.py)"
+$PYTHON scripts/compare_collage.py -c small -l 512 -b 8 --steps 400 --jobs 1 -o runs/collage-gpu 2>&1 | tail -8 >>"$REPORT"
+endsection
 echo "appended to $REPORT"
