@@ -250,8 +250,8 @@ class Parallelism:
 
     @property
     def weight_dtype(self) -> torch.dtype | None:
-        """The dtype we cast the model to before boosting, when no fp32 master copy may exist: pure bf16,
-        and fp16 with inplace_sgd (LOMO's fp16 weights with dynamic loss scaling). None: the plugin decides."""
+        """The dtype the model is built in when no fp32 master copy may exist: pure bf16, and fp16 with
+        inplace_sgd (LOMO's fp16 weights with dynamic loss scaling). None: fp32, and the plugin decides."""
         if self.precision == "pure_bf16":
             return torch.bfloat16
         if self.precision == "fp16" and self.fused_update:
@@ -267,7 +267,7 @@ def create_plugin(cfg: TrainConfig, precision: str):
     pure_bf16 = precision == "pure_bf16"
     # Pure bf16: ZeRO gets bf16 with master_weights=False (its "master" shard is then a view of the bf16
     # weights); hybrid_parallel has no such switch, so it gets fp32 (it then casts nothing) and a model we
-    # already cast to bf16 — see Parallelism.weight_dtype.
+    # built in bf16 — see Parallelism.weight_dtype.
     if pure_bf16:
         precision = "fp32" if cfg.plugin == "hybrid_parallel" else "bf16"
     common = dict(precision=precision, max_norm=cfg.grad_clip, initial_scale=FP16_INITIAL_LOSS_SCALE)

@@ -2,7 +2,7 @@
 collage_light and collage_plus (same seed, data, steps and schedule). Writes a PNG of the curves,
 a markdown table and the raw losses as JSON.
 
-    python scripts/compare_collage.py                      # tiny model, 250 steps, beta2 0.999
+    python scripts/compare_collage.py                      # tiny model, 500 steps, beta2 0.999
     python scripts/compare_collage.py --beta2 0.95 --steps 200 -o runs/collage-0.95
 
 fp32 AdamW computes in fp32; the other three store everything in bf16 and compute in bf16 (on
@@ -57,27 +57,35 @@ def final_loss(losses: dict[int, float]) -> float:
     return sum(last) / len(last)
 
 
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    """Single batches are noisy; this smooths them for the eye (the table uses raw losses)."""
+    return [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
+
+
 def plot(curves: dict[str, dict[int, float]], title: str, path: Path) -> None:
+    """Left: the loss curves. Right: each curve minus fp32 AdamW's, where the differences show."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (losses_ax, gap_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    reference = curves["fp32 AdamW"]
     for label, losses in curves.items():
         steps = sorted(losses)
-        values = [losses[step] for step in steps]
-        window = 10  # a moving average: single batches are noisy
-        smooth = [
-            sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-            for i in range(len(values))
-        ]
-        ax.plot(steps, smooth, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (moving average of 10 steps)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3)
+        losses_ax.plot(steps, moving_average([losses[s] for s in steps]), label=label)
+        gap_ax.plot(steps, moving_average([losses[s] - reference[s] for s in steps], 25), label=label)
+    losses_ax.set_ylabel("training loss (moving average of 10 steps)")
+    gap_ax.set_ylabel("loss minus fp32 AdamW's (moving average of 25 steps)")
+    gap_ax.axhline(0, color="gray", linewidth=0.8)
+    for ax in (losses_ax, gap_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -90,7 +98,7 @@ def main() -> None:
     p.add_argument("-b", "--batch_size", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=20)
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=500)
     p.add_argument("--beta2", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--jobs", type=int, default=2, help="variants run side by side")

@@ -87,10 +87,7 @@ def main() -> None:
         "| optimizer | peak memory (MB) | vs sgd |",
         "|---|---:|---:|",
     ]
-    rows += [
-        f"| {name} | {r['peak_mb']:,.0f} | {r['peak_mb'] / sgd:.2f}x |"
-        for name, r in results.items()
-    ]
+    rows += [f"| {name} | {r['peak_mb']:,.0f} | {r['peak_mb'] / sgd:.2f}x |" for name, r in results.items()]
     table = "\n".join(rows)
     (out / "table.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(dict(args=vars(args), parameters=parameters, results=results)))

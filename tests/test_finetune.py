@@ -81,6 +81,17 @@ def test_missing_task_names_the_available_ones(tmp_path):
 
 
 @pytest.mark.multiprocess
+def resume_from_step_3(common: list[str], tmp_path) -> tuple[dict, dict]:
+    """Relaunch a 2-process run from its step-3 checkpoint; (first run's losses, resumed run's losses)."""
+    resumed = run_script(
+        "finetune.py",
+        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
+        nproc=2,
+    )
+    check_ok(resumed)
+    return read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+
+
 def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
     from transformers import LlamaForCausalLM
 
@@ -99,13 +110,7 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
     assert sorted(held_out) == [0, 3, 6]
     assert held_out[6] < held_out[0] - 0.1, held_out  # finetuning lowers the loss on examples it never saw
     assert full.stdout.count("--- model answer:") == 3  # and shows its answers to held-out prompts
-    resumed = run_script(
-        "finetune.py",
-        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
-        nproc=2,
-    )
-    check_ok(resumed)
-    losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+    losses, resumed_losses = resume_from_step_3(common, tmp_path)
 
     # Step 1's loss is the pretrained model's loss on each replica's first batch: the weights were loaded.
     model = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
@@ -145,13 +150,7 @@ def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
     assert held_out[6] < held_out[0] - 0.1, held_out
     grad_norms = read_scalars(tmp_path / "tb", "train/grad_norm")
     assert sorted(grad_norms) == list(range(1, 7)) and all(n > 0 for n in grad_norms.values())
-    resumed = run_script(
-        "finetune.py",
-        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
-        nproc=2,
-    )
-    check_ok(resumed)
-    losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+    losses, resumed_losses = resume_from_step_3(common, tmp_path)
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
