@@ -72,7 +72,11 @@ def test_bytes_per_parameter(memory_reports, case):
 
 # collage_plus bytes per parameter on each of 2 ranks: zero2 keeps whole bf16 weights and shards
 # the gradients and the 8 bytes of state (2 + 10/2); tensor parallelism splits everything (12/2).
-SHARDED_BYTES = {"zero2": (["-p", "zero2"], 7), "tp2": (["-p", "hybrid_parallel", "--tp", "2"], 6)}
+SHARDED_BYTES = {
+    "zero2": (["-p", "zero2"], 7),
+    "zero2_cpu": (["-p", "zero2_cpu"], 7),  # on a CPU machine "offloaded" state lives where it was
+    "tp2": (["-p", "hybrid_parallel", "--tp", "2"], 6),
+}
 
 
 @pytest.mark.parametrize("layout", list(SHARDED_BYTES))
