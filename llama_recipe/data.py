@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UsageError
+from .config import SHIPPED_TOKENIZER, UsageError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 SYNTHETIC = "synthetic"  # `-d synthetic`: random tokens (benchmarks)
@@ -184,6 +184,13 @@ def load_tokenizer(name_or_path: str):
         raise UsageError(f"tokenizer {name_or_path!r} has no EOS token; packing needs one to mark document ends")
     tokenizer.model_max_length = int(1e12)  # we pack long documents ourselves; silence the length warning
     return tokenizer
+
+
+def load_model_tokenizer(model_dir: Path, override: str | None = None):
+    """For a pretrained model: --tokenizer if given, else the one saved with the model (our
+    checkpoints and exports carry it), else the shipped LLaMA tokenizer."""
+    has_own = (Path(model_dir) / "tokenizer_config.json").is_file()
+    return load_tokenizer(override or str(model_dir if has_own else SHIPPED_TOKENIZER))
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:

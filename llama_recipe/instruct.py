@@ -63,6 +63,11 @@ def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> 
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
 
 
+def padding_id(tokenizer) -> int:
+    """LLaMA's tokenizer has no pad token; padding is masked out of attention and loss, so EOS serves."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, width: int | None = None) -> dict:
     """Right-pad (input_ids, labels) pairs into a batch; padding is masked out of attention and loss."""
     width = width or max(len(ids) for ids, _ in encoded)
@@ -113,7 +118,7 @@ def held_out_batches(
     batches, so forward passes with collectives (DDP buffers, tensor parallel) stay in step."""
     share = len(rows) // dp_size
     mine = rows[dp_rank * share : (dp_rank + 1) * share]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     batches = []
     for start in range(0, len(mine), batch_size):
         encoded = [
@@ -155,7 +160,7 @@ class InstructionBatches:
         self.pad_to_max_length = pad_to_max_length  # pipelines need one shape for every step
         self.pack = pack
         self._encoded: dict[int, tuple[list[int], list[int]]] = {}  # packing looks ahead: encode each row once
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = padding_id(tokenizer)
         self.per_replica = len(rows) // dp_size  # equal shares: every replica runs the same number of steps
         if self.per_replica < batch_size:
             raise UsageError(f"{len(rows)} examples are too few for -b {batch_size} on {dp_size} replicas; lower -b")

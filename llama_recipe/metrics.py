@@ -137,6 +137,15 @@ class MetricsLogger:
         return plot_loss_curve(self.history, f"{self.tensorboard_dir}/loss.png") if len(self.history) > 1 else None
 
 
+def read_scalars(tensorboard_dir: str | Path, tag: str = "train/loss") -> dict[int, float]:
+    """{step: value} of one scalar, read back from a run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tensorboard_dir))
+    acc.Reload()
+    return {event.step: event.value for event in acc.Scalars(tag)}
+
+
 def plot_loss_curve(history: list[tuple[int, float]], path: str) -> str:
     import matplotlib
 

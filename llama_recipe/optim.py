@@ -85,10 +85,3 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps))
-
-
-def edq_metrics(sums: torch.Tensor) -> dict[str, float]:
-    """Collage's effective descent quality and lost-update percentage, from its summed counters."""
-    from .collage import edq_metrics as from_sums
-
-    return from_sums(sums)

@@ -431,16 +431,30 @@ def step_optimizer(par: Parallelism, optimizer, max_norm: float) -> float | None
     return None if norm is None else float(norm)
 
 
-def mean_across_replicas(par: Parallelism, value: torch.Tensor | None, sum_pipeline: bool = True) -> float:
-    """Average a per-rank scalar over data-parallel replicas, so every rank sees the same number.
-    With a pipeline only the last stage has the loss (None elsewhere): `sum_pipeline` copies it to
-    the other stages by summing over the pipeline group."""
-    t = torch.zeros(1, device=device()) if value is None else value.detach().float().reshape(1).clone().to(device())
-    if par.pipeline and sum_pipeline:
+def mean_across_replicas(par: Parallelism, *values: torch.Tensor | float | None) -> list[float]:
+    """Average per-rank numbers over data-parallel replicas, in one all-reduce, so every rank sees
+    the same numbers. With a pipeline only the last stage's numbers count (the others have no loss;
+    pass None): they are zeroed elsewhere, and the sum over the pipeline group copies them to every stage."""
+    t = torch.stack(
+        [
+            torch.as_tensor(0.0 if v is None else v, dtype=torch.float32).detach().to(device()).reshape(())
+            for v in values
+        ]
+    )
+    if not par.is_last_pipeline_stage:
+        t.zero_()
+    if par.pipeline:
         dist.all_reduce(t, group=par.plugin.pp_group)
     dp_group = par.plugin.dp_group if par.name == "hybrid_parallel" else None
     dist.all_reduce(t, group=dp_group)
-    return t.item() / par.dp_size
+    return (t / par.dp_size).tolist()
+
+
+def fewest_across_ranks(count: int) -> int:
+    """The smallest of every rank's count: how many steps all replicas can take together."""
+    t = torch.tensor([count], device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
 
 
 def optimizer_metric_sums(optimizer) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from . import plugins
 from .attention import model_inputs, select_attention
 from .checkpoint import describe_layout, load_checkpoint, save_checkpoint
+from .collage import edq_metrics
 from .config import SHIPPED_TOKENIZER, TrainConfig, UsageError
 from .data import (
     SKIPPED,
@@ -25,6 +26,7 @@ from .data import (
     SyntheticBatches,
     build_pretrain_batches,
     count_tokens,
+    load_model_tokenizer,
     load_tokenizer,
 )
 from .instruct import (
@@ -44,7 +46,7 @@ from .metrics import (
     training_flops_per_token,
 )
 from .model import build_model, count_parameters, get_model_config, resolve_pretrained, weights_location
-from .optim import build_lr_scheduler, build_optimizer, edq_metrics
+from .optim import build_lr_scheduler, build_optimizer
 from .prepared import PreparedBatches, check_prepared_tokenizer, is_prepared_dataset
 
 
@@ -270,9 +272,8 @@ def fit(
                     loss_sum += loss.float() * n
                 tokens += n
         model.train()
-        total = plugins.mean_across_replicas(par, loss_sum) * par.dp_size
-        count = plugins.mean_across_replicas(par, torch.tensor(float(tokens)), sum_pipeline=False) * par.dp_size
-        eval_loss = total / max(count, 1)
+        loss_mean, tokens_mean = plugins.mean_across_replicas(par, loss_sum, tokens)
+        eval_loss = loss_mean / max(tokens_mean, 1e-9)
         summary_evals.append((state.step, eval_loss))
         logger.print(
             f"held-out loss {eval_loss:.4f}, perplexity {math.exp(min(eval_loss, 50)):,.2f} at step {state.step}"
@@ -300,10 +301,9 @@ def fit(
         if cfg.time_breakdown:  # only when asked: a sync each step would stall the CPU behind the GPU
             plugins.synchronize()
         optimizer_done = time.perf_counter()
-        loss = plugins.mean_across_replicas(par, local_loss)  # a sync point: the step is done on every rank
-        tokens = round(
-            plugins.mean_across_replicas(par, torch.tensor(float(local_tokens)), sum_pipeline=False) * par.dp_size
-        )
+        # one all-reduce, and a sync point: the step is done on every rank
+        loss, tokens_mean = plugins.mean_across_replicas(par, local_loss, local_tokens)
+        tokens = round(tokens_mean * par.dp_size)
         elapsed = time.perf_counter() - started
 
         state.step += 1
@@ -331,7 +331,7 @@ def fit(
         if cfg.log_edq and write:
             edq = edq_metrics(plugins.optimizer_metric_sums(optimizer))
             logger.log_scalars(state.step, {f"optimizer/{name}": value for name, value in edq.items()})
-        if getattr(plugins.unwrap_optimizer(optimizer), "skipped", False):
+        if par.fused_update and plugins.unwrap_optimizer(optimizer).skipped:
             logger.print(f"fp16 gradients overflowed at step {state.step}: update skipped, loss scale lowered")
         if cfg.save_dir and cfg.save_interval > 0 and state.step % cfg.save_interval == 0:
             last_checkpoint = checkpoint()
@@ -394,9 +394,7 @@ def fit(
 def pretrain_steps_for_epochs(cfg: TrainConfig, tokenizer, par: plugins.Parallelism, seq_len: int) -> int:
     """Optimizer steps in `-e` epochs, from a token count of the data (the replica with the least data decides)."""
     tokens = count_tokens(cfg.dataset, tokenizer, par.dp_rank, par.dp_size, progress=plugins.is_main_process())
-    steps = torch.tensor([tokens // seq_len // (cfg.batch_size * cfg.accumulation_steps)], device=plugins.device())
-    dist.all_reduce(steps, op=dist.ReduceOp.MIN)
-    steps_per_epoch = int(steps.item())
+    steps_per_epoch = plugins.fewest_across_ranks(tokens // seq_len // (cfg.batch_size * cfg.accumulation_steps))
     if steps_per_epoch == 0:
         raise UsageError(
             f"the data holds fewer than {seq_len * cfg.batch_size * cfg.accumulation_steps} tokens per replica, "
@@ -459,8 +457,7 @@ def finetune(cfg: TrainConfig) -> dict:
     par = plugins.build_parallelism(cfg)
     model_dir = resolve_pretrained(cfg.model_path)
     model_config = get_model_config(str(model_dir))
-    model_has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(cfg.tokenizer or str(model_dir if model_has_tokenizer else SHIPPED_TOKENIZER))
+    tokenizer = load_model_tokenizer(model_dir, cfg.tokenizer)
     max_length = cfg.max_length or model_config.max_position_embeddings
     rows, held_out_rows = split_held_out(load_instruction_rows(cfg.dataset, cfg.task_name), cfg.eval_split, cfg.seed)
     batches = InstructionBatches(
@@ -472,9 +469,8 @@ def finetune(cfg: TrainConfig) -> dict:
     )
     total_steps = cfg.max_steps
     if not total_steps:
-        steps = torch.tensor([batches.steps_per_epoch // cfg.accumulation_steps], device=plugins.device())
-        dist.all_reduce(steps, op=dist.ReduceOp.MIN)  # packed rows differ per replica; all run the same steps
-        total_steps = int(steps.item()) * cfg.num_epochs
+        # packed rows differ per replica; all must run the same steps
+        total_steps = plugins.fewest_across_ranks(batches.steps_per_epoch // cfg.accumulation_steps) * cfg.num_epochs
     if total_steps == 0:
         raise UsageError("the dataset is too small for one step; lower -b or --accumulation_steps")
     warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)

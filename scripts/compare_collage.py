@@ -20,6 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from llama_recipe.metrics import read_scalars  # noqa: E402
+
 VARIANTS = {  # label: pretrain.py flags
     "fp32 AdamW": ["-x", "fp32", "--optimizer", "adamw"],
     "bf16 AdamW": ["-x", "pure_bf16", "--optimizer", "adamw"],
@@ -27,14 +31,6 @@ VARIANTS = {  # label: pretrain.py flags
     "collage_plus": ["--optimizer", "collage_plus"],
 }
 TAIL = 20  # the final loss is the mean of the last TAIL steps, so one noisy batch does not decide
-
-
-def read_losses(tensorboard_dir: Path) -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tensorboard_dir))
-    acc.Reload()
-    return {event.step: event.value for event in acc.Scalars("train/loss")}
 
 
 def run_variant(label: str, args: argparse.Namespace) -> dict[int, float]:
@@ -49,7 +45,7 @@ def run_variant(label: str, args: argparse.Namespace) -> dict[int, float]:
     print(f"{label}: {' '.join(command[1:])}", flush=True)
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return read_losses(out / "tensorboard")
+    return read_scalars(out / "tensorboard")
 
 
 def final_loss(losses: dict[int, float]) -> float:

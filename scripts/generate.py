@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from llama_recipe.config import SHIPPED_TOKENIZER, OneLineErrorParser  # noqa: E402
+from llama_recipe.config import OneLineErrorParser  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=48)
     args = p.parse_args()
 
-    from llama_recipe.data import load_tokenizer
+    from llama_recipe.data import load_model_tokenizer
     from llama_recipe.instruct import generate_answers
     from llama_recipe.model import resolve_pretrained
 
@@ -36,8 +36,7 @@ def main() -> None:
     except ValueError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    has_tokenizer = (model_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(str(model_dir if has_tokenizer else SHIPPED_TOKENIZER))
+    tokenizer = load_model_tokenizer(model_dir)
     answers = generate_answers(str(model_dir), tokenizer, args.prompts, args.max_new_tokens)
     for prompt, answer in zip(args.prompts, answers, strict=True):
         print(f"--- prompt:\n{prompt}\n--- answer:\n{answer}")

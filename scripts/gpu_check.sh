@@ -14,6 +14,16 @@ TORCHRUN="$PYTHON -m torch.distributed.run --standalone --nproc_per_node $NGPU"
 
 section() { printf '\n### %s\n\n```\n' "$1" >>"$REPORT"; }
 endsection() { printf '```\n' >>"$REPORT"; }
+results_table() {  # benchmark.py --results lines -> one table in the report
+  $PYTHON - "$1" >>"$REPORT" <<'PY'
+import json, sys
+print(f"{'config':8} {'plugin':16} {'precision':10} {'optimizer':14} {'tok/s/GPU':>10} {'MFU':>6} {'TFLOP/s':>8} {'peak MB':>9}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['config']:8} {r['plugin']:16} {r['precision']:10} {r['optimizer']:14} {r['tgs']:>10,.0f} "
+          f"{100 * r['mfu']:>5.1f}% {r['tflops_per_device']:>8.1f} {r['peak_memory_mb']:>9,.0f}")
+PY
+}
 
 {
   printf '\n## %s on %s\n\n' "$(date -u +%Y-%m-%d)" "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x$NGPU"
@@ -62,13 +72,7 @@ for config in small 1b; do
       --results "$RESULTS" >/dev/null 2>&1 || echo "$config hybrid_parallel: FAILED" >>"$REPORT"
   fi
 done
-$PYTHON - "$RESULTS" >>"$REPORT" <<'PY'
-import json, sys
-print(f"{'config':8} {'plugin':16} {'tok/s/GPU':>10} {'MFU':>6} {'TFLOP/s':>8} {'peak MB':>9}")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"{r['config']:8} {r['plugin']:16} {r['tgs']:>10,.0f} {100*r['mfu']:>5.1f}% {r['tflops_per_device']:>8.1f} {r['peak_memory_mb']:>9,.0f}")
-PY
+results_table "$RESULTS"
 endsection
 section "Collage on GPU: pure bf16 throughput and memory vs fp32-master bf16 AdamW (zero2, 1b)"
 RESULTS_COLLAGE=$(mktemp -d)/collage.jsonl
@@ -77,13 +81,7 @@ for variant in "-x bf16 --optimizer adamw" "-x pure_bf16 --optimizer adamw" "--o
   $TORCHRUN benchmark.py -c 1b -p zero2 $variant -a -l 2048 -b 4 -s 12 -i 3 --results "$RESULTS_COLLAGE" \
     >/dev/null 2>&1 || echo "collage $variant: FAILED" >>"$REPORT"
 done
-$PYTHON - "$RESULTS_COLLAGE" >>"$REPORT" <<'PY'
-import json, sys
-print(f"{'precision':10} {'optimizer':14} {'tok/s/GPU':>10} {'MFU':>6} {'peak MB':>9}")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    print(f"{r['precision']:10} {r['optimizer']:14} {r['tgs']:>10,.0f} {100*r['mfu']:>5.1f}% {r['peak_memory_mb']:>9,.0f}")
-PY
+results_table "$RESULTS_COLLAGE"
 endsection
 
 section "Collage vs fp32 AdamW loss curves, small model, beta2 0.999 (scripts/compare_collage.py)"

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from llama_recipe.metrics import read_scalars  # noqa: F401  (the tests import it from here)
+
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "redpajama-sample"
 PYTHON_BIN = Path(sys.executable).parent
@@ -47,14 +49,6 @@ def expect_one_line_error(proc, *keywords: str) -> str:
     for keyword in keywords:
         assert keyword in lines[0], lines[0]
     return lines[0]
-
-
-def read_scalars(tensorboard_dir: Path, tag: str = "train/loss") -> dict[int, float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tensorboard_dir))
-    acc.Reload()
-    return {event.step: event.value for event in acc.Scalars(tag)}
 
 
 @pytest.fixture(autouse=True)
