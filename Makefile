@@ -10,12 +10,14 @@ NPROC ?= 2
 
 .PHONY: install demo test test-fast lint format clean
 
-$(STAMP): requirements.txt requirements-colossalai.txt
+$(STAMP): requirements.txt requirements-colossalai.txt pyproject.toml
 	@echo "Installing into $(VENV) (first time: about 2-3 minutes)..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
 	@# colossalai pins torch<=2.5.1 and ~100 packages; install it alone so pip keeps our pinned stack.
 	$(BIN)/pip install --quiet --no-deps -r requirements-colossalai.txt
+	@# llama_recipe itself, editable: scripts and tests import it from this checkout, no sys.path edits.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -9,7 +9,7 @@ The logic lives in llama_recipe/attention.py; pretrain.py/finetune.py/benchmark.
 import torch
 
 from llama_recipe.attention import select_attention
-from llama_recipe.config import OneLineErrorParser
+from llama_recipe.errors import OneLineErrorParser
 from llama_recipe.model import build_model, get_model_config
 
 

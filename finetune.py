@@ -6,8 +6,7 @@
 """
 
 from llama_recipe.cli import run_script
-from llama_recipe.config import parse_finetune_args
-from llama_recipe.trainer import finetune
+from llama_recipe.recipes import finetune
 
 if __name__ == "__main__":
-    run_script(finetune, parse_finetune_args())
+    run_script("finetune", finetune)

@@ -6,8 +6,7 @@ colossalai run --nproc_per_node 8 --hostfile hosts.txt pretrain.py -c llama2-70b
 """
 
 from llama_recipe.cli import run_script
-from llama_recipe.config import parse_pretrain_args
-from llama_recipe.trainer import pretrain
+from llama_recipe.recipes import pretrain
 
 if __name__ == "__main__":
-    run_script(pretrain, parse_pretrain_args())
+    run_script("pretrain", pretrain)

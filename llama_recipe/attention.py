@@ -14,6 +14,8 @@ import importlib.util
 
 import torch
 
+from .distributed import device
+
 
 def flash_attn_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
@@ -68,3 +70,16 @@ def model_inputs(batch: dict, attn_implementation: str, document_attention: bool
         else:  # with a padding mask, transformers would unpad by it and ignore the documents
             inputs.pop("attention_mask", None)
     return inputs
+
+
+class ModelInputs:
+    """Turns a batch (CPU tensors from the data pipeline) into the model's keyword arguments on the
+    device: `model_inputs` with this run's attention kernel, document attention and mask dtype (the
+    document mask is added to the scores in the model's dtype)."""
+
+    def __init__(self, attn_implementation: str, document_attention: bool, dtype: torch.dtype):
+        self.attn_implementation, self.document_attention, self.dtype = attn_implementation, document_attention, dtype
+
+    def __call__(self, batch: dict) -> dict:
+        on_device = {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
+        return model_inputs(on_device, self.attn_implementation, self.document_attention, self.dtype)

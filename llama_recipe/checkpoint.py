@@ -22,13 +22,16 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import UsageError
-from .plugins import Parallelism, barrier, is_main_process, rank
+from .config import TrainConfig
+from .distributed import barrier, is_main_process, print_main, rank, world_size
+from .errors import CheckpointError, UsageError
+from .parallel import Parallelism
 
 RUNNING_STATES = "running_states.json"
 LATEST = "latest"
@@ -41,10 +44,6 @@ SHAPE_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be written or read; reported as one line."""
 
 
 def checkpoint_path(save_dir: str, step: int) -> Path:
@@ -240,3 +239,88 @@ def describe_layout(layout: dict) -> str:
     if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
         parts.append(f"tp {layout['tp']} pp {layout['pp']}")
     return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the training loop uses
+
+
+@dataclass
+class TrainState:
+    """Where a run is: what every checkpoint records besides the model, optimizer and data."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+
+    def advance(self, samples: int, tokens: int) -> None:
+        self.step += 1
+        self.consumed_samples += samples
+        self.consumed_tokens += tokens
+
+
+class Checkpointer:
+    """Owns a run's checkpoints: resuming, when to save, saving, and the last good checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, par: Parallelism, tokenizer=None):
+        self.cfg = cfg.checkpoint
+        self.par = par
+        self.tokenizer = tokenizer  # saved into model/, which makes it a complete Hugging Face directory
+        self.run_config = cfg.to_dict()
+        self.layout = dict(
+            plugin=cfg.parallel.plugin, world_size=world_size(), dp_size=par.dp_size, tp=cfg.parallel.tp,
+            pp=cfg.parallel.pp, zero_stage=cfg.parallel.zero_stage,
+        )  # fmt: skip
+        self.last: str | None = None  # the newest checkpoint this run wrote
+
+    def resume(self, model, optimizer, lr_scheduler, batches, initial_weights: str | None = None) -> TrainState:
+        """Restore `-f`'s checkpoint (everything, or only weights and schedule under another layout),
+        else load `initial_weights` (finetuning), else start fresh."""
+        if not self.cfg.load:
+            if initial_weights:
+                self.par.booster.load_model(model, initial_weights)
+                print_main(f"loaded weights from {initial_weights}")
+            return TrainState()
+        started = time.perf_counter()
+        states, data_state = load_checkpoint(self.par, model, optimizer, lr_scheduler, self.cfg.load, self.layout)
+        state = TrainState(states["step"], states["consumed_samples"], states["consumed_tokens"])
+        if data_state is not None:
+            batches.load_state_dict(data_state)
+            print_main(
+                f"resumed from {self.cfg.load} at step {state.step} (epoch {batches.epoch}, "
+                f"{state.consumed_tokens:,} tokens seen) in {time.perf_counter() - started:.1f}s"
+            )
+        else:
+            saved_layout = describe_layout(states.get("layout", {"plugin": "?", "world_size": "?"}))
+            print_main(
+                f"{self.cfg.load} was saved with {saved_layout}; this run uses {describe_layout(self.layout)}: "
+                f"loaded the model weights and the schedule position (step {state.step}). Optimizer state and "
+                "data position cannot be resharded across layouts: the optimizer starts fresh and the data "
+                "stream restarts from its beginning"
+            )
+        return state
+
+    def maybe_save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
+        """Save every --save_interval steps."""
+        if self.cfg.save_interval > 0 and state.step % self.cfg.save_interval == 0:
+            self.save(state, model, optimizer, lr_scheduler, batches)
+
+    def save_final(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
+        """The end of a run is always saved (unless this step already was)."""
+        if self.last is None or Path(self.last).name != checkpoint_path("", state.step).name:
+            self.save(state, model, optimizer, lr_scheduler, batches)
+
+    def save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
+        if not self.cfg.save_dir:
+            return
+        running_states = dict(
+            step=state.step, epoch=batches.epoch, consumed_samples=state.consumed_samples,
+            consumed_tokens=state.consumed_tokens, world_size=self.layout["world_size"], dp_size=self.par.dp_size,
+            layout=self.layout, config=self.run_config,
+        )  # fmt: skip
+        path, seconds, size = save_checkpoint(
+            self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict(),
+            self.tokenizer, self.cfg.keep_last,
+        )  # fmt: skip
+        print_main(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
+        self.last = str(path)

@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from .config import SHIPPED_TOKENIZER, UsageError
+from .config import SHIPPED_TOKENIZER, SYNTHETIC
+from .errors import UsageError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
-SYNTHETIC = "synthetic"  # `-d synthetic`: random tokens (benchmarks)
+PREPARED_META = "meta.json"  # the file that marks a directory written by scripts/prepare_data.py (prepared.py)
 MAX_WARNINGS = 5  # per process; the rest are only counted
 
 # The LLaMA paper's pretraining mixture (Touvron et al. 2023, Table 1), by sampled tokens, with
@@ -54,7 +56,13 @@ LLAMA_MIX = {
 # Sources
 
 
-def _looks_local(dataset: str) -> bool:
+def is_prepared_dataset(path: str) -> bool:
+    """Whether `path` is a directory written by `prepare_dataset` (it holds meta.json)."""
+    return os.path.isfile(os.path.join(path, PREPARED_META))
+
+
+def looks_local(dataset: str) -> bool:
+    """Whether `-d` names local files (a path, a glob or a data file name) rather than a hub dataset."""
     return (
         os.path.exists(dataset)
         or any(ch in dataset for ch in "*?[")
@@ -83,11 +91,18 @@ def resolve_local_files(dataset: str) -> list[str]:
     return files
 
 
+def dataset_kind(dataset: str) -> str:
+    """What `-d` names: "synthetic", "prepared" (a prepare_data.py output), "local" files or a "hub" dataset."""
+    if dataset == SYNTHETIC:
+        return "synthetic"
+    if is_prepared_dataset(dataset):
+        return "prepared"
+    return "local" if looks_local(dataset) else "hub"
+
+
 def check_dataset_source(dataset: str) -> None:
     """Fail early on a local dataset path that holds no data. Hub names are checked when loaded."""
-    from .prepared import is_prepared_dataset
-
-    if dataset != SYNTHETIC and not is_prepared_dataset(dataset) and _looks_local(dataset):
+    if dataset_kind(dataset) == "local":
         resolve_local_files(dataset)
 
 
@@ -152,7 +167,7 @@ def load_text_stream(dataset: str, files: list[str] | None = None):
     data-parallel replicas split the corpus by file when the file count allows."""
     from datasets import IterableDataset, load_dataset
 
-    if _looks_local(dataset) or files:
+    if looks_local(dataset) or files:
         files = files or resolve_local_files(dataset)
         if files[0].endswith(".parquet"):  # null or blank text would train on a bare [BOS, EOS]
             return (
@@ -241,7 +256,7 @@ def parse_data_mix(spec: str) -> dict[str, float]:
 
 
 def files_by_slice(dataset: str, weights: dict[str, float]) -> dict[str, list[str]]:
-    if not _looks_local(dataset):
+    if not looks_local(dataset):
         raise UsageError("--data_mix needs local files (slices are named by file); download them and pass -d DIR")
     files = resolve_local_files(dataset)
     groups: dict[str, list[str]] = {}
@@ -511,8 +526,6 @@ def build_pretrain_batches(
 
 def count_tokens(dataset: str, tokenizer, dp_rank: int, dp_size: int, progress: bool) -> int:
     """Tokens (with BOS/EOS) in this replica's share of one epoch; sizes the LR schedule."""
-    from tqdm import tqdm
-
     documents = tokenized_documents(dataset, tokenizer, dp_rank, dp_size)
     total = 0
     for example in tqdm(documents, desc="counting tokens to size the LR schedule", unit=" docs", disable=not progress):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .config import UsageError
 from .data import resolve_local_files
+from .errors import UsageError
 
 IGNORE_INDEX = -100  # the label transformers' loss skips
 

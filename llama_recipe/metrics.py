@@ -1,12 +1,22 @@
-"""Progress bar and TensorBoard scalars, on rank 0 only."""
+"""What a run reports: the progress bar and TensorBoard scalars (rank 0 only), memory, FLOPs and
+MFU, and `RunMetrics`, which owns the per-step records, the logging cadence, evaluations, the
+summary and the final line."""
 
 from __future__ import annotations
 
+import math
 import resource
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+
+from .collage import edq_metrics
+from .config import TrainConfig
+from .distributed import is_main_process, print_main, sum_across_ranks, world_size
+from .parallel import Parallelism, unwrap_optimizer
 
 
 def reset_peak_memory() -> None:
@@ -190,16 +200,17 @@ def model_flops_utilization(tokens_per_s: float, flops_per_token: float, devices
     return tokens_per_s * flops_per_token / devices / peak_flops
 
 
-def peak_flops_per_device() -> tuple[float, str]:
-    """(peak FLOP/s, where the number came from): the GPU data sheet, or a measured fp32 GEMM on CPU."""
+def peak_flops_per_device(peak_tflops: float | None = None) -> tuple[float, str]:
+    """(peak FLOP/s, where the number came from): --peak_tflops, the GPU data sheet, or a measured
+    fp32 GEMM on CPU."""
+    if peak_tflops:
+        return peak_tflops * 1e12, "--peak_tflops"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, tflops in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tflops * 1e12, f"{name} bf16 data sheet"
         return float("nan"), f"{name}: unknown peak, pass --peak_tflops"
-    import time
-
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b  # warm-up
     best = float("inf")
@@ -208,3 +219,105 @@ def peak_flops_per_device() -> tuple[float, str]:
         a @ b
         best = min(best, time.perf_counter() - started)
     return 2 * 2048**3 / best, f"measured fp32 GEMM on {torch.get_num_threads()} CPU thread(s)"
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's records
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did, the same on every rank (loss and tokens are means over replicas)."""
+
+    loss: float
+    tokens: int  # trained on by all replicas together
+    grad_norm: float | None  # before clipping, where the plugin reports it
+    lr: float
+    seconds: float
+    parts: dict[str, float] = field(default_factory=dict)  # data, forward_backward, optimizer, other
+    skipped_update: bool = False  # fp16 overflow: in-place SGD left the weights as they were
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50))
+
+
+class RunMetrics:
+    """Records every step, logs at --log_interval (progress bar, TensorBoard, MFU), reports held-out
+    evaluations, and at the end returns the run's summary and prints its final lines."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        par: Parallelism,
+        model_config,
+        seq_len: int,
+        total_steps: int,
+        start_step: int,
+        desc: str,
+    ):
+        self.cfg, self.par, self.total_steps, self.seq_len = cfg.logging, par, total_steps, seq_len
+        self.flops_per_token = training_flops_per_token(model_config, seq_len)
+        self.peak_flops, self.peak_source = peak_flops_per_device(cfg.logging.peak_tflops)
+        print_main(f"MFU against {self.peak_flops / 1e12:,.3f} TFLOP/s per device ({self.peak_source}); {MFU_FORMULA}")
+        self.logger = MetricsLogger(is_main_process(), cfg.logging.tensorboard_dir, total_steps, start_step, desc)
+        self.steps: list[StepResult] = []
+        self.evals: list[tuple[int, float]] = []
+
+    def __enter__(self) -> RunMetrics:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.logger.bar.close()  # however the loop ends, so an error message starts on a line of its own
+
+    def log_step(self, step: int, result: StepResult, optimizer) -> None:
+        self.steps.append(result)
+        write = step % self.cfg.log_interval == 0 or step == self.total_steps
+        tokens_per_s = result.tokens / result.seconds
+        mfu = model_flops_utilization(tokens_per_s, self.flops_per_token, world_size(), self.peak_flops)
+        self.logger.log_step(step, result.loss, result.lr, result.grad_norm, tokens_per_s, mfu, write)
+        if self.cfg.log_edq and write:  # one small all-reduce: the shards' sums
+            edq = edq_metrics(sum_across_ranks(unwrap_optimizer(optimizer).metric_sums))
+            self.logger.log_scalars(step, {f"optimizer/{name}": value for name, value in edq.items()})
+        if result.skipped_update:
+            print_main(f"fp16 gradients overflowed at step {step}: update skipped, loss scale lowered")
+
+    def log_eval(self, step: int, loss: float) -> None:
+        self.evals.append((step, loss))
+        print_main(f"held-out loss {loss:.4f}, perplexity {perplexity(loss):,.2f} at step {step}")
+        self.logger.log_eval(step, loss, perplexity(loss))
+
+    @property
+    def last_eval_step(self) -> int | None:
+        return self.evals[-1][0] if self.evals else None
+
+    def finish(self, step: int, checkpoint: str | None) -> dict:
+        """Close the bar and the TensorBoard writer (drawing the loss curve), print the final lines,
+        and return the run's summary."""
+        loss_plot = self.logger.close()
+        losses = [s.loss for s in self.steps]
+        # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
+        timed = self.steps[1:] if len(self.steps) > 1 else self.steps
+        tokens_per_s = sum(s.tokens for s in timed) / sum(s.seconds for s in timed) if timed else None
+        summary = dict(
+            steps=step, steps_this_run=len(losses), first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None, tokens_per_s=tokens_per_s,
+            step_tokens=[s.tokens for s in self.steps], step_seconds=[s.seconds for s in self.steps],
+            step_parts=[s.parts for s in self.steps], flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops, peak_source=self.peak_source, losses=losses, peak_memory_mb=peak_memory_mb(),
+            world_size=world_size(), dp_size=self.par.dp_size, precision=self.par.precision,
+            optimizer=self.par.optimizer, checkpoint=checkpoint, tensorboard_dir=self.cfg.tensorboard_dir,
+            evals=self.evals, seq_len=self.seq_len,
+        )  # fmt: skip
+        if losses:
+            last = losses[-10:]
+            tb = self.cfg.tensorboard_dir
+            print_main(
+                f"done: {len(losses)} steps this run (step {step} of {self.total_steps}), "
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {len(last)}: {sum(last) / len(last):.4f}), "
+                f"{tokens_per_s:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0\n"
+                f"checkpoint: {checkpoint or 'none (no -o/--save_dir)'}\n"
+                f"tensorboard: {tb or 'disabled'}{f'  (tensorboard --logdir {tb})' if tb else ''}"
+                + (f"\nloss curve: {loss_plot}" if loss_plot else "")
+            )
+        return summary

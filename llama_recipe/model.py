@@ -2,7 +2,7 @@
 
 The model is Hugging Face `transformers.LlamaForCausalLM`: ColossalAI's shardformer knows how to
 split it for tensor and pipeline parallelism, and its checkpoints load with `from_pretrained`.
-Nothing here knows about parallelism; `plugins.py` does that.
+Nothing here knows about parallelism; `plugins.py` and `parallel.py` do that.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from .errors import UsageError
 
 LLAMA_VOCAB_SIZE = 32000
 
@@ -60,7 +62,7 @@ def model_config_names() -> list[str]:
 
 def get_model_config(name_or_path: str) -> LlamaConfig:
     """A preset name (see `model_config_names()`), or a path to a Hugging Face `config.json`
-    (or to a directory that holds one). Raises ValueError naming the choices otherwise."""
+    (or to a directory that holds one). Raises UsageError naming the choices otherwise."""
     name = MODEL_ALIASES.get(name_or_path, name_or_path)
     if name in MODEL_PRESETS:
         return LlamaConfig(**MODEL_PRESETS[name])
@@ -71,13 +73,13 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
         try:
             fields = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"model config {path} is not valid JSON ({e}); pass a Hugging Face config.json") from None
+            raise UsageError(f"model config {path} is not valid JSON ({e}); pass a Hugging Face config.json") from None
         if fields.get("model_type", "llama") != "llama":
-            raise ValueError(
+            raise UsageError(
                 f"model config {path} has model_type {fields['model_type']!r}; this recipe trains LLaMA models"
             )
         return LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
-    raise ValueError(
+    raise UsageError(
         f"unknown model config {name_or_path!r}; pass one of {', '.join(model_config_names())} "
         "or a path to a Hugging Face config.json"
     )
@@ -126,10 +128,10 @@ def resolve_pretrained(model_path: str) -> Path:
         path = path / "model"
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(f"{model_path} has no config.json; pass --model_path with a Hugging Face model directory")
+            raise UsageError(f"{model_path} has no config.json; pass --model_path with a Hugging Face model directory")
         return path
     if path.exists() or model_path.startswith((".", "/", "~")):
-        raise ValueError(
+        raise UsageError(
             f"model path {model_path} does not exist; pass --model_path with a model directory or hub name"
         )
     from huggingface_hub import snapshot_download
@@ -137,7 +139,7 @@ def resolve_pretrained(model_path: str) -> Path:
     try:
         return Path(snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.model"]))
     except Exception as e:
-        raise ValueError(
+        raise UsageError(
             f"could not download {model_path!r} from the Hugging Face hub ({type(e).__name__}); "
             "pass --model_path with a local directory (a checkpoint's step-<N> or an exported model)"
         ) from None
@@ -151,4 +153,4 @@ def weights_location(model_dir: Path) -> str:
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (model_dir / single).is_file():
             return str(model_dir / single)
-    raise ValueError(f"{model_dir} holds no model weights (*.safetensors or pytorch_model.bin)")
+    raise UsageError(f"{model_dir} holds no model weights (*.safetensors or pytorch_model.bin)")

@@ -9,12 +9,36 @@ inplace_sgd.py) for finetuning with the least memory.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-OPTIMIZER_NAMES = ["adamw", "hybrid_adam", "collage_light", "collage_plus", "sgd", "inplace_sgd"]
+from .collage import COLLAGE_MODES, CollageAdamW
+from .errors import UsageError
+from .inplace_sgd import DynamicLossScaler, InplaceSGD
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What the rest of the recipe must know about an optimizer."""
+
+    bf16_without_masters: bool = False  # keeps bf16 weights and states, no fp32 copy: needs -x pure_bf16
+    fused_update: bool = False  # updates each weight inside the backward pass (needs whole gradients)
+    fp32_states: bool = False  # always keeps fp32 states, so it cannot train pure bf16
+    monitored: bool = False  # can report --log_edq metrics
+
+
+OPTIMIZERS = {
+    "adamw": OptimizerSpec(),
+    "hybrid_adam": OptimizerSpec(fp32_states=True),
+    "collage_light": OptimizerSpec(bf16_without_masters=True, monitored=True),
+    "collage_plus": OptimizerSpec(bf16_without_masters=True, monitored=True),
+    "sgd": OptimizerSpec(),
+    "inplace_sgd": OptimizerSpec(fused_update=True),
+}
+OPTIMIZER_NAMES = list(OPTIMIZERS)
 BETA1 = 0.9  # LLaMA's AdamW betas were (0.9, 0.95); --beta2 sets the second
 FINAL_LR_FRACTION = 0.1
 
@@ -49,8 +73,6 @@ def build_optimizer(
     updates during backward where no plugin can step in; Collage takes `reference_multiply` and `monitor`."""
     groups, betas = parameter_groups(model, weight_decay), (BETA1, beta2)
     if name in ("collage_light", "collage_plus"):
-        from .collage import COLLAGE_MODES, CollageAdamW
-
         mode = COLLAGE_MODES[name]
         return CollageAdamW(
             groups, lr=lr, betas=betas, mode=mode, reference_multiply=reference_multiply, monitor=monitor
@@ -58,8 +80,6 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
     if name == "inplace_sgd":
-        from .inplace_sgd import DynamicLossScaler, InplaceSGD
-
         scaler = DynamicLossScaler() if fp16_loss_scaling else None
         return InplaceSGD(groups, lr=lr, max_norm=max_norm, loss_scaler=scaler, process_group=process_group)
     if name == "adamw":
@@ -70,7 +90,7 @@ def build_optimizer(
         from colossalai.nn.optimizer import HybridAdam
 
         return HybridAdam(groups, lr=lr, betas=betas, adamw_mode=True)
-    raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+    raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:

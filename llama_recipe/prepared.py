@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from . import data
-from .config import UsageError
-from .data import load_text_stream, tokenize_texts
+from .data import PREPARED_META, SKIPPED, is_prepared_dataset, load_text_stream, tokenize_texts
+from .errors import UsageError
 
-PREPARED_META = "meta.json"
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "doc_offsets.npy"
 FORMAT_VERSION = 1
@@ -44,11 +43,6 @@ _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # explicit byt
 def token_dtype(vocab_size: int) -> str:
     """The smallest dtype that holds every token id: uint16 halves the file for vocabularies up to 65536."""
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def is_prepared_dataset(path: str) -> bool:
-    """Whether `path` is a directory written by `prepare_dataset` (it holds meta.json)."""
-    return os.path.isfile(os.path.join(path, PREPARED_META))
 
 
 def read_meta(path: str) -> dict:
@@ -107,8 +101,6 @@ def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True
     skips them. Everything is written into the sibling `.OUT_DIR.tmp` and renamed into place at the end,
     so an interrupted prepare never leaves a directory that looks prepared.
     """
-    from tqdm import tqdm
-
     check_out_dir(out_dir, overwrite)
     out = Path(out_dir).expanduser().resolve()
     tmp = out.parent / f".{out.name}.tmp"
@@ -120,7 +112,7 @@ def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True
     dtype = token_dtype(vocab_size)
     raw_offsets = tmp / "doc_offsets.raw"  # offsets streamed here, turned into .npy once their number is known
     num_docs = num_tokens = skipped = 0
-    skipped_by_reader = sum(data.SKIPPED.values())  # a process-wide count: take the difference
+    skipped_by_reader = sum(SKIPPED.values())  # a process-wide count: take the difference
     start = time.perf_counter()
     try:
         stream = load_text_stream(dataset)
@@ -151,7 +143,7 @@ def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True
                 num_tokens += int(lengths.sum())
                 bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
             np.array([num_tokens], dtype="<i8").tofile(offsets_file)  # the final total closes the last document
-        skipped += sum(data.SKIPPED.values()) - skipped_by_reader
+        skipped += sum(SKIPPED.values()) - skipped_by_reader
         if num_docs == 0:
             raise UsageError(f"dataset {dataset!r} has no documents with non-empty text ({skipped} skipped)")
         _raw_to_npy(raw_offsets, tmp / OFFSETS_FILE, num_docs + 1)
@@ -225,7 +217,7 @@ class PreparedBatches:
 
     def __init__(self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int):
         if seq_len < 1 or batch_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"bad layout: seq_len={seq_len} batch_size={batch_size} dp_rank={dp_rank}/{dp_size}")
+            raise UsageError(f"bad layout: seq_len={seq_len} batch_size={batch_size} dp_rank={dp_rank}/{dp_size}")
         self.meta = read_meta(path)
         self.path = path
         self.seq_len = seq_len

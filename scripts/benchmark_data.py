@@ -17,12 +17,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from llama_recipe.config import SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER
+from llama_recipe.data import build_pretrain_batches, load_tokenizer
+from llama_recipe.prepared import PreparedBatches, prepare_dataset
 
-from llama_recipe.config import SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER  # noqa: E402
-from llama_recipe.data import build_pretrain_batches, load_tokenizer  # noqa: E402
-from llama_recipe.prepared import PreparedBatches, prepare_dataset  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def rate(batches, seq_len: int, batch_size: int, seconds: float) -> float:

@@ -19,10 +19,10 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from llama_recipe.metrics import read_scalars
 
-from llama_recipe.metrics import read_scalars  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
+
 
 VARIANTS = {  # label: pretrain.py flags
     "fp32 AdamW": ["-x", "fp32", "--optimizer", "adamw"],

@@ -6,12 +6,9 @@ python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.f
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_recipe.config import OneLineErrorParser, UsageError  # noqa: E402
-from llama_recipe.export import export_hf  # noqa: E402
+from llama_recipe.errors import OneLineErrorParser, UsageError
+from llama_recipe.export import export_hf
 
 
 def main() -> None:

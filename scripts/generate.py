@@ -12,9 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_recipe.config import OneLineErrorParser  # noqa: E402
+from llama_recipe.errors import EXIT_USAGE, OneLineErrorParser, UsageError
 
 
 def main() -> None:
@@ -33,9 +31,9 @@ def main() -> None:
         model_path = model_path.parent / model_path.read_text().strip()
     try:
         model_dir = resolve_pretrained(str(model_path))
-    except ValueError as e:
+    except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)
     tokenizer = load_model_tokenizer(model_dir)
     answers = generate_answers(str(model_dir), tokenizer, args.prompts, args.max_new_tokens)
     for prompt, answer in zip(args.prompts, answers, strict=True):

@@ -25,7 +25,6 @@ OPTIMIZERS = {"adamw": 1e-5, "sgd": 1e-2, "inplace_sgd": 1e-2}  # name: learning
 
 def build_model(args: argparse.Namespace, path: Path) -> int:
     """A random LLaMA saved as a Hugging Face directory; returns its parameter count."""
-    sys.path.insert(0, str(REPO))
     import torch
     from transformers import LlamaConfig
 

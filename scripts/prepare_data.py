@@ -6,11 +6,9 @@ python pretrain.py -d data/redpajama-prepared ...
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from llama_recipe.config import SHIPPED_TOKENIZER, OneLineErrorParser, UsageError  # noqa: E402
+from llama_recipe.config import SHIPPED_TOKENIZER
+from llama_recipe.errors import OneLineErrorParser, UsageError
 
 
 def main() -> None:

@@ -1,24 +1,55 @@
-"""Patches that let ColossalAI 0.5.0 booster plugins train on a CPU-only machine (gloo backend).
+"""Every change we make to ColossalAI, in one place. Each patch says what it fixes; all were
+written against colossalai==0.5.0 and replace internals by name, so they apply to that exact
+version only (`apply_patches` refuses another, in one line).
 
-ColossalAI picks its `CpuAccelerator` automatically when CUDA is absent, but several of that
-accelerator's methods raise "not supported", and a few code paths assume CUDA or NPU. Each patch
-below says what it fixes. They were written against colossalai==0.5.0 and are applied only when
-CUDA is absent and that exact version is installed: on a GPU machine ColossalAI runs unmodified.
-
-With these patches ddp, zero2, zero2_cpu and hybrid_parallel (tp and pp) train, save and load on
-CPU. Gemini cannot: its chunk manager uses the device strings "cpu"/"cuda" as placement states,
-which no small patch can untangle (see `plugins.py`, which refuses it with a clear message).
-Evidence: ../shared/notes/colossalai-on-cpu.md in the project's planning notes.
+1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`).
+2. On a CPU-only machine (gloo): ColossalAI picks its `CpuAccelerator` when CUDA is absent, but
+   several of its methods raise "not supported" and a few code paths assume CUDA or NPU. With these
+   patches ddp, zero2, zero2_cpu and hybrid_parallel (tp and pp) train, save and load on CPU.
+   Gemini cannot: its chunk manager uses the device strings "cpu"/"cuda" as placement states,
+   which no small patch can untangle (the plugin registry refuses it with a clear message).
+   On a GPU machine none of these apply and ColossalAI runs unmodified.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
+import torch.distributed as dist
+
+from .errors import UsageError
 
 PATCHED_FOR_VERSION = "0.5.0"
 _applied: list[str] = []
+
+
+class _CopyWithoutStateTensors:
+    """Stands in for the `copy` module inside colossalai.zero.low_level.low_level_optim (0.5.0).
+
+    `LowLevelZeroOptimizer.state_dict_shard()` and `.state_dict()` deep-copy each parameter's
+    optimizer state and then overwrite every tensor in the copy (except "step") with a freshly
+    gathered full tensor, so the first copy of the tensors is pure waste: with AdamW, twice the
+    model's size in extra memory and about 40% of the optimizer save time. This copies everything
+    but those tensors. (The module's third use, load_state_dict's copy of a whole state dict,
+    holds no tensors at its top level and is copied exactly as before.)
+    """
+
+    @staticmethod
+    def deepcopy(value, memo=None):
+        if not isinstance(value, dict):
+            return copy.deepcopy(value, memo)
+        return {
+            k: v if isinstance(v, torch.Tensor) and k != "step" else copy.deepcopy(v, memo) for k, v in value.items()
+        }
+
+
+def _patch_zero_optimizer_checkpoint_copies() -> None:
+    from colossalai.zero.low_level import low_level_optim
+
+    low_level_optim.copy = _CopyWithoutStateTensors
+    _applied.append("ZeRO optimizer state is not deep-copied before it is gathered for a checkpoint")
 
 
 class _NoOpEvent:
@@ -87,8 +118,6 @@ def _patch_accelerator_rng(accel) -> None:
 def _patch_pipeline_hccl() -> None:
     # pipeline/p2p.py asks torch.distributed.is_hccl_available() (a torch_npu API) when torch was
     # built without NCCL, and reads c10d.Backend.HCCL on NCCL builds with a gloo group.
-    import torch.distributed as dist
-
     if not hasattr(dist, "is_hccl_available"):
         dist.is_hccl_available = lambda: False
         _applied.append("torch.distributed.is_hccl_available stub")
@@ -134,29 +163,28 @@ def _patch_cpu_adam_build() -> None:
     _applied.append("CPU Adam extension builds from its portable C++ source")
 
 
-def apply_cpu_patches() -> list[str]:
-    """Patch ColossalAI for CPU-only training. Idempotent; returns the list of applied patches.
-
-    Does nothing when CUDA is available. Refuses to patch a ColossalAI version other than the one
-    the patches were written for, because they replace internals by name.
-    """
-    if torch.cuda.is_available() or _applied:
+def apply_patches(cpu_only: bool) -> list[str]:
+    """Apply our ColossalAI patches (the CPU ones only on a CPU-only machine). Idempotent; returns
+    what was applied."""
+    if _applied:
         return list(_applied)
     import colossalai
 
     if colossalai.__version__ != PATCHED_FOR_VERSION:
-        raise RuntimeError(
-            f"llama_recipe's CPU patches were written for colossalai=={PATCHED_FOR_VERSION}, "
+        raise UsageError(
+            f"llama_recipe's ColossalAI patches were written for colossalai=={PATCHED_FOR_VERSION}, "
             f"but {colossalai.__version__} is installed; install the pinned version "
-            "(pip install --no-deps -r requirements-colossalai.txt) or run on a GPU"
+            "(pip install --no-deps -r requirements-colossalai.txt)"
         )
-    from colossalai.accelerator.cpu_accelerator import CpuAccelerator
+    _patch_zero_optimizer_checkpoint_copies()
+    if cpu_only:
+        from colossalai.accelerator.cpu_accelerator import CpuAccelerator
 
-    _patch_accelerator_sync_and_memory(CpuAccelerator)
-    _patch_accelerator_streams(CpuAccelerator)
-    _patch_accelerator_rng(CpuAccelerator)
-    _patch_pipeline_hccl()
-    _patch_record_stream()
-    _patch_zero_sanity_check()
-    _patch_cpu_adam_build()
+        _patch_accelerator_sync_and_memory(CpuAccelerator)
+        _patch_accelerator_streams(CpuAccelerator)
+        _patch_accelerator_rng(CpuAccelerator)
+        _patch_pipeline_hccl()
+        _patch_record_stream()
+        _patch_zero_sanity_check()
+        _patch_cpu_adam_build()
     return list(_applied)

@@ -1,0 +1,176 @@
+"""The layout a run trains in (`Parallelism`), and the few things that differ between plugins in a
+training step: model init, autocast, skipping gradient sync while accumulating, backward, the
+optimizer step with its gradient norm, pipeline execution, and means over data-parallel replicas.
+
+Every difference is read from the plugin's `PluginSpec` (plugins.py), never from its name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import TrainConfig
+from .distributed import device
+from .optim import OPTIMIZERS
+from .plugins import PluginSpec, check_layout, create_plugin, plugin_spec, resolve_optimizer, resolve_precision
+
+
+@dataclass
+class Parallelism:
+    """What the training loop needs to know about the layout it runs in."""
+
+    booster: object
+    plugin: object
+    spec: PluginSpec
+    precision: str
+    optimizer: str
+    dp_rank: int
+    dp_size: int
+    max_norm: float = 0.0  # --grad_clip: given to the plugin at build, used by `step` and in-place SGD
+    dp_group: object | None = None  # None: the whole world
+    pp_group: object | None = None  # None: no pipeline
+
+    @property
+    def pipeline(self) -> bool:
+        return self.pp_group is not None
+
+    @property
+    def is_last_pipeline_stage(self) -> bool:
+        return not self.pipeline or self.plugin.stage_manager.is_last_stage()
+
+    @property
+    def fused_update(self) -> bool:
+        """The optimizer updates the weights during backward (inplace_sgd)."""
+        return OPTIMIZERS[self.optimizer].fused_update
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """The dtype the model is built in when no fp32 master copy may exist: pure bf16, and fp16 with
+        inplace_sgd (LOMO's fp16 weights with dynamic loss scaling). None: fp32, and the plugin decides."""
+        if self.precision == "pure_bf16":
+            return torch.bfloat16
+        if self.precision == "fp16" and self.fused_update:
+            return torch.float16
+        return None
+
+    def model_init_context(self):
+        """Gemini and hybrid_parallel can materialise weights lazily, shard by shard, so a 70B model
+        never sits whole in one process. (LazyInit with LowLevelZero hits a RecursionError in 0.5.0.)
+        Not for 16-bit weights without masters: lazy tensors materialise in fp32 whatever dtype they
+        were built in, so those models are built whole, directly in bf16/fp16, then sharded."""
+        if self.spec.lazy_init and self.weight_dtype is None:
+            from colossalai.lazy import LazyInitContext
+
+            return LazyInitContext(default_device=device())
+        return contextlib.nullcontext()
+
+    def boost(self, model: torch.nn.Module, optimizer, lr_scheduler):
+        """Wrap model, optimizer and schedule in the plugin's machinery."""
+        if self.fused_update:
+            _keep_ddp_buckets_small(model)
+        model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        return model, optimizer, lr_scheduler
+
+    def forward_context(self):
+        """bf16 autocast where the plugin leaves precision alone (ddp); the others cast the model themselves."""
+        if self.spec.autocast_bf16 and self.precision == "bf16":
+            return torch.autocast(device_type=device().type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def no_sync(self, model, optimizer, is_last_micro_step: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps where the plugin allows it.
+        (ZeRO-2 reduce-scatters every micro-step by design; it still accumulates correctly.)
+        inplace_sgd always runs outside DDP's reducer: it all-reduces each gradient itself, in its hook."""
+        if self.fused_update and dist.get_world_size() > 1:
+            return self.booster.no_sync(model, optimizer)
+        if is_last_micro_step or self.spec.syncs_every_micro_step or not self.plugin.support_no_sync():
+            return contextlib.nullcontext()
+        return self.booster.no_sync(model, optimizer)
+
+    def backward(self, loss: torch.Tensor, optimizer) -> None:
+        if self.fused_update:
+            unwrap_optimizer(optimizer).fused_backward(loss)  # backward and update, parameter by parameter
+        else:
+            self.booster.backward(loss, optimizer)
+
+    def step(self, optimizer) -> float | None:
+        """Clip, step, and return the global gradient norm (before clipping) where it is known.
+
+        ColossalAI's optimizer wrappers clip inside `step()` (the plugin got max_norm) and remember
+        the norm; torch DDP's does neither, so we clip here. inplace_sgd already clipped and
+        stepped inside its backward pass.
+        """
+        if self.fused_update:
+            return unwrap_optimizer(optimizer).last_grad_norm
+        if not self.spec.clips_in_step:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
+            optimizer.step()
+            return float(norm)
+        optimizer.step()
+        norm = optimizer.get_grad_norm()
+        return None if norm is None else float(norm)
+
+    def run_pipeline(self, model, optimizer, batch: dict) -> torch.Tensor | None:
+        """One forward (and, with an optimizer, backward) of a pipelined batch: the loss on the last
+        stage, None elsewhere."""
+        outputs = self.booster.execute_pipeline(
+            iter([batch]), model, criterion=lambda out, _inputs: out.loss, optimizer=optimizer, return_loss=True
+        )
+        return outputs["loss"] if self.is_last_pipeline_stage else None
+
+    def mean_across_replicas(self, *values: torch.Tensor | float | None) -> list[float]:
+        """Average per-rank numbers over data-parallel replicas, in one all-reduce, so every rank sees
+        the same numbers. With a pipeline only the last stage's numbers count (the others have no loss;
+        pass None): they are zeroed elsewhere, and the sum over the pipeline group copies them to every stage."""
+        t = torch.stack(
+            [
+                torch.as_tensor(0.0 if v is None else v, dtype=torch.float32).detach().to(device()).reshape(())
+                for v in values
+            ]
+        )
+        if not self.is_last_pipeline_stage:
+            t.zero_()
+        if self.pipeline:
+            dist.all_reduce(t, group=self.pp_group)
+        dist.all_reduce(t, group=self.dp_group)
+        return (t / self.dp_size).tolist()
+
+
+def build_parallelism(cfg: TrainConfig) -> Parallelism:
+    """The plugin and Booster for `cfg`, and this rank's place in the layout. Needs the process group."""
+    check_layout(cfg, dist.get_world_size())
+    spec = plugin_spec(cfg.parallel.plugin)
+    precision, optimizer = resolve_precision(cfg), resolve_optimizer(cfg)
+    plugin, booster_precision = create_plugin(cfg, precision)
+    if spec.uses_booster:
+        from colossalai.booster import Booster
+
+        booster = Booster(plugin=plugin, mixed_precision=booster_precision)
+    else:
+        booster = plugin
+    dp_group = plugin.dp_group if spec.model_parallel else None
+    pp_group = plugin.pp_group if spec.model_parallel and cfg.parallel.pp > 1 else None
+    dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
+    max_norm = cfg.optim.grad_clip
+    return Parallelism(booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group)
+
+
+def unwrap_optimizer(optimizer):
+    """Our optimizer inside the booster's wrapper (ColossalAI wrappers keep it as `.optim`)."""
+    return optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
+
+
+def _keep_ddp_buckets_small(model: torch.nn.Module) -> None:
+    """For inplace_sgd under torch DDP. DDP allocates gradient buckets as large as the model when it
+    wraps it, which is the memory in-place SGD exists to avoid, and our optimizer's hooks all-reduce
+    each gradient themselves (DDP only runs in no_sync). So DDP is told to ignore every parameter
+    but the smallest (it refuses a model with nothing to synchronise). Call before wrapping."""
+    names = [name for name, _ in model.named_parameters()]
+    smallest = min(model.named_parameters(), key=lambda item: item[1].numel())[0]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n in names if n != smallest])

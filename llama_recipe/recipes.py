@@ -1,0 +1,143 @@
+"""The two recipes: each decides where the model shape, the starting weights and the batches come
+from, then hands them to the shared loop (`trainer.fit`)."""
+
+from __future__ import annotations
+
+import math
+
+from .config import SHIPPED_TOKENIZER, TrainConfig
+from .data import (
+    SKIPPED,
+    Prefetcher,
+    SyntheticBatches,
+    build_pretrain_batches,
+    count_tokens,
+    dataset_kind,
+    load_model_tokenizer,
+    load_tokenizer,
+)
+from .distributed import fewest_across_ranks, is_main_process, launch, print_main, rank
+from .errors import UsageError
+from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
+from .model import get_model_config, resolve_pretrained, weights_location
+from .parallel import Parallelism, build_parallelism
+from .prepared import PreparedBatches, check_prepared_tokenizer
+from .trainer import RunPlan, fit
+
+
+def pretrain(cfg: TrainConfig) -> dict:
+    """Pretrain a randomly initialised model on packed text."""
+    launch(cfg.training.seed)
+    par = build_parallelism(cfg)
+    model_config = get_model_config(cfg.model.config)
+    tokenizer = load_tokenizer(cfg.data.tokenizer or str(SHIPPED_TOKENIZER))
+    if len(tokenizer) > model_config.vocab_size:
+        raise UsageError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model {model_config.vocab_size}; match -c and --tokenizer"
+        )
+    seq_len = cfg.data.max_length or model_config.max_position_embeddings
+    batches, total_steps = pretrain_batches(cfg, par, tokenizer, model_config.vocab_size, seq_len)
+    batches = Prefetcher(batches)  # prepares the next batches while the model trains
+    try:
+        plan = RunPlan(model_config, batches, total_steps, cfg.optim.warmup_steps, tokenizer, seq_len, "pretraining")
+        summary = fit(cfg, par, plan)
+    finally:
+        batches.close()
+    if SKIPPED:
+        details = ", ".join(f"{n} {reason}" for reason, n in SKIPPED.items())
+        print(
+            f"warning (rank {rank()}): skipped {sum(SKIPPED.values())} unusable data lines while training "
+            f"({details}; a line read in several epochs counts each time)"
+        )
+    return summary
+
+
+def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: int, seq_len: int):
+    """This replica's batches for `-d`, and the run's length in optimizer steps."""
+    data, training = cfg.data, cfg.training
+    kind = dataset_kind(data.dataset)
+    rows_per_step = training.batch_size * training.accumulation_steps
+    steps_per_epoch = None
+    if kind == "synthetic":
+        if not training.max_steps:
+            raise UsageError("-d synthetic has no epochs; pass --max_steps")
+        batches = SyntheticBatches(vocab_size, seq_len, training.batch_size, seed=training.seed + par.dp_rank)
+    elif kind == "prepared":
+        check_prepared_tokenizer(data.dataset, tokenizer)
+        batches = PreparedBatches(data.dataset, seq_len, training.batch_size, par.dp_rank, par.dp_size)
+        steps_per_epoch = batches.rows_per_replica // rows_per_step
+    else:
+        batches = build_pretrain_batches(
+            data.dataset, tokenizer, seq_len, training.batch_size, par.dp_rank, par.dp_size, data.data_mix
+        )
+    if training.max_steps:
+        return batches, training.max_steps
+    if steps_per_epoch is None:  # a token count of this replica's stream (the replica with the least data decides)
+        tokens = count_tokens(data.dataset, tokenizer, par.dp_rank, par.dp_size, progress=is_main_process())
+        steps_per_epoch = fewest_across_ranks(tokens // seq_len // rows_per_step)
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"the data holds fewer than {seq_len * rows_per_step} tokens per replica, not enough for one step; "
+            "lower -b/-l/--accumulation_steps or add data"
+        )
+    return batches, steps_per_epoch * training.num_epochs
+
+
+def finetune(cfg: TrainConfig) -> dict:
+    """Finetune pretrained weights on prompt/completion pairs, with the loss on completions only."""
+    launch(cfg.training.seed)
+    par = build_parallelism(cfg)
+    data, training = cfg.data, cfg.training
+    model_dir = resolve_pretrained(cfg.model.model_path)
+    model_config = get_model_config(str(model_dir))
+    tokenizer = load_model_tokenizer(model_dir, data.tokenizer)
+    max_length = data.max_length or model_config.max_position_embeddings
+    rows, held_out_rows = split_held_out(
+        load_instruction_rows(data.dataset, data.task_name), data.eval_split, training.seed
+    )
+    batches = InstructionBatches(
+        rows, tokenizer, max_length, training.batch_size, par.dp_rank, par.dp_size, training.seed,
+        pad_to_max_length=par.pipeline, pack=data.pack_examples,
+    )  # fmt: skip
+    held_out = held_out_batches(
+        held_out_rows, tokenizer, max_length, training.batch_size, par.dp_rank, par.dp_size, par.pipeline
+    )
+    # packed rows differ per replica; all must run the same steps
+    total_steps = training.max_steps or (
+        fewest_across_ranks(batches.steps_per_epoch // training.accumulation_steps) * training.num_epochs
+    )
+    if total_steps == 0:
+        raise UsageError("the dataset is too small for one step; lower -b or --accumulation_steps")
+    print_main(
+        f"finetuning on {len(rows):,} examples of {data.dataset} ({data.task_name}), {len(held_out_rows)} held out, "
+        f"{max_length} tokens max" + (", several examples per row (--pack_examples)" if data.pack_examples else "")
+    )
+    warmup_steps = math.ceil(cfg.optim.warmup_ratio * total_steps)
+    plan = RunPlan(
+        model_config, batches, total_steps, warmup_steps, tokenizer, max_length, "finetuning",
+        initial_weights=weights_location(model_dir), held_out=held_out,
+    )  # fmt: skip
+    summary = fit(cfg, par, plan)
+    if is_main_process() and summary["checkpoint"] and held_out_rows:
+        summary["generations"] = show_answers(cfg, summary, tokenizer, [r["prompt"] for r in held_out_rows[:3]])
+    if batches.truncated:
+        print_main(
+            f"note: {batches.truncated} examples on rank 0 were longer than -l {max_length}; their prompts were cut"
+        )
+    return summary
+
+
+def show_answers(cfg: TrainConfig, summary: dict, tokenizer, prompts: list[str]) -> list[tuple[str, str]]:
+    """Show what finetuning did: the final checkpoint's greedy answers to held-out prompts (printed,
+    and in TensorBoard's text tab)."""
+    answers = generate_answers(f"{summary['checkpoint']}/model", tokenizer, prompts)
+    generations = list(zip(prompts, answers, strict=True))
+    for prompt, answer in generations:
+        print(f"--- held-out prompt:\n{prompt.strip()}\n--- model answer:\n{answer}")
+    if cfg.logging.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter  # optional heavy dependency: only when used
+
+        with SummaryWriter(cfg.logging.tensorboard_dir) as writer:
+            for i, (prompt, answer) in enumerate(generations):
+                writer.add_text(f"generation/{i}", f"**prompt**: {prompt}\n\n**answer**: {answer}", summary["steps"])
+    return generations
