@@ -1,54 +1,42 @@
-"""Shared helpers: launch the real scripts with torchrun on CPU, read back TensorBoard scalars."""
+"""The test harness: one way to launch the real scripts (in-process for one process, torchrun for
+several, free ports always), shared fixtures, and TensorBoard scalars read back.
+
+Every test that starts a process must be marked `multiprocess` (the launcher checks), so
+`make test-fast` (`-m "not multiprocess"`) really runs in one process.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import runpy
+import signal
 import subprocess
 import sys
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 
+import psutil
 import pytest
 
+from llama_recipe.distributed import free_port
 from llama_recipe.metrics import read_scalars  # noqa: F401  (the tests import it from here)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "redpajama-sample"
+INSTRUCT_DATA = REPO / "data" / "self_instruct"
+TOKENIZER = str(REPO / "data" / "llama-tokenizer")
 PYTHON_BIN = Path(sys.executable).parent
 TINY_RUN = ["-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3"]
+_current_markers: set[str] = set()
 
 
-def script_env() -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PATH"] = f"{PYTHON_BIN}{os.pathsep}{env.get('PATH', '')}"  # torchrun / colossalai of this venv
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def run_script(script: str, args: list[str], nproc: int = 1, env: dict | None = None, timeout: int = 300):
-    """Run a top-level script, under torchrun when nproc > 1. Returns the CompletedProcess."""
-    if nproc > 1:
-        cmd = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), script, *args]
-    else:
-        cmd = [sys.executable, script, *args]
-    return subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def check_ok(proc) -> None:
-    assert proc.returncode == 0, (
-        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
-    )
-
-
-def expect_one_line_error(proc, *keywords: str) -> str:
-    """Bad input: exit code 2, exactly one line on stderr starting with "error:", naming each keyword; no traceback."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for keyword in keywords:
-        assert keyword in lines[0], lines[0]
-    return lines[0]
+def pytest_runtest_setup(item):
+    """Remember the running test's markers (before any of its fixtures), so `launch` can refuse an unmarked test."""
+    _current_markers.clear()
+    _current_markers.update(m.name for m in item.iter_markers())
 
 
 @pytest.fixture(autouse=True)
@@ -58,3 +46,219 @@ def _restore_torch_state():
     dtype = torch.get_default_dtype()
     yield
     torch.set_default_dtype(dtype)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The shipped LLaMA tokenizer, loaded once."""
+    from llama_recipe.data import load_tokenizer
+
+    return load_tokenizer(TOKENIZER)
+
+
+def write_jsonl(path: Path, rows: list[dict | str]) -> Path:
+    """One JSON object per line; plain strings become {"text": ..., "meta": {"n": i}} (RedPajama's layout)."""
+    lines = [
+        json.dumps(row if isinstance(row, dict) else {"text": row, "meta": {"n": i}}) for i, row in enumerate(rows)
+    ]
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def script_env(**extra: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env["PATH"] = f"{PYTHON_BIN}{os.pathsep}{env.get('PATH', '')}"  # torchrun / colossalai of this venv
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def _command(script: str, args: list[str], nproc: int, launcher: str) -> list[str]:
+    if launcher == "colossalai":  # the cluster launcher, on one machine
+        return [str(PYTHON_BIN / "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port",
+                str(free_port()), script, *args]  # fmt: skip
+    if nproc > 1:
+        rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+        return [
+            str(PYTHON_BIN / "torchrun"),
+            *rendezvous,
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            str(nproc),
+            script,
+            *args,
+        ]
+    return [sys.executable, script, *args]
+
+
+def launch(
+    script: str,
+    args: list[str],
+    nproc: int = 1,
+    env: dict | None = None,
+    timeout: int = 300,
+    launcher: str = "torchrun",
+    log: Path | None = None,
+):
+    """Run a script of the repo as users do: `python script` for one process, torchrun (or
+    `colossalai run`) for several, on free loopback ports. With `log`, start it in the background
+    and return the Popen (output to `log`); otherwise wait and return the CompletedProcess."""
+    assert "multiprocess" in _current_markers, "a test that launches processes must be marked multiprocess"
+    cmd = _command(script, args, nproc, launcher)
+    if log is not None:
+        return subprocess.Popen(cmd, cwd=REPO, env=env or script_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def signal_job(job: subprocess.Popen, sig: int) -> None:
+    """Signal a launched job and every worker, as a scheduler does (torchrun starts workers in their own sessions)."""
+    parent = psutil.Process(job.pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.fixture
+def background_jobs():
+    """Jobs a test starts in the background; whatever is still running at the end is killed."""
+    jobs: list[subprocess.Popen] = []
+    yield jobs
+    for job in jobs:
+        if job.poll() is None:
+            signal_job(job, signal.SIGKILL)
+            job.wait(timeout=60)
+
+
+@dataclass
+class InProcessRun:
+    """What `run_in_process` returns: the exit code and output, as a subprocess would have them."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_in_process(script: str, args: list[str], env: dict[str, str] | None = None) -> InProcessRun:
+    """Run a script of the repo (pretrain.py, scripts/export_hf.py, ...) in this process, as one
+    rank: its own code from the top (`runpy`), without paying a new interpreter's imports. The
+    environment variables a launch sets, the thread count and the process group are put back
+    afterwards."""
+    import torch
+    import torch.distributed as dist
+
+    keys = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", *(env or {})}
+    saved = {k: os.environ.get(k) for k in keys}
+    for key in saved:
+        os.environ.pop(key, None)
+    os.environ.update(env or {})  # e.g. WORLD_SIZE, as a launcher would set it
+    threads, argv = torch.get_num_threads(), sys.argv
+    torch.set_num_threads(1)  # as the launched scripts run (OMP_NUM_THREADS=1): the same arithmetic
+    out, err, code = StringIO(), StringIO(), 0
+    sys.argv = [str(REPO / script), *args]
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        if dist.is_initialized():  # a failed run leaves its group (as a real process would at exit)
+            dist.destroy_process_group()
+        torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    return InProcessRun(code, out.getvalue(), err.getvalue())
+
+
+@contextmanager
+def one_rank_process_group():
+    """This process as a 1-rank ColossalAI process group (patches applied), for in-process checks."""
+    import torch.distributed as dist
+
+    from llama_recipe.distributed import launch as join_process_group
+
+    saved = {k: os.environ.pop(k, None) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    try:
+        join_process_group(seed=0)
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
+
+
+def check_ok(proc) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    )
+
+
+def expect_one_line_error(proc, *keywords: str, code: int = 2) -> str:
+    """Bad input: exit code 2, exactly one line on stderr starting with "error:", naming each keyword; no traceback."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    for keyword in keywords:
+        assert keyword in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin matrix: each layout trains once per session, shared by the tests that need it.
+
+LAYOUTS = {
+    "ddp": ["-p", "ddp"],
+    "zero2": ["-p", "zero2"],
+    "zero2_cpu": ["-p", "zero2_cpu"],
+    "tp2": ["-p", "hybrid_parallel", "--tp", "2"],
+    "pp2": ["-p", "hybrid_parallel", "--pp", "2"],
+}
+DP_SIZE = {"ddp": 2, "zero2": 2, "zero2_cpu": 2, "tp2": 1, "pp2": 1}
+STEPS, RESUME_FROM = 6, 3
+# zero2 also serves the checkpoint tests: a checkpoint every step, the newest 4 kept (step-3 .. step-6)
+SAVES = {"zero2": ["-i", "1", "--keep_last", "4"]}
+LAUNCHER = {"ddp": "colossalai"}  # ddp's run goes through `colossalai run`, the cluster launcher
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory):
+    """`layout_runs(name)`: 6 steps of `pretrain.py` on 2 processes with a checkpoint at step 3, then
+    a second launch resuming from step 3 to step 6. Runs once per layout, when first asked for."""
+    cache = {}
+
+    def get(layout: str) -> dict:
+        if layout not in cache:
+            root = tmp_path_factory.mktemp(layout)
+            common = [*TINY_RUN, *LAYOUTS[layout], "-o", str(root / "ckpt"), "--max_steps", str(STEPS)]
+            saves = SAVES.get(layout, ["-i", str(RESUME_FROM)])
+            full = launch(
+                "pretrain.py",
+                [*common, *saves, "-t", str(root / "tb")],
+                nproc=2,
+                launcher=LAUNCHER.get(layout, "torchrun"),
+            )
+            check_ok(full)
+            resume = ["-i", "0", "-t", str(root / "tb_resumed"), "-f", str(root / "ckpt" / f"step-{RESUME_FROM}")]
+            resumed = launch("pretrain.py", [*common, *resume], nproc=2)
+            check_ok(resumed)
+            cache[layout] = dict(
+                root=root,
+                launcher=LAUNCHER.get(layout, "torchrun"),
+                stdout=full.stdout + resumed.stdout,
+                losses=read_scalars(root / "tb"),
+                resumed_losses=read_scalars(root / "tb_resumed"),
+            )
+        return cache[layout]
+
+    return get

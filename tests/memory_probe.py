@@ -1,38 +1,53 @@
-"""Run under torchrun by test_collage_training.py: build and boost the model exactly as training
-does, take one optimizer step (so the optimizer states exist) and one more forward/backward (so the
-gradients exist too), then write the bytes of every tensor reachable from the boosted model and
-optimizer, by dtype, to $MEMORY_PROBE_OUT/rank-<R>.json. Arguments: pretrain.py's flags."""
+"""Build and boost the model exactly as training does, take one optimizer step (so the optimizer
+states exist) and one more forward/backward (so the gradients exist too), then count the bytes of
+every tensor reachable from the boosted model and optimizer, by dtype.
+
+In-process (test_collage_training.py calls `measure`), or for several ranks under torchrun:
+    memory_probe.py OUT_DIR PRETRAIN_FLAGS... [-- PRETRAIN_FLAGS...]
+which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json.
+"""
 
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
-from llama_recipe import plugins
-from llama_recipe.config import parse_pretrain_args
+from llama_recipe.cli import parse_args
 from llama_recipe.data import SyntheticBatches
+from llama_recipe.distributed import launch
 from llama_recipe.metrics import tensor_bytes_by_dtype
 from llama_recipe.model import count_parameters, get_model_config
-from llama_recipe.trainer import build_boosted, train_step
+from llama_recipe.parallel import build_parallelism
+from llama_recipe.trainer import build_boosted, forward_backward
 
-cfg = parse_pretrain_args(sys.argv[1:])
-plugins.launch(cfg.seed)
-par = plugins.build_parallelism(cfg)
-model_config = get_model_config(cfg.config)
-model, optimizer, _ = build_boosted(cfg, par, model_config, "sdpa", warmup_steps=0, total_steps=10)
-batches = SyntheticBatches(model_config.vocab_size, cfg.max_length, cfg.batch_size, seed=cfg.seed + par.dp_rank)
-train_step(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-plugins.step_optimizer(par, optimizer, cfg.grad_clip)
-optimizer.zero_grad()
-train_step(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-report = dict(
-    rank=dist.get_rank(),
-    parameters=count_parameters(model_config),
-    bytes=tensor_bytes_by_dtype(model, optimizer),
-    param_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
-)
-Path(os.environ["MEMORY_PROBE_OUT"], f"rank-{dist.get_rank()}.json").write_text(json.dumps(report))
-dist.barrier()
-dist.destroy_process_group()
+
+def measure(argv: list[str]) -> dict:
+    """Needs a process group. `argv`: pretrain.py's flags."""
+    cfg = parse_args("pretrain", argv)
+    par = build_parallelism(cfg)
+    model_config = get_model_config(cfg.model.config)
+    model, optimizer, _ = build_boosted(cfg, par, model_config, "sdpa", warmup_steps=0, total_steps=10)
+    batches = SyntheticBatches(
+        model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
+    )
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    par.step(optimizer)
+    optimizer.zero_grad()
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    return dict(
+        rank=dist.get_rank(),
+        parameters=count_parameters(model_config),
+        bytes=tensor_bytes_by_dtype(model, optimizer),
+        param_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
+    )
+
+
+if __name__ == "__main__":
+    out, cases = Path(sys.argv[1]), " ".join(sys.argv[2:]).split(" -- ")
+    launch(seed=42)
+    for index, case in enumerate(cases):
+        report = measure(case.split())
+        (out / f"{index}-rank-{dist.get_rank()}.json").write_text(json.dumps(report))
+    dist.barrier()
+    dist.destroy_process_group()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_RUN, check_ok, expect_one_line_error, read_scalars, run_script
+from conftest import TINY_RUN, check_ok, read_scalars, run_in_process
 
 from llama_recipe.attention import (
     document_causal_mask,
@@ -90,22 +90,16 @@ def test_flash_request_falls_back_with_a_message_without_flash_attn():
     assert select_attention(False) == ("sdpa", None)
 
 
-@pytest.mark.multiprocess
 def test_pretrain_with_document_attention_trains_and_says_which_kernel(tmp_path):
+    """(With hybrid_parallel it is refused in one line: test_bad_input.py.)"""
     args = [*TINY_RUN, "-p", "zero2", "-a", "--document_attention", "--max_steps", "4", "-o", str(tmp_path / "c")]
-    proc = run_script("pretrain.py", [*args, "-t", str(tmp_path / "tb")], nproc=2)
+    proc = run_in_process("pretrain.py", [*args, "-t", str(tmp_path / "tb")])
     check_ok(proc)
     if not flash_attn_available():
         assert "uses PyTorch SDPA attention instead" in proc.stdout
     assert "attention confined to documents" in proc.stdout
     losses = read_scalars(tmp_path / "tb")
     assert losses[4] < losses[1]
-
-
-def test_document_attention_with_hybrid_parallel_is_refused(tmp_path):
-    args = [*TINY_RUN, "-p", "hybrid_parallel", "--tp", "2", "--document_attention", "-o", str(tmp_path / "c")]
-    proc = run_script("pretrain.py", args)
-    expect_one_line_error(proc, "--document_attention", "hybrid_parallel")
 
 
 @pytest.mark.gpu

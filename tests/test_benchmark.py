@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import check_ok, run_script
+from conftest import check_ok, launch
 
 from llama_recipe.metrics import training_flops_per_token
 from llama_recipe.model import count_parameters, get_model_config
@@ -26,14 +26,24 @@ def test_flops_formula_against_parameter_count():
     assert training_flops_per_token(get_model_config("llama2-7b"), 4096) == 39_642_464_256 + 3_221_225_472
 
 
+@pytest.fixture(scope="module")
+def benchmark_rows(tmp_path_factory) -> dict[str, dict]:
+    """benchmark.py under ddp and under -p none (plain PyTorch), 2 processes, one results file."""
+    results = tmp_path_factory.mktemp("benchmark") / "results.jsonl"
+    for plugin in ("none", "ddp"):
+        args = ["-c", "tiny", "-p", plugin, "-l", "128", "-b", "2", "-s", "4", "-i", "1", "--results", str(results)]
+        proc = launch("benchmark.py", args, nproc=2)
+        check_ok(proc)
+        assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    return {row["plugin"]: row for row in rows}
+
+
 @pytest.mark.multiprocess
-def test_benchmark_reports_a_results_line(tmp_path):
-    results = tmp_path / "results.jsonl"
-    args = ["-c", "tiny", "-p", "zero2", "-l", "128", "-b", "2", "-s", "4", "-i", "1", "--results", str(results)]
-    proc = run_script("benchmark.py", args, nproc=2)
-    check_ok(proc)
-    row = json.loads(results.read_text())
-    assert row["plugin"] == "zero2" and row["world_size"] == 2 and row["dp_size"] == 2
+def test_benchmark_reports_a_results_line(benchmark_rows):
+    row = benchmark_rows["ddp"]
+    assert row["plugin"] == "ddp" and row["world_size"] == 2 and row["dp_size"] == 2 and row["seq_len"] == 128
+    assert len(row["losses"]) == 4  # -s/--num_steps 4
     assert row["tokens_per_s"] == pytest.approx(2 * 2 * 128 / row["step_s_median"])  # 2 replicas x 2 x 128 tokens
     assert row["tgs"] == pytest.approx(row["tokens_per_s"] / 2)
     flops = training_flops_per_token(get_model_config("tiny"), 128)
@@ -43,16 +53,21 @@ def test_benchmark_reports_a_results_line(tmp_path):
     assert set(parts) == {"data", "forward_backward", "optimizer", "other"} and min(parts.values()) >= 0
     assert parts["forward_backward"] == max(parts.values())  # the model's own work dominates a step
     assert 0 <= row["outside_model_fraction"] < 0.5
-    assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout
 
 
 @pytest.mark.multiprocess
-def test_plain_pytorch_baseline_matches_ddp(tmp_path):
+def test_plain_pytorch_baseline_matches_ddp(benchmark_rows):
     """`-p none` is the loop without ColossalAI; on the same batches it must give ddp's losses."""
-    results = tmp_path / "results.jsonl"
-    for plugin in ("none", "ddp"):
-        args = ["-c", "tiny", "-p", plugin, "-l", "128", "-b", "2", "-s", "3", "-i", "1", "--results", str(results)]
-        check_ok(run_script("benchmark.py", args, nproc=2))
-    none, ddp = (json.loads(line) for line in results.read_text().splitlines())
-    assert none["plugin"] == "none" and ddp["plugin"] == "ddp"
-    assert none["losses"] == pytest.approx(ddp["losses"], abs=1e-6)
+    assert benchmark_rows["none"]["losses"] == pytest.approx(benchmark_rows["ddp"]["losses"], abs=1e-6)
+
+
+def test_benchmark_flags_keep_the_reference_spellings():
+    """benchmark.py shares pretrain.py's parser but keeps the ColossalAI benchmark's -s/-i/-w meanings."""
+    from llama_recipe.cli import parse_args
+
+    cfg = parse_args("benchmark", ["-s", "7", "-i", "3", "-w", "0.5", "--mbs", "2", "--zero", "1", "-p", "none"])
+    assert (cfg.training.max_steps, cfg.logging.ignore_steps, cfg.parallel.gemini_warmup_ratio) == (7, 3, 0.5)
+    assert (cfg.parallel.microbatch_size, cfg.parallel.zero_stage, cfg.parallel.plugin) == (2, 1, "none")
+    assert cfg.data.dataset == "synthetic" and cfg.optim.warmup_steps == 0 and cfg.checkpoint.save_dir == ""
+    pretrain = parse_args("pretrain", ["-s", "7", "-i", "3", "-w", "0.5"])
+    assert (pretrain.optim.warmup_steps, pretrain.checkpoint.save_interval, pretrain.optim.weight_decay) == (7, 3, 0.5)

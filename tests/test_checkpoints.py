@@ -1,12 +1,11 @@
 """Checkpoints users can trust: atomic saves, `latest`, keep-last-k, SIGTERM, kill -9, HF export,
-loading across layouts, and one-line errors for bad checkpoints. Real runs, 2 processes, on CPU."""
+loading across layouts, a non-finite loss, and one-line errors for bad checkpoints. Real runs on CPU."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,35 +13,17 @@ import pytest
 import torch
 from conftest import (
     DATA,
-    PYTHON_BIN,
-    REPO,
+    STEPS,
     TINY_RUN,
     check_ok,
     expect_one_line_error,
+    launch,
     read_scalars,
-    run_script,
-    script_env,
+    run_in_process,
+    signal_job,
 )
 
-pytestmark = pytest.mark.multiprocess
-
-
-def launch_in_background(args: list[str], log: Path) -> subprocess.Popen:
-    """torchrun with its workers, in the background."""
-    cmd = [str(PYTHON_BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "pretrain.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=script_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
-
-
-def signal_job(job: subprocess.Popen, sig: int) -> None:
-    """Signal torchrun and every worker, as a scheduler does (torchrun starts workers in their own sessions)."""
-    import psutil
-
-    parent = psutil.Process(job.pid)
-    for process in [*parent.children(recursive=True), parent]:
-        try:
-            process.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
+from llama_recipe.data import build_pretrain_batches
 
 
 def latest_checkpoint(save_dir: Path) -> Path:
@@ -50,47 +31,32 @@ def latest_checkpoint(save_dir: Path) -> Path:
 
 
 @pytest.fixture
-def background_jobs():
-    """Jobs a test starts in the background; whatever is still running at the end is killed."""
-    jobs: list[subprocess.Popen] = []
-    yield jobs
-    for job in jobs:
-        if job.poll() is None:
-            signal_job(job, signal.SIGKILL)
-            job.wait(timeout=60)
+def zero2_run(layout_runs) -> Path:
+    """conftest's zero2 run: 6 steps on 2 processes, a checkpoint every step, keeping the newest 4."""
+    return layout_runs("zero2")["root"]
 
 
-@pytest.fixture(scope="module")
-def zero2_run(tmp_path_factory):
-    """4 steps of zero2 on 2 processes, a checkpoint every step, keeping the newest 2."""
-    root = tmp_path_factory.mktemp("zero2")
-    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "4", "-i", "1", "--keep_last", "2"]
-    check_ok(run_script("pretrain.py", [*args, "-o", str(root / "ckpt"), "-t", str(root / "tb")], nproc=2))
-    return root
-
-
+@pytest.mark.multiprocess
 def test_keep_last_keeps_exactly_k_and_latest_points_to_the_newest(zero2_run):
     ckpt = zero2_run / "ckpt"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-3", "step-4"]
-    assert latest_checkpoint(ckpt).name == "step-4"
-    rng_files = sorted(p.name for p in (ckpt / "step-4" / "rng").iterdir())
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-3", "step-4", "step-5", "step-6"]
+    assert latest_checkpoint(ckpt).name == f"step-{STEPS}"
+    rng_files = sorted(p.name for p in (ckpt / f"step-{STEPS}" / "rng").iterdir())
     assert rng_files == ["rank-0.pt", "rank-1.pt"]
 
 
+@pytest.mark.multiprocess
 def test_training_logs_mfu_with_the_benchmark_formula(zero2_run):
     mfu = read_scalars(zero2_run / "tb", "train/mfu")
-    assert sorted(mfu) == [1, 2, 3, 4] and all(0 < v < 1 for v in mfu.values())
+    assert sorted(mfu) == list(range(1, STEPS + 1)) and all(0 < v < 1 for v in mfu.values())
 
 
+@pytest.mark.multiprocess
 def test_hf_export_round_trips_with_identical_logits(zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checkpoint = zero2_run / "ckpt" / "step-4"
-    proc = subprocess.run(
-        [sys.executable, "scripts/export_hf.py", str(checkpoint), str(tmp_path / "hf")],
-        cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    check_ok(proc)
+    checkpoint = zero2_run / "ckpt" / f"step-{STEPS}"
+    check_ok(run_in_process("scripts/export_hf.py", [str(checkpoint), str(tmp_path / "hf")]))
     # Same attention kernel on both sides, so the comparison is about the weights and config alone.
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
     trained = AutoModelForCausalLM.from_pretrained(checkpoint / "model", attn_implementation="eager").eval()
@@ -99,19 +65,16 @@ def test_hf_export_round_trips_with_identical_logits(zero2_run, tmp_path):
     ids = tokenizer("The meaning of pretraining is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, trained(ids).logits)
-    # The exported weights are the trained ones: the run's step-5 loss would come from them.
+    # The exported weights are the trained ones: the run's next loss would come from them.
     for name, tensor in trained.state_dict().items():
         assert torch.equal(tensor, exported.state_dict()[name]), name
 
 
-def _first_batch_loss(model_dir: Path, dp_size: int) -> float:
+def _first_batch_loss(model_dir: Path, dp_size: int, tokenizer) -> float:
     """HF loss of these weights on the first batch each of `dp_size` replicas reads."""
     from transformers import LlamaForCausalLM
 
-    from llama_recipe.data import build_pretrain_batches, load_tokenizer
-
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(str(REPO / "data" / "llama-tokenizer"))
     losses = []
     for r in range(dp_size):
         batch = build_pretrain_batches(str(DATA), tokenizer, 128, 2, r, dp_size).next_batch()
@@ -120,28 +83,28 @@ def _first_batch_loss(model_dir: Path, dp_size: int) -> float:
     return sum(losses) / dp_size
 
 
-@pytest.mark.parametrize(
-    "layout,nproc,dp_size",
-    [(["-p", "hybrid_parallel", "--tp", "2"], 2, 1), (["-p", "ddp"], 1, 1)],
-    ids=["zero2x2->tp2", "zero2x2->ddp1"],
-)
-def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, layout, nproc, dp_size):
-    checkpoint = zero2_run / "ckpt" / "step-4"
-    args = [*TINY_RUN, *layout, "--max_steps", "5", "-f", str(checkpoint), "-o", str(tmp_path / "ckpt")]
-    proc = run_script("pretrain.py", [*args, "-t", str(tmp_path / "tb")], nproc=nproc)
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("layout,nproc", [(["-p", "hybrid_parallel", "--tp", "2"], 2), (["-p", "ddp"], 1)],
+                         ids=["zero2x2->tp2", "zero2x2->ddp1"])  # fmt: skip
+def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, tokenizer, layout, nproc):
+    checkpoint = zero2_run / "ckpt" / f"step-{STEPS}"
+    args = [*TINY_RUN, *layout, "--max_steps", str(STEPS + 1), "-f", str(checkpoint), "-o", str(tmp_path / "ckpt")]
+    args += ["-t", str(tmp_path / "tb")]
+    proc = launch("pretrain.py", args, nproc=2) if nproc == 2 else run_in_process("pretrain.py", args)
     check_ok(proc)
     assert "was saved with zero2, 2 processes" in proc.stdout
     assert "Optimizer state and data position cannot be resharded" in proc.stdout
     losses = read_scalars(tmp_path / "tb")
-    assert list(losses) == [5]  # the step count continues
-    # The data restarted, so step 5 trains on the stream's first batch, with the checkpoint's weights.
-    assert losses[5] == pytest.approx(_first_batch_loss(checkpoint / "model", dp_size), abs=1e-4)
+    assert list(losses) == [STEPS + 1]  # the step count continues
+    # The data restarted, so the step trains on the stream's first batch, with the checkpoint's weights.
+    assert losses[STEPS + 1] == pytest.approx(_first_batch_loss(checkpoint / "model", 1, tokenizer), abs=1e-4)
 
 
+@pytest.mark.multiprocess
 def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, background_jobs):
     save_dir = tmp_path / "ckpt"
     args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", ""]
-    job = launch_in_background(args, tmp_path / "log.txt")
+    job = launch("pretrain.py", args, nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     caught = None
     deadline = time.time() + 240
@@ -160,17 +123,18 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
     assert states["step"] in (killed_step - 1, killed_step)  # the rename may just have happened; never a partial one
     assert not (save_dir / f"step-{killed_step}").exists() or states["step"] == killed_step
 
-    resumed = run_script("pretrain.py", [*TINY_RUN, "-p", "zero2", "--max_steps", str(killed_step + 1), "-i", "1",
-                                         "-f", "latest", "-o", str(save_dir), "-t", ""], nproc=2)  # fmt: skip
+    resumed = launch("pretrain.py", [*TINY_RUN, "-p", "zero2", "--max_steps", str(killed_step + 1), "-i", "1",
+                                     "-f", "latest", "-o", str(save_dir), "-t", ""], nproc=2)  # fmt: skip
     check_ok(resumed)
     assert f"resumed from {latest} at step {states['step']}" in resumed.stdout
     assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
 
 
+@pytest.mark.multiprocess
 def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs):
     save_dir, tb = tmp_path / "ckpt", tmp_path / "tb"
-    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "500", "-i", "0", "-o", str(save_dir), "-t", str(tb)]
-    job = launch_in_background(args, tmp_path / "log.txt")
+    common = [*TINY_RUN, "-p", "zero2", "-i", "0", "-o", str(save_dir)]
+    job = launch("pretrain.py", [*common, "--max_steps", "500", "-t", str(tb)], nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     deadline = time.time() + 240
     while time.time() < deadline and job.poll() is None:
@@ -188,46 +152,64 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs
     checkpoint = latest_checkpoint(save_dir)
     step = json.loads((checkpoint / "running_states.json").read_text())["step"]
     assert 3 <= step < 500 and checkpoint.name == f"step-{step}"
-    resumed = run_script("pretrain.py", [*args[:-6], "--max_steps", str(step + 1), "-f", "latest", "-o", str(save_dir),
-                                         "-t", str(tmp_path / "tb2")], nproc=2)  # fmt: skip
+    resumed = launch(
+        "pretrain.py", [*common, "--max_steps", str(step + 1), "-f", "latest", "-t", str(tmp_path / "tb2")], nproc=2
+    )
     check_ok(resumed)
     assert list(read_scalars(tmp_path / "tb2")) == [step + 1]
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_the_checkpoint(tmp_path):
+    """An absurd learning rate makes step 2's loss NaN: the run stops there with one line naming the
+    step and the last good checkpoint (exit code 3), that checkpoint is intact and still `latest`,
+    nothing of step 2 is saved, and the signal handlers the loop installed are gone again."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    save_dir = tmp_path / "ckpt"
+    args = [*TINY_RUN, "-p", "ddp", "--lr", "1e10", "--max_steps", "5", "-i", "1", "-o", str(save_dir), "-t", ""]
+    proc = run_in_process("pretrain.py", args)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: loss is nan at step 2") and str(save_dir / "step-1") in message, message
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-1"]
+    assert latest_checkpoint(save_dir).name == "step-1"
+    assert json.loads((save_dir / "step-1" / "running_states.json").read_text())["step"] == 1
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 # Bad checkpoints: one line, exit code 2, nothing written.
 
 
 def _copy_checkpoint(src: Path, dst: Path) -> Path:
-    import shutil
-
     shutil.copytree(src, dst)
     return dst
 
 
+@pytest.mark.multiprocess
 def test_corrupt_running_states_is_one_line(zero2_run, tmp_path):
     bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
     (bad / "running_states.json").write_text("{not json")
-    proc = run_script("pretrain.py", [*TINY_RUN, "-p", "ddp", "-f", str(bad), "-o", str(tmp_path / "o")])
+    proc = run_in_process("pretrain.py", [*TINY_RUN, "-p", "ddp", "-f", str(bad), "-o", str(tmp_path / "o")])
     expect_one_line_error(proc, "corrupt")
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_of_another_model_is_one_line(zero2_run, tmp_path):
     args = [*TINY_RUN, "-p", "ddp", "-c", "small", "-f", str(zero2_run / "ckpt" / "step-4"), "-o", str(tmp_path / "o")]
-    expect_one_line_error(run_script("pretrain.py", args), "different model", "hidden_size 64 vs 512")
+    expect_one_line_error(run_in_process("pretrain.py", args), "different model", "hidden_size 64 vs 512")
 
 
 def test_missing_latest_is_one_line(tmp_path):
     args = [*TINY_RUN, "-p", "ddp", "-f", "latest", "-o", str(tmp_path / "o")]
-    expect_one_line_error(run_script("pretrain.py", args), "latest", "does not exist")
+    expect_one_line_error(run_in_process("pretrain.py", args), "latest", "does not exist")
 
 
+@pytest.mark.multiprocess
 def test_truncated_weights_are_one_line(zero2_run, tmp_path):
     bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
     shard = next((bad / "model").glob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = run_script(
-        "pretrain.py", [*TINY_RUN, "-p", "ddp", "--max_steps", "5", "-f", str(bad), "-o", str(tmp_path / "o")]
-    )
-    expect_one_line_error(proc, "could not load", "corrupt")
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "5", "-f", str(bad), "-o", str(tmp_path / "o"), "-t", ""]
+    expect_one_line_error(run_in_process("pretrain.py", args), "could not load", "corrupt")
     assert not (tmp_path / "o").exists()

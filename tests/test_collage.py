@@ -366,4 +366,15 @@ def test_rejects_non_bf16_parameters_and_unknown_modes():
     assert "\n" not in str(info.value) and "bfloat16" in str(info.value)
     with pytest.raises(ValueError, match="mode"):
         CollageAdamW([torch.zeros(3, dtype=BF16, requires_grad=True)], mode="heavy")
-    assert set(COLLAGE_MODES.values()) == {"light", "plus"}
+
+
+@pytest.mark.parametrize("name", ["collage_light", "collage_plus"])
+def test_cli_names_build_their_mode(name):
+    """--optimizer collage_light/plus builds CollageAdamW in that mode (its state keys say which)."""
+    from llama_recipe.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 4).to(BF16)
+    optimizer = build_optimizer(name, model, lr=1e-3, weight_decay=0.1)
+    model(torch.ones(2, 4, dtype=BF16)).sum().backward()
+    optimizer.step()
+    assert all(set(state) == STATE_KEYS[COLLAGE_MODES[name]] for state in optimizer.state.values())

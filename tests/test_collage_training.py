@@ -16,14 +16,10 @@ bf16 speed.
 from __future__ import annotations
 
 import json
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RUN, check_ok, read_scalars, run_script, script_env
-
-pytestmark = pytest.mark.multiprocess
+from conftest import TINY_RUN, check_ok, launch, one_rank_process_group, read_scalars
+from memory_probe import measure
 
 # (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
 MEMORY_CASES = {
@@ -40,23 +36,14 @@ MEMORY_CASES = {
 FP32_ALLOWANCE_BYTES = 1024
 
 
-def memory_report(args: list[str], nproc: int = 1) -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
-        env = dict(script_env(), PYTHONPATH=str(REPO), MEMORY_PROBE_OUT=out)
-        proc = run_script("tests/memory_probe.py", ["-c", "tiny", "-l", "64", "-b", "1", *args], nproc=nproc, env=env)
-        check_ok(proc)
-        return [json.loads(path.read_text()) for path in sorted(Path(out).glob("rank-*.json"))]
+PROBE = ["-c", "tiny", "-l", "64", "-b", "1"]
 
 
 @pytest.fixture(scope="module")
 def memory_reports():
-    """One probe per case, two at a time (each is one process)."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            case: pool.submit(memory_report, ["-p", case[0], "-x", case[1], "--optimizer", case[2]])
-            for case in MEMORY_CASES
-        }
-        return {case: future.result()[0] for case, future in futures.items()}
+    """One probe per case, one after the other in this process (one rank)."""
+    with one_rank_process_group():
+        return {case: measure([*PROBE, "-p", case[0], "-x", case[1], "--optimizer", case[2]]) for case in MEMORY_CASES}
 
 
 @pytest.mark.parametrize("case", list(MEMORY_CASES), ids=["-".join(case) for case in MEMORY_CASES])
@@ -79,11 +66,26 @@ SHARDED_BYTES = {
 }
 
 
+@pytest.fixture(scope="module")
+def sharded_reports(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every layout of SHARDED_BYTES measured in turn by one 2-process job: {layout: [rank 0, rank 1]}."""
+    out = tmp_path_factory.mktemp("sharded")
+    argv = [str(out)]
+    for i, (args, _) in enumerate(SHARDED_BYTES.values()):
+        argv += [*(["--"] if i else []), *PROBE, *args, "--optimizer", "collage_plus"]
+    check_ok(launch("tests/memory_probe.py", argv, nproc=2))
+    return {
+        layout: [json.loads((out / f"{i}-rank-{r}.json").read_text()) for r in range(2)]
+        for i, layout in enumerate(SHARDED_BYTES)
+    }
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(SHARDED_BYTES))
-def test_no_fp32_copy_and_sharded_state_with_two_ranks(layout):
-    args, expected = SHARDED_BYTES[layout]
-    reports = memory_report([*args, "--optimizer", "collage_plus"], nproc=2)
-    assert len(reports) == 2
+def test_no_fp32_copy_and_sharded_state_with_two_ranks(sharded_reports, layout):
+    _, expected = SHARDED_BYTES[layout]
+    reports = sharded_reports[layout]
+    assert [r["rank"] for r in reports] == [0, 1]
     for report in reports:
         assert report["param_dtypes"] == ["torch.bfloat16"]
         assert report["bytes"].get("float32", 0) <= FP32_ALLOWANCE_BYTES, report
@@ -99,16 +101,17 @@ RESUME_LAYOUTS = {
 STEPS, SAVE_AT = 4, 2
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
 def test_collage_resume_is_bit_identical(tmp_path, layout):
     common = [
         *TINY_RUN, *RESUME_LAYOUTS[layout], "--optimizer", "collage_plus", "--beta2", "0.999",
         "-o", str(tmp_path / "ckpt"), "--max_steps", str(STEPS), "--log_edq",
     ]  # fmt: skip
-    full = run_script("pretrain.py", [*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")], nproc=2)
+    full = launch("pretrain.py", [*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")], nproc=2)
     check_ok(full)
     assert "pure_bf16" in full.stdout and "collage_plus" in full.stdout
-    resumed = run_script(
+    resumed = launch(
         "pretrain.py",
         [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")],
         nproc=2,

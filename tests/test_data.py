@@ -9,25 +9,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, check_ok, run_script
+from conftest import DATA, check_ok, launch, write_jsonl
 
-from llama_recipe.config import UsageError
 from llama_recipe.data import (
     SKIPPED,
     Prefetcher,
     build_pretrain_batches,
     document_positions,
-    load_tokenizer,
     parse_data_mix,
     read_jsonl_documents,
 )
-
-TOKENIZER = str(REPO / "data" / "llama-tokenizer")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
+from llama_recipe.errors import UsageError
 
 
 def reference_positions(tokens: list[int], first: int, eos: int) -> list[int]:
@@ -48,7 +40,7 @@ def test_document_positions_match_a_plain_loop():
 
 def test_packed_rows_carry_document_positions_across_rows(tmp_path, tokenizer):
     docs = [f"document number {i} " + "word " * (3 + 5 * i) for i in range(12)]
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_jsonl(tmp_path / "a.jsonl", docs)
     batches = build_pretrain_batches(str(tmp_path / "a.jsonl"), tokenizer, 16, 2, 0, 1)
     rows, positions = [], []
     for _ in range(6):
@@ -135,15 +127,26 @@ def test_read_ahead_passes_data_errors_to_the_trainer(tmp_path, tokenizer):
         batches.next_batch()
 
 
+PROBED_LAYOUTS = {"hybrid_parallel:2:1": True, "hybrid_parallel:1:2": True, "zero2:1:1": False}  # -> same batches?
+
+
+@pytest.fixture(scope="module")
+def probed_batches(tmp_path_factory) -> dict[str, list[dict]]:
+    """What each of 2 ranks reads under each layout, from one 2-process job: {layout: [rank 0, rank 1]}."""
+    out = tmp_path_factory.mktemp("batches")
+    check_ok(launch("tests/batches_probe.py", [str(out), *PROBED_LAYOUTS], nproc=2))
+    return {
+        layout: [json.loads((out / f"{i}-rank-{r}.json").read_text()) for r in range(2)]
+        for i, layout in enumerate(PROBED_LAYOUTS)
+    }
+
+
 @pytest.mark.multiprocess
-@pytest.mark.parametrize(
-    "plugin,tp,pp,same", [("hybrid_parallel", 2, 1, True), ("hybrid_parallel", 1, 2, True), ("zero2", 1, 1, False)]
-)
-def test_which_batches_each_rank_reads(tmp_path, plugin, tp, pp, same):
+@pytest.mark.parametrize("layout", list(PROBED_LAYOUTS))
+def test_which_batches_each_rank_reads(probed_batches, layout):
     """TP and PP ranks of one replica read identical batches; data-parallel replicas read different ones."""
-    check_ok(run_script("tests/batches_probe.py", [str(tmp_path), plugin, str(tp), str(pp)], nproc=2))
-    ranks = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in range(2)]
-    if same:
+    ranks = probed_batches[layout]
+    if PROBED_LAYOUTS[layout]:
         assert ranks[0]["dp_rank"] == ranks[1]["dp_rank"] == 0
         assert ranks[0]["digests"] == ranks[1]["digests"]
     else:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, REPO, check_ok, expect_one_line_error, read_scalars, run_script
+from conftest import DATA, check_ok, expect_one_line_error, launch, read_scalars, run_in_process
+from conftest import INSTRUCT_DATA as SHIPPED
 
-from llama_recipe.data import load_tokenizer
 from llama_recipe.instruct import (
     IGNORE_INDEX,
     InstructionBatches,
@@ -16,14 +16,6 @@ from llama_recipe.instruct import (
     load_instruction_rows,
     split_held_out,
 )
-
-TOKENIZER = str(REPO / "data" / "llama-tokenizer")
-SHIPPED = REPO / "data" / "self_instruct"
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
 
 
 def test_prompt_tokens_never_get_labels(tokenizer):
@@ -56,7 +48,9 @@ def test_batches_mask_padding_and_split_replicas(tokenizer):
 
 
 def test_model_dir_without_config_is_one_line_error(tmp_path):
-    proc = run_script("finetune.py", ["--model_path", str(tmp_path), "-d", str(SHIPPED), "-o", str(tmp_path / "ckpt")])
+    proc = run_in_process(
+        "finetune.py", ["--model_path", str(tmp_path), "-d", str(SHIPPED), "-o", str(tmp_path / "ckpt")]
+    )
     expect_one_line_error(proc, "config.json")
     assert not (tmp_path / "ckpt").exists()
 
@@ -75,15 +69,14 @@ def test_missing_task_names_the_available_ones(tmp_path):
         "-t",
         str(tmp_path / "tb"),
     ]
-    proc = run_script("finetune.py", args)  # default --task_name super_natural_instructions is not shipped
+    proc = run_in_process("finetune.py", args)  # default --task_name super_natural_instructions is not shipped
     expect_one_line_error(proc, "super_natural_instructions", "human_eval, prompt_source, self_instruct")
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "tb").exists()
 
 
-@pytest.mark.multiprocess
 def resume_from_step_3(common: list[str], tmp_path) -> tuple[dict, dict]:
     """Relaunch a 2-process run from its step-3 checkpoint; (first run's losses, resumed run's losses)."""
-    resumed = run_script(
+    resumed = launch(
         "finetune.py",
         [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
         nproc=2,
@@ -92,6 +85,7 @@ def resume_from_step_3(common: list[str], tmp_path) -> tuple[dict, dict]:
     return read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
 
 
+@pytest.mark.multiprocess
 def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
     from transformers import LlamaForCausalLM
 
@@ -104,7 +98,7 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
         "--model_path", str(tmp_path / "pretrained"), "-p", "zero2", "-d", str(SHIPPED), "--task_name", "self_instruct",
         "-l", "128", "-b", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
     ]  # fmt: skip
-    full = run_script("finetune.py", [*common, "-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], nproc=2)
+    full = launch("finetune.py", [*common, "-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], nproc=2)
     check_ok(full)
     held_out = read_scalars(tmp_path / "tb", "eval/loss")
     assert sorted(held_out) == [0, 3, 6]
@@ -130,6 +124,7 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
     assert states["step"] == 6 and states["config"]["task_name"] == "self_instruct"
 
 
+@pytest.mark.multiprocess
 def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
     """LOMO-style in-place SGD through finetune.py, 2 data-parallel processes (the gradient all-reduce
     happens in its hooks): the held-out loss falls, the gradient norm is logged, and a resume
@@ -143,7 +138,7 @@ def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
         "--task_name", "self_instruct", "-l", "256", "-b", "2", "--lr", "0.5", "--warmup_ratio", "0", "--pack_examples",
         "--grad_clip", "1.0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
     ]  # fmt: skip
-    full = run_script("finetune.py", [*common, "-i", "3", "-t", str(tmp_path / "tb")], nproc=2)
+    full = launch("finetune.py", [*common, "-i", "3", "-t", str(tmp_path / "tb")], nproc=2)
     check_ok(full)
     assert "optimizer inplace_sgd" in full.stdout
     held_out = read_scalars(tmp_path / "tb", "eval/loss")
@@ -158,25 +153,25 @@ def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
 
 def test_readme_path_pretrain_export_finetune_generate(tmp_path):
     """The README's end-to-end path: pretrain, export a Hugging Face directory, finetune it (with
-    in-place SGD, one process), then answer a prompt with scripts/generate.py — which must give the
+    in-place SGD, one process; each script in this process), then answer a prompt with scripts/generate.py — which must give the
     same greedy answer that finetune.py printed for that held-out prompt."""
     pretrain = [
         "-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "--max_steps", "4",
         "-p", "ddp", "-o", str(tmp_path / "pretrain"), "-t", "", "--export_hf", str(tmp_path / "exported"),
     ]  # fmt: skip
-    check_ok(run_script("pretrain.py", pretrain))
+    check_ok(run_in_process("pretrain.py", pretrain))
     assert (tmp_path / "exported" / "config.json").is_file() and (tmp_path / "exported" / "tokenizer.json").is_file()
     finetune = [
         "--model_path", str(tmp_path / "exported"), "-p", "ddp", "--optimizer", "inplace_sgd", "-d", str(SHIPPED),
         "--task_name", "self_instruct", "-l", "128", "-b", "2", "--lr", "0.5", "--max_steps", "3",
         "-o", str(tmp_path / "finetune"), "-t", "",
     ]  # fmt: skip
-    finetuned = run_script("finetune.py", finetune)
+    finetuned = run_in_process("finetune.py", finetune)
     check_ok(finetuned)
     _, held_out = split_held_out(load_instruction_rows(str(SHIPPED), "self_instruct"), 0.05, seed=42)
     prompt = held_out[0]["prompt"]
     printed = finetuned.stdout.split("--- model answer:\n", 1)[1].split("\n--- held-out prompt:", 1)[0].strip()
-    generated = run_script("scripts/generate.py", [str(tmp_path / "finetune" / "latest"), prompt])
+    generated = run_in_process("scripts/generate.py", [str(tmp_path / "finetune" / "latest"), prompt])
     check_ok(generated)
     assert generated.stdout.split("--- answer:\n", 1)[1].strip() == printed  # (a tiny model's answer may be blank)
     # and the model generate.py read is the finetuned one, not the export it started from

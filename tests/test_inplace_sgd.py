@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import copy
 import gc
-import socket
 import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import check_ok, launch
 from torch import nn
 
 from llama_recipe.inplace_sgd import DynamicLossScaler, InplaceSGD
@@ -348,31 +346,12 @@ def test_state_dict_round_trip_keeps_loss_scale(tmp_path):
     assert late.loss_scaler.clean_steps == 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _dp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    try:
-        model = mlp()
-        opt = InplaceSGD(decay_groups(model, 0.1), lr=LR, max_norm=0.5, process_group=dist.group.WORLD)
-        norms = []
-        for x, y in batches(3, rows=8 * world_size):
-            shard = slice(rank * 8, (rank + 1) * 8)  # different data on each rank
-            norms.append(opt.fused_backward(mse(model, x[shard], y[shard])))
-            assert grads_left(model) == 0
-        torch.save({"model": model.state_dict(), "norms": norms}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
+@pytest.mark.multiprocess
 def test_data_parallel_matches_single_process_on_full_batch(tmp_path):
+    """tests/inplace_sgd_worker.py on 2 gloo ranks, each on its half of every batch, against
+    single-process SGD on the whole batch."""
     world_size = 2
-    mp.spawn(_dp_worker, args=(world_size, _free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    check_ok(launch("tests/inplace_sgd_worker.py", [str(tmp_path)], nproc=world_size))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     for name, tensor in results[0]["model"].items():
         assert torch.equal(tensor, results[1]["model"][name]), name  # ranks stay in lockstep

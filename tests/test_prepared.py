@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import TOKENIZER, run_in_process, write_jsonl
 
-from llama_recipe.config import UsageError
-from llama_recipe.data import load_tokenizer, tokenized_documents
+from llama_recipe.data import tokenized_documents
+from llama_recipe.errors import UsageError
 from llama_recipe.prepared import (
     PREPARED_META,
     PreparedBatches,
@@ -20,7 +20,6 @@ from llama_recipe.prepared import (
     prepare_dataset,
 )
 
-TOKENIZER = str(REPO / "data" / "llama-tokenizer")
 WORDS = "packing joins documents each one ends with an end token so rows straddle them".split()
 # Documents of varied lengths, some longer than a row, some a few tokens: rows start mid-document and hold several.
 DOCUMENTS = [
@@ -30,16 +29,6 @@ DOCUMENTS[3] = "Ünïcödé, numbers 12345,\ttabs and\nnew lines tokenize too."
 DOCUMENTS[5] = "A"
 DOCUMENTS[8] = "A literal </s> in web text is text, not the end of a document."
 SEQ_LEN = 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def _texts(texts):
@@ -59,8 +48,8 @@ def corpus(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("corpus")
     raw = root / "raw"
     raw.mkdir()
-    _write_jsonl(raw / "part-0.jsonl", _texts(DOCUMENTS[:25]))
-    _write_jsonl(raw / "part-1.jsonl", _texts(DOCUMENTS[25:]))
+    write_jsonl(raw / "part-0.jsonl", _texts(DOCUMENTS[:25]))
+    write_jsonl(raw / "part-1.jsonl", _texts(DOCUMENTS[25:]))
     stats = prepare_dataset(str(raw), str(root / "prepared"), tokenizer, progress=False)
     return raw, root / "prepared", stats, _stream(tokenizer, DOCUMENTS)
 
@@ -113,7 +102,7 @@ def test_prepare_writes_the_streaming_paths_token_stream(corpus, tokenizer):
         "source": str(raw),
     }
     assert stats["num_docs"] == len(DOCUMENTS) and stats["num_tokens"] == len(stream) and stats["skipped"] == 0
-    assert stats["seconds"] > 0 and stats["tokens_per_s"] > 0
+    assert stats["seconds"] > 0 and stats["tokens_per_s"] == pytest.approx(stats["num_tokens"] / stats["seconds"])
     assert is_prepared_dataset(str(prepared)) and not is_prepared_dataset(str(raw))
     assert sorted(p.name for p in prepared.parent.iterdir()) == ["prepared", "raw"]  # no .prepared.tmp left
 
@@ -122,7 +111,7 @@ def test_prepare_writes_the_streaming_paths_token_stream(corpus, tokenizer):
 def test_documents_without_text_are_skipped_and_counted(tmp_path, tokenizer, fmt):
     texts = ["first", "", "second one", None, "  \n ", "third"]
     if fmt == "jsonl":  # the JSONL reader skips unusable lines itself; prepare adds them to its count
-        source = _write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts] + [{"content": "no text field"}])
+        source = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts] + [{"content": "no text field"}])
     else:  # Parquet rows reach prepare as they are, nulls and blanks included
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -138,15 +127,15 @@ def test_documents_without_text_are_skipped_and_counted(tmp_path, tokenizer, fmt
 
 def test_a_failed_prepare_leaves_nothing_that_looks_prepared(tmp_path, tokenizer):
     # Every line is unusable: prepare fails after it has written tokens.bin and the offsets into .out.tmp.
-    _write_jsonl(tmp_path / "a.jsonl", [{"content": "no text field"}, {"text": ""}, {"text": "  \n"}])
+    write_jsonl(tmp_path / "a.jsonl", [{"content": "no text field"}, {"text": ""}, {"text": "  \n"}])
     with pytest.raises(UsageError, match=r"no documents with non-empty text \(3 skipped\)"):
         prepare_dataset(str(tmp_path / "a.jsonl"), str(tmp_path / "out"), tokenizer, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl"]  # neither out nor .out.tmp
 
 
 def test_prepare_replaces_a_prepared_directory_only_when_asked(tmp_path, tokenizer):
-    _write_jsonl(tmp_path / "a.jsonl", _texts(["one document"]))
-    _write_jsonl(tmp_path / "b.jsonl", _texts(["another document", "and a second"]))
+    write_jsonl(tmp_path / "a.jsonl", _texts(["one document"]))
+    write_jsonl(tmp_path / "b.jsonl", _texts(["another document", "and a second"]))
     out = str(tmp_path / "out")
     prepare_dataset(str(tmp_path / "a.jsonl"), out, tokenizer, progress=False)
     with pytest.raises(UsageError, match="--overwrite"):
@@ -265,10 +254,10 @@ def test_check_prepared_tokenizer(corpus, tokenizer, tmp_path):
 
 
 def test_prepare_data_cli(tmp_path, tokenizer):
-    _write_jsonl(tmp_path / "a.jsonl", _texts(DOCUMENTS[:10]))
+    write_jsonl(tmp_path / "a.jsonl", _texts(DOCUMENTS[:10]))
     out = tmp_path / "out"
     args = ["-d", str(tmp_path / "a.jsonl"), "-o", str(out), "--tokenizer", TOKENIZER]
-    proc = run_script("scripts/prepare_data.py", args, timeout=120)
+    proc = run_in_process("scripts/prepare_data.py", args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     num_tokens = len(_stream(tokenizer, DOCUMENTS[:10]))
     summary = proc.stdout.strip().splitlines()[-1]
@@ -276,10 +265,12 @@ def test_prepare_data_cli(tmp_path, tokenizer):
     assert str(out) in summary
     assert is_prepared_dataset(str(out))
 
-    again = run_script("scripts/prepare_data.py", args, timeout=120)
+    again = run_in_process("scripts/prepare_data.py", args)
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
 
-    missing = run_script("scripts/prepare_data.py", ["-d", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")])
+    missing = run_in_process(
+        "scripts/prepare_data.py", ["-d", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "x")]
+    )
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert missing.stderr.startswith("error: ") and "missing.jsonl" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "x").exists()

@@ -8,15 +8,13 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import write_jsonl
 from transformers import LlamaConfig
 
-from llama_recipe.config import UsageError
-from llama_recipe.data import build_pretrain_batches, load_tokenizer, resolve_local_files
+from llama_recipe.data import build_pretrain_batches, resolve_local_files
+from llama_recipe.errors import UsageError
 from llama_recipe.model import MODEL_PRESETS, build_model, count_parameters, get_model_config, model_config_names
 from llama_recipe.optim import FINAL_LR_FRACTION, build_lr_scheduler, parameter_groups, warmup_cosine_factor
-
-TOKENIZER = str(REPO / "data" / "llama-tokenizer")
 
 # ---------------------------------------------------------------------------------------------
 # Model presets
@@ -48,10 +46,12 @@ def test_preset_has_its_published_parameter_count(name):
     assert count_parameters(get_model_config(name)) == KNOWN_SIZES[name]
 
 
-def test_65b_size_matches_its_shape_written_out():
-    # 80 layers, hidden 8192, FFN 22016, 64 heads (no GQA), vocab 32000, untied embeddings.
-    assert _untied_llama_size(8192, 80, 64, 64, 22016) == 65_285_660_672
-    assert _untied_llama_size(8192, 80, 64, 8, 28672) == KNOWN_SIZES["llama2-70b"]
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_count_parameters_equals_the_shape_written_out(name):
+    """Every preset, the small ones too (whose sizes have no published figure), against the formula above."""
+    c = get_model_config(name)
+    shape = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
+    assert count_parameters(c) == _untied_llama_size(*shape, vocab=c.vocab_size)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +126,7 @@ def test_model_config_from_file_and_from_directory(tmp_path):
 
 
 def test_unknown_model_config_names_the_presets():
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(UsageError) as info:
         get_model_config("llama3-8b")
     message = str(info.value)
     assert "llama3-8b" in message
@@ -137,10 +137,10 @@ def test_unknown_model_config_names_the_presets():
 
 def test_model_config_rejects_bad_json_and_other_architectures(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(UsageError, match="not valid JSON"):
         get_model_config(str(tmp_path / "broken.json"))
     (tmp_path / "gpt2.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    with pytest.raises(ValueError, match="gpt2"):
+    with pytest.raises(UsageError, match="gpt2"):
         get_model_config(str(tmp_path / "gpt2.json"))
 
 
@@ -224,16 +224,6 @@ DOCUMENTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(TOKENIZER)
-
-
-def _write_jsonl(path, texts):
-    path.write_text("".join(json.dumps({"text": t, "meta": {"n": i}}) + "\n" for i, t in enumerate(texts)))
-    return path
-
-
 def _stream(tokenizer, texts) -> list[int]:
     out = []
     for text in texts:
@@ -246,7 +236,7 @@ def _rows(batches, n) -> list[list[int]]:
 
 
 def test_rows_are_full_and_labels_equal_inputs(tmp_path, tokenizer):
-    _write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
+    write_jsonl(tmp_path / "a.jsonl", DOCUMENTS)
     batches = build_pretrain_batches(str(tmp_path / "a.jsonl"), tokenizer, 24, 3, 0, 1)
     for _ in range(8):  # several epochs of this small corpus
         batch = batches.next_batch()
@@ -257,7 +247,7 @@ def test_rows_are_full_and_labels_equal_inputs(tmp_path, tokenizer):
 
 def test_first_epoch_is_the_concatenated_documents_and_the_tail_waits(tmp_path, tokenizer):
     for i in range(4):
-        _write_jsonl(tmp_path / f"part-{i}.jsonl", DOCUMENTS[i * 2 : i * 2 + 2])
+        write_jsonl(tmp_path / f"part-{i}.jsonl", DOCUMENTS[i * 2 : i * 2 + 2])
     stream = _stream(tokenizer, DOCUMENTS)
     assert tokenizer.bos_token_id == stream[0] and stream[-1] == tokenizer.eos_token_id
     seq_len = 13
@@ -278,7 +268,7 @@ def test_first_epoch_is_the_concatenated_documents_and_the_tail_waits(tmp_path, 
 
 
 def test_epochs_follow_each_other_without_losing_a_token(tmp_path, tokenizer):
-    _write_jsonl(tmp_path / "one.jsonl", DOCUMENTS)
+    write_jsonl(tmp_path / "one.jsonl", DOCUMENTS)
     stream = _stream(tokenizer, DOCUMENTS)
     seq_len, batch_size = 17, 2
     batches = build_pretrain_batches(str(tmp_path / "one.jsonl"), tokenizer, seq_len, batch_size, 0, 1)
@@ -293,7 +283,7 @@ def _equal_length_corpus(tmp_path, tokenizer, n_files=4, per_file=3):
     texts = []
     for f in range(n_files):
         file_texts = [f"File {f} document {i}: the quick brown fox." for i in range(per_file)]
-        _write_jsonl(tmp_path / f"part-{f}.jsonl", file_texts)
+        write_jsonl(tmp_path / f"part-{f}.jsonl", file_texts)
         texts += file_texts
     docs = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
     assert len({len(d) for d in docs}) == 1 and len({tuple(d) for d in docs}) == len(docs)
@@ -330,8 +320,8 @@ RESUME_SEQ, RESUME_BATCH, RESUME_AFTER = 16, 2, 4
 @pytest.fixture(scope="module")
 def resume_corpus(tmp_path_factory, tokenizer):
     root = tmp_path_factory.mktemp("resume")
-    _write_jsonl(root / "a.jsonl", DOCUMENTS[:5])
-    _write_jsonl(root / "b.jsonl", DOCUMENTS[5:])
+    write_jsonl(root / "a.jsonl", DOCUMENTS[:5])
+    write_jsonl(root / "b.jsonl", DOCUMENTS[5:])
     batches_per_epoch = len(_stream(tokenizer, DOCUMENTS)) / (RESUME_SEQ * RESUME_BATCH)
     assert 3 < batches_per_epoch < 6  # epochs wrap within ~10 batches
     reference = build_pretrain_batches(str(root), tokenizer, RESUME_SEQ, RESUME_BATCH, 0, 1)
@@ -357,8 +347,8 @@ def test_resume_exactly_at_the_end_of_an_epoch(tmp_path, tokenizer):
 
 def test_resolve_local_files(tmp_path):
     (tmp_path / "sub").mkdir()
-    a = _write_jsonl(tmp_path / "a.jsonl", ["x"])
-    b = _write_jsonl(tmp_path / "sub" / "b.jsonl", ["y"])
+    a = write_jsonl(tmp_path / "a.jsonl", ["x"])
+    b = write_jsonl(tmp_path / "sub" / "b.jsonl", ["y"])
     gz = tmp_path / "c.json.gz"
     gz.write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not data")
