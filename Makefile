@@ -16,8 +16,8 @@ $(STAMP): requirements.txt requirements-colossalai.txt pyproject.toml
 	$(BIN)/pip install --quiet -r requirements.txt
 	@# colossalai pins torch<=2.5.1 and ~100 packages; install it alone so pip keeps our pinned stack.
 	$(BIN)/pip install --quiet --no-deps -r requirements-colossalai.txt
-	@# llama_recipe itself, editable: scripts and tests import it from this checkout, no sys.path edits.
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	@# llama_recipe itself, editable as a plain path entry (compat): scripts and tests import it from this checkout.
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -7,7 +7,7 @@ checkpoint that looks complete, and never touches the previous good one.
         optimizer/          booster.save_optimizer (sharded; includes the fp16 loss scaler where there is one)
         lr_scheduler.pt     booster.save_lr_scheduler
         data/rank-<R>.json  each rank's position in the data stream
-        rng/rank-<R>.pt     each rank's random number generator states
+        rng/rank-<R>.json   each rank's random number generator states (torch, CUDA, Python, NumPy)
         running_states.json step, epoch, consumed samples/tokens, layout and the run's config (written last)
     save_dir/latest         the name of the newest complete checkpoint
 
@@ -21,20 +21,24 @@ import json
 import os
 import random
 import shutil
+import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import TrainConfig
-from .distributed import barrier, is_main_process, print_main, rank, world_size
-from .errors import CheckpointError, UsageError
+from .config import TrainConfig, label_of
+from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
+from .errors import CheckpointError, TrainingDiverged, UsageError
 from .parallel import Parallelism
+from .plugins import plugin_spec
 
 RUNNING_STATES = "running_states.json"
 LATEST = "latest"
+LOCK = ".lock"  # save_dir/.lock: the host and pid of the run writing there
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 SHAPE_FIELDS = (
     "hidden_size",
@@ -63,13 +67,27 @@ def complete_checkpoints(save_dir: str) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
+def follow_latest(pointer: Path) -> Path:
+    """The checkpoint a `latest` file names: only a `step-<N>` next to it, never a path elsewhere."""
+    name = pointer.read_text().strip()
+    if not (name.startswith("step-") and name[5:].isdigit()):
+        raise UsageError(f"{pointer} names {name[:80]!r}, not a step-<N> checkpoint beside it; fix or delete it")
+    return pointer.parent / name
+
+
+def resolve_checkpoint_arg(path: str) -> str:
+    """A checkpoint given on a command line: a step-<N> directory, or a `latest` file (its target)."""
+    p = Path(path)
+    return str(follow_latest(p)) if p.name == LATEST and p.is_file() else path
+
+
 def resolve_load_path(load: str | None, save_dir: str, auto_resume: bool) -> str | None:
     """`-f latest` (or --auto_resume) means the checkpoint save_dir/latest names."""
     if load not in (None, LATEST) or not (load == LATEST or auto_resume):
         return load
     pointer = Path(save_dir) / LATEST
     if pointer.is_file():
-        return str(Path(save_dir) / pointer.read_text().strip())
+        return str(follow_latest(pointer))
     if load == LATEST:
         raise UsageError(
             f"-f latest: {pointer} does not exist (no complete checkpoint in -o {save_dir}); drop -f to start fresh"
@@ -88,9 +106,12 @@ def read_running_states(path: str) -> dict:
         raise UsageError(f"{path} is not a complete checkpoint (no {RUNNING_STATES}); pass -f with a complete step-<N>")
     try:
         states = json.loads((p / RUNNING_STATES).read_text())
-        assert isinstance(states, dict) and "step" in states
+        assert isinstance(states, dict)
+        for key in ("step", "consumed_samples", "consumed_tokens"):
+            assert type(states.get(key)) is int and states[key] >= 0, key
+        assert isinstance(states.get("layout", {}), dict) and isinstance(states.get("config", {}), dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise UsageError(f"{p / RUNNING_STATES} is corrupt; pass -f with another checkpoint") from None
+        raise UsageError(f"{p / RUNNING_STATES} is corrupt or incomplete; pass -f with another checkpoint") from None
     for part in ("model", "optimizer", "lr_scheduler.pt"):
         if not (p / part).exists():
             raise UsageError(f"{path} is incomplete: {part} is missing; pass -f with another checkpoint")
@@ -117,23 +138,89 @@ def check_checkpoint_dir(path: str, model_config=None) -> None:
         )
 
 
+# What a resumed run must share with its checkpoint, by the flag that accepts a difference knowingly.
+MUST_MATCH_ON_RESUME = {
+    "--reset_data": ("dataset", "data_dir", "data_config", "text_field", "slice_field", "data_mix", "shuffle_buffer",
+                     "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
+    "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "mixed_precision", "collage_reference_multiply"),
+    "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
+}  # fmt: skip
+MODEL_PARALLEL = ("plugin", "tp", "pp", "zero_stage")  # a layout that differs only in replicas keeps these
+
+
+def run_layout(cfg: TrainConfig, world_size: int) -> dict:
+    """The layout a checkpoint records, as this run will have it (known before the process group exists)."""
+    par = cfg.parallel
+    dp_size = world_size // (par.tp * par.pp) if plugin_spec(par.plugin).model_parallel else world_size
+    return dict(
+        plugin=par.plugin, world_size=world_size, dp_size=dp_size, tp=par.tp, pp=par.pp, zero_stage=par.zero_stage
+    )
+
+
+def resume_differences(saved: dict, current: dict) -> list[str]:
+    """Where this run's flags differ from those its checkpoint was trained with, one entry per group
+    not accepted by its --reset_* flag."""
+    problems = []
+    for reset, keys in MUST_MATCH_ON_RESUME.items():
+        if current.get(reset[2:]):
+            continue
+        diffs = [f"{label_of(k)} {saved[k]!r} -> {current[k]!r}" for k in keys if k in saved and saved[k] != current[k]]
+        if diffs:
+            problems.append(f"{', '.join(diffs)} (pass {reset} to accept)")
+    return problems
+
+
+def layout_problems(states: dict, layout: dict, current: dict, prepared_data: bool) -> list[str]:
+    """What cannot move from the checkpoint's layout to this run's, unless --reset_* accepts it: the
+    global batch (rows per step over all replicas), the optimizer state (resharded only across
+    numbers of replicas: same plugin, tp, pp and ZeRO stage), and a streamed dataset's position (only
+    a prepared dataset's moves: it is one global position). `layout`: this run's."""
+    saved, config, problems = states.get("layout", {}), states.get("config", {}), []
+    saved_rows = config.get("batch_size", 0) * config.get("accumulation_steps", 1) * saved.get("dp_size", 1)
+    rows = current["batch_size"] * current["accumulation_steps"] * layout["dp_size"]
+    if not current["reset_data"] and saved_rows and saved_rows != rows:
+        problems.append(
+            f"this run would train {rows} rows per step instead of {saved_rows}: keep -b x --accumulation_steps "
+            "x replicas the same, or pass --reset_data"
+        )
+    if saved == layout:
+        return problems
+    moved = f"from {describe_layout(saved)} to {describe_layout(layout)}"
+    if not current["reset_data"] and not prepared_data:
+        problems.append(
+            f"the data position cannot move {moved} (only a prepared dataset's can: it is one global position; a "
+            "stream's is each replica's own): pass --reset_data to restart the data, or train from a prepared dataset"
+        )
+    if not current["reset_optimizer"] and any(saved.get(k) != layout.get(k) for k in MODEL_PARALLEL):
+        problems.append(f"the optimizer state cannot be resharded {moved}: pass --reset_optimizer to start it fresh")
+    return problems
+
+
 def _directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    """Every generator's state as JSON (plain numbers, no pickle: reading it back runs no code)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+    }
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda"] = torch.cuda.get_rng_state().tolist()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
 def _write_latest(save_dir: str, name: str) -> None:
@@ -175,7 +262,7 @@ def save_checkpoint(
         par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
         par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
         (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
-        torch.save(_rng_state(), tmp / "rng" / f"rank-{rank()}.pt")
+        (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
         barrier()
         size = 0
         if is_main_process():
@@ -205,25 +292,32 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    par: Parallelism, model, optimizer, lr_scheduler, path: str, layout: dict
-) -> tuple[dict, dict | None]:
+    par: Parallelism, model, optimizer, lr_scheduler, path: str, layout: dict,
+    optimizer_too: bool = True, schedule_too: bool = True, data_too: bool = True,
+) -> tuple[dict, dict | None]:  # fmt: skip
     """Restore a checkpoint in place. Returns (running_states, this rank's data state or None).
 
     Under the layout it was saved with, everything comes back: model, optimizer, scheduler, data
-    position, RNG. Under another layout (another plugin or another number of replicas), only the
-    model weights and the schedule position can be resharded; the caller is told (data state None).
+    position, RNG (less what the caller leaves out: --reset_*). Under another layout (another plugin
+    or another number of replicas), only the model weights and the schedule position can be
+    resharded; the caller is told (data state None).
     """
     running_states = read_running_states(path)
     p = Path(path)
-    same_layout = running_states.get("layout") == layout
+    saved = running_states.get("layout", {})
+    same_layout = saved == layout
+    replicas_only = all(saved.get(k) == layout.get(k) for k in MODEL_PARALLEL)  # the optimizer can be resharded
+    data_state = None
     try:
         par.booster.load_model(model, str(p / "model"))
-        par.booster.load_lr_scheduler(lr_scheduler, str(p / "lr_scheduler.pt"))
-        if not same_layout:
-            return running_states, None
-        par.booster.load_optimizer(optimizer, str(p / "optimizer"))
-        data_state = json.loads((p / "data" / f"rank-{rank()}.json").read_text())
-        _set_rng_state(torch.load(p / "rng" / f"rank-{rank()}.pt", weights_only=False))
+        if schedule_too:
+            par.booster.load_lr_scheduler(lr_scheduler, str(p / "lr_scheduler.pt"))
+        if optimizer_too and replicas_only:
+            par.booster.load_optimizer(optimizer, str(p / "optimizer"))
+        if data_too:  # under another layout only a prepared dataset's global position moves (validated)
+            data_state = json.loads((p / "data" / f"rank-{rank() if same_layout else 0}.json").read_text())
+        if same_layout:
+            _set_rng_state(json.loads((p / "rng" / f"rank-{rank()}.json").read_text()))
     except (
         Exception
     ) as e:  # a truncated shard, a wrong dtype, a missing rank file: all mean this checkpoint is unusable
@@ -235,7 +329,7 @@ def load_checkpoint(
 
 
 def describe_layout(layout: dict) -> str:
-    parts = [layout["plugin"], f"{layout['world_size']} processes"]
+    parts = [layout.get("plugin", "?"), f"{layout.get('world_size', '?')} processes"]
     if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
         parts.append(f"tp {layout['tp']} pp {layout['pp']}")
     return ", ".join(parts)
@@ -243,6 +337,65 @@ def describe_layout(layout: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # What the training loop uses
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class SaveDirLock:
+    """One run per -o: while a run trains, rank 0 holds save_dir/.lock with its host and pid, so a
+    second run on the same directory is refused instead of overwriting the first one's checkpoints.
+    A lock left by a run that died (its pid is gone, on this host) is taken over, with a message."""
+
+    def __init__(self, save_dir: str | None):
+        self.path = Path(save_dir) / LOCK if save_dir and is_main_process() else None
+        self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.made_dir = False  # a run that ends before saving anything leaves no empty directory behind
+
+    def __enter__(self) -> SaveDirLock:
+        if self.path is None:
+            return self
+        self.made_dir = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                    json.dump(self.mine, f)
+                return self
+            except FileExistsError:
+                self._take_over_if_stale()
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = json.loads(self.path.read_text())
+            host, pid = str(holder["host"]), int(holder["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            holder, host, pid = {}, "?", -1
+        if host == self.mine["host"] and not _pid_alive(pid) or not holder:
+            print_main(f"taking over {self.path}: the run that held it (pid {pid}) is no longer running")
+            self.path.unlink(missing_ok=True)
+            return
+        raise UsageError(
+            f"another run (pid {pid} on {host}, since {holder.get('since', '?')}) is writing to {self.path.parent}; "
+            f"pass another -o, wait for it, or delete {self.path} if that run is gone"
+        )
+
+    def __exit__(self, *exc_info) -> None:
+        if self.path is not None:
+            try:
+                if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
+                    self.path.unlink()
+                if self.made_dir and not any(self.path.parent.iterdir()):
+                    self.path.parent.rmdir()
+            except (OSError, ValueError):
+                pass
 
 
 @dataclass
@@ -267,38 +420,66 @@ class Checkpointer:
         self.par = par
         self.tokenizer = tokenizer  # saved into model/, which makes it a complete Hugging Face directory
         self.run_config = cfg.to_dict()
-        self.layout = dict(
-            plugin=cfg.parallel.plugin, world_size=world_size(), dp_size=par.dp_size, tp=cfg.parallel.tp,
-            pp=cfg.parallel.pp, zero_stage=cfg.parallel.zero_stage,
-        )  # fmt: skip
+        self.layout = run_layout(cfg, world_size())
         self.last: str | None = None  # the newest checkpoint this run wrote
+        self.last_size = 0  # its bytes: what the next save will need again
 
     def resume(self, model, optimizer, lr_scheduler, batches, initial_weights: str | None = None) -> TrainState:
-        """Restore `-f`'s checkpoint (everything, or only weights and schedule under another layout),
-        else load `initial_weights` (finetuning), else start fresh."""
+        """Restore `-f`'s checkpoint (all of it, less what --reset_* leaves out; under another layout
+        what can move, validated before), else load `initial_weights` (finetuning), else start fresh."""
         if not self.cfg.load:
             if initial_weights:
                 self.par.booster.load_model(model, initial_weights)
                 print_main(f"loaded weights from {initial_weights}")
             return TrainState()
-        started = time.perf_counter()
-        states, data_state = load_checkpoint(self.par, model, optimizer, lr_scheduler, self.cfg.load, self.layout)
+        started, cfg = time.perf_counter(), self.cfg
+        states, data_state = load_checkpoint(
+            self.par, model, optimizer, lr_scheduler, cfg.load, self.layout,
+            optimizer_too=not cfg.reset_optimizer, schedule_too=not cfg.reset_schedule, data_too=not cfg.reset_data,
+        )  # fmt: skip
         state = TrainState(states["step"], states["consumed_samples"], states["consumed_tokens"])
+        if cfg.reset_schedule:  # this run's schedule, continued from the checkpoint's step
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
+                for _ in range(state.step):
+                    lr_scheduler.step()
+        resets = [
+            f"{flag}: {what}"
+            for flag, what, on in [
+                ("--reset_optimizer", "the optimizer starts fresh", cfg.reset_optimizer),
+                ("--reset_data", "the data stream starts from its beginning", cfg.reset_data),
+                ("--reset_schedule", f"this run's lr schedule, from step {state.step}", cfg.reset_schedule),
+            ]
+            if on
+        ]
+        if resets:
+            print_main("resuming with " + "; ".join(resets))
         if data_state is not None:
             batches.load_state_dict(data_state)
+        saved = states.get("layout", {})
+        if saved != self.layout:
             print_main(
-                f"resumed from {self.cfg.load} at step {state.step} (epoch {batches.epoch}, "
-                f"{state.consumed_tokens:,} tokens seen) in {time.perf_counter() - started:.1f}s"
+                f"{cfg.load} was saved with {describe_layout(saved)}; this run uses {describe_layout(self.layout)}: "
+                "the weights, schedule"
+                + (", optimizer state" if not cfg.reset_optimizer else "")
+                + (" and data position (prepared: one global position)" if data_state is not None else "")
+                + " moved to the new layout"
             )
-        else:
-            saved_layout = describe_layout(states.get("layout", {"plugin": "?", "world_size": "?"}))
-            print_main(
-                f"{self.cfg.load} was saved with {saved_layout}; this run uses {describe_layout(self.layout)}: "
-                f"loaded the model weights and the schedule position (step {state.step}). Optimizer state and "
-                "data position cannot be resharded across layouts: the optimizer starts fresh and the data "
-                "stream restarts from its beginning"
-            )
+        print_main(
+            f"resumed from {cfg.load} at step {state.step} (epoch {batches.epoch}, "
+            f"{state.consumed_tokens:,} tokens seen) in {time.perf_counter() - started:.1f}s"
+        )
         return state
+
+    def roll_back(self, state: TrainState, model, optimizer, lr_scheduler) -> TrainState:
+        """--on_spike rollback: the last good checkpoint's weights, optimizer and schedule again; the
+        data reads on, so the batches since that checkpoint (the spike's among them) are skipped."""
+        states, _ = load_checkpoint(self.par, model, optimizer, lr_scheduler, self.last, self.layout, data_too=False)
+        print_main(
+            f"rolled back to {self.last} (step {states['step']}): the batches of steps {states['step'] + 1}-{state.step} "
+            "are skipped, and training goes on with the next ones"
+        )
+        return TrainState(states["step"], state.consumed_samples, state.consumed_tokens)
 
     def maybe_save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
         """Save every --save_interval steps."""
@@ -313,14 +494,39 @@ class Checkpointer:
     def save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
         if not self.cfg.save_dir:
             return
+        if any_rank(not all(bool(torch.isfinite(p).all()) for p in model.parameters())):  # this rank's shards
+            raise TrainingDiverged(
+                f"the weights are not finite at step {state.step}, so they were not saved; resume from the last "
+                f"good checkpoint ({self.last or 'none saved by this run'}) with a lower --lr or a longer warmup"
+            )
         running_states = dict(
             step=state.step, epoch=batches.epoch, consumed_samples=state.consumed_samples,
             consumed_tokens=state.consumed_tokens, world_size=self.layout["world_size"], dp_size=self.par.dp_size,
             layout=self.layout, config=self.run_config,
         )  # fmt: skip
-        path, seconds, size = save_checkpoint(
-            self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict(),
-            self.tokenizer, self.cfg.keep_last,
-        )  # fmt: skip
+        try:
+            self._check_room(model)
+            path, seconds, size = save_checkpoint(
+                self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict(),
+                self.tokenizer, self.cfg.keep_last,
+            )  # fmt: skip
+        except CheckpointError as e:
+            if not self.cfg.continue_on_save_error:
+                raise
+            print_main(f"warning: {e}; training on (--continue_on_save_error), the next save will try again")
+            return
         print_main(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
-        self.last = str(path)
+        self.last, self.last_size = str(path), size
+
+    def _check_room(self, model) -> None:
+        """Refuse a save the disk cannot hold before any rank writes a byte, all ranks agreeing (a
+        rank failing mid-write while the others wait for it would hang them). It needs what the last
+        save took, or for the first one at least the weights."""
+        root = Path(self.cfg.save_dir)
+        free = shutil.disk_usage(next(p for p in [root, *root.parents] if p.exists())).free
+        need = self.last_size or sum(p.numel() * p.element_size() for p in model.parameters())
+        if any_rank(is_main_process() and free < need):
+            raise CheckpointError(
+                f"saving to {root} needs about {need / 2**20:,.0f} MB but {free / 2**20:,.0f} MB are free; "
+                f"the previous checkpoints are intact (the last: {self.last or 'none by this run'}); free some space"
+            )

@@ -12,15 +12,29 @@ from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
-from .checkpoint import check_checkpoint_dir, resolve_load_path
+from .checkpoint import (
+    SaveDirLock,
+    check_checkpoint_dir,
+    layout_problems,
+    read_running_states,
+    resolve_load_path,
+    resume_differences,
+    run_layout,
+)
 from .config import PRECISIONS, SECTIONS, TrainConfig, flag_of, range_problems
-from .data import check_dataset_source, dataset_kind, files_by_slice, parse_data_mix
+from .data import mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
-from .errors import RECIPE_ERRORS, OneLineErrorParser, UsageError
+from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
+from .export import check_export_target
 from .model import get_model_config, resolve_pretrained
 from .optim import OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, check_layout
+from .prepared import check_prepared_files
+from .sources import check_dataset_source, dataset_kind, source_for
 
+# What torch.distributed says when a peer is gone or never answers
+PEER_FAILURES = ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset by peer",
+                 "Broken pipe", "Socket closed")  # fmt: skip
 DESCRIPTIONS = {
     "pretrain": "Pretrain a LLaMA model with a ColossalAI booster plugin.",
     "finetune": "Finetune a LLaMA model on prompt/completion pairs.",
@@ -32,6 +46,7 @@ CHOICES = {
     "optimizer": OPTIMIZER_NAMES,
     "mixed_precision": PRECISIONS,
     "zero_stage": [0, 1, 2],
+    "on_spike": ["log", "skip", "stop", "rollback"],
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -78,50 +93,105 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
     problems = range_problems(cfg, script)
     if problems:  # the checks below assume sane numbers (no division by --tp 0)
         raise UsageError("; ".join(problems))
+    model_config = _collect(problems, _model_config, cfg)
+    _collect(problems, check_layout, cfg, world_size)
+    problems += _data_problems(cfg, model_config)
+    problems += _path_problems(cfg, script)
+    if cfg.checkpoint.load is not None:
+        if _collect(problems, check_checkpoint_dir, cfg.checkpoint.load, model_config) is not False:
+            problems += _resume_problems(cfg, world_size)
+    if problems:
+        raise UsageError("; ".join(problems))
 
-    def check(fn, *args):
-        try:
-            return fn(*args)
-        except UsageError as e:
-            problems.append(str(e))
 
-    data = cfg.data
+def _collect(problems: list[str], fn: Callable, *args):
+    """fn(*args), with a UsageError added to `problems` (and False returned) instead of raised."""
+    try:
+        return fn(*args)
+    except UsageError as e:
+        problems.append(str(e))
+        return False
+
+
+def _model_config(cfg: TrainConfig):
     if cfg.model.model_path is not None:  # finetuning: the shape comes with the weights
-        model_dir = check(resolve_pretrained, cfg.model.model_path)
-        model_config = check(get_model_config, str(model_dir)) if model_dir else None
-    else:
-        model_config = check(get_model_config, cfg.model.config)
-    check(check_layout, cfg, world_size)
-    check(check_dataset_source, data.dataset)
+        return get_model_config(str(resolve_pretrained(cfg.model.model_path)))
+    return get_model_config(cfg.model.config)
+
+
+def _data_problems(cfg: TrainConfig, model_config) -> list[str]:
+    problems, data = [], cfg.data
     kind = dataset_kind(data.dataset)
-    if cfg.model.model_path is None and not cfg.training.max_steps and kind == "hub":
+    pretraining = cfg.model.model_path is None
+    # pretraining data: local files or a hub dataset's (listed now, so a gated or missing one fails here)
+    if pretraining and kind in ("local", "hub"):
+        source = _collect(problems, source_for, data)
+    elif kind == "prepared":
+        source = _collect(problems, check_prepared_files, data.dataset)
+    else:
+        source = _collect(problems, check_dataset_source, data.dataset)
+    if pretraining and not cfg.training.max_steps and kind == "hub":
         problems.append(
             f"-d {data.dataset} is streamed from the Hugging Face hub, so sizing -e epochs would first read all of it; "
             "pass --max_steps, or prepare it locally (scripts/prepare_data.py) to train by epochs"
         )
     if data.data_mix:
-        weights = check(parse_data_mix, data.data_mix)
+        weights = _collect(problems, parse_data_mix, data.data_mix)
         if kind == "prepared":
             problems.append(
                 "--data_mix weights the slices of JSONL/Parquet files, not a prepared dataset; mix before preparing"
             )
-        elif weights:
-            check(files_by_slice, data.dataset, weights)
+        elif weights and source:
+            _collect(problems, mixture_slices, source, weights)
         if not cfg.training.max_steps:
             problems.append("--data_mix draws from the slices without end; pass --max_steps to set the run's length")
     if data.tokenizer and not Path(data.tokenizer).exists() and data.tokenizer.startswith((".", "/", "~")):
         problems.append(
             f"tokenizer directory {data.tokenizer} does not exist; pass --tokenizer with a tokenizer directory"
         )
-    if model_config is not None and (data.max_length or 0) > model_config.max_position_embeddings:
+    if model_config and (data.max_length or 0) > model_config.max_position_embeddings:
         limit = model_config.max_position_embeddings
         problems.append(
             f"-l/--max_length {data.max_length} exceeds the model's {limit} positions; pass -l {limit} or less"
         )
-    if cfg.checkpoint.load is not None:
-        check(check_checkpoint_dir, cfg.checkpoint.load, model_config)
-    if problems:
-        raise UsageError("; ".join(problems))
+    return problems
+
+
+def _writable_problem(path: str, flag: str, is_file: bool = False) -> str | None:
+    """Why `path` (a directory, or a file with is_file) cannot be written, or None."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if is_file != p.is_file():
+            return f"{flag} {path} is a {'directory' if p.is_dir() else 'file'}; pass a {'file' if is_file else 'directory'} path"
+        return None if os.access(p, os.W_OK) else f"{flag} {path} is not writable; pass another path"
+    parent = next(q for q in p.parents if q.exists())  # the nearest existing ancestor
+    if not parent.is_dir():
+        return f"{flag} {path} cannot be created: {parent} is a file; pass another path"
+    return None if os.access(parent, os.W_OK) else f"{flag} {path} cannot be created in {parent} (not writable)"
+
+
+def _path_problems(cfg: TrainConfig, script: str) -> list[str]:
+    """Every path the run will write, checked before it starts (not at its first save)."""
+    ckpt, log = cfg.checkpoint, cfg.logging
+    checks = [(ckpt.save_dir, "-o/--save_dir", False), (log.tensorboard_dir, "-t/--tensorboard_dir", False),
+              (log.results, "--results", True)]  # fmt: skip
+    problems = [
+        problem for path, flag, is_file in checks if path and (problem := _writable_problem(path, flag, is_file))
+    ]
+    if ckpt.export_hf:
+        problems += [problem] if (problem := _writable_problem(ckpt.export_hf, "--export_hf")) else []
+        _collect(problems, check_export_target, ckpt.export_hf, ckpt.save_dir)
+    return problems
+
+
+def _resume_problems(cfg: TrainConfig, world_size: int) -> list[str]:
+    """A checkpoint trained with other data, optimizer or schedule flags, unless --reset_* accepts it."""
+    states = read_running_states(cfg.checkpoint.load)
+    current = cfg.to_dict()
+    problems = resume_differences(states.get("config", {}), current)
+    prepared = dataset_kind(cfg.data.dataset) == "prepared"
+    problems += layout_problems(states, run_layout(cfg, world_size), current, prepared)
+    return [f"{cfg.checkpoint.load} was trained with other flags or layout: " + "; ".join(problems)] if problems else []
 
 
 def quiet_libraries() -> None:
@@ -150,9 +220,18 @@ def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str]
         ckpt = cfg.checkpoint
         ckpt.load = resolve_load_path(ckpt.load, ckpt.save_dir, ckpt.auto_resume)
         validate(cfg, world_size(), script)
-        result = main(cfg)
+        with SaveDirLock(cfg.checkpoint.save_dir):
+            result = main(cfg)
     except RECIPE_ERRORS as e:
         fail(str(e), e.exit_code)
+    except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError, DistNetworkError)
+        if not any(words in str(e) for words in PEER_FAILURES):
+            raise
+        fail(
+            f"a collective operation failed ({str(e).strip().splitlines()[0][:160]}): a rank is dead, stuck or "
+            f"unreachable (--dist_timeout {cfg.parallel.dist_timeout:g} s); resume with -f latest once all ranks run",
+            EXIT_FAILURE,
+        )
     shutdown()  # only after a clean finish (see distributed.shutdown)
     return result
 
@@ -161,11 +240,15 @@ def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str]
 # The README's flag tables, generated from the parsers (tests/test_cli.py keeps the README in step)
 
 
-def _rows(script: str) -> dict[str, tuple[str, str, str]]:
-    """dest -> (spellings, default, help) of every flag `script` offers."""
-    rows = {}
+def _advanced() -> set[str]:
+    return {f.name for section in SECTIONS.values() for f in fields(section) if flag_of(f) and flag_of(f).advanced}
+
+
+def _rows(script: str, everything: bool = True) -> dict[str, tuple[str, str, str]]:
+    """dest -> (spellings, default, help) of every flag `script` offers (less the advanced ones)."""
+    rows, advanced = {}, _advanced()
     for action in build_parser(script)._actions:
-        if action.dest == "help":
+        if action.dest == "help" or (not everything and action.dest in advanced):
             continue
         default = action.default
         shown = "off" if default is False else "–" if default is None else f"`{default}`"
@@ -173,14 +256,20 @@ def _rows(script: str) -> dict[str, tuple[str, str, str]]:
     return rows
 
 
-def flag_table(script: str) -> str:
-    """Markdown: all of pretrain.py's flags; for another script, only what differs from pretrain.py."""
-    rows, base = _rows(script), _rows("pretrain")
+def flag_table(script: str, everything: bool = True) -> str:
+    """Markdown: all of pretrain.py's flags; for another script, only what differs from pretrain.py.
+    `everything=False` leaves out the advanced ones (the README's tables; docs/flags.md has all)."""
+    rows, base = _rows(script, everything), _rows("pretrain", everything)
     if script != "pretrain":
         missing = [next(n for n in base[d][0].split("/") if n.startswith("`--")) for d in base if d not in rows]
         rows = {d: r for d, r in rows.items() if base.get(d) != r}
     lines = ["| flag | default | meaning |", "|---|---|---|"]
     lines += [f"| {spellings} | {default} | {help_text} |" for spellings, default, help_text in rows.values()]
-    if script != "pretrain":
+    if script != "pretrain" and missing:
         lines.append(f"\nAll other flags are pretrain.py's; it has no {', '.join(missing)}.")
+    if not everything:
+        count = len(set(_rows(script)) - set(_rows(script, everything=False)))
+        lines.append(
+            f"\n{count} more flags (resume overrides, fault handling, hub data, Gemini placement): [docs/flags.md](docs/flags.md)."
+        )
     return "\n".join(lines)

@@ -2,7 +2,13 @@
 written against colossalai==0.5.0 and replace internals by name, so they apply to that exact
 version only (`apply_patches` refuses another, in one line).
 
-1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`).
+1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`), and
+   every `torch.load` ColossalAI's checkpoint code makes (optimizer shards and param groups, the lr
+   scheduler, .bin weights) with `weights_only=True`, so a crafted checkpoint file cannot run code on
+   any torch (2.5.1, the GPU stack's, still defaults to unpickling anything); and the process groups
+   ColossalAI creates (the world in `launch`, its meshes' subgroups) get --dist_timeout, so a dead or
+   stuck rank ends the run within that bound instead of gloo's/NCCL's 30 or 10 minutes. A run of one
+   process rendezvous through a file instead of a TCP store (which would listen on every interface).
 2. On a CPU-only machine (gloo): ColossalAI picks its `CpuAccelerator` when CUDA is absent, but
    several of its methods raise "not supported" and a few code paths assume CUDA or NPU. With these
    patches ddp, zero2, zero2_cpu and hybrid_parallel (tp and pp) train, save and load on CPU.
@@ -15,6 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
+import importlib
+import types
 
 import torch
 import torch.distributed as dist
@@ -43,6 +52,68 @@ class _CopyWithoutStateTensors:
         return {
             k: v if isinstance(v, torch.Tensor) and k != "step" else copy.deepcopy(v, memo) for k, v in value.items()
         }
+
+
+class _TorchLoadingWeightsOnly(types.ModuleType):
+    """Stands in for `torch` inside ColossalAI's checkpoint modules: everything is torch's own, except
+    `load`, which never unpickles code (tensors, numbers, strings and containers only)."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return torch.load(*args, **kwargs)
+
+
+# the colossalai 0.5.0 modules whose checkpoint loads call torch.load (grep "torch.load(" in its source)
+_MODULES_THAT_LOAD = [
+    "colossalai.checkpoint_io.utils",
+    "colossalai.checkpoint_io.checkpoint_io_base",
+    "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+    "colossalai.checkpoint_io.moe_checkpoint",
+    "colossalai.booster.plugin.gemini_plugin",
+    "colossalai.booster.plugin.torch_fsdp_plugin",
+]
+
+
+def _patch_checkpoint_loads_weights_only() -> None:
+    safe = _TorchLoadingWeightsOnly("torch")
+    for name in _MODULES_THAT_LOAD:
+        importlib.import_module(name).torch = safe
+    _applied.append("ColossalAI's checkpoint loads unpickle no code (torch.load weights_only=True)")
+
+
+class _DistWithTimeout(types.ModuleType):
+    """Stands in for `torch.distributed` in colossalai.initialize and its process-group mesh: every
+    group is made with our timeout; a 1-process world rendezvous through a file."""
+
+    def __init__(self, timeout: datetime.timedelta, store_file: str):
+        super().__init__("torch.distributed")
+        self._timeout, self._store_file = timeout, store_file
+
+    def __getattr__(self, name: str):
+        return getattr(dist, name)
+
+    def init_process_group(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        if kwargs.get("world_size") == 1 and kwargs.get("init_method", "").startswith("tcp://127.0.0.1"):
+            kwargs["init_method"] = f"file://{self._store_file}"  # nothing listens on a port at all
+        return dist.init_process_group(*args, **kwargs)
+
+    def new_group(self, *args, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return dist.new_group(*args, **kwargs)
+
+
+def set_dist_timeout(seconds: float, store_file: str) -> None:
+    """Apply --dist_timeout to the process groups ColossalAI makes (call before launching)."""
+    import colossalai.cluster.process_group_mesh as mesh
+    import colossalai.initialize as initialize
+
+    proxy = _DistWithTimeout(datetime.timedelta(seconds=seconds), store_file)
+    initialize.dist = mesh.dist = proxy
 
 
 def _patch_zero_optimizer_checkpoint_copies() -> None:
@@ -177,6 +248,7 @@ def apply_patches(cpu_only: bool) -> list[str]:
             "(pip install --no-deps -r requirements-colossalai.txt)"
         )
     _patch_zero_optimizer_checkpoint_copies()
+    _patch_checkpoint_loads_weights_only()
     if cpu_only:
         from colossalai.accelerator.cpu_accelerator import CpuAccelerator
 

@@ -39,6 +39,7 @@ class Flag:
     scripts: tuple[str, ...] = SCRIPTS  # the scripts that offer it (the others use its default silently)
     per_script: dict[str, dict] = field(default_factory=dict)  # script -> {"names"|"help"|"default": ...}
     required: bool = False
+    advanced: bool = False  # listed in docs/flags.md only, not in the README's tables
     minimum: float | None = None  # value >= minimum
     above: float | None = None  # value > above
     below: float | None = None  # value < below
@@ -144,14 +145,25 @@ class ParallelConfig:
         help="bf16/fp16: fp32 master weights, 16-bit compute; pure_bf16: everything bf16, no fp32 copy "
         "(what --optimizer collage_* needs). Default: bf16 on GPU, fp32 on CPU, pure_bf16 for collage_*",
     )
+    dist_timeout: float = flag(
+        600.0,
+        "--dist_timeout",
+        help="seconds a collective may wait for a peer before the run stops (a dead or stuck rank)",
+        above=0.0,
+        advanced=True,
+    )
     shard_param_frac: float = flag(
-        1.0, "--shard_param_frac", help="gemini: fraction of the parameters sharded", minimum=0.0
+        1.0, "--shard_param_frac", help="gemini: fraction of the parameters sharded", minimum=0.0, advanced=True
     )
     offload_optim_frac: float = flag(
-        0.0, "--offload_optim_frac", help="gemini: fraction of the optimizer states kept on CPU", minimum=0.0
+        0.0,
+        "--offload_optim_frac",
+        help="gemini: fraction of the optimizer states kept on CPU",
+        minimum=0.0,
+        advanced=True,
     )
     offload_param_frac: float = flag(
-        0.0, "--offload_param_frac", help="gemini: fraction of the parameters kept on CPU", minimum=0.0
+        0.0, "--offload_param_frac", help="gemini: fraction of the parameters kept on CPU", minimum=0.0, advanced=True
     )
     gemini_warmup_ratio: float = flag(
         0.8,
@@ -159,6 +171,7 @@ class ParallelConfig:
         help="gemini_auto: the non-model-data warm-up ratio",
         minimum=0.0,
         per_script={"benchmark": {"names": ("-w", "--warmup_ratio", "--gemini_warmup_ratio")}},
+        advanced=True,
     )
 
 
@@ -185,6 +198,40 @@ class DataConfig:
         "--data_mix",
         help="token weights of the corpus slices: arxiv=0.1,book=0.2,... or llama",
         scripts=("pretrain",),
+    )
+    data_dir: str | None = flag(
+        None,
+        "--data_dir",
+        help="only the data files under this folder of -d (a hub repository or a local directory)",
+        scripts=("pretrain",),
+        advanced=True,
+    )
+    data_config: str | None = flag(
+        None,
+        "--data_config",
+        help="a hub dataset's configuration (e.g. sample-10BT for HuggingFaceFW/fineweb-edu)",
+        scripts=("pretrain",),
+        advanced=True,
+    )
+    text_field: str = flag(
+        "text", "--text_field", help="the field holding each document's text", scripts=("pretrain",), advanced=True
+    )
+    slice_field: str | None = flag(
+        None,
+        "--slice_field",
+        help="the row field naming each document's slice, for --data_mix within one stream "
+        "(default: meta.redpajama_set_name for SlimPajama, else the file names)",
+        scripts=("pretrain",),
+        advanced=True,
+    )
+    shuffle_buffer: int = flag(
+        1000,
+        "--shuffle_buffer",
+        help="pretraining: documents drawn at random from a buffer of this many (files reordered every epoch, "
+        "prepared rows permuted); 0: read in file order",
+        scripts=("pretrain",),
+        minimum=0,
+        advanced=True,
     )
     task_name: str = flag(
         "super_natural_instructions",
@@ -268,6 +315,7 @@ class OptimConfig:
         False,
         "--collage_reference_multiply",
         help="Collage: use the published code's multiply (under-estimates the second moment); for comparisons only",
+        advanced=True,
     )
 
 
@@ -290,6 +338,25 @@ class TrainingConfig:
         per_script={"benchmark": {"names": ("-s", "--num_steps", "--max_steps"), "default": 8}},
     )
     seed: int = flag(42, "--seed", help="random seed (model init and data order)", minimum=0)
+    max_bad_steps: int = flag(
+        5,
+        "--max_bad_steps",
+        help="a step with a non-finite loss or gradient norm is skipped (no update); this many in a row stop the run",
+        scripts=TRAINING,
+        minimum=1,
+        advanced=True,
+    )
+    on_spike: str = flag(
+        "log",
+        "--on_spike",
+        help="a loss far above the recent ones (see --spike_z): log it, skip its update, stop, or roll back to the "
+        "last checkpoint and go on with the next batches",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    spike_z: float = flag(
+        6.0, "--spike_z", help="a loss this many standard deviations above the last 100 is a spike", above=0.0,
+        scripts=TRAINING, advanced=True)  # fmt: skip
     eval_interval: int = flag(
         0,
         "--eval_interval",
@@ -330,6 +397,34 @@ class CheckpointConfig:
     export_hf: str | None = flag(
         None, "--export_hf", help="at the end, export a Hugging Face model directory here", scripts=TRAINING
     )
+    reset_optimizer: bool = flag(
+        False,
+        "--reset_optimizer",
+        help="resume with a fresh optimizer (and new optimizer flags)",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    reset_data: bool = flag(
+        False,
+        "--reset_data",
+        help="resume with the data stream from its start (and new data or batch flags)",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    reset_schedule: bool = flag(
+        False,
+        "--reset_schedule",
+        help="resume with the new lr/warmup/length flags' schedule, continued from the checkpoint's step",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    continue_on_save_error: bool = flag(
+        False,
+        "--continue_on_save_error",
+        help="when a save fails (a full disk), keep training and try again at the next interval instead of stopping",
+        scripts=TRAINING,
+        advanced=True,
+    )
 
 
 @dataclass
@@ -346,10 +441,18 @@ class LoggingConfig:
     )
     log_interval: int = flag(1, "--log_interval", help="log metrics every N steps", scripts=TRAINING, minimum=1)
     log_edq: bool = flag(
-        False, "--log_edq", help="Collage: log effective descent quality and the %% of updates lost", scripts=TRAINING
+        False,
+        "--log_edq",
+        help="Collage: log effective descent quality and the %% of updates lost",
+        scripts=TRAINING,
+        advanced=True,
     )
     peak_tflops: float | None = flag(
-        None, "--peak_tflops", help="peak TFLOP/s per device for MFU (default: data sheet or a probe)", above=0.0
+        None,
+        "--peak_tflops",
+        help="peak TFLOP/s per device for MFU (default: data sheet or a probe)",
+        above=0.0,
+        advanced=True,
     )
     ignore_steps: int = flag(
         2, "-i", "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
@@ -397,6 +500,16 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value}, as recorded in every checkpoint's running_states.json."""
         return {f.name: getattr(getattr(self, name), f.name) for name in SECTIONS for f in fields(SECTIONS[name])}
+
+
+def label_of(name: str) -> str:
+    """How messages name a field's flag (`-b/--batch_size`), or the field name for settings."""
+    for section in SECTIONS.values():
+        for f in fields(section):
+            if f.name == name:
+                spec = flag_of(f)
+                return spec.label() if spec else name
+    raise KeyError(name)
 
 
 def range_problems(cfg: TrainConfig, script: str = "pretrain") -> list[str]:

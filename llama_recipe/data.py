@@ -2,7 +2,9 @@
 
 The stream comes from `datasets` in streaming mode: a Hugging Face dataset name, or local JSONL /
 JSONL.gz / Parquet files with a `text` field. Each data-parallel replica reads its own part of the
-stream (tensor- and pipeline-parallel ranks of one replica read the same part). Documents are
+stream (tensor- and pipeline-parallel ranks of one replica read the same part). The order is
+shuffled (`DocumentStream`): the files in a new order every epoch, the documents drawn at random
+from a buffer of `--shuffle_buffer` texts. Documents are
 concatenated, each followed by EOS, and cut into rows of exactly `seq_len` tokens, so no compute is
 spent on padding; leftover tokens wait in a buffer for the next row, so no token is dropped. Each
 row carries position ids that restart at every document, for attention that respects documents.
@@ -11,19 +13,15 @@ row carries position ids that restart at every document, for attention that resp
 cc, github, stackexchange, wikipedia: the file names' prefix) so that each slice's share of the
 trained tokens tracks its weight.
 
-The position in the stream (the `datasets` iterator states, the leftover buffer, the mixture's
-token counts and the epoch) is saved with every checkpoint, so a resumed run sees exactly the rows
+The position in the stream (the `datasets` iterator states, the shuffle buffer and its generator,
+the leftover tokens, the mixture's token counts and the epoch) is saved with every checkpoint, so a resumed run sees exactly the rows
 the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
 """
 
 from __future__ import annotations
 
-import glob
-import gzip
-import json
-import os
+import base64
 import queue
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,12 +30,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import SHIPPED_TOKENIZER, SYNTHETIC
+from .config import SHIPPED_TOKENIZER
 from .errors import UsageError
-
-LOCAL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
-PREPARED_META = "meta.json"  # the file that marks a directory written by scripts/prepare_data.py (prepared.py)
-MAX_WARNINGS = 5  # per process; the rest are only counted
+from .sources import SKIPPED, Source, load_text_stream, resolve_source, slice_name
 
 # The LLaMA paper's pretraining mixture (Touvron et al. 2023, Table 1), by sampled tokens, with
 # RedPajama's slice names.
@@ -50,139 +45,6 @@ LLAMA_MIX = {
     "arxiv": 0.025,
     "stackexchange": 0.02,
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Sources
-
-
-def is_prepared_dataset(path: str) -> bool:
-    """Whether `path` is a directory written by `prepare_dataset` (it holds meta.json)."""
-    return os.path.isfile(os.path.join(path, PREPARED_META))
-
-
-def looks_local(dataset: str) -> bool:
-    """Whether `-d` names local files (a path, a glob or a data file name) rather than a hub dataset."""
-    return (
-        os.path.exists(dataset)
-        or any(ch in dataset for ch in "*?[")
-        or dataset.startswith((".", "/", "~"))
-        or dataset.endswith(LOCAL_SUFFIXES)
-    )
-
-
-def resolve_local_files(dataset: str) -> list[str]:
-    """The data files a local `-d` names: a file, a directory (searched recursively) or a glob."""
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        files = [str(path)]
-    elif path.is_dir():
-        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and p.name.endswith(LOCAL_SUFFIXES))
-    else:
-        files = sorted(f for f in glob.glob(str(path), recursive=True) if f.endswith(LOCAL_SUFFIXES))
-    if not files:
-        raise UsageError(
-            f"dataset {dataset!r} matches no .jsonl, .jsonl.gz, .json or .parquet files; "
-            "pass -d with a data file, a directory of them, or a glob"
-        )
-    kinds = {"parquet" if f.endswith(".parquet") else "json" for f in files}
-    if len(kinds) > 1:
-        raise UsageError(f"dataset {dataset!r} mixes Parquet and JSON files; point -d at one kind")
-    return files
-
-
-def dataset_kind(dataset: str) -> str:
-    """What `-d` names: "synthetic", "prepared" (a prepare_data.py output), "local" files or a "hub" dataset."""
-    if dataset == SYNTHETIC:
-        return "synthetic"
-    if is_prepared_dataset(dataset):
-        return "prepared"
-    return "local" if looks_local(dataset) else "hub"
-
-
-def check_dataset_source(dataset: str) -> None:
-    """Fail early on a local dataset path that holds no data. Hub names are checked when loaded."""
-    if dataset_kind(dataset) == "local":
-        resolve_local_files(dataset)
-
-
-def slice_name(file: str) -> str:
-    """RedPajama's slice of a file, from its name: `arxiv_024.jsonl` -> `arxiv`."""
-    name = Path(file).name
-    for suffix in LOCAL_SUFFIXES:
-        name = name.removesuffix(suffix)
-    return name.split("_")[0].split("-")[0].lower()
-
-
-SKIPPED: dict[str, int] = {}  # reason -> count, in this process
-
-
-def _skip(file: str, line: int, reason: str) -> None:
-    SKIPPED[reason] = SKIPPED.get(reason, 0) + 1
-    if sum(SKIPPED.values()) <= MAX_WARNINGS:
-        rank = os.environ.get("RANK", "0")
-        sys.stderr.write(f"warning (rank {rank}): {file} line {line}: {reason}; skipped\n")
-
-
-def read_jsonl_documents(files: list[str]) -> Iterator[dict]:
-    """Documents of JSON-lines files (optionally gzipped). Lines that are not valid UTF-8 JSON
-    objects with a non-empty string `text` are skipped and counted: one bad line in a terabyte
-    must not stop a run."""
-    for file in files:
-        opener = gzip.open if file.endswith(".gz") else open
-        with opener(file, "rb") as f:
-            for number, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    _skip(file, number, "not valid UTF-8")
-                    continue
-                except json.JSONDecodeError:
-                    _skip(file, number, "not valid JSON")
-                    continue
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    _skip(file, number, "no text field")
-                elif not text.strip():
-                    _skip(file, number, "empty text")
-                else:
-                    yield {"text": text}
-
-
-def _usable(row: dict) -> bool:
-    """For Parquet and hub rows, which bypass our JSONL reader: count what is dropped, as it does."""
-    if not isinstance(row["text"], str):
-        SKIPPED["no text field"] = SKIPPED.get("no text field", 0) + 1
-        return False
-    if not row["text"].strip():
-        SKIPPED["empty text"] = SKIPPED.get("empty text", 0) + 1
-        return False
-    return True
-
-
-def load_text_stream(dataset: str, files: list[str] | None = None):
-    """A streaming `datasets.IterableDataset` with a `text` column: one shard per local file, so
-    data-parallel replicas split the corpus by file when the file count allows."""
-    from datasets import IterableDataset, load_dataset
-
-    if looks_local(dataset) or files:
-        files = files or resolve_local_files(dataset)
-        if files[0].endswith(".parquet"):  # null or blank text would train on a bare [BOS, EOS]
-            return (
-                load_dataset("parquet", data_files=files, split="train", streaming=True)
-                .select_columns(["text"])
-                .filter(_usable)
-            )
-        return IterableDataset.from_generator(read_jsonl_documents, gen_kwargs={"files": files})
-    try:
-        return load_dataset(dataset, split="train", streaming=True).filter(_usable)
-    except Exception as e:  # offline, unknown name, gated repo: all surface as different library errors
-        raise UsageError(
-            f"could not open Hugging Face dataset {dataset!r} ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
-            "if this machine is offline, pass -d with local JSONL/Parquet files, e.g. -d data/redpajama-sample"
-        ) from None
 
 
 def load_tokenizer(name_or_path: str):
@@ -215,21 +77,104 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [doc + [tokenizer.eos_token_id] for doc in ids]
 
 
-def _tokenized(stream, tokenizer, dp_rank: int, dp_size: int):
-    from datasets.distributed import split_dataset_by_node
-
-    stream = split_dataset_by_node(stream, rank=dp_rank, world_size=dp_size)
-    return stream.map(
-        lambda batch: {"input_ids": tokenize_texts(tokenizer, batch["text"])},
-        batched=True,
-        batch_size=64,
-        remove_columns=["text"],
-    )
+FILES_PER_REPLICA = 8  # split by file only when each replica gets at least this many (else by document)
 
 
-def tokenized_documents(dataset: str, tokenizer, dp_rank: int, dp_size: int):
-    """This replica's share of the stream, tokenized."""
-    return _tokenized(load_text_stream(dataset), tokenizer, dp_rank, dp_size)
+class DocumentStream:
+    """This replica's documents, tokenized, epoch after epoch, in a shuffled order that resumes exactly.
+
+    Each epoch reads the files in an order drawn from (seed, epoch), the same on every replica. The
+    replicas split them by file when there are at least FILES_PER_REPLICA files each (every replica
+    reads only its own files), else by document (each keeps every dp_size-th document, so shares stay
+    balanced when a few files differ a lot in size); either way every document goes to exactly one
+    replica per epoch. (A hub dataset is split by `datasets`, by shard or by example.) The documents
+    then pass through a buffer of `shuffle_buffer` texts from which the next one is drawn at random;
+    at the end of an epoch the buffer empties before the next epoch starts. `shuffle_buffer=0`: the
+    files' own order, no shuffling. The buffer's texts and the generator's state are part of
+    `state_dict()`, so a resumed run draws exactly the documents the uninterrupted one would have
+    (`datasets`' own shuffle buffer is lost on resume, so it is not used).
+    """
+
+    def __init__(self, source: Source | str, tokenizer, dp_rank: int, dp_size: int, files: list[str] | None = None,
+                 seed: int = 0, shuffle_buffer: int = 0, stream_id: int = 0, only_slice: str | None = None):  # fmt: skip
+        self.source = resolve_source(source) if isinstance(source, str) else source
+        self.tokenizer, self.dp_rank, self.dp_size = tokenizer, dp_rank, dp_size
+        self.files = list(files if files is not None else self.source.files or []) or None
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        self.only_slice = only_slice  # a mixture's slice named by a row field: keep only its documents
+        self.rng = np.random.default_rng([seed, dp_rank, stream_id])  # the buffer's draws
+        self.epoch = 0
+        self.read = 0  # documents the stream has delivered this epoch (kept or left to other replicas)
+        self.buffer: list[str] = []
+        self._stream = None  # the datasets stream of the epoch being read
+        self._resume_from: dict | None = None  # its position, when resumed before the epoch is opened again
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.read, self._stream, self._resume_from = epoch, 0, None, None
+
+    def file_order(self, epoch: int) -> list[str] | None:
+        """The files in the order epoch `epoch` reads them (None for a hub dataset: its own order)."""
+        if self.files is None or not self.shuffle_buffer:
+            return self.files
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        return [self.files[i] for i in order]
+
+    @property
+    def split_by_file(self) -> bool:
+        return self.files is not None and len(self.files) >= FILES_PER_REPLICA * self.dp_size
+
+    def _open(self):
+        files = self.file_order(self.epoch)
+        if self.split_by_file:
+            stream = load_text_stream(self.source, files[self.dp_rank :: self.dp_size])
+        elif files is not None:
+            stream = load_text_stream(self.source, files)
+        else:  # the hub repository's own builder: datasets splits it, by shard or by example
+            from datasets.distributed import split_dataset_by_node
+
+            stream = split_dataset_by_node(load_text_stream(self.source), rank=self.dp_rank, world_size=self.dp_size)
+        if self._resume_from is not None:
+            stream.load_state_dict(self._resume_from)
+            self._resume_from = None
+        return stream
+
+    def _draw(self) -> dict:
+        """A random text out of the buffer (swap with the last, pop: O(1))."""
+        j = int(self.rng.integers(len(self.buffer)))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return {"input_ids": tokenize_texts(self.tokenizer, [self.buffer.pop()])[0]}
+
+    def __iter__(self) -> Iterator[dict]:
+        every = 1 if self.split_by_file or self.files is None else self.dp_size  # split by document: every n-th
+        self._stream = self._open()
+        for row in self._stream:
+            self.read += 1
+            if (self.read - 1) % every != self.dp_rank % every:
+                continue  # another replica's document
+            if self.only_slice is not None and row["slice"] != self.only_slice:
+                continue  # another slice's document
+            self.buffer.append(row["text"])
+            if len(self.buffer) > self.shuffle_buffer:
+                yield self._draw()
+        while self.buffer:  # the epoch's last documents, still in random order
+            yield self._draw()
+
+    def state_dict(self) -> dict:
+        # Taken between documents: the stream has delivered exactly the texts handed out, in the buffer or skipped.
+        stream = self._stream.state_dict() if self._stream is not None else self._resume_from
+        return {"epoch": self.epoch, "read": self.read, "stream": stream, "buffer": list(self.buffer),
+                "rng": self.rng.bit_generator.state}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.read, self.buffer = state["epoch"], state["read"], list(state["buffer"])
+        self.rng.bit_generator.state = state["rng"]
+        self._stream, self._resume_from = None, state["stream"]
+
+
+def tokenized_documents(source: Source | str, tokenizer, dp_rank: int, dp_size: int) -> DocumentStream:
+    """This replica's share of one epoch of the stream, tokenized, in the files' own order."""
+    return DocumentStream(source, tokenizer, dp_rank, dp_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,25 +194,33 @@ def parse_data_mix(spec: str) -> dict[str, float]:
             raise UsageError(
                 f"--data_mix {spec!r}: {part!r} is not slice=weight; write e.g. arxiv=0.1,book=0.2"
             ) from None
-    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+    if not all(0 <= w < float("inf") for w in weights.values()) or sum(weights.values()) <= 0:  # NaN fails too
         raise UsageError(f"--data_mix {spec!r}: weights must be non-negative and not all zero")
     total = sum(weights.values())
     return {name: w / total for name, w in weights.items() if w > 0}
 
 
-def files_by_slice(dataset: str, weights: dict[str, float]) -> dict[str, list[str]]:
-    if not looks_local(dataset):
-        raise UsageError("--data_mix needs local files (slices are named by file); download them and pass -d DIR")
-    files = resolve_local_files(dataset)
+def mixture_slices(source: Source, weights: dict[str, float]) -> dict[str, tuple[list[str] | None, str | None]]:
+    """{slice: (its files, the row-field value to keep)}: slices named by a row field
+    (`--slice_field`, e.g. SlimPajama's meta.redpajama_set_name) read all files and keep their own
+    documents; otherwise a slice is the files whose names start with it (RedPajama's arxiv_*, ...)."""
+    if source.slice_field:
+        return {name: (None, name) for name in weights}
+    if not source.files:
+        raise UsageError(
+            f"--data_mix needs slices: {source.name} has no data files we can name by slice; pass --slice_field "
+            "with the row field that names them (e.g. meta.redpajama_set_name), or -d with local files"
+        )
     groups: dict[str, list[str]] = {}
-    for f in files:
+    for f in source.files:
         groups.setdefault(slice_name(f), []).append(f)
     missing = sorted(set(weights) - set(groups))
     if missing:
         raise UsageError(
-            f"--data_mix names slice(s) {', '.join(missing)} that {dataset} does not have (it has: {', '.join(sorted(groups))})"
+            f"--data_mix names slice(s) {', '.join(missing)} that {source.name} does not have "
+            f"(it has: {', '.join(sorted(groups))}); or pass --slice_field if its rows name their slice"
         )
-    return {name: groups[name] for name in weights}
+    return {name: (groups[name], None) for name in weights}
 
 
 class MixedDocuments:
@@ -283,9 +236,10 @@ class MixedDocuments:
         self._iterators: dict[str, Iterator] = {}
 
     def set_epoch(self, epoch: int) -> None:
-        pass  # each slice keeps its own epoch
+        pass  # each slice keeps its own epoch (and file order)
 
     def _next_from(self, name: str) -> dict:
+        empty_passes = 0  # a pass resumed at the very end of an epoch may be empty; two in a row mean no data
         while True:
             if name not in self._iterators:
                 self.slices[name].set_epoch(self.epochs[name])
@@ -295,6 +249,12 @@ class MixedDocuments:
             except StopIteration:
                 del self._iterators[name]
                 self.epochs[name] += 1
+                empty_passes += 1
+                if empty_passes == 2:
+                    raise UsageError(
+                        f"--data_mix slice {name!r} has no documents for this data-parallel rank; "
+                        "drop it from --data_mix, or check -d and --slice_field"
+                    ) from None
 
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -338,11 +298,25 @@ def document_positions(tokens: np.ndarray, first_position: int, eos_id: int) -> 
     return positions
 
 
+def _encode_row(row: list[int], positions: np.ndarray) -> str:
+    """A buffered row as one compact JSON-ready string: base64 of its tokens (uint32) then positions (int32).
+    Encoded once, on entering the buffer, so a state_dict() is only a copy of a list of strings."""
+    return base64.b64encode(np.asarray(row, dtype="<u4").tobytes() + positions.astype("<i4").tobytes()).decode()
+
+
+def _decode_row(encoded: str) -> tuple[list[int], np.ndarray]:
+    data = np.frombuffer(base64.b64decode(encoded), dtype="<u4")
+    half = len(data) // 2
+    return data[:half].astype(np.int64).tolist(), data[half:].view("<i4").astype(np.int64)
+
+
 class PackedRows:
     """Rows of exactly `seq_len` tokens (with their document positions), cut from the concatenated
-    documents, epoch after epoch."""
+    documents, epoch after epoch; with `shuffle_rows`, drawn at random from a buffer of that many
+    rows, so that a long document (a book is hundreds of rows) does not fill many batches in a row.
+    The buffer and its generator are part of the state, so resuming is exact."""
 
-    def __init__(self, documents, seq_len: int, eos_id: int):
+    def __init__(self, documents, seq_len: int, eos_id: int, shuffle_rows: int = 0, seed: int = 0, dp_rank: int = 0):
         self.documents = documents
         self.seq_len = seq_len
         self.eos_id = eos_id
@@ -350,8 +324,22 @@ class PackedRows:
         self.next_position = 0  # document position of buffer[0]
         self.epoch = 0
         self._resumed = False
+        self.shuffle_rows = shuffle_rows
+        self.rows: list[str] = []  # the row buffer (encoded rows)
+        self.rng = np.random.default_rng([seed, dp_rank, 1_000_003])  # its draws
 
     def __iter__(self) -> Iterator[tuple[list[int], np.ndarray]]:
+        for row, positions in self._packed():
+            if not self.shuffle_rows:
+                yield row, positions
+                continue
+            self.rows.append(_encode_row(row, positions))
+            if len(self.rows) > self.shuffle_rows:
+                j = int(self.rng.integers(len(self.rows)))
+                self.rows[j], self.rows[-1] = self.rows[-1], self.rows[j]
+                yield _decode_row(self.rows.pop())
+
+    def _packed(self) -> Iterator[tuple[list[int], np.ndarray]]:
         while True:
             self.documents.set_epoch(self.epoch)
             # A pass resumed from a checkpoint may start at the very end of an epoch and see nothing.
@@ -379,6 +367,8 @@ class PackedRows:
             "buffer": list(self.buffer),
             "next_position": self.next_position,
             "epoch": self.epoch,
+            "rows": list(self.rows),
+            "rng": self.rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -386,6 +376,8 @@ class PackedRows:
         self.buffer = list(state["buffer"])
         self.next_position = state["next_position"]
         self.epoch = state["epoch"]
+        self.rows = list(state["rows"])
+        self.rng.bit_generator.state = state["rng"]
         self._resumed = True
 
 
@@ -502,29 +494,41 @@ class Prefetcher:
 # Entry points
 
 
+def mixture_tokens(batches) -> dict[str, int] | None:
+    """Tokens drawn from each slice so far, where the batches come from a --data_mix mixture."""
+    documents = batches.state_dict().get("documents")
+    return dict(documents["tokens"]) if isinstance(documents, dict) and "slices" in documents else None
+
+
 def build_pretrain_batches(
-    dataset: str,
+    dataset: Source | str,
     tokenizer,
     seq_len: int,
     batch_size: int,
     dp_rank: int,
     dp_size: int,
     data_mix: str | None = None,
+    seed: int = 0,
+    shuffle_buffer: int = 0,
 ) -> PretrainBatches:
-    """Packed batches from a stream (or a weighted mixture of its slices) for one replica."""
+    """Packed batches from a stream (or a weighted mixture of its slices, each shuffled on its own)
+    for one replica; `shuffle_buffer=0` reads the files in their own order."""
+    source = resolve_source(dataset) if isinstance(dataset, str) else dataset
+    shuffled = dict(seed=seed, shuffle_buffer=shuffle_buffer)
     if data_mix:
         weights = parse_data_mix(data_mix)
         slices = {
-            name: _tokenized(load_text_stream(dataset, files), tokenizer, dp_rank, dp_size)
-            for name, files in files_by_slice(dataset, weights).items()
+            name: DocumentStream(source, tokenizer, dp_rank, dp_size, files, stream_id=i, only_slice=only, **shuffled)
+            for i, (name, (files, only)) in enumerate(mixture_slices(source, weights).items())
         }
         documents = MixedDocuments(slices, weights)
     else:
-        documents = tokenized_documents(dataset, tokenizer, dp_rank, dp_size)
-    return PretrainBatches(PackedRows(documents, seq_len, tokenizer.eos_token_id), batch_size)
+        documents = DocumentStream(source, tokenizer, dp_rank, dp_size, **shuffled)
+    rows = PackedRows(documents, seq_len, tokenizer.eos_token_id, shuffle_buffer, seed, dp_rank)
+    return PretrainBatches(rows, batch_size)
 
 
-def count_tokens(dataset: str, tokenizer, dp_rank: int, dp_size: int, progress: bool) -> int:
+def count_tokens(dataset: Source | str, tokenizer, dp_rank: int, dp_size: int, progress: bool) -> int:
     """Tokens (with BOS/EOS) in this replica's share of one epoch; sizes the LR schedule."""
     documents = tokenized_documents(dataset, tokenizer, dp_rank, dp_size)
     total = 0

@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .colossalai_patches import apply_patches
+from .colossalai_patches import apply_patches, set_dist_timeout
 
 
 def has_cuda() -> bool:
@@ -26,13 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(seed: int) -> None:
+def launch(seed: int, dist_timeout: float = 600.0) -> None:
     """Join the process group that torchrun / `colossalai run` set up, or make a 1-process one so
-    that `python pretrain.py` works without a launcher. Applies our ColossalAI patches first."""
+    that `python pretrain.py` works without a launcher (through a file: no port is opened). Applies
+    our ColossalAI patches first; every group gets `dist_timeout` seconds."""
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     apply_patches(cpu_only=not has_cuda())
+    store = Path(tempfile.gettempdir()) / f"llama_recipe-rendezvous-{os.getpid()}-{time.time_ns()}"
+    set_dist_timeout(dist_timeout, str(store))
     import colossalai
     from colossalai.logging import get_dist_logger
 

@@ -1,28 +1,76 @@
-"""Export a checkpoint's model as a standard Hugging Face directory (config, safetensors, tokenizer)."""
+"""Export a checkpoint's model as a standard Hugging Face directory (config, safetensors, tokenizer).
+
+Nothing already saved is ever lost: the export is written to a new temporary directory and takes
+the target's place only when the target is absent, empty, or an earlier export of ours (it holds
+EXPORT_MARKER); a checkpoint directory, a directory holding checkpoints, or anything else is refused.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import read_running_states
+from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint_arg
+from .errors import UsageError
+
+EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
 
 
-def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None) -> Path:
+def check_export_target(out_dir: str, save_dir: str | None = None) -> None:
+    """Refuse, in one line, a target whose contents an export would destroy or hide."""
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--export_hf {out_dir} is a file; pass a directory (new, or an earlier export)")
+    if save_dir:
+        root = Path(save_dir).expanduser().resolve()
+        if out == root or root in out.parents or out in root.parents:
+            raise UsageError(
+                f"--export_hf {out_dir} would be (in) the checkpoint directory -o {save_dir}; pass a directory outside it"
+            )
+    for parent in [out, *out.parents]:
+        if (parent / RUNNING_STATES).is_file():
+            raise UsageError(f"{out_dir} is inside the checkpoint {parent}; export to a directory outside it")
+    if out.is_dir() and any(out.iterdir()) and not (out / EXPORT_MARKER).is_file():
+        held = "checkpoints" if (out / LATEST).exists() or any(out.glob("step-*")) else "other files"
+        raise UsageError(f"{out_dir} holds {held} and is not an earlier export; pass a new or empty directory")
+    for parent in out.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{out_dir} cannot be created: {parent} is a file; pass another directory")
+            break
+
+
+def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None, save_dir: str | None = None) -> Path:
     """Load the checkpoint's (possibly sharded) weights with transformers and save them as one clean
-    directory, in the dtype they were trained in. Written to a temporary name, then renamed."""
+    directory, in the dtype they were trained in. `checkpoint` may be a `latest` file."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
+    checkpoint = resolve_checkpoint_arg(checkpoint)
     read_running_states(checkpoint)  # a complete checkpoint, or a one-line error
+    check_export_target(out_dir, save_dir)
     model_dir = Path(checkpoint) / "model"
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
+    except Exception as e:  # truncated safetensors, a missing shard: the checkpoint is unusable
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise UsageError(
+            f"could not read {model_dir} ({type(e).__name__}: {detail}); pass another checkpoint"
+        ) from None
+    out = Path(out_dir).expanduser()
+    tmp = out.with_name(f".{out.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary directory
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
+    if out.exists():  # empty, or an earlier export (check_export_target): set aside, swap, then drop
+        old = out.with_name(f".{out.name}.export-old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)
     return out

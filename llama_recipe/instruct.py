@@ -9,12 +9,13 @@ across data-parallel replicas, and its position is (epoch, index) — exactly re
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
-from .data import resolve_local_files
 from .errors import UsageError
+from .sources import resolve_local_files
 
 IGNORE_INDEX = -100  # the label transformers' loss skips
 
@@ -22,8 +23,9 @@ IGNORE_INDEX = -100  # the label transformers' loss skips
 def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
     """Rows from a local JSONL file, a directory laid out like the hub dataset (one sub-directory
     per task), or a Hugging Face dataset name with `task_name` as its configuration."""
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
 
+    disable_progress_bars()  # "Generating train split" bars on stderr say nothing about the run
     path = Path(dataset).expanduser()
     if path.is_dir() and not any(path.glob("*.json*")):
         tasks = sorted(p.name for p in path.iterdir() if p.is_dir() and any(p.glob("*.json*")))
@@ -33,7 +35,14 @@ def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
             )
         path = path / task_name
     if path.exists() or dataset.endswith((".jsonl", ".json")):
-        rows = load_dataset("json", data_files=resolve_local_files(str(path)), split="train")
+        try:
+            rows = load_dataset("json", data_files=resolve_local_files(str(path)), split="train")
+        except UsageError:
+            raise
+        except Exception as e:  # an empty file, lines that are not JSON objects
+            raise UsageError(
+                f"could not read {dataset} as JSON lines of prompt/completion ({type(e).__name__}); fix the file"
+            ) from None
     else:
         try:
             rows = load_dataset(dataset, task_name, split="train")
@@ -48,7 +57,18 @@ def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
         raise UsageError(
             f"dataset {dataset!r} lacks the field(s) {', '.join(sorted(missing))}; rows need prompt and completion"
         )
-    return [{"prompt": r["prompt"], "completion": r["completion"]} for r in rows]
+    usable = [
+        {"prompt": r["prompt"], "completion": r["completion"]}
+        for r in rows
+        if isinstance(r["prompt"], str) and isinstance(r["completion"], str) and r["completion"].strip()
+    ]
+    if not usable:
+        raise UsageError(f"dataset {dataset!r} has no row with a string prompt and a non-empty string completion")
+    if len(usable) < len(rows):
+        sys.stderr.write(
+            f"warning: skipped {len(rows) - len(usable)} rows of {dataset} without a string prompt and completion\n"
+        )
+    return usable
 
 
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int], bool]:
@@ -134,7 +154,11 @@ def generate_answers(model_dir: str, tokenizer, prompts: list[str], max_new_toke
     works whatever the training layout was)."""
     from transformers import LlamaForCausalLM
 
-    model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    try:
+        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    except Exception as e:  # truncated or missing weights
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise UsageError(f"could not load the model in {model_dir} ({type(e).__name__}: {detail})") from None
     answers = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt")

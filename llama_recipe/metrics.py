@@ -235,7 +235,16 @@ class StepResult:
     lr: float
     seconds: float
     parts: dict[str, float] = field(default_factory=dict)  # data, forward_backward, optimizer, other
-    skipped_update: bool = False  # fp16 overflow: in-place SGD left the weights as they were
+    skipped_update: bool = False  # fp16 overflow: the loss scaler skipped the update and lowered the scale
+    slice_tokens: dict[str, int] | None = None  # --data_mix: tokens drawn from each slice so far
+    bad: bool = False  # a non-finite loss or gradient norm: the update was skipped
+    loss_z: float | None = None  # the loss's z-score against the recent good losses (None early on)
+    spike_skipped: bool = False  # a loss spike whose update --on_spike skipped
+
+
+def _shares(tokens: dict[str, int]) -> str:
+    total = sum(tokens.values()) or 1
+    return ", ".join(f"{name} {100 * n / total:.1f}% ({n:,} tokens)" for name, n in tokens.items())
 
 
 def perplexity(loss: float) -> float:
@@ -263,6 +272,7 @@ class RunMetrics:
         self.logger = MetricsLogger(is_main_process(), cfg.logging.tensorboard_dir, total_steps, start_step, desc)
         self.steps: list[StepResult] = []
         self.evals: list[tuple[int, float]] = []
+        self.bad_steps = 0  # skipped for a non-finite loss or gradient norm, this run
 
     def __enter__(self) -> RunMetrics:
         return self
@@ -270,12 +280,20 @@ class RunMetrics:
     def __exit__(self, *exc_info) -> None:
         self.logger.bar.close()  # however the loop ends, so an error message starts on a line of its own
 
-    def log_step(self, step: int, result: StepResult, optimizer) -> None:
+    def log_step(self, step: int, result: StepResult, optimizer, bad_steps: int = 0) -> None:
         self.steps.append(result)
+        self.bad_steps = bad_steps
         write = step % self.cfg.log_interval == 0 or step == self.total_steps
         tokens_per_s = result.tokens / result.seconds
         mfu = model_flops_utilization(tokens_per_s, self.flops_per_token, world_size(), self.peak_flops)
         self.logger.log_step(step, result.loss, result.lr, result.grad_norm, tokens_per_s, mfu, write)
+        if write:
+            z = {} if result.loss_z is None else {"train/loss_z": result.loss_z}
+            self.logger.log_scalars(step, {"train/bad_steps": bad_steps, **z})
+        if result.slice_tokens and write:  # this replica's mixture (every replica tracks the same weights)
+            total = sum(result.slice_tokens.values()) or 1
+            shares = {f"data/share_{name}": n / total for name, n in result.slice_tokens.items()}
+            self.logger.log_scalars(step, {**{f"data/tokens_{k}": v for k, v in result.slice_tokens.items()}, **shares})
         if self.cfg.log_edq and write:  # one small all-reduce: the shards' sums
             edq = edq_metrics(sum_across_ranks(unwrap_optimizer(optimizer).metric_sums))
             self.logger.log_scalars(step, {f"optimizer/{name}": value for name, value in edq.items()})
@@ -307,17 +325,20 @@ class RunMetrics:
             peak_flops=self.peak_flops, peak_source=self.peak_source, losses=losses, peak_memory_mb=peak_memory_mb(),
             world_size=world_size(), dp_size=self.par.dp_size, precision=self.par.precision,
             optimizer=self.par.optimizer, checkpoint=checkpoint, tensorboard_dir=self.cfg.tensorboard_dir,
-            evals=self.evals, seq_len=self.seq_len,
+            evals=self.evals, seq_len=self.seq_len, bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
         )  # fmt: skip
         if losses:
-            last = losses[-10:]
+            last = [x for x in losses[-10:] if math.isfinite(x)] or losses[-1:]
             tb = self.cfg.tensorboard_dir
             print_main(
                 f"done: {len(losses)} steps this run (step {step} of {self.total_steps}), "
                 f"loss {losses[0]:.4f} -> {losses[-1]:.4f} (mean of the last {len(last)}: {sum(last) / len(last):.4f}), "
-                f"{tokens_per_s:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0\n"
+                f"{tokens_per_s:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0"
+                + (f", {self.bad_steps} bad steps skipped" if self.bad_steps else "")
+                + "\n"
                 f"checkpoint: {checkpoint or 'none (no -o/--save_dir)'}\n"
                 f"tensorboard: {tb or 'disabled'}{f'  (tensorboard --logdir {tb})' if tb else ''}"
                 + (f"\nloss curve: {loss_plot}" if loss_plot else "")
+                + (f"\nmixture (rank 0): {_shares(summary['slice_tokens'])}" if summary["slice_tokens"] else "")
             )
         return summary

@@ -74,15 +74,45 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
             fields = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise UsageError(f"model config {path} is not valid JSON ({e}); pass a Hugging Face config.json") from None
-        if fields.get("model_type", "llama") != "llama":
-            raise UsageError(
-                f"model config {path} has model_type {fields['model_type']!r}; this recipe trains LLaMA models"
-            )
-        return LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+        check_model_fields(fields, str(path))
+        try:
+            return LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
+        except Exception as e:  # transformers' own checks (rope_scaling, ...)
+            raise UsageError(f"model config {path}: {str(e).splitlines()[0][:200]}; fix the config.json") from None
     raise UsageError(
         f"unknown model config {name_or_path!r}; pass one of {', '.join(model_config_names())} "
         "or a path to a Hugging Face config.json"
     )
+
+
+POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                       "max_position_embeddings")  # fmt: skip
+
+
+def check_model_fields(fields, path: str) -> None:
+    """A config.json's fields make a LLaMA this recipe can build, or a one-line UsageError naming the first problem."""
+    if not isinstance(fields, dict):
+        raise UsageError(f"model config {path} is not a JSON object; pass a Hugging Face config.json")
+    if fields.get("model_type", "llama") != "llama":
+        raise UsageError(
+            f"model config {path} has model_type {fields['model_type']!r}; this recipe trains LLaMA models"
+        )
+    for key in [*POSITIVE_INT_FIELDS, "num_key_value_heads", "head_dim"]:
+        value = fields.get(key)
+        if (key in POSITIVE_INT_FIELDS or value is not None) and not (type(value) is int and value > 0):
+            raise UsageError(f"model config {path}: {key} must be a positive integer, got {value!r}")
+    heads, kv_heads = fields["num_attention_heads"], fields.get("num_key_value_heads") or fields["num_attention_heads"]
+    if not fields.get("head_dim") and fields["hidden_size"] % heads:
+        raise UsageError(
+            f"model config {path}: hidden_size {fields['hidden_size']} is not divisible by num_attention_heads {heads}"
+        )
+    if heads % kv_heads:
+        raise UsageError(
+            f"model config {path}: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}"
+        )
+    eps = fields.get("rms_norm_eps", 1e-6)
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < 1:
+        raise UsageError(f"model config {path}: rms_norm_eps must be a small positive number, got {eps!r}")
 
 
 def build_model(

@@ -8,6 +8,7 @@ Every difference is read from the plugin's `PluginSpec` (plugins.py), never from
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,16 +103,17 @@ class Parallelism:
         """Clip, step, and return the global gradient norm (before clipping) where it is known.
 
         ColossalAI's optimizer wrappers clip inside `step()` (the plugin got max_norm) and remember
-        the norm; torch DDP's does neither, so we clip here. inplace_sgd already clipped and
-        stepped inside its backward pass.
+        the norm; torch DDP's does neither, so we clip here, and skip the update when the norm is not
+        finite. inplace_sgd already clipped and stepped inside its backward pass.
         """
         if self.fused_update:
             return unwrap_optimizer(optimizer).last_grad_norm
         if not self.spec.clips_in_step:
             params = [p for group in optimizer.param_groups for p in group["params"]]
-            norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf"))
-            optimizer.step()
-            return float(norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(params, self.max_norm if self.max_norm > 0 else float("inf")))
+            if math.isfinite(norm):
+                optimizer.step()
+            return norm
         optimizer.step()
         norm = optimizer.get_grad_norm()
         return None if norm is None else float(norm)

@@ -184,6 +184,14 @@ def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) ->
             raise UsageError("pipeline parallelism supports --zero_stage 0 or 1, not 2")
 
 
+def _check_ddp(cfg: TrainConfig, precision: str, world_size: int) -> None:
+    if _fp16_through_booster(cfg, precision) and not has_cuda():
+        raise UsageError(
+            "-x fp16 with -p ddp goes through ColossalAI's torch AMP, which needs CUDA; on this CPU-only machine "
+            "pass -x fp32 or -x bf16 (or --optimizer inplace_sgd, which scales an fp16 loss itself)"
+        )
+
+
 def _check_plain_torch(cfg: TrainConfig, precision: str, world_size: int) -> None:
     if precision == "fp16" and not OPTIMIZERS[resolve_optimizer(cfg)].fused_update:
         raise UsageError("-p none is plain PyTorch (DDP across processes) in fp32 or bf16; drop -x fp16")
@@ -242,6 +250,7 @@ PLUGINS: dict[str, PluginSpec] = {
             clips_in_step=False,
             autocast_bf16=True,
             whole_gradients=True,
+            check=_check_ddp,
         ),
         PluginSpec(
             "none",

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import PREPARED_META, SKIPPED, is_prepared_dataset, load_text_stream, tokenize_texts
+from .data import tokenize_texts
 from .errors import UsageError
+from .sources import PREPARED_META, SKIPPED, Source, is_prepared_dataset, load_text_stream, resolve_source
 
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "doc_offsets.npy"
@@ -58,12 +59,39 @@ def read_meta(path: str) -> dict:
             meta = json.load(f)
     except json.JSONDecodeError:
         raise UsageError(f"{meta_path} is not valid JSON; prepare the dataset again") from None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{meta_path} is not a JSON object; prepare the dataset again")
     if meta.get("format_version") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
         raise UsageError(
             f"{path!r} has prepared-data format {meta.get('format_version')!r} (dtype {meta.get('dtype')!r}); "
             f"this code reads format {FORMAT_VERSION}: prepare it again with this version of scripts/prepare_data.py"
         )
+    for key in ("num_tokens", "num_docs", "vocab_size", "eos_token_id"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            raise UsageError(f"{meta_path} has no valid {key!r} (got {meta.get(key)!r}); prepare the dataset again")
     return meta
+
+
+def check_prepared_files(path: str, meta: dict | None = None) -> np.ndarray:
+    """The token file has the size meta.json says and the offsets match it (a truncated or foreign
+    copy would otherwise fail deep inside numpy); returns the memory-mapped offsets."""
+    meta = meta or read_meta(path)
+    tokens_path = os.path.join(path, TOKENS_FILE)
+    size = os.path.getsize(tokens_path) if os.path.isfile(tokens_path) else None
+    if size != meta["num_tokens"] * _DTYPES[meta["dtype"]].itemsize:
+        raise UsageError(
+            f"{tokens_path} holds {size} bytes but {PREPARED_META} says {meta['num_tokens']} {meta['dtype']} tokens; "
+            "the directory is damaged: prepare it again"
+        )
+    try:
+        offsets = np.load(os.path.join(path, OFFSETS_FILE), mmap_mode="r", allow_pickle=False)
+        assert offsets.shape == (meta["num_docs"] + 1,) and offsets[-1] == meta["num_tokens"]
+    except (OSError, ValueError, AssertionError):  # missing, truncated, or not this dataset's offsets
+        raise UsageError(
+            f"{os.path.join(path, OFFSETS_FILE)} is missing or does not match {PREPARED_META}; the directory is "
+            "damaged: prepare it again"
+        ) from None
+    return offsets
 
 
 def check_prepared_tokenizer(path: str, tokenizer) -> None:
@@ -94,78 +122,48 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
             )
 
 
-def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True, overwrite: bool = False) -> dict:
-    """Tokenize `dataset` (any form `pretrain.py -d` takes) into `out_dir`. Returns counts and speed.
+def prepare_dataset(
+    dataset: Source | str,
+    out_dir: str,
+    tokenizer,
+    progress: bool = True,
+    overwrite: bool = False,
+    max_tokens: int | None = None,
+) -> dict:
+    """Tokenize `dataset` (any form `pretrain.py -d` takes, hub names included) into `out_dir`, whole
+    documents up to `max_tokens` tokens if given. Returns counts and speed.
 
     Documents whose `text` is empty, blank or not a string are skipped and counted, as the JSONL reader
     skips them. Everything is written into the sibling `.OUT_DIR.tmp` and renamed into place at the end,
     so an interrupted prepare never leaves a directory that looks prepared.
     """
     check_out_dir(out_dir, overwrite)
+    source = resolve_source(dataset) if isinstance(dataset, str) else dataset
     out = Path(out_dir).expanduser().resolve()
     tmp = out.parent / f".{out.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # left behind by an interrupted prepare
     tmp.mkdir(parents=True)
-
-    vocab_size = len(tokenizer)  # added tokens included: every id is below this
-    dtype = token_dtype(vocab_size)
-    raw_offsets = tmp / "doc_offsets.raw"  # offsets streamed here, turned into .npy once their number is known
-    num_docs = num_tokens = skipped = 0
+    dtype = token_dtype(len(tokenizer))  # added tokens included: every id is below len(tokenizer)
     skipped_by_reader = sum(SKIPPED.values())  # a process-wide count: take the difference
     start = time.perf_counter()
     try:
-        stream = load_text_stream(dataset)
-        with (
-            open(tmp / TOKENS_FILE, "wb") as tokens_file,
-            open(raw_offsets, "wb") as offsets_file,
-            tqdm(desc=f"preparing {dataset}", unit=" docs", disable=not progress) as bar,
-        ):
-            for batch in stream.iter(batch_size=TOKENIZE_BATCH):
-                if "text" not in batch:
-                    raise UsageError(
-                        f"dataset {dataset!r} has no 'text' field (fields: {', '.join(sorted(batch))}); "
-                        "pretraining data needs one"
-                    )
-                # The JSONL reader already drops (and counts) such lines; Parquet and hub rows arrive as they are.
-                texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
-                skipped += len(batch["text"]) - len(texts)
-                bar.update(len(batch["text"]))
-                if not texts:
-                    continue
-                ids = tokenize_texts(tokenizer, texts)  # the streaming path's tokenization: BOS ... EOS
-                lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
-                starts = num_tokens + np.cumsum(lengths) - lengths
-                flat = np.fromiter(chain.from_iterable(ids), _DTYPES[dtype], int(lengths.sum()))
-                flat.tofile(tokens_file)
-                starts.astype("<i8").tofile(offsets_file)
-                num_docs += len(ids)
-                num_tokens += int(lengths.sum())
-                bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
-            np.array([num_tokens], dtype="<i8").tofile(offsets_file)  # the final total closes the last document
+        num_docs, num_tokens, skipped = _write_tokens(source, tokenizer, tmp, dtype, max_tokens, progress)
         skipped += sum(SKIPPED.values()) - skipped_by_reader
         if num_docs == 0:
-            raise UsageError(f"dataset {dataset!r} has no documents with non-empty text ({skipped} skipped)")
-        _raw_to_npy(raw_offsets, tmp / OFFSETS_FILE, num_docs + 1)
-
+            raise UsageError(f"dataset {source.name!r} has no documents with non-empty text ({skipped} skipped)")
+        _raw_to_npy(tmp / "doc_offsets.raw", tmp / OFFSETS_FILE, num_docs + 1)
         meta = {
-            "format_version": FORMAT_VERSION,
-            "dtype": dtype,
-            "num_tokens": num_tokens,
-            "num_docs": num_docs,
-            "vocab_size": vocab_size,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-            "tokenizer": tokenizer.name_or_path,
-            "source": dataset,
-        }
+            "format_version": FORMAT_VERSION, "dtype": dtype, "num_tokens": num_tokens, "num_docs": num_docs,
+            "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id, "tokenizer": tokenizer.name_or_path, "source": source.name,
+        }  # fmt: skip
         with open(tmp / PREPARED_META, "w") as f:  # last: its presence means the files above are complete
             json.dump(meta, f, indent=2)
         _move_into_place(tmp, out)
     except BaseException:  # Ctrl-C included: leave nothing half-written behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
     seconds = time.perf_counter() - start
     return {
         "num_docs": num_docs,
@@ -174,6 +172,39 @@ def prepare_dataset(dataset: str, out_dir: str, tokenizer, progress: bool = True
         "seconds": seconds,
         "tokens_per_s": num_tokens / max(seconds, 1e-9),
     }
+
+
+def _write_tokens(
+    source: Source, tokenizer, tmp: Path, dtype: str, max_tokens: int | None, progress: bool
+) -> tuple[int, int, int]:
+    """Stream, tokenize and append every document to tmp/tokens.bin, its start to tmp/doc_offsets.raw
+    (the .npy needs its length up front). Returns (documents, tokens, documents skipped here)."""
+    num_docs = num_tokens = skipped = 0
+    with (
+        open(tmp / TOKENS_FILE, "wb") as tokens_file,
+        open(tmp / "doc_offsets.raw", "wb") as offsets_file,
+        tqdm(desc=f"preparing {source.name}", unit=" docs", disable=not progress) as bar,
+    ):
+        for batch in load_text_stream(source).iter(batch_size=TOKENIZE_BATCH):
+            # The JSONL reader already drops (and counts) such lines; Parquet and hub rows arrive as they are.
+            texts = [t for t in batch["text"] if isinstance(t, str) and t.strip()]
+            skipped += len(batch["text"]) - len(texts)
+            bar.update(len(batch["text"]))
+            if not texts:
+                continue
+            ids = tokenize_texts(tokenizer, texts)  # the streaming path's tokenization: BOS ... EOS
+            if max_tokens is not None:  # whole documents, as many as fit
+                ids = ids[: int((np.cumsum([len(doc) for doc in ids]) <= max_tokens - num_tokens).sum())]
+                if not ids:
+                    break
+            lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
+            (num_tokens + np.cumsum(lengths) - lengths).astype("<i8").tofile(offsets_file)
+            np.fromiter(chain.from_iterable(ids), _DTYPES[dtype], int(lengths.sum())).tofile(tokens_file)
+            num_docs += len(ids)
+            num_tokens += int(lengths.sum())
+            bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
+        np.array([num_tokens], dtype="<i8").tofile(offsets_file)  # the final total closes the last document
+    return num_docs, num_tokens, skipped
 
 
 def _raw_to_npy(raw_path: Path, npy_path: Path, length: int) -> None:
@@ -201,21 +232,52 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each element (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A random-looking bijection of [0, n), keyed: where each of `index` goes. A 4-round Feistel
+    network on the smallest even number of bits that covers n, with cycle-walking for the values it
+    maps past n, so it needs no memory however many rows a corpus has (a stored permutation of a
+    trillion-token corpus's rows would take gigabytes)."""
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = np.uint64((1 << half) - 1)
+    keys = [np.uint64((key * 4 + r) * 0x9E3779B97F4A7C15 % 2**64) for r in range(4)]
+
+    def rounds(x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(half), x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix64(right ^ k) & mask)
+        return (left << np.uint64(half)) | right
+
+    out = rounds(np.asarray(index, dtype=np.uint64))
+    while (outside := out >= np.uint64(n)).any():  # walk the cycle back into [0, n)
+        out[outside] = rounds(out[outside])
+    return out.astype(np.int64)
+
+
 class PreparedBatches:
-    """Batches of consecutive `seq_len`-token rows of a prepared dataset, for one data-parallel replica.
+    """Batches of `seq_len`-token rows of a prepared dataset, for one data-parallel replica.
 
     Row r is tokens[r * seq_len : (r + 1) * seq_len]; an epoch has num_tokens // seq_len rows, so the
-    final partial row (fewer than seq_len tokens) is not used. Replica k takes rows k, k + dp_size,
-    k + 2 * dp_size, ...: num_rows // dp_size rows each, so all replicas have equally many per epoch
-    (the up to dp_size - 1 rows left over are not used either). When a replica's rows run out the
-    epoch increments and it starts again from its first row, in the same order (no shuffle); like
-    `PretrainBatches`, that happens when the next row is asked for, and a batch may span two epochs.
+    final partial row (fewer than seq_len tokens) is not used. Each epoch visits the rows in an order
+    drawn from (seed, epoch) (`shuffle=False`: in file order); replica k takes positions k, k + dp_size,
+    k + 2 * dp_size, ... of that order: num_rows // dp_size rows each, so every row is read once per
+    epoch by one replica and all replicas have equally many (the up to dp_size - 1 rows left over are
+    not used). When a replica's rows run out the epoch increments; like `PretrainBatches`, that happens
+    when the next row is asked for, and a batch may span two epochs.
 
     `input_ids` and `labels` are equal (the model shifts); `position_ids` count from 0 at the start of
     each document (the token after each EOS), also where a document began in an earlier row.
     """
 
-    def __init__(self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int):
+    def __init__(
+        self, path: str, seq_len: int, batch_size: int, dp_rank: int, dp_size: int, seed: int = 0, shuffle: bool = False
+    ):
         if seq_len < 1 or batch_size < 1 or not 0 <= dp_rank < dp_size:
             raise UsageError(f"bad layout: seq_len={seq_len} batch_size={batch_size} dp_rank={dp_rank}/{dp_size}")
         self.meta = read_meta(path)
@@ -224,26 +286,21 @@ class PreparedBatches:
         self.batch_size = batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
+        self.seed, self.shuffle = seed, shuffle
 
         num_tokens = self.meta["num_tokens"]
-        dtype = _DTYPES[self.meta["dtype"]]
-        tokens_path = os.path.join(path, TOKENS_FILE)
-        size = os.path.getsize(tokens_path) if os.path.isfile(tokens_path) else None
-        if size != num_tokens * dtype.itemsize:  # a truncated copy would otherwise fail deep inside numpy
-            raise UsageError(
-                f"{tokens_path} holds {size} bytes but {PREPARED_META} says {num_tokens} {self.meta['dtype']} tokens; "
-                "the directory is damaged: prepare it again"
-            )
+        self.doc_offsets = check_prepared_files(path, self.meta)
         num_rows = num_tokens // seq_len
         if num_rows < dp_size * batch_size:
             raise UsageError(
                 f"{path!r} has {num_tokens} tokens: {num_rows} rows of {seq_len}, fewer than one batch for each "
                 f"data-parallel replica ({dp_size} x {batch_size}); use more data, a smaller -b or -l, or fewer processes"
             )
+        self.num_rows = num_rows
         self.rows_per_replica = num_rows // dp_size
         # Memory-mapped, read-only: the OS pages in what a batch touches, the file is never loaded whole.
-        self.tokens = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(num_tokens,))
-        self.doc_offsets = np.load(os.path.join(path, OFFSETS_FILE), mmap_mode="r")
+        tokens_path = os.path.join(path, TOKENS_FILE)
+        self.tokens = np.memmap(tokens_path, dtype=_DTYPES[self.meta["dtype"]], mode="r", shape=(num_tokens,))
         self._positions = np.arange(seq_len, dtype=np.int64)
         self._epoch = 0
         self.row = 0  # the next row of this replica's share, 0 .. rows_per_replica - 1
@@ -263,7 +320,7 @@ class PreparedBatches:
             if self.row == self.rows_per_replica:  # this replica's share is used up: the next epoch starts over
                 self._epoch += 1
                 self.row = 0
-            rows[i] = self.dp_rank + self.row * self.dp_size
+            rows[i] = self.row_at(self._epoch, self.dp_rank + self.row * self.dp_size)
             self.row += 1
         starts = rows * self.seq_len
         input_ids = np.stack([self.tokens[s : s + self.seq_len] for s in starts]).astype(np.int64)
@@ -276,21 +333,34 @@ class PreparedBatches:
         input_ids = torch.from_numpy(input_ids)
         return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": torch.from_numpy(position_ids)}
 
+    def row_at(self, epoch: int, position: int) -> int:
+        """The row read at `position` of epoch `epoch`'s order."""
+        if not self.shuffle:
+            return position
+        return int(permute(np.array([position]), self.num_rows, key=self.seed * 1_000_003 + epoch)[0])
+
     def state_dict(self) -> dict:
-        # The layout travels with the position: the same row index means other tokens under another layout.
-        return {"epoch": self._epoch, "row": self.row, "dp_size": self.dp_size, "seq_len": self.seq_len}
+        # The layout and order travel with the position: the same index means other tokens under another one.
+        return {"epoch": self._epoch, "row": self.row, "dp_size": self.dp_size, "seq_len": self.seq_len,
+                "shuffle": self.shuffle, "seed": self.seed}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
-        for key, current in (("dp_size", self.dp_size), ("seq_len", self.seq_len)):
-            if state[key] != current:
+        """Resume at a saved position, also one saved under another number of replicas: the epoch's
+        first row * dp_size positions of the order are read (every replica had read `row` rows), so
+        each replica here continues at its first position not yet read; nothing is read twice or skipped."""
+        fixes = {"seq_len": "-l", "shuffle": "--shuffle_buffer (0 or not)", "seed": "--seed"}
+        for key, fix in fixes.items():
+            current = getattr(self, key)
+            if state.get(key, current) != current:
                 raise UsageError(
                     f"the checkpoint's data position was saved with {key}={state[key]}, this run has {key}={current}; "
-                    f"resume with the same {'number of data-parallel replicas' if key == 'dp_size' else '-l'}"
+                    f"resume with the same {fix}"
                 )
-        if not 0 <= state["row"] <= self.rows_per_replica:
+        read = int(state["row"]) * int(state["dp_size"])  # positions of this epoch's order already read
+        if not 0 <= read <= self.num_rows:
             raise UsageError(
-                f"the checkpoint's data position (row {state['row']}) is past this replica's {self.rows_per_replica} "
-                f"rows of {self.path!r}; resume with the prepared dataset the run started with"
+                f"the checkpoint's data position (position {read}) is past the {self.num_rows} rows of {self.path!r}; "
+                "resume with the prepared dataset the run started with"
             )
         self._epoch = int(state["epoch"])
-        self.row = int(state["row"])
+        self.row = min(-(-(read - self.dp_rank) // self.dp_size), self.rows_per_replica)  # ceil((read - rank) / dp)

@@ -7,12 +7,10 @@ import math
 
 from .config import SHIPPED_TOKENIZER, TrainConfig
 from .data import (
-    SKIPPED,
     Prefetcher,
     SyntheticBatches,
     build_pretrain_batches,
     count_tokens,
-    dataset_kind,
     load_model_tokenizer,
     load_tokenizer,
 )
@@ -22,12 +20,13 @@ from .instruct import InstructionBatches, generate_answers, held_out_batches, lo
 from .model import get_model_config, resolve_pretrained, weights_location
 from .parallel import Parallelism, build_parallelism
 from .prepared import PreparedBatches, check_prepared_tokenizer
+from .sources import SKIPPED, dataset_kind, source_for
 from .trainer import RunPlan, fit
 
 
 def pretrain(cfg: TrainConfig) -> dict:
     """Pretrain a randomly initialised model on packed text."""
-    launch(cfg.training.seed)
+    launch(cfg.training.seed, cfg.parallel.dist_timeout)
     par = build_parallelism(cfg)
     model_config = get_model_config(cfg.model.config)
     tokenizer = load_tokenizer(cfg.data.tokenizer or str(SHIPPED_TOKENIZER))
@@ -64,16 +63,20 @@ def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: 
         batches = SyntheticBatches(vocab_size, seq_len, training.batch_size, seed=training.seed + par.dp_rank)
     elif kind == "prepared":
         check_prepared_tokenizer(data.dataset, tokenizer)
-        batches = PreparedBatches(data.dataset, seq_len, training.batch_size, par.dp_rank, par.dp_size)
+        shuffle = data.shuffle_buffer > 0
+        batches = PreparedBatches(
+            data.dataset, seq_len, training.batch_size, par.dp_rank, par.dp_size, training.seed, shuffle
+        )
         steps_per_epoch = batches.rows_per_replica // rows_per_step
     else:
         batches = build_pretrain_batches(
-            data.dataset, tokenizer, seq_len, training.batch_size, par.dp_rank, par.dp_size, data.data_mix
-        )
+            source_for(data), tokenizer, seq_len, training.batch_size, par.dp_rank, par.dp_size, data.data_mix,
+            seed=training.seed, shuffle_buffer=data.shuffle_buffer,
+        )  # fmt: skip
     if training.max_steps:
         return batches, training.max_steps
     if steps_per_epoch is None:  # a token count of this replica's stream (the replica with the least data decides)
-        tokens = count_tokens(data.dataset, tokenizer, par.dp_rank, par.dp_size, progress=is_main_process())
+        tokens = count_tokens(source_for(data), tokenizer, par.dp_rank, par.dp_size, progress=is_main_process())
         steps_per_epoch = fewest_across_ranks(tokens // seq_len // rows_per_step)
     if steps_per_epoch == 0:
         raise UsageError(
@@ -85,7 +88,7 @@ def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: 
 
 def finetune(cfg: TrainConfig) -> dict:
     """Finetune pretrained weights on prompt/completion pairs, with the loss on completions only."""
-    launch(cfg.training.seed)
+    launch(cfg.training.seed, cfg.parallel.dist_timeout)
     par = build_parallelism(cfg)
     data, training = cfg.data, cfg.training
     model_dir = resolve_pretrained(cfg.model.model_path)

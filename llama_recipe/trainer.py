@@ -20,6 +20,7 @@ import torch.distributed as dist
 from .attention import ModelInputs, select_attention
 from .checkpoint import Checkpointer, TrainState
 from .config import TrainConfig
+from .data import mixture_tokens
 from .distributed import any_rank, is_main_process, print_main, synchronize, world_size
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
@@ -106,24 +107,36 @@ def _tokens_in(batch: dict) -> int:
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
-def train_step(par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: TrainConfig, inputs) -> StepResult:
-    """One optimizer step: forward/backward, clip and step, advance the schedule."""
+def train_step(
+    par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: TrainConfig, inputs, guard: StepGuard | None = None
+) -> StepResult:
+    """One optimizer step: forward/backward, clip and step, advance the schedule. A non-finite loss
+    or gradient norm skips the update: no weight, optimizer or schedule change (`bad`); so does a
+    loss spike when --on_spike says so (`guard`)."""
     started = time.perf_counter()
     lr = lr_scheduler.get_last_lr()[0]
     local_loss, local_tokens, data_seconds = forward_backward(
         par, model, optimizer, batches, cfg.training.accumulation_steps, inputs
     )
+    # one all-reduce, and a sync point: every rank knows the step's loss before anything is updated
+    loss, tokens_mean = par.mean_across_replicas(local_loss, local_tokens)
     if cfg.logging.time_breakdown:  # so the clock measures work done, not work queued on a GPU
         synchronize()
     backward_done = time.perf_counter()
-    grad_norm = par.step(optimizer)
-    lr_scheduler.step()
+    grad_norm, bad = None, not math.isfinite(loss)
+    loss_z, spike_skip = guard.judge(loss) if guard else (None, False)
+    if not bad and not spike_skip:  # (in-place SGD updated inside backward already, and skipped a non-finite norm)
+        grad_norm = par.step(optimizer)  # ddp: skips the update itself on a non-finite norm
+    fused_skip = par.fused_update and unwrap_optimizer(optimizer).skipped
+    non_finite_norm = grad_norm is not None and not math.isfinite(grad_norm)
+    overflow = par.precision == "fp16" and (non_finite_norm or fused_skip)  # loss scaling at work, not a bad step
+    bad = bad or (non_finite_norm and not overflow)
+    if not (bad or overflow or spike_skip):
+        lr_scheduler.step()
     optimizer.zero_grad()
     if cfg.logging.time_breakdown:  # only when asked: a sync each step would stall the CPU behind the GPU
         synchronize()
     optimizer_done = time.perf_counter()
-    # one all-reduce, and a sync point: the step is done on every rank
-    loss, tokens_mean = par.mean_across_replicas(local_loss, local_tokens)
     elapsed = time.perf_counter() - started
     parts = dict(
         data=data_seconds,
@@ -131,17 +144,70 @@ def train_step(par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: T
         optimizer=optimizer_done - backward_done,
         other=elapsed - (optimizer_done - started),
     )
-    skipped = par.fused_update and unwrap_optimizer(optimizer).skipped
-    return StepResult(loss, round(tokens_mean * par.dp_size), grad_norm, lr, elapsed, parts, skipped)
+    slices = mixture_tokens(batches) if cfg.data.data_mix else None
+    tokens = round(tokens_mean * par.dp_size)
+    return StepResult(loss, tokens, grad_norm, lr, elapsed, parts, overflow, slices, bad, loss_z, spike_skip)
 
 
-def check_finite(result: StepResult, step: int, last_checkpoint: str | None) -> None:
-    """Stop on a NaN or infinite loss: every later step would be wasted (and every later save)."""
-    if not math.isfinite(result.loss):
-        raise TrainingDiverged(
-            f"loss is {result.loss} at step {step}; lower --lr or raise the warmup, "
-            f"and resume from the last good checkpoint ({last_checkpoint or 'none saved yet'})"
-        )
+class StepGuard:
+    """Judges every step's loss before its update, the same on every rank (the loss is all-reduced).
+
+    - A non-finite loss or gradient norm: the update is skipped and counted; `--max_bad_steps` in a
+      row stop the run (by then the weights or the data are broken, not one batch).
+    - A loss spike: the loss's z-score against the last SPIKE_WINDOW good losses (logged as
+      train/loss_z) above `--spike_z`; `--on_spike` says what then: log it, skip the update, stop
+      the run, or roll back to the last good checkpoint and go on with the next batches.
+    """
+
+    SPIKE_WINDOW, SPIKE_WARMUP = 100, 20  # losses remembered; losses needed before judging
+
+    def __init__(self, training):
+        self.limit, self.on_spike, self.spike_z = training.max_bad_steps, training.on_spike, training.spike_z
+        self.in_a_row, self.total, self.spikes = 0, 0, 0
+        self.history: list[float] = []
+
+    def judge(self, loss: float) -> tuple[float | None, bool]:
+        """(the loss's z-score or None, whether to skip the update for a spike)."""
+        z = None
+        if math.isfinite(loss) and len(self.history) >= self.SPIKE_WARMUP:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((x - mean) ** 2 for x in self.history) / len(self.history))
+            z = (loss - mean) / max(std, 1e-6)
+        skip = z is not None and z > self.spike_z and self.on_spike != "log"
+        if math.isfinite(loss) and not skip:
+            self.history = [*self.history, loss][-self.SPIKE_WINDOW :]
+        return z, skip
+
+    def check(self, result: StepResult, step: int, last_checkpoint: str | None) -> bool:
+        """Count and report; raise TrainingDiverged to stop; True: roll back to the last checkpoint."""
+        if result.loss_z is not None and result.loss_z > self.spike_z:
+            self.spikes += 1
+            print_main(f"step {step}: loss spike, {result.loss:.4f} is {result.loss_z:.1f} standard deviations above "
+                       f"the last {len(self.history)} steps' ({self.on_spike_words()})")  # fmt: skip
+            if self.on_spike == "stop":
+                raise TrainingDiverged(
+                    f"a loss spike at step {step} (z = {result.loss_z:.1f} > --spike_z {self.spike_z:g}) stopped the "
+                    f"run (--on_spike stop); the last good checkpoint: {last_checkpoint or 'none saved yet'}"
+                )
+            return self.on_spike == "rollback" and last_checkpoint is not None
+        if not result.bad:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        what = f"loss {result.loss}" if not math.isfinite(result.loss) else f"gradient norm {result.grad_norm}"
+        print_main(f"step {step}: {what}, update skipped ({self.in_a_row} in a row; --max_bad_steps {self.limit})")
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"{self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}) had a non-finite loss or "
+                f"gradient norm; stopped. Resume from the last good checkpoint ({last_checkpoint or 'none saved yet'}) "
+                "with a lower --lr or a longer warmup"
+            )
+        return False
+
+    def on_spike_words(self) -> str:
+        return {"log": "logged only", "skip": "update skipped", "stop": "stopping",
+                "rollback": "rolling back"}[self.on_spike]  # fmt: skip
 
 
 def build_boosted(
@@ -202,13 +268,17 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     samples_per_step = cfg.training.batch_size * cfg.training.accumulation_steps * par.dp_size
     model.train()
     reset_peak_memory()
+    guard = StepGuard(cfg.training)
     with metrics, StopRequest() as stop:
         while state.step < run.total_steps:
-            step = train_step(par, model, optimizer, lr_scheduler, run.batches, cfg, inputs)
+            step = train_step(par, model, optimizer, lr_scheduler, run.batches, cfg, inputs, guard)
             state.advance(samples_per_step, step.tokens)
-            check_finite(step, state.step, checkpointer.last)
-            metrics.log_step(state.step, step, optimizer)
-            checkpointer.maybe_save(state, model, optimizer, lr_scheduler, run.batches)
+            metrics.log_step(state.step, step, optimizer, guard.total + step.bad)
+            if guard.check(step, state.step, checkpointer.last):  # --on_spike rollback
+                state = checkpointer.roll_back(state, model, optimizer, lr_scheduler)
+                continue
+            if not guard.in_a_row:  # the last good checkpoint stays the last one saved before a bad streak
+                checkpointer.maybe_save(state, model, optimizer, lr_scheduler, run.batches)
             if evaluator and every(cfg.training.eval_interval, state.step):
                 metrics.log_eval(state.step, evaluator(model))
             if stop.agreed():
@@ -220,7 +290,7 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
         metrics.log_eval(state.step, evaluator(model))
     summary = metrics.finish(state.step, checkpointer.last)
     if cfg.checkpoint.export_hf and checkpointer.last and is_main_process():
-        export_hf(checkpointer.last, cfg.checkpoint.export_hf)
+        export_hf(checkpointer.last, cfg.checkpoint.export_hf, save_dir=cfg.checkpoint.save_dir)
         print_main(f"exported a Hugging Face model to {cfg.checkpoint.export_hf}")
     return summary
 

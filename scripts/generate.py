@@ -10,7 +10,6 @@ training prompts were written.
 
 import argparse
 import sys
-from pathlib import Path
 
 from llama_recipe.errors import EXIT_USAGE, OneLineErrorParser, UsageError
 
@@ -22,20 +21,20 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=48)
     args = p.parse_args()
 
+    from llama_recipe.checkpoint import resolve_checkpoint_arg
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.instruct import generate_answers
     from llama_recipe.model import resolve_pretrained
 
-    model_path = Path(args.model)
-    if model_path.name == "latest" and model_path.is_file():  # the pointer a run writes next to its checkpoints
-        model_path = model_path.parent / model_path.read_text().strip()
     try:
-        model_dir = resolve_pretrained(str(model_path))
+        if args.max_new_tokens < 1:
+            raise UsageError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+        model_dir = resolve_pretrained(resolve_checkpoint_arg(args.model))  # a `latest` file: its checkpoint
+        tokenizer = load_model_tokenizer(model_dir)
+        answers = generate_answers(str(model_dir), tokenizer, args.prompts, args.max_new_tokens)
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(EXIT_USAGE)
-    tokenizer = load_model_tokenizer(model_dir)
-    answers = generate_answers(str(model_dir), tokenizer, args.prompts, args.max_new_tokens)
     for prompt, answer in zip(args.prompts, answers, strict=True):
         print(f"--- prompt:\n{prompt}\n--- answer:\n{answer}")
 

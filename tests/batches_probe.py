@@ -3,8 +3,8 @@
     batches_probe.py OUT_DIR PLUGIN:TP:PP [PLUGIN:TP:PP ...]
 
 For each layout in turn, in one job: builds the real booster plugin, then the real data pipeline for
-this rank's data-parallel coordinates, and writes a digest of its first batches to
-OUT_DIR/<layout index>-rank-<R>.json.
+this rank's data-parallel coordinates (shuffled, with pretrain.py's default seed and buffer), and
+writes a digest of its first batches to OUT_DIR/<layout index>-rank-<R>.json.
 """
 
 import hashlib
@@ -24,8 +24,12 @@ launch(seed=0)
 tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
 for index, layout in enumerate(sys.argv[2:]):
     plugin, tp, pp = layout.split(":")
-    par = build_parallelism(TrainConfig.for_script(plugin=plugin, tp=int(tp), pp=int(pp), mixed_precision="fp32"))
-    batches = build_pretrain_batches(str(SHIPPED_PRETRAIN_DATA), tokenizer, 64, 2, par.dp_rank, par.dp_size)
+    cfg = TrainConfig.for_script(plugin=plugin, tp=int(tp), pp=int(pp), mixed_precision="fp32")
+    par = build_parallelism(cfg)
+    batches = build_pretrain_batches(
+        str(SHIPPED_PRETRAIN_DATA), tokenizer, 64, 2, par.dp_rank, par.dp_size,
+        seed=cfg.training.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+    )  # fmt: skip
     digests = [hashlib.sha256(batches.next_batch()["input_ids"].numpy().tobytes()).hexdigest() for _ in range(3)]
     report = {"dp_rank": par.dp_rank, "digests": digests}
     (out / f"{index}-rank-{dist.get_rank()}.json").write_text(json.dumps(report))

@@ -74,10 +74,10 @@ def script_env(**extra: str) -> dict:
     return env
 
 
-def _command(script: str, args: list[str], nproc: int, launcher: str) -> list[str]:
-    if launcher == "colossalai":  # the cluster launcher, on one machine
+def _command(script: str, args: list[str], nproc: int, launcher: str, launcher_args: list[str]) -> list[str]:
+    if launcher == "colossalai":  # the cluster launcher (--hostfile etc. in launcher_args)
         return [str(PYTHON_BIN / "colossalai"), "run", "--nproc_per_node", str(nproc), "--master_port",
-                str(free_port()), script, *args]  # fmt: skip
+                str(free_port()), *launcher_args, script, *args]  # fmt: skip
     if nproc > 1:
         rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
         return [
@@ -101,12 +101,13 @@ def launch(
     timeout: int = 300,
     launcher: str = "torchrun",
     log: Path | None = None,
+    launcher_args: list[str] | None = None,
 ):
     """Run a script of the repo as users do: `python script` for one process, torchrun (or
     `colossalai run`) for several, on free loopback ports. With `log`, start it in the background
     and return the Popen (output to `log`); otherwise wait and return the CompletedProcess."""
     assert "multiprocess" in _current_markers, "a test that launches processes must be marked multiprocess"
-    cmd = _command(script, args, nproc, launcher)
+    cmd = _command(script, args, nproc, launcher, launcher_args or [])
     if log is not None:
         return subprocess.Popen(cmd, cwd=REPO, env=env or script_env(), stdout=log.open("w"), stderr=subprocess.STDOUT)
     return subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
@@ -203,6 +204,18 @@ def check_ok(proc) -> None:
     )
 
 
+def expect_error_after_training(proc, *keywords: str, code: int) -> str:
+    """A failure during training: the progress bar may precede it, but the error is the one last line
+    starting with "error:", naming each keyword; no traceback."""
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error:") and sum(line.startswith("error:") for line in lines) == 1, proc.stderr
+    for keyword in keywords:
+        assert keyword in lines[-1], lines[-1]
+    return lines[-1]
+
+
 def expect_one_line_error(proc, *keywords: str, code: int = 2) -> str:
     """Bad input: exit code 2, exactly one line on stderr starting with "error:", naming each keyword; no traceback."""
     assert proc.returncode == code, proc.stderr[-3000:]
@@ -262,3 +275,15 @@ def layout_runs(tmp_path_factory):
         return cache[layout]
 
     return get
+
+
+def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, batch_size: int = 2):
+    """The batches `pretrain.py` with TINY_RUN's data flags reads on this replica (its default seed and shuffle)."""
+    from llama_recipe.config import TrainConfig
+    from llama_recipe.data import build_pretrain_batches
+
+    defaults = TrainConfig.for_script("pretrain")
+    return build_pretrain_batches(
+        str(DATA), tokenizer, seq_len, batch_size, dp_rank, dp_size,
+        seed=defaults.training.seed, shuffle_buffer=defaults.data.shuffle_buffer,
+    )  # fmt: skip

@@ -8,9 +8,11 @@ also run as real processes, for what only a process shows (nothing else on stder
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import DATA, expect_one_line_error, launch, run_in_process
+from conftest import DATA, TOKENIZER, expect_one_line_error, launch, run_in_process, write_jsonl
 
 from llama_recipe.cli import parse_args, validate
 from llama_recipe.plugins import CPU_PLUGINS, PLUGIN_NAMES
@@ -79,15 +81,102 @@ CASES = {
         {},
         ["--document_attention", "hybrid_parallel", "zero2"],
     ),
+    "fp16_ddp_on_cpu": (["-p", "ddp", "-x", "fp16"], {}, ["-x fp16", "-p ddp", "CUDA", "-x bf16"]),
+    "zero_max_length": (["-l", "0"], {}, ["-l/--max_length", "at least 2", "got 0"]),
+    "negative_weight_decay": (["-w", "-0.1"], {}, ["-w/--weight_decay", "at least 0"]),
+    "tp_zero_with_zero2": (["--tp", "0"], {}, ["--tp", "at least 1"]),
+    "nan_mixture_weight": (["--data_mix", "arxiv=nan,book=1"], {}, ["--data_mix", "weights must be"]),
+    "missing_tokenizer_dir": (["--tokenizer", "/nonexistent/tok"], {}, ["/nonexistent/tok", "--tokenizer"]),
+    "output_under_a_file": (["-o", "{tmp}/file/ckpt"], {}, ["-o/--save_dir", "is a file"]),
+    "tensorboard_under_a_file": (["-t", "{tmp}/file/tb"], {}, ["-t/--tensorboard_dir", "is a file"]),
+    "export_under_a_file": (["--export_hf", "{tmp}/file/hf"], {}, ["--export_hf", "is a file"]),
+    "export_into_the_save_dir": (["--export_hf", "{tmp}/ckpt/hf"], {}, ["--export_hf", "checkpoint directory"]),
+    "config_not_an_object": (["-c", "{tmp}/config.json"], {}, ["config.json", "not a JSON object"]),
+    "config_wrong_type": (["-c", "{tmp}/config.json"], {}, ["hidden_size must be a positive integer", "'64'"]),
+    "config_heads_do_not_divide": (["-c", "{tmp}/config.json"], {}, ["hidden_size 64", "num_attention_heads 5"]),
+    "config_negative_layers": (["-c", "{tmp}/config.json"], {}, ["num_hidden_layers must be a positive integer"]),
+    "config_kv_heads_do_not_divide": (["-c", "{tmp}/config.json"], {}, ["num_key_value_heads 3"]),
+    "prepared_meta_missing_key": (
+        ["-d", "{tmp}/prepared"],
+        {},
+        ["meta.json", "'num_tokens'", "prepare the dataset again"],
+    ),
+    "prepared_offsets_missing": (["-d", "{tmp}/prepared"], {}, ["doc_offsets.npy", "prepare it again"]),
+    "prepared_offsets_truncated": (["-d", "{tmp}/prepared"], {}, ["doc_offsets.npy", "prepare it again"]),
+    "prepared_tokens_truncated": (["-d", "{tmp}/prepared"], {}, ["tokens.bin", "prepare it again"]),
+    "parquet_without_text": (["-d", "{tmp}/data.parquet"], {}, ["no column 'text'", "content", "--text_field"]),
+    "running_states_missing_keys": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
+    "running_states_wrong_types": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
+    "latest_names_a_path_elsewhere": (["-f", "latest"], {}, ["latest", "not a step-<N> checkpoint beside it"]),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 
 
+def _model_config(tmp, **changes) -> None:
+    fields = {**TINY_CONFIG, **changes}
+    (tmp / "config.json").write_text(json.dumps(fields))
+
+
+def _prepared(tmp, damage: str) -> None:
+    from llama_recipe.data import load_tokenizer
+    from llama_recipe.prepared import prepare_dataset
+
+    write_jsonl(tmp / "raw.jsonl", [f"document {i}: " + "words " * 40 for i in range(20)])
+    prepare_dataset(str(tmp / "raw.jsonl"), str(tmp / "prepared"), load_tokenizer(TOKENIZER), progress=False)
+    (tmp / "raw.jsonl").unlink()
+    meta = tmp / "prepared" / "meta.json"
+    if damage == "meta":
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "num_tokens"}))
+    elif damage == "offsets missing":
+        (tmp / "prepared" / "doc_offsets.npy").unlink()
+    else:
+        target = tmp / "prepared" / ("doc_offsets.npy" if damage == "offsets truncated" else "tokens.bin")
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+
+
+def _checkpoint(tmp, states: dict) -> None:
+    step = tmp / "step-3"
+    for part in ("model", "optimizer"):
+        (step / part).mkdir(parents=True)
+    (step / "lr_scheduler.pt").write_bytes(b"")
+    (step / "running_states.json").write_text(json.dumps(states))
+
+
+SETUP = {
+    "incomplete_checkpoint": lambda tmp: (tmp / "step-3" / "model").mkdir(parents=True),  # a save that never finished
+    "output_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
+    "tensorboard_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
+    "export_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
+    "config_not_an_object": lambda tmp: (tmp / "config.json").write_text("[1, 2]"),
+    "config_wrong_type": lambda tmp: _model_config(tmp, hidden_size="64"),
+    "config_heads_do_not_divide": lambda tmp: _model_config(tmp, num_attention_heads=5, num_key_value_heads=5),
+    "config_negative_layers": lambda tmp: _model_config(tmp, num_hidden_layers=-2),
+    "config_kv_heads_do_not_divide": lambda tmp: _model_config(tmp, num_key_value_heads=3),
+    "prepared_meta_missing_key": lambda tmp: _prepared(tmp, "meta"),
+    "prepared_offsets_missing": lambda tmp: _prepared(tmp, "offsets missing"),
+    "prepared_offsets_truncated": lambda tmp: _prepared(tmp, "offsets truncated"),
+    "prepared_tokens_truncated": lambda tmp: _prepared(tmp, "tokens truncated"),
+    "parquet_without_text": lambda tmp: __import__("pyarrow.parquet").parquet.write_table(
+        __import__("pyarrow").table({"content": ["a document"] * 4}), tmp / "data.parquet"
+    ),
+    "running_states_missing_keys": lambda tmp: _checkpoint(tmp, {"step": 3}),
+    "running_states_wrong_types": lambda tmp: _checkpoint(
+        tmp, {"step": "3", "consumed_samples": 1, "consumed_tokens": 1}
+    ),
+    "latest_names_a_path_elsewhere": lambda tmp: (
+        (tmp / "ckpt").mkdir(),
+        (tmp / "ckpt" / "latest").write_text("/etc\n"),
+    ),
+}
+TINY_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, intermediate_size=176, max_position_embeddings=1024)  # fmt: skip
+
+
 def _arguments(case: str, tmp) -> list[str]:
-    if case == "incomplete_checkpoint":
-        (tmp / "step-3" / "model").mkdir(parents=True)  # a checkpoint whose save never finished
+    if case in SETUP:
+        SETUP[case](tmp)
     valid = VALID[:-2] if case == "hub_stream_without_max_steps" else VALID
     output = ["-o", str(tmp / "ckpt"), "-t", str(tmp / "tb")]
     return [*valid, *output, *(a.replace("{tmp}", str(tmp)) for a in CASES[case][0])]
@@ -95,8 +184,8 @@ def _arguments(case: str, tmp) -> list[str]:
 
 def _check(proc, case: str, tmp, before: list) -> None:
     expect_one_line_error(proc, *CASES[case][2])
-    assert not (tmp / "ckpt").exists() and not (tmp / "tb").exists()
-    assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # nothing else appeared either
+    assert not (tmp / "tb").exists()  # no TensorBoard file for a refused run
+    assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # no checkpoint directory, nothing else
 
 
 def test_the_valid_baseline_passes_validation():
@@ -124,3 +213,10 @@ def test_bad_input_in_a_real_process(tmp_path, case):
     args = _arguments(case, tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     _check(launch("pretrain.py", args, timeout=120), case, tmp_path, before)
+
+
+def test_every_case_is_in_the_docs_table():
+    from conftest import REPO
+
+    table = (REPO / "docs" / "robustness.md").read_text()
+    assert [case for case in CASES if f"| `{case}` |" not in table] == []

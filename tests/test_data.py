@@ -9,17 +9,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, check_ok, launch, write_jsonl
+from conftest import DATA, TINY_RUN, check_ok, launch, read_scalars, run_in_process, write_jsonl
 
-from llama_recipe.data import (
-    SKIPPED,
-    Prefetcher,
-    build_pretrain_batches,
-    document_positions,
-    parse_data_mix,
-    read_jsonl_documents,
-)
+from llama_recipe.data import DocumentStream, Prefetcher, build_pretrain_batches, document_positions, parse_data_mix
 from llama_recipe.errors import UsageError
+from llama_recipe.sources import SKIPPED, read_jsonl_documents
 
 
 def reference_positions(tokens: list[int], first: int, eos: int) -> list[int]:
@@ -152,3 +146,117 @@ def test_which_batches_each_rank_reads(probed_batches, layout):
     else:
         assert [r["dp_rank"] for r in ranks] == [0, 1]
         assert not set(ranks[0]["digests"]) & set(ranks[1]["digests"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shuffled order
+
+
+def _corpus(root, n_files: int = 6, per_file: int = 10) -> list[str]:
+    """Short, distinct documents over several files; returns all texts."""
+    texts = []
+    for f in range(n_files):
+        file_texts = [
+            f"file {f} document {i}: " + " ".join(["word"] * (1 + (f * 7 + i * 3) % 11)) for i in range(per_file)
+        ]
+        write_jsonl(root / f"part-{f}.jsonl", file_texts)
+        texts += file_texts
+    return texts
+
+
+def _epoch_texts(stream, tokenizer, epoch: int) -> list[str]:
+    stream.set_epoch(epoch)
+    return [tokenizer.decode(doc["input_ids"][1:-1]) for doc in stream]  # without BOS and EOS
+
+
+def test_order_follows_the_seed_and_the_epoch(tmp_path, tokenizer):
+    texts = _corpus(tmp_path)
+
+    def order(seed: int, epoch: int) -> list[str]:
+        return _epoch_texts(
+            DocumentStream(str(tmp_path), tokenizer, 0, 1, seed=seed, shuffle_buffer=8), tokenizer, epoch
+        )
+
+    first = order(1, 0)
+    assert sorted(first) == sorted(texts)  # a permutation of the corpus
+    assert order(1, 0) == first  # the same seed: the same order
+    assert order(2, 0) != first and order(1, 1) != first  # another seed or epoch: another one
+    unshuffled = _epoch_texts(DocumentStream(str(tmp_path), tokenizer, 0, 1), tokenizer, 0)
+    assert unshuffled == texts != first  # --shuffle_buffer 0: file order
+
+
+@pytest.mark.parametrize("n_files,by_file", [(16, True), (5, False)], ids=["split-by-file", "split-by-document"])
+def test_every_document_once_per_epoch_across_two_replicas(tmp_path, tokenizer, n_files, by_file):
+    texts = _corpus(tmp_path, n_files=n_files, per_file=4)
+    streams = [DocumentStream(str(tmp_path), tokenizer, r, 2, seed=5, shuffle_buffer=8) for r in range(2)]
+    assert streams[0].split_by_file == by_file
+    for epoch in (0, 1):
+        shares = [_epoch_texts(stream, tokenizer, epoch) for stream in streams]
+        assert sorted(shares[0] + shares[1]) == sorted(texts)  # together: every document, each once
+        assert shares[0] and shares[1]
+
+
+def _resume_matches(make, k: int, n: int) -> None:
+    """k batches, a checkpoint of the position (through JSON), then the next n batches of a new
+    stream loaded from it equal those of the uninterrupted stream."""
+    reference = make()
+    expected = [reference.next_batch() for _ in range(k + n)]
+    first = make()
+    for _ in range(k):
+        first.next_batch()
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = make()
+    resumed.load_state_dict(state)
+    for i in range(k, k + n):
+        batch = resumed.next_batch()
+        assert torch.equal(batch["input_ids"], expected[i]["input_ids"]), f"batch {i} after resuming at {k}"
+        assert torch.equal(batch["position_ids"], expected[i]["position_ids"])
+
+
+@pytest.mark.parametrize("dp_rank,dp_size", [(0, 1), (1, 2)], ids=["1-replica", "replica-1-of-2"])
+@pytest.mark.parametrize("k", [1, 4, 9, 14])
+def test_resume_with_a_full_shuffle_buffer_is_exact(tmp_path, tokenizer, k, dp_rank, dp_size):
+    """The buffer (16 documents) is full from the first batch on; an epoch is ~11 batches for one
+    replica (~5 for each of two), so later k resume while it drains and after the epoch boundary."""
+    _corpus(tmp_path)
+
+    def make():
+        return build_pretrain_batches(str(tmp_path), tokenizer, 48, 2, dp_rank, dp_size, seed=3, shuffle_buffer=16)
+
+    assert make().rows.documents.shuffle_buffer == 16
+    _resume_matches(make, k, 5)
+
+
+@pytest.mark.parametrize("k", [1, 9, 22])
+def test_a_shuffled_mixture_resumes_exactly(tokenizer, k):
+    def make():
+        return Prefetcher(
+            build_pretrain_batches(str(DATA), tokenizer, 256, 4, 0, 1, "wikipedia=1,arxiv=1", seed=7, shuffle_buffer=32)
+        )
+
+    _resume_matches(make, k, 4)
+
+
+def test_a_mixture_run_logs_its_slice_shares(tmp_path):
+    """pretrain.py --data_mix: per-slice tokens and shares in TensorBoard, and the shares in the final line."""
+    args = [
+        *TINY_RUN,
+        "-p",
+        "ddp",
+        "--data_mix",
+        "wikipedia=3,arxiv=1",
+        "--max_steps",
+        "4",
+        "-o",
+        "",
+        "-t",
+        str(tmp_path),
+    ]
+    proc = run_in_process("pretrain.py", args)
+    check_ok(proc)
+    wiki, arxiv = (read_scalars(tmp_path, f"data/tokens_{name}") for name in ("wikipedia", "arxiv"))
+    assert sorted(wiki) == sorted(arxiv) == [1, 2, 3, 4] and wiki[4] >= wiki[1] > 0
+    shares = read_scalars(tmp_path, "data/share_wikipedia")
+    assert shares[4] == pytest.approx(wiki[4] / (wiki[4] + arxiv[4]))
+    expected = f"mixture (rank 0): wikipedia {100 * shares[4]:.1f}% ({int(wiki[4]):,} tokens), arxiv"
+    assert expected in proc.stdout, proc.stdout[-500:]

@@ -217,3 +217,55 @@ def test_packed_examples_neither_see_nor_teach_each_other(tokenizer):
     with torch.no_grad():
         crossed = token_losses(model(input_ids=batch["input_ids"]).logits, labels)
     assert not torch.allclose(crossed, alone, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "lines,words",
+    [
+        ([], ["could not read", "as JSON lines"]),  # an empty file
+        (['{"prompt": null, "completion": "x"}', '{"prompt": "p", "completion": 3}'], ["no row with a string prompt"]),
+        (["not json at all"], ["could not read", "as JSON lines"]),
+    ],
+    ids=["empty", "no-usable-row", "not-json"],
+)
+def test_finetune_data_without_usable_rows_is_one_line(tmp_path, lines, words):
+    from llama_recipe.model import build_model, get_model_config
+
+    build_model(get_model_config("tiny")).save_pretrained(tmp_path / "model")
+    (tmp_path / "rows.jsonl").write_text("".join(line + "\n" for line in lines))
+    args = [
+        "--model_path",
+        str(tmp_path / "model"),
+        "-d",
+        str(tmp_path / "rows.jsonl"),
+        "-o",
+        str(tmp_path / "ckpt"),
+        "-t",
+        "",
+    ]
+    expect_one_line_error(run_in_process("finetune.py", args), *words)
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_rows_with_null_or_non_string_fields_are_skipped_and_counted(tmp_path, capfd):
+    good = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(3)]
+    bad = [{"prompt": None, "completion": "x"}, {"prompt": "p", "completion": 7}, {"prompt": "p", "completion": ""}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*good, *bad]))
+    assert load_instruction_rows(str(tmp_path / "rows.jsonl"), "unused") == good
+    assert "skipped 3 rows" in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["no_new_tokens", "truncated_weights"])
+def test_generate_refuses_bad_input_in_one_line(tmp_path, case):
+    from llama_recipe.model import build_model, get_model_config
+
+    build_model(get_model_config("tiny")).save_pretrained(tmp_path / "model")
+    args = [str(tmp_path / "model"), "hello"]
+    if case == "no_new_tokens":
+        args += ["--max_new_tokens", "0"]
+        words = ["--max_new_tokens must be at least 1"]
+    else:
+        weights = tmp_path / "model" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        words = ["could not load the model"]
+    expect_one_line_error(run_in_process("scripts/generate.py", args), *words)

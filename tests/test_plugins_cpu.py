@@ -12,9 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, DP_SIZE, LAYOUTS, RESUME_FROM, STEPS
-
-from llama_recipe.data import build_pretrain_batches
+from conftest import DP_SIZE, LAYOUTS, RESUME_FROM, STEPS, trainer_batches
 
 pytestmark = pytest.mark.multiprocess
 
@@ -54,7 +52,7 @@ def test_loss_matches_plain_transformers_forward(layout_runs, tokenizer, layout)
     dp_size = DP_SIZE[layout]
     losses = []
     for dp_rank in range(dp_size):
-        batches = build_pretrain_batches(str(DATA), tokenizer, 128, 2, dp_rank, dp_size)
+        batches = trainer_batches(tokenizer, dp_rank, dp_size)
         for _ in range(RESUME_FROM):
             batches.next_batch()
         with torch.no_grad():

@@ -17,6 +17,7 @@ from llama_recipe.prepared import (
     PreparedBatches,
     check_prepared_tokenizer,
     is_prepared_dataset,
+    permute,
     prepare_dataset,
 )
 
@@ -54,8 +55,8 @@ def corpus(tmp_path_factory, tokenizer):
     return raw, root / "prepared", stats, _stream(tokenizer, DOCUMENTS)
 
 
-def _batches(corpus, batch_size=3, dp_rank=0, dp_size=1, seq_len=SEQ_LEN) -> PreparedBatches:
-    return PreparedBatches(str(corpus[1]), seq_len, batch_size, dp_rank, dp_size)
+def _batches(corpus, batch_size=3, dp_rank=0, dp_size=1, seq_len=SEQ_LEN, shuffle=False, seed=0) -> PreparedBatches:
+    return PreparedBatches(str(corpus[1]), seq_len, batch_size, dp_rank, dp_size, seed=seed, shuffle=shuffle)
 
 
 def _rows(batches, n) -> list[list[int]]:
@@ -194,18 +195,46 @@ def _take(batches, n) -> list[dict]:
     return [batches.next_batch() for _ in range(n)]
 
 
+def test_shuffled_rows_each_once_per_epoch_in_a_new_order(corpus):
+    """With shuffle (pretrain.py's default) every epoch visits every row once, split between the
+    replicas, in an order that depends on the seed and the epoch."""
+    stream = corpus[3]
+    num_rows = len(stream) // SEQ_LEN
+    index = {tuple(stream[r * SEQ_LEN : (r + 1) * SEQ_LEN]): r for r in range(num_rows)}
+    orders = {}
+    for seed in (0, 1):
+        for epoch in (0, 1):
+            shares = []
+            for dp_rank in range(2):
+                batches = _batches(corpus, batch_size=1, dp_rank=dp_rank, dp_size=2, shuffle=True, seed=seed)
+                rows = _rows(batches, batches.rows_per_replica * (epoch + 1))[batches.rows_per_replica * epoch :]
+                shares.append([index[tuple(row)] for row in rows])
+            assert not set(shares[0]) & set(shares[1]) and len(set(shares[0] + shares[1])) == 2 * (num_rows // 2)
+            orders[seed, epoch] = shares[0]
+    assert orders[0, 0] != orders[0, 1] and orders[0, 0] != orders[1, 0]
+    assert orders[0, 0] != sorted(orders[0, 0])  # not the file order
+
+
+def test_permute_is_a_bijection_for_any_size():
+    for n in (1, 2, 3, 17, 64, 1000, 4097):
+        for key in (0, 1, 12345):
+            assert sorted(permute(np.arange(n), n, key).tolist()) == list(range(n)), (n, key)
+    assert permute(np.arange(50), 50, 1).tolist() != permute(np.arange(50), 50, 2).tolist()
+
+
+@pytest.mark.parametrize("shuffle", [False, True], ids=["file-order", "shuffled"])
 @pytest.mark.parametrize("k", [2, 4, 6, 9])
-def test_resume_continues_exactly(corpus, k):
+def test_resume_continues_exactly(corpus, k, shuffle):
     after, batch_size = 6, 9
-    reference = _take(_batches(corpus, batch_size), k + after)
+    reference = _take(_batches(corpus, batch_size, shuffle=shuffle), k + after)
     per_epoch = _batches(corpus, batch_size).batches_per_epoch
     assert per_epoch == 6  # k = 2, 4 resume inside epoch 0, 6 exactly at its end, 9 inside epoch 1; reads cross a wrap
     assert _batches(corpus, batch_size).rows_per_replica == per_epoch * batch_size
 
-    first = _batches(corpus, batch_size)
+    first = _batches(corpus, batch_size, shuffle=shuffle)
     _take(first, k)
     state = json.loads(json.dumps(first.state_dict()))
-    second = _batches(corpus, batch_size)
+    second = _batches(corpus, batch_size, shuffle=shuffle)
     second.load_state_dict(state)
     assert second.epoch == first.epoch
     resumed = _take(second, after)
@@ -215,12 +244,33 @@ def test_resume_continues_exactly(corpus, k):
     assert second.epoch == (k + after - 1) // per_epoch  # the wrap comes with the first row of the next epoch
 
 
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2), (2, 3)])
+def test_resume_under_another_number_of_replicas_continues_the_global_order(corpus, before, after):
+    """Elastic resume: `before` replicas read some rows each; `after` replicas continue from the same
+    global position: over the epoch, every row once, none skipped, in the shuffled order."""
+    stream = corpus[3]
+    index = {tuple(stream[r * SEQ_LEN : (r + 1) * SEQ_LEN]): r for r in range(len(stream) // SEQ_LEN)}
+    read = []
+    for rank in range(before):
+        first = _batches(corpus, batch_size=1, dp_rank=rank, dp_size=before, shuffle=True)
+        read += [index[tuple(row)] for row in _rows(first, 5)]
+    state = json.loads(json.dumps(first.state_dict()))  # every replica's position is the same: rank 0's will do
+    rest = []
+    for rank in range(after):
+        second = _batches(corpus, batch_size=1, dp_rank=rank, dp_size=after, shuffle=True)
+        second.load_state_dict(state)
+        rest += [index[tuple(row)] for row in _rows(second, second.rows_per_replica - second.row)]
+        assert second.epoch == 0
+    used = min(_batches(corpus, dp_size=n).rows_per_replica * n for n in (before, after))
+    assert len(set(read + rest)) == len(read + rest) >= used  # no row twice; the epoch's rows all read
+    assert read + rest != sorted(read + rest)  # (and shuffled)
+
+
 def test_resume_refuses_another_layout(corpus):
-    state = _batches(corpus, dp_size=2).state_dict()
-    with pytest.raises(UsageError, match="dp_size=2"):
-        _batches(corpus, dp_size=1).load_state_dict(state)
     with pytest.raises(UsageError, match="seq_len"):
         _batches(corpus, seq_len=SEQ_LEN * 2).load_state_dict(_batches(corpus).state_dict())
+    with pytest.raises(UsageError, match="--seed"):  # the same position in another order is other rows
+        _batches(corpus, shuffle=True, seed=1).load_state_dict(_batches(corpus, shuffle=True, seed=2).state_dict())
 
 
 def test_constructor_names_the_problem(corpus, tmp_path):
@@ -274,3 +324,12 @@ def test_prepare_data_cli(tmp_path, tokenizer):
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
     assert missing.stderr.startswith("error: ") and "missing.jsonl" in missing.stderr
     assert "Traceback" not in missing.stderr and not (tmp_path / "x").exists()
+
+
+def test_max_tokens_stops_after_whole_documents(corpus, tokenizer, tmp_path):
+    raw, _, _, stream = corpus
+    lengths = [len(_stream(tokenizer, [t])) for t in DOCUMENTS]
+    budget = sum(lengths[:7]) + lengths[7] // 2  # seven documents and half of the eighth
+    stats = prepare_dataset(str(raw), str(tmp_path / "out"), tokenizer, progress=False, max_tokens=budget)
+    assert (stats["num_docs"], stats["num_tokens"]) == (7, sum(lengths[:7]))
+    assert np.fromfile(tmp_path / "out" / "tokens.bin", dtype="<u2").tolist() == stream[: sum(lengths[:7])]

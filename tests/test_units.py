@@ -11,10 +11,11 @@ import torch
 from conftest import write_jsonl
 from transformers import LlamaConfig
 
-from llama_recipe.data import build_pretrain_batches, resolve_local_files
+from llama_recipe.data import build_pretrain_batches
 from llama_recipe.errors import UsageError
 from llama_recipe.model import MODEL_PRESETS, build_model, count_parameters, get_model_config, model_config_names
 from llama_recipe.optim import FINAL_LR_FRACTION, build_lr_scheduler, parameter_groups, warmup_cosine_factor
+from llama_recipe.sources import resolve_local_files
 
 # ---------------------------------------------------------------------------------------------
 # Model presets

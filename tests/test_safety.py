@@ -1,0 +1,356 @@
+"""What users and clusters do to a run, injected for real: exports aimed at checkpoints, crafted pickles
+in a checkpoint, a `latest` that points elsewhere, resumes with other flags, a second run on the
+same directory, paths that cannot be written, a full disk, and a batch whose loss is NaN."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import (
+    TINY_RUN,
+    check_ok,
+    expect_error_after_training,
+    expect_one_line_error,
+    launch,
+    one_rank_process_group,
+    read_scalars,
+    run_in_process,
+    signal_job,
+)
+
+from llama_recipe.optim import warmup_cosine_factor
+
+STEPS = 2  # the small run's length; it saves every step
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Path:
+    """2 steps of ddp, one process, a checkpoint every step: root/ckpt/step-{1,2}, root/tb."""
+    root = tmp_path_factory.mktemp("small")
+    args = [
+        *TINY_RUN,
+        "-p",
+        "ddp",
+        "--max_steps",
+        str(STEPS),
+        "-i",
+        "1",
+        "-o",
+        str(root / "ckpt"),
+        "-t",
+        str(root / "tb"),
+    ]
+    check_ok(run_in_process("pretrain.py", args))
+    return root
+
+
+def _listing(path: Path) -> list:
+    return sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing lost
+
+
+@pytest.mark.parametrize(
+    "target", ["ckpt", "ckpt/step-1", "ckpt/step-2/model", "."], ids=["-o", "checkpoint", "inside", "above"]
+)
+def test_an_export_never_writes_over_checkpoints(small_run, target):
+    before = _listing(small_run / "ckpt")
+    proc = run_in_process("scripts/export_hf.py", [str(small_run / "ckpt" / "step-2"), str(small_run / target)])
+    expect_one_line_error(proc)
+    assert _listing(small_run / "ckpt") == before
+
+
+def test_an_export_replaces_only_an_earlier_export(small_run, tmp_path):
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    expect_one_line_error(
+        run_in_process("scripts/export_hf.py", [str(small_run / "ckpt" / "step-2"), str(other)]),
+        "not an earlier export",
+    )
+    assert (other / "mine.txt").read_text() == "keep me"
+    out = tmp_path / "hf"
+    check_ok(run_in_process("scripts/export_hf.py", [str(small_run / "ckpt" / "latest"), str(out)]))  # `latest` works
+    first = (out / "model.safetensors").read_bytes()
+    check_ok(
+        run_in_process("scripts/export_hf.py", [str(small_run / "ckpt" / "step-1"), str(out)])
+    )  # over its own export
+    assert (out / "model.safetensors").read_bytes() != first and not list(tmp_path.glob(".hf.*"))
+
+
+def test_export_hf_into_the_save_dir_is_refused_before_training(tmp_path):
+    args = [
+        *TINY_RUN,
+        "-p",
+        "ddp",
+        "--max_steps",
+        "1",
+        "-o",
+        str(tmp_path / "ckpt"),
+        "--export_hf",
+        str(tmp_path / "ckpt" / "hf"),
+    ]
+    expect_one_line_error(run_in_process("pretrain.py", [*args, "-t", ""]), "--export_hf", "checkpoint directory")
+    assert not (tmp_path / "ckpt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# No code from data
+
+
+class _Planted:
+    """Unpickling this creates `marker`: what a crafted checkpoint file would do to a careless loader."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("victim", ["optimizer shard", "optimizer groups", "lr_scheduler.pt"])
+def test_a_planted_pickle_in_a_checkpoint_never_runs(small_run, tmp_path, victim):
+    copy = tmp_path / "step-2"
+    shutil.copytree(small_run / "ckpt" / "step-2", copy)
+    files = {
+        "optimizer shard": sorted(f for f in (copy / "optimizer").glob("*.bin") if "group" not in f.name)[0],
+        "optimizer groups": next((copy / "optimizer").glob("*group*.bin")),
+        "lr_scheduler.pt": copy / "lr_scheduler.pt",
+    }
+    marker = tmp_path / "code-ran"
+    torch.save(_Planted(marker), files[victim])
+    torch.load(files[victim], weights_only=False)  # the control: a careless load does run it
+    assert marker.exists()
+    marker.unlink()
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(copy), "-o", str(tmp_path / "o"), "-t", ""]
+    expect_one_line_error(run_in_process("pretrain.py", args), "could not load")
+    assert not marker.exists()
+
+
+def test_latest_may_only_name_a_checkpoint_beside_it(small_run, tmp_path):
+    save_dir = tmp_path / "ckpt"
+    shutil.copytree(small_run / "ckpt", save_dir)
+    (save_dir / "latest").write_text(str(small_run / "ckpt" / "step-1") + "\n")  # an absolute path elsewhere
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", "latest", "-o", str(save_dir), "-t", ""]
+    expect_one_line_error(run_in_process("pretrain.py", args), "latest", "not a step-<N> checkpoint beside it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumes that do not match
+
+
+def test_resuming_with_other_flags_lists_them_until_a_reset_accepts_them(small_run, tmp_path):
+    checkpoint = str(small_run / "ckpt" / "step-1")
+    common = [*TINY_RUN, "-p", "ddp", "-f", checkpoint, "-o", str(tmp_path / "o"), "-i", "0"]
+    changed = [*common, "--lr", "1e-3", "--max_steps", "4", "-b", "3", "-t", ""]
+    message = expect_one_line_error(run_in_process("pretrain.py", changed), "was trained with other flags")
+    for words in (
+        "3 rows per step instead of 2",
+        "--reset_data",
+        "--lr 0.005 -> 0.001",
+        "--max_steps 2 -> 4",
+        "--reset_schedule",
+    ):
+        assert words in message, message
+    assert not (tmp_path / "o").exists()
+
+    accepted = [*common, "--lr", "1e-3", "--max_steps", "4", "--reset_schedule", "-t", str(tmp_path / "tb")]
+    proc = run_in_process("pretrain.py", accepted)
+    check_ok(proc)
+    assert "resuming with --reset_schedule: this run's lr schedule, from step 1" in proc.stdout
+    lrs = read_scalars(tmp_path / "tb", "train/lr")
+    assert sorted(lrs) == [2, 3, 4]  # the step count continued; the new peak lr and length give the schedule
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(1e-3 * warmup_cosine_factor(step - 1, 0, 4), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per directory; paths checked before training
+
+
+@pytest.mark.multiprocess
+def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path, background_jobs):
+    save_dir = tmp_path / "ckpt"
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "500", "-i", "0", "-o", str(save_dir), "-t", ""]
+    job = launch("pretrain.py", args, log=tmp_path / "log.txt")
+    background_jobs.append(job)
+    deadline = time.time() + 120
+    while not (save_dir / ".lock").exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    holder = json.loads((save_dir / ".lock").read_text())
+    second = run_in_process("pretrain.py", [*args[:-4], "--max_steps", "2", "-o", str(save_dir), "-t", ""])
+    expect_one_line_error(second, "another run", f"pid {holder['pid']}", "pass another -o")
+    assert job.poll() is None  # the first run trains on, untouched
+    signal_job(job, 15)
+    job.wait(timeout=120)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    save_dir = tmp_path / "ckpt"
+    save_dir.mkdir()
+    (save_dir / ".lock").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": dead.pid}))
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1", "-o", str(save_dir), "-t", ""]
+    proc = run_in_process("pretrain.py", args)
+    check_ok(proc)
+    assert f"the run that held it (pid {dead.pid}) is no longer running" in proc.stdout
+    assert not (save_dir / ".lock").exists() and (save_dir / "step-1").is_dir()  # released at the end
+
+
+def test_paths_that_cannot_be_written_are_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for flags, words in [
+        (["-o", str(tmp_path / "file" / "ckpt")], ["-o/--save_dir", "is a file"]),
+        (["-o", str(tmp_path / "file")], ["-o/--save_dir", "is a file"]),
+        (["-t", str(tmp_path / "file" / "tb")], ["-t/--tensorboard_dir", "is a file"]),
+        (["--export_hf", str(tmp_path / "file")], ["--export_hf", "is a file"]),
+    ]:
+        args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1", "-o", str(tmp_path / "ok"), "-t", "", *flags]
+        expect_one_line_error(run_in_process("pretrain.py", args), *words)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """`small_filesystem(megabytes, read_only=False)`: a tmpfs mounted under tmp_path (needs root)."""
+    mounts = []
+
+    def make(megabytes: int, read_only: bool = False) -> Path:
+        where = tmp_path / f"fs{len(mounts)}"
+        where.mkdir()
+        options = f"size={megabytes}m" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root")
+        mounts.append(where)
+        return where
+
+    yield make
+    for where in mounts:
+        subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_a_read_only_save_dir_is_refused_before_training(small_filesystem):
+    read_only = small_filesystem(1, read_only=True)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1", "-o", str(read_only / "ckpt"), "-t", ""]
+    expect_one_line_error(run_in_process("pretrain.py", args), "-o/--save_dir", "cannot be created", "not writable")
+
+
+@pytest.mark.parametrize("keep_going", [False, True], ids=["stop", "continue_on_save_error"])
+def test_a_full_disk_keeps_the_last_checkpoint(small_filesystem, keep_going):
+    """Room for one checkpoint (52 MB) but not two: the second save is refused before a byte is
+    written; the run stops (exit 1, one line) or, with --continue_on_save_error, trains to its end."""
+    disk = small_filesystem(80)
+    save_dir = disk / "ckpt"
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "3", "-i", "1", "-o", str(save_dir), "-t", ""]
+    proc = run_in_process("pretrain.py", [*args, *(["--continue_on_save_error"] if keep_going else [])])
+    if keep_going:
+        check_ok(proc)
+        assert proc.stdout.count("training on (--continue_on_save_error)") == 3  # steps 2 and 3, and the final save
+        assert "checkpoint: " + str(save_dir / "step-1") in proc.stdout
+    else:
+        expect_error_after_training(proc, "MB are free", "checkpoints are intact", str(save_dir / "step-1"), code=1)
+    assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-1"]  # no partial step-2, no lock left
+    assert (save_dir / "latest").read_text().strip() == "step-1"
+    assert json.loads((save_dir / "step-1" / "running_states.json").read_text())["step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# A bad step
+
+
+class _CraftedBatch:
+    """The real batches, except batch number `at`, which `craft` rewrites."""
+
+    def __init__(self, batches, at: int, craft):
+        self.batches, self.at, self.craft, self.taken = batches, at, craft, 0
+
+    def next_batch(self) -> dict:
+        batch = self.batches.next_batch()
+        self.taken += 1
+        return self.craft(batch) if self.taken == self.at else batch
+
+    def __getattr__(self, name):  # epoch, state_dict, load_state_dict
+        return getattr(self.batches, name)
+
+
+def _no_labels(batch: dict) -> dict:
+    """No token to predict: the loss is NaN (0/0)."""
+    return dict(batch, labels=torch.full_like(batch["labels"], -100))
+
+
+def _rare_labels(batch: dict) -> dict:
+    """Every label the vocabulary's last token, which text never has: after some training, a loss far
+    above the recent ones (11.7 after 25 steps at 7.3)."""
+    return dict(batch, labels=torch.full_like(batch["labels"], 31999))
+
+
+def _fit_with(tmp_path, tokenizer, craft, at: int, steps: int, flags: list[str]) -> dict:
+    """pretrain's loop for real (plugin, model, optimizer, checkpoints), on batches with one crafted."""
+    from conftest import trainer_batches
+
+    from llama_recipe.cli import parse_args
+    from llama_recipe.model import get_model_config
+    from llama_recipe.parallel import build_parallelism
+    from llama_recipe.trainer import RunPlan, fit
+
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(steps), "-o", str(tmp_path / "ckpt"), "-t", str(tmp_path / "tb")]
+    cfg = parse_args("pretrain", [*args, *flags])
+    with one_rank_process_group():
+        par = build_parallelism(cfg)
+        batches = _CraftedBatch(trainer_batches(tokenizer, 0, 1), at, craft)
+        return fit(cfg, par, RunPlan(get_model_config("tiny"), batches, steps, 0, tokenizer, 128))
+
+
+def _adamw_updates(checkpoint: Path) -> set[int]:
+    shard = torch.load(checkpoint / "optimizer" / "pytorch_optim-00001.bin", weights_only=True)
+    return {int(state["step"]) for state in shard.values()}  # AdamW's own count of its updates
+
+
+def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer):
+    """A crafted batch makes step 3's loss NaN: that step changes no weight, optimizer state or lr,
+    is counted, and the run carries on to its end."""
+    summary = _fit_with(tmp_path, tokenizer, _no_labels, at=3, steps=5, flags=["-i", "0"])
+    assert summary["bad_steps"] == 1 and summary["steps"] == 5
+    losses, lrs = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb", "train/lr")
+    assert torch.isnan(torch.tensor(losses[3])) and all(losses[s] == losses[s] for s in (1, 2, 4, 5))
+    assert lrs[4] == lrs[3]  # the schedule did not move at step 3
+    assert _adamw_updates(tmp_path / "ckpt" / "step-5") == {4}  # 5 steps, 4 updates
+    assert read_scalars(tmp_path / "tb", "train/bad_steps")[5] == 1
+
+
+@pytest.mark.parametrize("action", ["log", "skip", "stop", "rollback"])
+def test_a_loss_spike_is_logged_skipped_stopped_or_rolled_back(tmp_path, tokenizer, capsys, action):
+    """A crafted batch at step 26, after 25 steps of text: a loss spike (z-score logged every step;
+    2.5 here, because the window still holds the first steps' fall from 10.4 to 7)."""
+    from llama_recipe.errors import TrainingDiverged
+
+    flags = ["-i", "20", "--on_spike", action, "--spike_z", "2.5"]
+    if action == "stop":
+        with pytest.raises(TrainingDiverged, match="a loss spike at step 26"):
+            _fit_with(tmp_path, tokenizer, _rare_labels, at=26, steps=30, flags=flags)
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-20"]
+        return
+    summary = _fit_with(tmp_path, tokenizer, _rare_labels, at=26, steps=30, flags=flags)
+    out = capsys.readouterr().out
+    assert "step 26: loss spike" in out and out.count("loss spike") == 1  # only the crafted step spikes
+    if action != "rollback":  # (a rollback logs steps 21-26 again, with the next batches)
+        z = read_scalars(tmp_path / "tb", "train/loss_z")
+        assert z[26] > 2.5 and max(v for s, v in z.items() if s != 26) < 2.5
+    states = json.loads((tmp_path / "ckpt" / "step-30" / "running_states.json").read_text())
+    updates = _adamw_updates(tmp_path / "ckpt" / "step-30")
+    if action == "log":
+        assert updates == {30} and states["consumed_samples"] == 60
+    elif action == "skip":
+        assert updates == {29} and states["consumed_samples"] == 60
+    else:  # back to step 20's state, steps 21-26's batches skipped: 36 batches read for 30 steps
+        assert "rolled back to" in out and "the batches of steps 21-26 are skipped" in out
+        assert updates == {30} and states["consumed_samples"] == 72 and summary["steps"] == 30
