@@ -33,6 +33,7 @@ import torch
 from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
+from .files import move_into_place
 from .parallel import Parallelism
 from .plugins import plugin_spec
 
@@ -271,14 +272,7 @@ def save_checkpoint(
             running_states = dict(running_states, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
             (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
             size = _directory_bytes(tmp)
-            if final.exists():  # re-saving the same step: swap, then drop the old copy
-                old = final.with_name(f".{final.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
+            move_into_place(tmp, final)  # re-saving the same step replaces it
             _write_latest(save_dir, final.name)
             _prune(save_dir, keep_last)
         barrier()

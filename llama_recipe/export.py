@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint_arg
 from .errors import UsageError
+from .files import move_into_place
 
 EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
 
@@ -64,13 +65,5 @@ def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None, s
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
-    if out.exists():  # empty, or an earlier export (check_export_target): set aside, swap, then drop
-        old = out.with_name(f".{out.name}.export-old")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+    move_into_place(tmp, out)  # over nothing, an empty directory or an earlier export (check_export_target)
     return out

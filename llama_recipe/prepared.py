@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .data import tokenize_texts
 from .errors import UsageError
+from .files import move_into_place
 from .sources import PREPARED_META, SKIPPED, Source, is_prepared_dataset, load_text_stream, resolve_source
 
 TOKENS_FILE = "tokens.bin"
@@ -160,7 +161,7 @@ def prepare_dataset(
         }  # fmt: skip
         with open(tmp / PREPARED_META, "w") as f:  # last: its presence means the files above are complete
             json.dump(meta, f, indent=2)
-        _move_into_place(tmp, out)
+        move_into_place(tmp, out)  # an old prepared OUT_DIR (--overwrite) is set aside first
     except BaseException:  # Ctrl-C included: leave nothing half-written behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -216,20 +217,6 @@ def _raw_to_npy(raw_path: Path, npy_path: Path, length: int) -> None:
     npy.flush()
     del raw, npy
     os.remove(raw_path)
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory to OUT_DIR; an old prepared OUT_DIR (--overwrite) is set aside first."""
-    if out.is_dir() and any(out.iterdir()):
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old)
-    else:
-        if out.is_dir():
-            out.rmdir()  # empty: rename needs the name free
-        os.replace(tmp, out)
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -315,13 +302,16 @@ class PreparedBatches:
         return self.rows_per_replica // self.batch_size
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = np.empty(self.batch_size, dtype=np.int64)
+        epochs, positions = np.empty(self.batch_size, dtype=np.int64), np.empty(self.batch_size, dtype=np.int64)
         for i in range(self.batch_size):
             if self.row == self.rows_per_replica:  # this replica's share is used up: the next epoch starts over
                 self._epoch += 1
                 self.row = 0
-            rows[i] = self.row_at(self._epoch, self.dp_rank + self.row * self.dp_size)
+            epochs[i], positions[i] = self._epoch, self.dp_rank + self.row * self.dp_size
             self.row += 1
+        rows = positions.copy()
+        for epoch in np.unique(epochs):  # one vectorised permutation per epoch the batch touches
+            rows[epochs == epoch] = self.rows_at(int(epoch), positions[epochs == epoch])
         starts = rows * self.seq_len
         input_ids = np.stack([self.tokens[s : s + self.seq_len] for s in starts]).astype(np.int64)
 
@@ -333,11 +323,11 @@ class PreparedBatches:
         input_ids = torch.from_numpy(input_ids)
         return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": torch.from_numpy(position_ids)}
 
-    def row_at(self, epoch: int, position: int) -> int:
-        """The row read at `position` of epoch `epoch`'s order."""
+    def rows_at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The rows read at `positions` of epoch `epoch`'s order."""
         if not self.shuffle:
-            return position
-        return int(permute(np.array([position]), self.num_rows, key=self.seed * 1_000_003 + epoch)[0])
+            return positions
+        return permute(positions, self.num_rows, key=self.seed * 1_000_003 + epoch)
 
     def state_dict(self) -> dict:
         # The layout and order travel with the position: the same index means other tokens under another one.

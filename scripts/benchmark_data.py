@@ -3,8 +3,10 @@
     python scripts/benchmark_data.py                # the shipped sample, rows of 256 tokens
     python scripts/benchmark_data.py -d DIR -l 2048 --no_training
 
-1. streaming: JSONL -> tokenize -> pack (the default path of pretrain.py), one replica, one thread;
-2. prepared: `scripts/prepare_data.py` once, then reading rows from the memory-mapped tokens;
+1. streaming: JSONL -> shuffle buffers -> tokenize -> pack (pretrain.py's default path, buffers of
+   1000 documents and rows), and the same in file order (--shuffle_buffer 0); one replica, one thread;
+2. prepared: `scripts/prepare_data.py` once, then reading rows from the memory-mapped tokens (in the
+   shuffled order pretrain.py uses);
 3. training: benchmark.py with the `small` preset on 2 CPU processes (what the data must keep up with).
 """
 
@@ -24,9 +26,14 @@ from llama_recipe.prepared import PreparedBatches, prepare_dataset
 REPO = Path(__file__).resolve().parent.parent
 
 
+FIRST_BATCH_S: dict[int, float] = {}  # id(batches) -> seconds its first batch took (files opened, buffers filled)
+
+
 def rate(batches, seq_len: int, batch_size: int, seconds: float) -> float:
-    """Tokens per second delivered by next_batch() over at least `seconds` (and at least one epoch's start)."""
+    """Tokens per second delivered by next_batch() over at least `seconds` after the first batch."""
+    started = time.perf_counter()
     batches.next_batch()  # first call opens files and fills buffers
+    FIRST_BATCH_S[id(batches)] = time.perf_counter() - started
     started, n = time.perf_counter(), 0
     while time.perf_counter() - started < seconds:
         batches.next_batch()
@@ -56,17 +63,23 @@ def main() -> None:
     args = p.parse_args()
     tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
 
-    streaming = rate(
+    shuffled = dict(seed=42, shuffle_buffer=1000)
+    default = build_pretrain_batches(args.dataset, tokenizer, args.max_length, args.batch_size, 0, 1, **shuffled)
+    streaming = rate(default, args.max_length, args.batch_size, args.seconds)
+    file_order = rate(
         build_pretrain_batches(args.dataset, tokenizer, args.max_length, args.batch_size, 0, 1),
         args.max_length, args.batch_size, args.seconds,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         stats = prepare_dataset(args.dataset, f"{tmp}/prepared", tokenizer, progress=False)
         prepared = rate(
-            PreparedBatches(f"{tmp}/prepared", args.max_length, args.batch_size, 0, 1),
+            PreparedBatches(f"{tmp}/prepared", args.max_length, args.batch_size, 0, 1, seed=42, shuffle=True),
             args.max_length, args.batch_size, args.seconds,
         )  # fmt: skip
-    print(f"streaming (tokenize + pack, 1 thread): {streaming:>12,.0f} tokens/s")
+    print(
+        f"streaming, shuffled (1 thread)       : {streaming:>12,.0f} tokens/s (first batch {FIRST_BATCH_S[id(default)]:.1f} s)"
+    )
+    print(f"streaming, file order (1 thread)     : {file_order:>12,.0f} tokens/s")
     print(f"prepare_data.py (one-off)            : {stats['tokens_per_s']:>12,.0f} tokens/s")
     print(
         f"prepared memmap                      : {prepared:>12,.0f} tokens/s  ({prepared / streaming:,.0f}x streaming)"
