@@ -354,3 +354,27 @@ def test_a_loss_spike_is_logged_skipped_stopped_or_rolled_back(tmp_path, tokeniz
     else:  # back to step 20's state, steps 21-26's batches skipped: 36 batches read for 30 steps
         assert "rolled back to" in out and "the batches of steps 21-26 are skipped" in out
         assert updates == {30} and states["consumed_samples"] == 72 and summary["steps"] == 30
+
+
+def test_weights_that_are_not_finite_are_never_saved(tmp_path):
+    """A save first checks every rank's weights: NaN weights stop the run (exit 3) instead of becoming
+    a checkpoint, and the directory keeps only the good checkpoints it had."""
+    from llama_recipe.checkpoint import Checkpointer, TrainState
+    from llama_recipe.cli import parse_args
+    from llama_recipe.errors import TrainingDiverged
+    from llama_recipe.model import get_model_config
+    from llama_recipe.parallel import build_parallelism
+    from llama_recipe.trainer import build_boosted
+
+    cfg = parse_args("pretrain", [*TINY_RUN, "-p", "ddp", "--max_steps", "2", "-o", str(tmp_path / "ckpt")])
+    with one_rank_process_group():
+        par = build_parallelism(cfg)
+        model, optimizer, schedule = build_boosted(cfg, par, get_model_config("tiny"), "sdpa", 0, 2)
+        checkpointer = Checkpointer(cfg, par)
+        batches = type("Position", (), {"epoch": 0, "state_dict": lambda self: {}})()
+        checkpointer.save(TrainState(1), model, optimizer, schedule, batches)
+        with torch.no_grad():
+            next(model.parameters())[0, 0] = float("nan")
+        with pytest.raises(TrainingDiverged, match="not finite at step 2, so they were not saved.*step-1"):
+            checkpointer.save(TrainState(2), model, optimizer, schedule, batches)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["latest", "step-1"]
