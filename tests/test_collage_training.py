@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_RUN, check_ok, launch, one_rank_process_group, read_scalars
+from conftest import TINY_RUN, check_ok, launch, one_rank_process_group, read_scalars, run_in_process
 from memory_probe import measure
 
 # (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
@@ -93,10 +93,10 @@ def test_no_fp32_copy_and_sharded_state_with_two_ranks(sharded_reports, layout):
         assert abs(per_parameter - expected) <= 0.05 * expected, f"{per_parameter:.3f} B/param on one rank, {report}"
 
 
-RESUME_LAYOUTS = {
-    "ddp": ["-p", "ddp"],
-    "zero2": ["-p", "zero2"],
-    "tp2": ["-p", "hybrid_parallel", "--tp", "2"],
+RESUME_LAYOUTS = {  # layout: (flags, processes); ddp in this process (the sharded layouts need 2)
+    "ddp": (["-p", "ddp"], 1),
+    "zero2": (["-p", "zero2"], 2),
+    "tp2": (["-p", "hybrid_parallel", "--tp", "2"], 2),
 }
 STEPS, SAVE_AT = 3, 2  # the step after the resume uses every restored state, error terms included
 
@@ -104,18 +104,19 @@ STEPS, SAVE_AT = 3, 2  # the step after the resume uses every restored state, er
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", list(RESUME_LAYOUTS))
 def test_collage_resume_is_bit_identical(tmp_path, layout):
+    flags, nproc = RESUME_LAYOUTS[layout]
     common = [
-        *TINY_RUN, *RESUME_LAYOUTS[layout], "--optimizer", "collage_plus", "--beta2", "0.999",
+        *TINY_RUN, *flags, "--optimizer", "collage_plus", "--beta2", "0.999",
         "-o", str(tmp_path / "ckpt"), "--max_steps", str(STEPS), "--log_edq",
     ]  # fmt: skip
-    full = launch("pretrain.py", [*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")], nproc=2)
+
+    def run(args):
+        return launch("pretrain.py", args, nproc=2) if nproc == 2 else run_in_process("pretrain.py", args)
+
+    full = run([*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")])
     check_ok(full)
     assert "pure_bf16" in full.stdout and "collage_plus" in full.stdout
-    resumed = launch(
-        "pretrain.py",
-        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")],
-        nproc=2,
-    )
+    resumed = run([*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")])
     check_ok(resumed)
     losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
     assert sorted(resumed_losses) == list(range(SAVE_AT + 1, STEPS + 1))
