@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from .checkpoint import (
@@ -21,7 +21,7 @@ from .checkpoint import (
     resume_differences,
     run_layout,
 )
-from .config import PRECISIONS, SECTIONS, TrainConfig, flag_of, range_problems
+from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TrainConfig, flag_of, range_problems
 from .data import mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
@@ -39,6 +39,7 @@ DESCRIPTIONS = {
     "pretrain": "Pretrain a LLaMA model with a ColossalAI booster plugin.",
     "finetune": "Finetune a LLaMA model on prompt/completion pairs.",
     "benchmark": "Measure training throughput, MFU and memory of a booster plugin on synthetic tokens.",
+    "eval": "Score a trained model on held-out text: perplexity, bits per byte, word perplexity, or cloze accuracy.",
 }
 # The value lists some flags choose from, kept where the values are defined.
 CHOICES = {
@@ -47,6 +48,7 @@ CHOICES = {
     "mixed_precision": PRECISIONS,
     "zero_stage": [0, 1, 2],
     "on_spike": ["log", "skip", "stop", "rollback"],
+    "task": ["perplexity", "cloze"],
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -62,11 +64,10 @@ def build_parser(script: str) -> OneLineErrorParser:
     """`script`'s parser: one argument per config field that the script offers, grouped by section."""
     parser = OneLineErrorParser(prog=f"{script}.py", description=DESCRIPTIONS[script])
     for section_name, section in SECTIONS.items():
-        group = parser.add_argument_group(section_name, (section.__doc__ or "").strip())
-        for f in fields(section):
+        offered = [f for f in fields(section) if flag_of(f) and script in flag_of(f).scripts]
+        group = parser.add_argument_group(section_name, (section.__doc__ or "").strip()) if offered else None
+        for f in offered:
             spec = flag_of(f)
-            if spec is None or script not in spec.scripts:
-                continue
             names, help_text, default = spec.for_script(script, f.default)
             kind = str(f.type).split(" |")[0]
             kwargs = dict(dest=f.name, help=help_text, default=default)
@@ -85,6 +86,8 @@ def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
         values["tensorboard_dir"] = None
     if script == "finetune":
         values["document_attention"] = values["pack_examples"]  # packed examples must not see each other
+    if script == "eval" and values["dataset"] is None:  # (an absolute path: not in the flag tables)
+        values["dataset"] = str(SHIPPED_HELD_OUT)
     return TrainConfig.for_script(script, **values)
 
 
@@ -94,8 +97,9 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
     if problems:  # the checks below assume sane numbers (no division by --tp 0)
         raise UsageError("; ".join(problems))
     model_config = _collect(problems, _model_config, cfg)
-    _collect(problems, check_layout, cfg, world_size)
-    problems += _data_problems(cfg, model_config)
+    if script != "eval":  # eval.py trains nothing: no plugin, no layout
+        _collect(problems, check_layout, cfg, world_size)
+    problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
     if cfg.checkpoint.load is not None:
         if _collect(problems, check_checkpoint_dir, cfg.checkpoint.load, model_config) is not False:
@@ -114,23 +118,24 @@ def _collect(problems: list[str], fn: Callable, *args):
 
 
 def _model_config(cfg: TrainConfig):
-    if cfg.model.model_path is not None:  # finetuning: the shape comes with the weights
-        return get_model_config(str(resolve_pretrained(cfg.model.model_path)))
+    pretrained = cfg.model.model_path or cfg.model.init_from
+    if pretrained is not None:  # finetuning, evaluation, continued pretraining: the shape comes with the weights
+        return get_model_config(str(resolve_pretrained(pretrained)))
     return get_model_config(cfg.model.config)
 
 
-def _data_problems(cfg: TrainConfig, model_config) -> list[str]:
+def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
     problems, data = [], cfg.data
     kind = dataset_kind(data.dataset)
-    pretraining = cfg.model.model_path is None
-    # pretraining data: local files or a hub dataset's (listed now, so a gated or missing one fails here)
-    if pretraining and kind in ("local", "hub"):
+    pretraining = cfg.model.model_path is None  # (pretrain.py and benchmark.py)
+    # pretraining or evaluation data: local files or a hub dataset's (listed now, so a gated or missing one fails here)
+    if (pretraining or script == "eval") and kind in ("local", "hub"):
         source = _collect(problems, source_for, data)
     elif kind == "prepared":
         source = _collect(problems, check_prepared_files, data.dataset)
     else:
         source = _collect(problems, check_dataset_source, data.dataset)
-    if pretraining and not cfg.training.max_steps and kind == "hub":
+    if pretraining and script != "eval" and not cfg.training.max_steps and kind == "hub":
         problems.append(
             f"-d {data.dataset} is streamed from the Hugging Face hub, so sizing -e epochs would first read all of it; "
             "pass --max_steps, or prepare it locally (scripts/prepare_data.py) to train by epochs"
@@ -154,6 +159,16 @@ def _data_problems(cfg: TrainConfig, model_config) -> list[str]:
         problems.append(
             f"-l/--max_length {data.max_length} exceeds the model's {limit} positions; pass -l {limit} or less"
         )
+    stride, max_length = (
+        cfg.evaluation.stride,
+        data.max_length or (model_config and model_config.max_position_embeddings),
+    )
+    if stride and max_length and stride > max_length:
+        problems.append(
+            f"--stride {stride} is larger than -l/--max_length {max_length}; pass --stride {max_length} or less"
+        )
+    if cfg.evaluation.eval_data:  # the held-out text, checked as -d is
+        _collect(problems, source_for, replace(data, dataset=cfg.evaluation.eval_data, data_dir=None, data_config=None))
     return problems
 
 
@@ -257,15 +272,17 @@ def _rows(script: str, everything: bool = True) -> dict[str, tuple[str, str, str
 
 
 def flag_table(script: str, everything: bool = True) -> str:
-    """Markdown: all of pretrain.py's flags; for another script, only what differs from pretrain.py.
-    `everything=False` leaves out the advanced ones (the README's tables; docs/flags.md has all)."""
+    """Markdown: all of pretrain.py's (and eval.py's) flags; for another script, only what differs
+    from pretrain.py. `everything=False` leaves out the advanced ones (the README's tables;
+    docs/flags.md has all)."""
     rows, base = _rows(script, everything), _rows("pretrain", everything)
-    if script != "pretrain":
+    compared = script not in ("pretrain", "eval")
+    if compared:
         missing = [next(n for n in base[d][0].split("/") if n.startswith("`--")) for d in base if d not in rows]
         rows = {d: r for d, r in rows.items() if base.get(d) != r}
     lines = ["| flag | default | meaning |", "|---|---|---|"]
     lines += [f"| {spellings} | {default} | {help_text} |" for spellings, default, help_text in rows.values()]
-    if script != "pretrain" and missing:
+    if compared and missing:
         lines.append(f"\nAll other flags are pretrain.py's; it has no {', '.join(missing)}.")
     if not everything:
         count = len(set(_rows(script)) - set(_rows(script, everything=False)))

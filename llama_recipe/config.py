@@ -25,8 +25,11 @@ DEFAULT_HUB_DATASET = "togethercomputer/RedPajama-Data-1T-Sample"
 DEFAULT_FINETUNE_DATASET = "yizhongw/self_instruct"
 SYNTHETIC = "synthetic"  # `-d synthetic`: random tokens (benchmarks)
 
-SCRIPTS = ("pretrain", "finetune", "benchmark")
+SCRIPTS = ("pretrain", "finetune", "benchmark")  # the scripts that train (a flag's default `scripts`)
 TRAINING = ("pretrain", "finetune")
+ALL_SCRIPTS = (*SCRIPTS, "eval")  # eval.py offers only the flags that name it
+# eval.py's default text: never trained on (tests/test_heldout.py)
+SHIPPED_HELD_OUT = REPO_ROOT / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -108,8 +111,15 @@ class ModelConfig:
         None,
         "--model_path",
         help="pretrained weights: a HF model directory, one of our step-<N> checkpoints, or a hub name",
-        scripts=("finetune",),
+        scripts=("finetune", "eval"),
         required=True,
+    )
+    init_from: str | None = flag(
+        None,
+        "--init_from",
+        help="continued pretraining: start from these weights (a HF model directory, a step-<N> checkpoint or a "
+        "hub name); the model shape comes with them, -c is not used",
+        scripts=("pretrain",),
     )
     grad_checkpoint: bool = flag(
         False, "-g", "--grad_checkpoint", "--gradient_checkpoint", help="recompute activations in backward"
@@ -151,6 +161,7 @@ class ParallelConfig:
         help="seconds a collective may wait for a peer before the run stops (a dead or stuck rank)",
         above=0.0,
         advanced=True,
+        scripts=ALL_SCRIPTS,
     )
     shard_param_frac: float = flag(
         1.0, "--shard_param_frac", help="gemini: fraction of the parameters sharded", minimum=0.0, advanced=True
@@ -184,8 +195,13 @@ class DataConfig:
         "-d",
         "--dataset",
         help="HF dataset name, or local JSONL/Parquet file, directory or glob, or a prepare_data.py output",
-        scripts=TRAINING,
+        scripts=(*TRAINING, "eval"),
         per_script={
+            "eval": {
+                "default": None,
+                "help": "the text to evaluate on: as pretrain.py's -d "
+                "(default: the shipped held-out text, data/heldout)",
+            },
             "finetune": {
                 "default": DEFAULT_FINETUNE_DATASET,
                 "help": "HF dataset name, a directory with one folder per task, or a JSONL file",
@@ -203,18 +219,22 @@ class DataConfig:
         None,
         "--data_dir",
         help="only the data files under this folder of -d (a hub repository or a local directory)",
-        scripts=("pretrain",),
+        scripts=("pretrain", "eval"),
         advanced=True,
     )
     data_config: str | None = flag(
         None,
         "--data_config",
         help="a hub dataset's configuration (e.g. sample-10BT for HuggingFaceFW/fineweb-edu)",
-        scripts=("pretrain",),
+        scripts=("pretrain", "eval"),
         advanced=True,
     )
     text_field: str = flag(
-        "text", "--text_field", help="the field holding each document's text", scripts=("pretrain",), advanced=True
+        "text",
+        "--text_field",
+        help="the field holding each document's text",
+        scripts=("pretrain", "eval"),
+        advanced=True,
     )
     slice_field: str | None = flag(
         None,
@@ -257,10 +277,16 @@ class DataConfig:
         None,
         "--tokenizer",
         help="tokenizer directory or HF name (default: the model's own, else the shipped LLaMA one)",
-        scripts=TRAINING,
+        scripts=(*TRAINING, "eval"),
     )
     max_length: int | None = flag(
-        None, "-l", "--max_length", help="tokens per row (default: the model's max positions)", minimum=2
+        None,
+        "-l",
+        "--max_length",
+        help="tokens per row (default: the model's max positions)",
+        minimum=2,
+        scripts=ALL_SCRIPTS,
+        per_script={"eval": {"help": "tokens per window (default: the model's max positions)"}},
     )
 
 
@@ -323,7 +349,15 @@ class OptimConfig:
 class TrainingConfig:
     """How long and on what batches: read by the training loop and the batch builders."""
 
-    batch_size: int = flag(2, "-b", "--batch_size", help="sequences per data-parallel rank per micro-step", minimum=1)
+    batch_size: int = flag(
+        2,
+        "-b",
+        "--batch_size",
+        help="sequences per data-parallel rank per micro-step",
+        minimum=1,
+        scripts=ALL_SCRIPTS,
+        per_script={"eval": {"default": 4, "help": "windows per forward pass"}},
+    )
     accumulation_steps: int = flag(
         1, "--accumulation_steps", help="micro-steps per optimizer step", scripts=TRAINING, minimum=1
     )
@@ -361,7 +395,7 @@ class TrainingConfig:
         0,
         "--eval_interval",
         help="held-out loss every N steps (0: only at the start and the end)",
-        scripts=("finetune",),
+        scripts=TRAINING,
         minimum=0,
     )
 
@@ -379,7 +413,11 @@ class CheckpointConfig:
         "--save_dir",
         help="checkpoint root directory",
         scripts=TRAINING,
-        per_script={"finetune": {"default": "checkpoint-finetune"}, "benchmark": {"default": ""}},
+        per_script={
+            "finetune": {"default": "checkpoint-finetune"},
+            "benchmark": {"default": ""},
+            "eval": {"default": ""},
+        },
     )
     load: str | None = flag(
         None,
@@ -437,7 +475,7 @@ class LoggingConfig:
         "--tensorboard_dir",
         help="TensorBoard log directory ('' to disable)",
         scripts=TRAINING,
-        per_script={"benchmark": {"default": None}},
+        per_script={"benchmark": {"default": None}, "eval": {"default": None}},
     )
     log_interval: int = flag(1, "--log_interval", help="log metrics every N steps", scripts=TRAINING, minimum=1)
     log_edq: bool = flag(
@@ -458,9 +496,41 @@ class LoggingConfig:
         2, "-i", "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
     )
     results: str | None = flag(
-        None, "--results", help="append one JSON line per run to this file", scripts=("benchmark",)
+        None, "--results", help="append one JSON line per run to this file", scripts=("benchmark", "eval")
     )
     time_breakdown: bool = setting(False, benchmark=True)  # synchronize the device to time each part of a step
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation: during pretraining (--eval_data) and by eval.py (read by evaluate.py)."""
+
+    eval_data: str | None = flag(
+        None,
+        "--eval_data",
+        help="held-out text to evaluate on before training, every --eval_interval steps and at the end "
+        "(as -d: a JSONL/Parquet file, directory or glob, or a hub dataset; e.g. data/heldout)",
+        scripts=("pretrain",),
+    )
+    eval_tokens: int = flag(
+        65536, "--eval_tokens", help="tokens of --eval_data to evaluate on (a fixed set)", scripts=("pretrain",),
+        minimum=1, advanced=True,
+    )  # fmt: skip
+    task: str = flag(
+        "perplexity",
+        "--task",
+        help="perplexity (token and word perplexity, bits per byte) or cloze (the last word, greedily, as LAMBADA)",
+        scripts=("eval",),
+    )
+    stride: int | None = flag(
+        None,
+        "--stride",
+        help="perplexity: tokens each window after the first newly scores (default: -l, disjoint windows as "
+        "lm-eval's loglikelihood_rolling; smaller: more context per token, more compute)",
+        scripts=("eval",),
+        minimum=1,
+    )
+    limit: int | None = flag(None, "--limit", help="evaluate only the first N documents", scripts=("eval",), minimum=1)
 
 
 SECTIONS: dict[str, type] = {
@@ -471,6 +541,7 @@ SECTIONS: dict[str, type] = {
     "training": TrainingConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "evaluation": EvalConfig,
 }
 
 
@@ -485,6 +556,7 @@ class TrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     @classmethod
     def for_script(cls, script: str = "pretrain", **values: Any) -> TrainConfig:

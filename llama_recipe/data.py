@@ -21,6 +21,7 @@ the uninterrupted run would have seen. A background thread prepares batches ahea
 from __future__ import annotations
 
 import base64
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -405,6 +406,35 @@ class PretrainBatches:
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state)
         self._iterator = iter(self.rows)
+
+
+def held_out_text_batches(
+    source: Source, tokenizer, seq_len: int, batch_size: int, dp_rank: int, dp_size: int, max_tokens: int
+) -> tuple[list[dict], int]:
+    """A fixed held-out set for pretraining: the first rows of `seq_len` tokens packed from
+    `source`'s documents in their own order, at most `max_tokens` in all (fewer if it holds fewer),
+    in whole batches of `batch_size` per replica; this replica's batches and the total tokens."""
+    per_step = batch_size * dp_size
+    wanted = max(1, math.ceil(max_tokens / (seq_len * per_step))) * per_step
+    packed = PackedRows(DocumentStream(source, tokenizer, 0, 1), seq_len, tokenizer.eos_token_id)
+    rows = []
+    for row in packed:
+        if packed.epoch > 0 or len(rows) == wanted:  # one pass over the text, no repeats
+            break
+        rows.append(row)
+    rows = rows[: len(rows) // per_step * per_step]
+    if not rows:
+        raise UsageError(
+            f"--eval_data {source.name} holds fewer than {seq_len * per_step} tokens, not one batch for each of the "
+            f"{dp_size} replicas; pass more held-out text or a smaller -b/-l"
+        )
+    mine = rows[dp_rank::dp_size]
+    batches = []
+    for i in range(0, len(mine), batch_size):
+        input_ids = torch.tensor([tokens for tokens, _ in mine[i : i + batch_size]], dtype=torch.long)
+        positions = torch.from_numpy(np.stack([p for _, p in mine[i : i + batch_size]])).long()
+        batches.append({"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": positions})
+    return batches, len(rows) * seq_len
 
 
 class SyntheticBatches:

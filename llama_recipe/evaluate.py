@@ -1,17 +1,44 @@
-"""Held-out evaluation: during training, the mean loss over a fixed list of batches, weighted by the
-tokens each batch's loss averages over, the same on every rank (`Evaluator`); after it, how well a
-model predicts raw text, in bits per byte (`held_out_text_scores`)."""
+r"""Held-out evaluation.
+
+During training (`Evaluator`): the mean loss over a fixed list of batches, weighted by the tokens
+each batch's loss averages over, the same on every rank.
+
+After it (eval.py, `evaluate_documents`): how well a model predicts raw text, per document, with
+the conventions of lm-evaluation-harness so the numbers compare with its:
+- Perplexity. Each document is [BOS] + its tokens (no EOS), and every token after the BOS is
+  predicted exactly once, from a window of at most `max_length` positions (`rolling_windows`).
+  The first window scores up to max_length tokens; each next one scores `stride` new tokens, the
+  first of them seen after max_length - stride + 1 tokens of context. stride = max_length gives
+  lm-eval's `loglikelihood_rolling` windows; a smaller stride gives each token more context (as the
+  Hugging Face perplexity guide's stride of 512) at more compute. Only the document's first window
+  starts with BOS. Reported: token perplexity exp(nll / tokens), bits per byte nll / ln 2 / UTF-8
+  bytes (independent of the tokenizer), and word perplexity exp(nll / words), words counted as
+  lm-eval does (`re.split(r"\s+", text)`).
+- Cloze (LAMBADA's rule): the document's last word, after its last run of whitespace, must be
+  predicted whole: every token of it the model's most likely next token (greedy), given the text
+  before it. Also the mean negative log-likelihood of that word per document.
+
+Documents are dealt to the processes in turn (document i to rank i % world); each document's
+windows are batched only with each other, so its numbers do not depend on the process count, and
+the sums are all-reduced in float64.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 
 import torch
+from tqdm import tqdm
 
-from .distributed import device
+from .config import DataConfig
+from .distributed import device, is_main_process, rank, sum_across_ranks, world_size
+from .errors import UsageError
 from .instruct import IGNORE_INDEX
 from .parallel import Parallelism
+from .prepared import prepared_documents
+from .sources import dataset_kind, load_text_stream, source_for
 
 
 class Evaluator:
@@ -42,21 +69,149 @@ class Evaluator:
         return loss_mean / max(tokens_mean, 1e-9)
 
 
-def held_out_text_scores(model, tokenizer, texts: list[str], window: int, device: torch.device) -> dict:
-    """How well a model predicts raw text (one process): the summed negative log-likelihood of
-    every token of every text but its BOS, each predicted once, in windows of `window` tokens that
-    overlap by one (each window's first token is the previous one's last, so it is context, not
-    scored again). Returns nats, tokens, UTF-8 bytes, bits per byte and token perplexity."""
-    nll, tokens, nbytes = 0.0, 0, 0
-    model.eval()
+def rolling_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """The windows that score a document of [BOS] + `num_tokens` tokens (stream positions 0..n).
+
+    Each window is (input_start, input_end, first_target): the model reads stream[input_start:
+    input_end] (at most max_length tokens), its position p predicting stream[p + 1], and the window
+    scores the targets first_target .. input_end. Every target 1..n is scored exactly once."""
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride must lie in 1..max_length, got {stride} (max_length {max_length})")
+    windows, scored = [], 0  # targets 1..scored are done
+    while scored < num_tokens:
+        last = scored + min(stride if windows else max_length, num_tokens - scored)
+        windows.append((max(0, last - max_length), last, scored + 1))
+        scored = last
+    return windows
+
+
+def document_nll(model, stream: list[int], max_length: int, stride: int, batch_size: int) -> tuple[float, int]:
+    """(summed negative log-likelihood in nats, tokens scored) of one document's stream ([BOS] +
+    tokens). Windows are padded on the right to the batch's longest: a causal model's real
+    positions never see the padding. Logits are computed only at the scored positions."""
+    ids = torch.tensor(stream, device=device())
+    windows = rolling_windows(len(stream) - 1, max_length, stride)
+    nll = 0.0
+    for i in range(0, len(windows), batch_size):
+        batch = windows[i : i + batch_size]
+        width = max(end - start for start, end, _ in batch)
+        inputs = torch.zeros(len(batch), width, dtype=torch.long, device=ids.device)
+        rows, positions, targets = [], [], []
+        for row, (start, end, first) in enumerate(batch):
+            inputs[row, : end - start] = ids[start:end]
+            rows += [row] * (end - first + 1)
+            positions += range(first - 1 - start, end - start)
+            targets.append(ids[first : end + 1])
+        hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
+        logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]).float()
+        losses = torch.nn.functional.cross_entropy(logits, torch.cat(targets), reduction="none")
+        nll += float(losses.double().sum())
+    return nll, len(stream) - 1
+
+
+def cloze_split(text: str) -> tuple[str, str] | None:
+    """(context, its last word with the whitespace before it), or None for a text of one word."""
+    match = re.fullmatch(r"(.*\S)(\s+\S+)\s*", text, re.S)
+    return (match.group(1), match.group(2)) if match else None
+
+
+def cloze_score(model, tokenizer, context: str, word: str, max_length: int) -> tuple[bool, float]:
+    """(whether the model predicts every token of `word` greedily after `context`, the word's
+    negative log-likelihood). The word's tokens are those the whole text adds after the
+    context's, as lm-eval splits them."""
+    context_ids = [_prefix_id(tokenizer), *_encode(tokenizer, context)]
+    whole = [_prefix_id(tokenizer), *_encode(tokenizer, context + word)]
+    target = whole[len(context_ids) :] or whole[-1:]
+    inputs = whole[:-1][-max_length:]
     with torch.no_grad():
-        for text in texts:
-            ids = torch.tensor(tokenizer(text, add_special_tokens=True, split_special_tokens=True)["input_ids"])
-            nbytes += len(text.encode("utf-8"))
-            for start in range(0, len(ids) - 1, window - 1):
-                chunk = ids[start : start + window].to(device)[None]
-                logits = model(input_ids=chunk).logits.float()
-                nll += torch.nn.functional.cross_entropy(logits[0, :-1], chunk[0, 1:], reduction="sum").item()
-                tokens += chunk.shape[1] - 1
-    return dict(nats=nll, tokens=tokens, bytes=nbytes, bits_per_byte=nll / math.log(2) / nbytes,
-                perplexity=math.exp(nll / tokens))  # fmt: skip
+        logits = model(input_ids=torch.tensor([inputs], device=device())).logits[0, -len(target) :].float()
+    target_t = torch.tensor(target, device=logits.device)
+    nll = float(torch.nn.functional.cross_entropy(logits, target_t, reduction="sum"))
+    return bool((logits.argmax(-1) == target_t).all()), nll
+
+
+def _prefix_id(tokenizer) -> int:
+    """What each document starts with: BOS, or EOS for a tokenizer without one (as lm-eval does)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # split_special_tokens: a literal "</s>" in the text is text, as in training
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def eval_documents(data: DataConfig, tokenizer, limit: int | None = None) -> Iterator[tuple[str, list[int] | None]]:
+    """(text, stream) of each document of `-d` in order: the stream ([BOS] + tokens) is given for a
+    prepared dataset (the text is its decoded tokens), None for text sources (tokenized later)."""
+    count = 0
+    if dataset_kind(data.dataset) == "prepared":
+        documents = ((None, doc) for doc in prepared_documents(data.dataset))
+    else:
+        documents = ((row["text"], None) for row in load_text_stream(source_for(data)))
+    for text, tokens in documents:
+        if limit is not None and count >= limit:
+            return
+        count += 1
+        if tokens is not None:  # BOS, tokens, EOS as prepared: drop the EOS, as a text source has none
+            stream = [int(t) for t in (tokens[:-1] if tokens[-1] == tokenizer.eos_token_id else tokens)]
+            yield tokenizer.decode(stream, skip_special_tokens=True), stream
+        else:
+            yield text, None
+
+
+SUMS = ("documents", "nats", "tokens", "bytes", "words", "cloze_documents", "cloze_correct", "cloze_nats")
+
+
+def evaluate_documents(model, tokenizer, documents, task: str, max_length: int, stride: int, batch_size: int) -> dict:
+    """This rank's share of `documents` scored, summed over every rank: the SUMS (float64)."""
+    sums = dict.fromkeys(SUMS, 0.0)
+    mine = (doc for i, doc in enumerate(documents) if i % world_size() == rank())
+    with torch.no_grad():
+        for text, stream in tqdm(
+            mine, desc=f"{task} (rank 0's documents)", unit=" docs", disable=not is_main_process()
+        ):
+            sums["documents"] += 1
+            if task == "cloze":
+                split = cloze_split(text)
+                if split is None:
+                    continue
+                correct, nll = cloze_score(model, tokenizer, *split, max_length)
+                sums["cloze_documents"] += 1
+                sums["cloze_correct"] += correct
+                sums["cloze_nats"] += nll
+                continue
+            stream = stream or [_prefix_id(tokenizer), *_encode(tokenizer, text)]
+            if len(stream) < 2:
+                continue  # an empty document predicts nothing
+            nats, tokens = document_nll(model, stream, max_length, stride, batch_size)
+            sums["nats"] += nats
+            sums["tokens"] += tokens
+            sums["bytes"] += len(text.encode("utf-8"))
+            sums["words"] += len(re.split(r"\s+", text))
+    total = sum_across_ranks(torch.tensor([sums[k] for k in SUMS], dtype=torch.float64))
+    return dict(zip(SUMS, total.tolist(), strict=True))
+
+
+def scores(sums: dict) -> dict:
+    """The reported numbers from the sums (see the module's docstring)."""
+    out = {}
+    if sums["tokens"]:
+        nats = sums["nats"]
+        out.update(token_perplexity=math.exp(nats / sums["tokens"]), bits_per_byte=nats / math.log(2) / sums["bytes"],
+                   byte_perplexity=math.exp(nats / sums["bytes"]), word_perplexity=math.exp(nats / sums["words"]),
+                   nll_per_token=nats / sums["tokens"])  # fmt: skip
+    if sums["cloze_documents"]:
+        out.update(cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
+                   cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]))  # fmt: skip
+    return out
+
+
+def check_window(max_length: int, stride: int, positions: int) -> None:
+    if max_length > positions:
+        raise UsageError(
+            f"-l/--max_length {max_length} exceeds the model's {positions} positions; pass -l {positions} or less"
+        )
+    if stride > max_length:
+        raise UsageError(
+            f"--stride {stride} is larger than -l/--max_length {max_length}; pass --stride {max_length} or less"
+        )

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .generation import Generator, Sampling
+from .model import load_pretrained_model
 from .sources import resolve_local_files
 
 IGNORE_INDEX = -100  # the label transformers' loss skips
@@ -149,25 +151,12 @@ def held_out_batches(
     return batches
 
 
-def generate_answers(model_dir: str, tokenizer, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
-    """Greedy answers of a saved model to some prompts (on one process, from the checkpoint, so it
-    works whatever the training layout was)."""
-    from transformers import LlamaForCausalLM
-
-    try:
-        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
-    except Exception as e:  # truncated or missing weights
-        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise UsageError(f"could not load the model in {model_dir} ({type(e).__name__}: {detail})") from None
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
-            )
-        answers.append(tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip())
-    return answers
+def generate_answers(model_dir: str, tokenizer, prompts: list[str], sampling: Sampling | None = None) -> list[str]:
+    """Answers of a saved model to some prompts (greedy unless `sampling` says otherwise), on one
+    process, from the checkpoint, so it works whatever the training layout was."""
+    generator = Generator(load_pretrained_model(model_dir), tokenizer)
+    sampling = sampling or Sampling()
+    return [generator.complete(prompt, sampling).text.strip() for prompt in prompts]
 
 
 class InstructionBatches:

@@ -184,3 +184,25 @@ def weights_location(model_dir: Path) -> str:
         if (model_dir / single).is_file():
             return str(model_dir / single)
     raise UsageError(f"{model_dir} holds no model weights (*.safetensors or pytorch_model.bin)")
+
+
+def load_pretrained_model(
+    model_dir: Path | str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
+    """A saved model (config.json + safetensors) for inference, in eval mode; damaged or missing
+    weights are one line."""
+    try:
+        model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype, use_safetensors=True)
+    except Exception as e:  # truncated or missing weights
+        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
+        raise UsageError(f"could not load the model in {model_dir} ({type(e).__name__}: {detail})") from None
+    return model.to(device).eval()
+
+
+def check_tokenizer_fits(tokenizer, model_config, where: str) -> None:
+    """A tokenizer with more tokens than the model's embedding rows would index past them."""
+    if len(tokenizer) > model_config.vocab_size:
+        raise UsageError(
+            f"the tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but the model in {where} has "
+            f"{model_config.vocab_size}; pass --tokenizer with the one the model was trained with"
+        )

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 
@@ -93,6 +94,15 @@ def check_prepared_files(path: str, meta: dict | None = None) -> np.ndarray:
             "damaged: prepare it again"
         ) from None
     return offsets
+
+
+def prepared_documents(path: str) -> Iterator[np.ndarray]:
+    """Each document's tokens as written (BOS, the text's tokens, EOS), in order."""
+    meta = read_meta(path)
+    offsets = check_prepared_files(path, meta)
+    tokens = np.memmap(os.path.join(path, TOKENS_FILE), dtype=_DTYPES[meta["dtype"]], mode="r")
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        yield np.asarray(tokens[start:end], dtype=np.int64)
 
 
 def check_prepared_tokenizer(path: str, tokenizer) -> None:

@@ -3,7 +3,12 @@ from, then hands them to the shared loop (`trainer.fit`)."""
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from dataclasses import replace
+
+import torch
 
 from .config import SHIPPED_TOKENIZER, TrainConfig
 from .data import (
@@ -11,13 +16,22 @@ from .data import (
     SyntheticBatches,
     build_pretrain_batches,
     count_tokens,
+    held_out_text_batches,
     load_model_tokenizer,
     load_tokenizer,
 )
-from .distributed import fewest_across_ranks, is_main_process, launch, print_main, rank
+from .distributed import device, fewest_across_ranks, has_cuda, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
+from .evaluate import check_window, eval_documents, evaluate_documents, scores
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
-from .model import get_model_config, resolve_pretrained, weights_location
+from .model import (
+    check_tokenizer_fits,
+    count_parameters,
+    get_model_config,
+    load_pretrained_model,
+    resolve_pretrained,
+    weights_location,
+)
 from .parallel import Parallelism, build_parallelism
 from .prepared import PreparedBatches, check_prepared_tokenizer
 from .sources import SKIPPED, dataset_kind, source_for
@@ -25,20 +39,26 @@ from .trainer import RunPlan, fit
 
 
 def pretrain(cfg: TrainConfig) -> dict:
-    """Pretrain a randomly initialised model on packed text."""
+    """Pretrain a randomly initialised model on packed text, or continue pretraining existing
+    weights (--init_from: the model shape and tokenizer come with them)."""
     launch(cfg.training.seed, cfg.parallel.dist_timeout)
     par = build_parallelism(cfg)
-    model_config = get_model_config(cfg.model.config)
-    tokenizer = load_tokenizer(cfg.data.tokenizer or str(SHIPPED_TOKENIZER))
-    if len(tokenizer) > model_config.vocab_size:
-        raise UsageError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model {model_config.vocab_size}; match -c and --tokenizer"
-        )
+    initial_weights = None
+    if cfg.model.init_from:
+        model_dir = resolve_pretrained(cfg.model.init_from)
+        model_config, initial_weights = get_model_config(str(model_dir)), weights_location(model_dir)
+        tokenizer = load_model_tokenizer(model_dir, cfg.data.tokenizer)
+        print_main(f"continued pretraining from {model_dir} (its config.json sets the model's shape)")
+    else:
+        model_config = get_model_config(cfg.model.config)
+        tokenizer = load_tokenizer(cfg.data.tokenizer or str(SHIPPED_TOKENIZER))
+    check_tokenizer_fits(tokenizer, model_config, cfg.model.init_from or f"-c {cfg.model.config}")
     seq_len = cfg.data.max_length or model_config.max_position_embeddings
     batches, total_steps = pretrain_batches(cfg, par, tokenizer, model_config.vocab_size, seq_len)
     batches = Prefetcher(batches)  # prepares the next batches while the model trains
     try:
-        plan = RunPlan(model_config, batches, total_steps, cfg.optim.warmup_steps, tokenizer, seq_len, "pretraining")
+        plan = RunPlan(model_config, batches, total_steps, cfg.optim.warmup_steps, tokenizer, seq_len, "pretraining",
+                       initial_weights=initial_weights, held_out=pretrain_held_out(cfg, par, tokenizer, seq_len))  # fmt: skip
         summary = fit(cfg, par, plan)
     finally:
         batches.close()
@@ -49,6 +69,26 @@ def pretrain(cfg: TrainConfig) -> dict:
             f"({details}; a line read in several epochs counts each time)"
         )
     return summary
+
+
+def pretrain_held_out(cfg: TrainConfig, par: Parallelism, tokenizer, seq_len: int) -> list[dict] | None:
+    """--eval_data's fixed held-out batches for this replica (None without it)."""
+    if not cfg.evaluation.eval_data:
+        return None
+    data = replace(cfg.data, dataset=cfg.evaluation.eval_data, data_dir=None, data_config=None)
+    batches, tokens = held_out_text_batches(
+        source_for(data), tokenizer, seq_len, cfg.training.batch_size, par.dp_rank, par.dp_size,
+        cfg.evaluation.eval_tokens,
+    )  # fmt: skip
+    short = (
+        f" (all it holds; fewer than --eval_tokens {cfg.evaluation.eval_tokens:,})"
+        if tokens < cfg.evaluation.eval_tokens
+        else ""
+    )
+    when = f"every {cfg.training.eval_interval} steps, " if cfg.training.eval_interval else ""
+    print_main(f"held-out: {tokens:,} tokens of {cfg.evaluation.eval_data}{short}, evaluated before training, {when}"
+               "and at the end")  # fmt: skip
+    return batches
 
 
 def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: int, seq_len: int):
@@ -144,3 +184,50 @@ def show_answers(cfg: TrainConfig, summary: dict, tokenizer, prompts: list[str])
             for i, (prompt, answer) in enumerate(generations):
                 writer.add_text(f"generation/{i}", f"**prompt**: {prompt}\n\n**answer**: {answer}", summary["steps"])
     return generations
+
+
+def evaluate(cfg: TrainConfig) -> dict:
+    """eval.py: score a trained model on held-out text (perplexity or cloze; see evaluate.py)."""
+    launch(cfg.training.seed, cfg.parallel.dist_timeout)
+    model_dir = resolve_pretrained(cfg.model.model_path)
+    model_config = get_model_config(str(model_dir))
+    tokenizer = load_model_tokenizer(model_dir, cfg.data.tokenizer)
+    check_tokenizer_fits(tokenizer, model_config, str(model_dir))
+    task, positions = cfg.evaluation.task, model_config.max_position_embeddings
+    max_length = cfg.data.max_length or positions
+    stride = cfg.evaluation.stride or max_length
+    check_window(max_length, stride, positions)
+    dtype = torch.bfloat16 if has_cuda() else torch.float32  # fp32 where bf16 is slow (CPUs) and exact
+    model = load_pretrained_model(model_dir, dtype, device())
+    print_main(
+        f"evaluating {model_dir} ({count_parameters(model_config) / 1e6:,.1f}M parameters, {str(dtype)[6:]}) on "
+        f"{cfg.data.dataset}, {world_size()} processes: "
+        + ("the last word of each document, greedily (cloze)" if task == "cloze" else
+           f"windows of {max_length} tokens, {stride} newly scored each after the first, one BOS per document")
+    )  # fmt: skip
+    started = time.perf_counter()
+    documents = eval_documents(cfg.data, tokenizer, cfg.evaluation.limit)
+    sums = evaluate_documents(model, tokenizer, documents, task, max_length, stride, cfg.training.batch_size)
+    seconds = time.perf_counter() - started
+    if not sums["documents"] or not (sums["tokens"] or sums["cloze_documents"]):
+        raise UsageError(f"-d {cfg.data.dataset} holds no text to evaluate (empty documents only); pass other data")
+    result = dict(model=str(model_dir), data=cfg.data.dataset, task=task, max_length=max_length, stride=stride,
+                  processes=world_size(), seconds=seconds, tokens_per_s=sums["tokens"] / seconds, **sums,
+                  **scores(sums))  # fmt: skip
+    print_main(eval_report(result))
+    if cfg.logging.results and is_main_process():
+        with open(cfg.logging.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+def eval_report(r: dict) -> str:
+    """What eval.py prints: the numbers in words."""
+    if r["task"] == "cloze":
+        return (f"cloze accuracy {r['cloze_accuracy']:.4f} ({r['cloze_correct']:.0f} of {r['cloze_documents']:.0f} "
+                f"documents' last words predicted greedily), cloze perplexity {r['cloze_perplexity']:,.3f}")  # fmt: skip
+    return (
+        f"token perplexity {r['token_perplexity']:,.4f} ({r['tokens']:,.0f} tokens of {r['documents']:.0f} documents), "
+        f"bits per byte {r['bits_per_byte']:.4f}, word perplexity {r['word_perplexity']:,.3f}; "
+        f"{r['tokens_per_s']:,.0f} tokens/s in {r['seconds']:.1f} s"
+    )

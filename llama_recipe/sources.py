@@ -274,6 +274,18 @@ def check_text_field(source: Source) -> None:
     if not source.files or not Path(source.files[0]).is_file():
         return  # a hub dataset's files are checked when read
     first = source.files[0]
+    if first.endswith((".jsonl", ".json")):
+        with open(first, "rb") as f:
+            line = next((raw for raw in f if raw.strip()), b"")
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return  # a broken line is skipped and counted when read
+        if isinstance(row, dict) and field_value(row, source.text_field) is None:
+            raise UsageError(
+                f"{first}'s first row has no field {source.text_field!r} (it has: {', '.join(row) or 'none'}); "
+                "pass --text_field with the one holding the text"
+            )
     if first.endswith(".parquet"):
         import pyarrow.parquet as pq
 

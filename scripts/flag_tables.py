@@ -15,7 +15,7 @@ FILES = {ROOT / "README.md": False, ROOT / "docs" / "flags.md": True}  # file ->
 
 def with_tables(text: str, everything: bool) -> str:
     """`text` with every `<!-- flags:SCRIPT -->` block replaced by SCRIPT's generated table."""
-    for script in ("pretrain", "finetune", "benchmark"):
+    for script in ("pretrain", "finetune", "benchmark", "eval"):
         table = f"<!-- flags:{script} -->\n{flag_table(script, everything)}\n<!-- /flags:{script} -->"
         block = re.compile(rf"<!-- flags:{script} -->\n.*?<!-- /flags:{script} -->", re.S)
         text = block.sub(lambda _, table=table: table, text)

@@ -287,3 +287,22 @@ def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, b
         str(DATA), tokenizer, seq_len, batch_size, dp_rank, dp_size,
         seed=defaults.training.seed, shuffle_buffer=defaults.data.shuffle_buffer,
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pretrained_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny LLaMA saved as a Hugging Face directory (safetensors + the shipped tokenizer), with
+    weights drawn wide (std 0.5, not 0.02) so that its predictions are far from uniform: a check
+    that scores the wrong token, or the right token at the wrong position, then gets another number."""
+    import torch
+
+    from llama_recipe.model import build_model, get_model_config
+
+    config = get_model_config("tiny")
+    config.initializer_range = 0.5
+    torch.manual_seed(0)
+    model = build_model(config, "sdpa", torch.float32)
+    path = tmp_path_factory.mktemp("pretrained") / "tiny"
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
