@@ -107,7 +107,8 @@ def any_rank(flag: bool) -> bool:
 
 
 def sum_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy of `tensor` on the device, summed over all ranks."""
+    """A copy of `tensor` on the device, summed over all ranks (of none: a plain process)."""
     total = tensor.detach().clone().to(device())
-    dist.all_reduce(total)
+    if dist.is_initialized():
+        dist.all_reduce(total)
     return total

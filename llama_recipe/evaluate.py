@@ -192,7 +192,7 @@ def evaluate_documents(model, tokenizer, documents, task: str, max_length: int, 
     return dict(zip(SUMS, total.tolist(), strict=True))
 
 
-def scores(sums: dict) -> dict:
+def eval_scores(sums: dict) -> dict:
     """The reported numbers from the sums (see the module's docstring)."""
     out = {}
     if sums["tokens"]:

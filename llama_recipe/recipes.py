@@ -22,7 +22,7 @@ from .data import (
 )
 from .distributed import device, fewest_across_ranks, has_cuda, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
-from .evaluate import check_window, eval_documents, evaluate_documents, scores
+from .evaluate import check_window, eval_documents, eval_scores, evaluate_documents
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
 from .model import (
     check_tokenizer_fits,
@@ -213,7 +213,7 @@ def evaluate(cfg: TrainConfig) -> dict:
         raise UsageError(f"-d {cfg.data.dataset} holds no text to evaluate (empty documents only); pass other data")
     result = dict(model=str(model_dir), data=cfg.data.dataset, task=task, max_length=max_length, stride=stride,
                   processes=world_size(), seconds=seconds, tokens_per_s=sums["tokens"] / seconds, **sums,
-                  **scores(sums))  # fmt: skip
+                  **eval_scores(sums))  # fmt: skip
     print_main(eval_report(result))
     if cfg.logging.results and is_main_process():
         with open(cfg.logging.results, "a") as f:

@@ -129,6 +129,8 @@ class CompletionServer:
         encoded = [self.generator.encode(p) for p in prompts]
         positions = self.generator.max_positions
         for i, ids in enumerate(encoded):
+            if not ids:  # (a tokenizer without BOS, and an empty prompt)
+                raise BadRequest(f"prompt {i}: empty; give some text to continue")
             if len(ids) + max_tokens > positions:
                 raise BadRequest(
                     f"prompt {i}: {len(ids)} tokens + max_tokens {max_tokens} exceed the model's {positions} positions"

@@ -241,7 +241,16 @@ DP_SIZE = {"ddp": 2, "zero2": 2, "zero2_cpu": 2, "tp2": 1, "pp2": 1}
 STEPS, RESUME_FROM = 6, 3
 # zero2 also serves the checkpoint tests: a checkpoint every step, the newest 4 kept (step-3 .. step-6)
 SAVES = {"zero2": ["-i", "1", "--keep_last", "4"]}
-LAUNCHER = {"ddp": "colossalai"}  # ddp's run goes through `colossalai run`, the cluster launcher
+LAUNCHER = {"ddp": "colossalai"}
+HELD_OUT = REPO / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
+EVAL_DURING = [
+    "--eval_data",
+    str(HELD_OUT),
+    "--eval_tokens",
+    "512",
+    "--eval_interval",
+    str(RESUME_FROM),
+]  # ddp's run goes through `colossalai run`, the cluster launcher
 
 
 @pytest.fixture(scope="session")
@@ -253,7 +262,7 @@ def layout_runs(tmp_path_factory):
     def get(layout: str) -> dict:
         if layout not in cache:
             root = tmp_path_factory.mktemp(layout)
-            common = [*TINY_RUN, *LAYOUTS[layout], "-o", str(root / "ckpt"), "--max_steps", str(STEPS)]
+            common = [*TINY_RUN, *LAYOUTS[layout], "-o", str(root / "ckpt"), "--max_steps", str(STEPS), *EVAL_DURING]
             saves = SAVES.get(layout, ["-i", str(RESUME_FROM)])
             full = launch(
                 "pretrain.py",
@@ -271,6 +280,8 @@ def layout_runs(tmp_path_factory):
                 stdout=full.stdout + resumed.stdout,
                 losses=read_scalars(root / "tb"),
                 resumed_losses=read_scalars(root / "tb_resumed"),
+                evals=read_scalars(root / "tb", "eval/loss"),
+                resumed_evals=read_scalars(root / "tb_resumed", "eval/loss"),
             )
         return cache[layout]
 

@@ -8,9 +8,21 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, check_ok, expect_one_line_error, launch, run_in_process, write_jsonl
+from conftest import (
+    DATA,
+    REPO,
+    check_ok,
+    expect_one_line_error,
+    launch,
+    read_scalars,
+    run_in_process,
+    trainer_batches,
+    write_jsonl,
+)
 
+from llama_recipe.data import held_out_text_batches
 from llama_recipe.evaluate import cloze_split, rolling_windows
+from llama_recipe.sources import resolve_source
 
 HELD_OUT = REPO / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
 
@@ -173,3 +185,33 @@ def test_bad_input_is_one_line(pretrained_dir, tmp_path):
     cases.append((["--model_path", str(tmp_path / "vocab1000")], "has 32000 tokens but the model"))
     for args, words in cases:
         expect_one_line_error(run_in_process("eval.py", args), words)
+
+
+def test_continued_pretraining_starts_from_the_weights_and_resumes(pretrained_dir, tokenizer, tmp_path):
+    """--init_from: the first step's loss is a plain `transformers` forward of those weights on the
+    first batch; the held-out loss before training is that model's too; `-f` resumes as usual."""
+    from transformers import LlamaForCausalLM
+
+    common = ["-c", "small", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "1e-3", "-p", "ddp",
+              "--init_from", str(pretrained_dir), "--eval_data", str(HELD_OUT), "--eval_tokens", "256",
+              "-o", str(tmp_path / "ckpt")]  # fmt: skip
+    full = run_in_process("pretrain.py", [*common, "--max_steps", "4", "-i", "2", "-t", str(tmp_path / "tb")])
+    check_ok(full)
+    assert "continued pretraining from" in full.stdout and "4.2M parameters" in full.stdout  # -c small is not used
+    model = LlamaForCausalLM.from_pretrained(pretrained_dir).eval()
+    batch = trainer_batches(tokenizer, 0, 1).next_batch()
+    with torch.no_grad():
+        first = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item()
+    losses = read_scalars(tmp_path / "tb")
+    assert losses[1] == pytest.approx(first, abs=1e-4)
+    held_out, _ = held_out_text_batches(resolve_source(str(HELD_OUT)), tokenizer, 128, 2, 0, 1, 256)
+    with torch.no_grad():
+        before = model(input_ids=held_out[0]["input_ids"], labels=held_out[0]["labels"]).loss.item()
+    assert read_scalars(tmp_path / "tb", "eval/loss")[0] == pytest.approx(before, abs=1e-4)
+    resumed = run_in_process(
+        "pretrain.py",
+        [*common, "--max_steps", "4", "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-2")],
+    )
+    check_ok(resumed)
+    again = read_scalars(tmp_path / "tb2")
+    assert sorted(again) == [3, 4] and all(again[s] == losses[s] for s in (3, 4))

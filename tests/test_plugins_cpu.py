@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from conftest import DP_SIZE, LAYOUTS, RESUME_FROM, STEPS, trainer_batches
+from conftest import DP_SIZE, HELD_OUT, LAYOUTS, RESUME_FROM, STEPS, trainer_batches
 
 pytestmark = pytest.mark.multiprocess
 
@@ -59,6 +59,29 @@ def test_loss_matches_plain_transformers_forward(layout_runs, tokenizer, layout)
             batch = batches.next_batch()  # the trainer feeds input_ids and labels (positions stay continuous)
             losses.append(model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.item())
     assert sum(losses) / dp_size == pytest.approx(run["losses"][RESUME_FROM + 1], abs=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_held_out_loss_during_pretraining(layout_runs, tokenizer, layout):
+    """--eval_data: the held-out loss before training, every --eval_interval steps and at the end, in
+    TensorBoard; at step 3 it equals HF LlamaForCausalLM on the step-3 checkpoint over the same 512
+    held-out tokens (whatever the layout splits them into), and the resumed run's step 6 matches."""
+    from transformers import LlamaForCausalLM
+
+    from llama_recipe.data import held_out_text_batches
+    from llama_recipe.sources import resolve_source
+
+    run = layout_runs(layout)
+    assert sorted(run["evals"]) == [0, RESUME_FROM, STEPS]
+    assert run["resumed_evals"][STEPS] == pytest.approx(run["evals"][STEPS], abs=1e-6)
+    model = LlamaForCausalLM.from_pretrained(run["root"] / "ckpt" / f"step-{RESUME_FROM}" / "model").eval()
+    batches, tokens = held_out_text_batches(resolve_source(str(HELD_OUT)), tokenizer, 128, 4, 0, 1, 512)
+    assert tokens == 512 and len(batches) == 1
+    with torch.no_grad():
+        expected = model(input_ids=batches[0]["input_ids"], labels=batches[0]["labels"]).loss.item()
+    assert run["evals"][RESUME_FROM] == pytest.approx(expected, abs=1e-4)
+    if layout in ("zero2", "zero2_cpu"):  # the same initial weights as ddp (hybrid_parallel initialises lazily: others)
+        assert run["evals"][0] == pytest.approx(layout_runs("ddp")["evals"][0], abs=1e-4)
 
 
 def test_ddp_and_zero2_give_the_same_losses(layout_runs):
