@@ -95,8 +95,8 @@ def reference_perplexity(model_dir, texts, max_length, stride):
     return dict(token_perplexity=math.exp(nll / tokens), bits_per_byte=nll / math.log(2) / nbytes, tokens=tokens)
 
 
-def held_out_texts(n):
-    return [json.loads(line)["text"][:1500] for line in HELD_OUT.read_text().splitlines()[:n]]
+def held_out_texts(n, chars=1000):
+    return [json.loads(line)["text"][:chars] for line in HELD_OUT.read_text().splitlines()[:n]]
 
 
 def run_eval(args, tmp_path, name="r.jsonl"):
@@ -125,7 +125,8 @@ def test_perplexity_equals_plain_transformers(pretrained_dir, tmp_path):
 
 @pytest.mark.multiprocess
 def test_two_processes_give_the_same_numbers(pretrained_dir, tmp_path):
-    args = ["--model_path", str(pretrained_dir), "-l", "128", "--limit", "5"]
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in held_out_texts(5)])  # 5 over 2 ranks: 3 + 2
+    args = ["--model_path", str(pretrained_dir), "-l", "128", "-d", str(data)]
     one, _ = run_eval(args, tmp_path, "one.jsonl")
     check_ok(launch("eval.py", [*args, "--results", str(tmp_path / "two.jsonl")], nproc=2))
     two = json.loads((tmp_path / "two.jsonl").read_text())
