@@ -21,6 +21,7 @@ from .checkpoint import (
     resume_differences,
     run_layout,
 )
+from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, TrainConfig, flag_of, range_problems
 from .data import mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
@@ -47,6 +48,7 @@ CHOICES = {
     "mixed_precision": PRECISIONS,
     "zero_stage": [0, 1, 2],
     "on_spike": ["log", "skip", "stop", "rollback"],
+    "grad_compression": GRAD_COMPRESSIONS,
 }
 _TYPES = {"int": int, "float": float, "str": str}
 

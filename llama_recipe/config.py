@@ -176,6 +176,35 @@ class ParallelConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """Gradient compression on the data-parallel sync (read by compression.py through parallel.py)."""
+
+    grad_compression: str = flag(
+        "none",
+        "--grad_compression",
+        help="compress data-parallel gradients: powersgd (low-rank, with error feedback; -p ddp, or hybrid_parallel "
+        "with --pp 1 and --zero_stage 0); none: exact all-reduce",
+    )
+    powersgd_rank: int = flag(
+        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True
+    )
+    powersgd_warmup: float = flag(
+        0.1,
+        "--powersgd_warmup",
+        help="PowerSGD: fraction of the steps all-reduced exactly first (at least 2 steps)",
+        minimum=0.0,
+        below=1.0,
+        advanced=True,
+    )
+    powersgd_no_error_feedback: bool = flag(
+        False,
+        "--powersgd_no_error_feedback",
+        help="PowerSGD: drop what compression leaves out instead of adding it to the next step (for comparison)",
+        advanced=True,
+    )
+
+
+@dataclass
 class DataConfig:
     """Where the tokens come from and how they are cut (read by data.py, prepared.py, instruct.py)."""
 
@@ -418,6 +447,13 @@ class CheckpointConfig:
         scripts=TRAINING,
         advanced=True,
     )
+    reset_compression: bool = flag(
+        False,
+        "--reset_compression",
+        help="resume with new --grad_compression/--powersgd_* flags; the compression state starts fresh",
+        scripts=TRAINING,
+        advanced=True,
+    )
     continue_on_save_error: bool = flag(
         False,
         "--continue_on_save_error",
@@ -466,6 +502,7 @@ class LoggingConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
+    "compression": CompressionConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "training": TrainingConfig,
@@ -480,6 +517,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

@@ -108,6 +108,28 @@ CASES = {
     "running_states_missing_keys": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "running_states_wrong_types": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "latest_names_a_path_elsewhere": (["-f", "latest"], {}, ["latest", "not a step-<N> checkpoint beside it"]),
+    # gradient compression: only where a torch DDP syncs whole gradients
+    "powersgd_with_zero2": (["--grad_compression", "powersgd"], {}, ["--grad_compression", "zero2", "ZeRO", "-p ddp"]),
+    "powersgd_with_hybrid_zero": (
+        ["-p", "hybrid_parallel", "-x", "bf16", "--zero_stage", "1", "--grad_compression", "powersgd"],
+        {},
+        ["--grad_compression", "--zero_stage 1", "--zero_stage 0"],
+    ),
+    "powersgd_with_pipeline": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd"],
+        {"WORLD_SIZE": "2"},
+        ["--grad_compression", "--pp > 1", "--pp 1"],
+    ),
+    "powersgd_rank_zero": (
+        ["-p", "ddp", "--grad_compression", "powersgd", "--powersgd_rank", "0"],
+        {},
+        ["--powersgd_rank", "at least 1", "got 0"],
+    ),
+    "powersgd_with_inplace_sgd": (
+        ["-p", "ddp", "--optimizer", "inplace_sgd", "--grad_compression", "powersgd"],
+        {},
+        ["inplace_sgd", "--grad_compression", "adamw"],
+    ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.

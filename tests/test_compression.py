@@ -1,0 +1,113 @@
+"""PowerSGD on data-parallel gradients (`--grad_compression powersgd`, llama_recipe/compression.py).
+
+One 2-process launch (tests/compression_worker.py) checks the arithmetic over a real gloo group,
+shows the DDP bucket-order pitfall of torch's own hook against ours, trains `tiny` compressed under
+-p ddp with a checkpoint at step 3 and resumes from it; the tests below assert on what it wrote.
+The refusals are cases of test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import DATA, check_ok, expect_one_line_error, launch, read_scalars, run_in_process
+
+from llama_recipe.model import get_model_config
+
+RANK = 4  # the worker's --powersgd_rank (the default)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compression")
+    check_ok(launch("tests/compression_worker.py", [str(out)], nproc=2, timeout=600))
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return dict(out=out, ranks=ranks, rank0=ranks[0])
+
+
+def tiny_gradient_bytes(rank: int) -> tuple[int, int]:
+    """(bytes one compressed step sends, bytes an exact all-reduce sends) for `tiny`, counted from
+    its shapes by hand: rank * (n + m) per weight matrix (all of tiny's shrink at least 2x at rank 4),
+    every element of the norms' vectors; fp32."""
+    c = get_model_config("tiny")
+    h, inter, vocab, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
+    kv = c.num_key_value_heads * (h // c.num_attention_heads)
+    matrices = [(vocab, h), (vocab, h)]  # embeddings and the (untied) LM head
+    matrices += layers * [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    vectors = (2 * layers + 1) * h  # two norms per layer and the final one
+    sent = sum(rank * (n + m) for n, m in matrices) + vectors
+    exact = sum(n * m for n, m in matrices) + vectors
+    return 4 * sent, 4 * exact
+
+
+@pytest.mark.multiprocess
+def test_rank_at_least_the_matrix_rank_reproduces_the_exact_all_reduce(job):
+    # each replica's matrices have rank 1, so their mean has rank <= 2
+    errors = {int(r): e for r, e in job["rank0"]["exact"].items()}
+    assert errors[2] < 1e-5 and errors[4] < 1e-5, errors
+    assert errors[1] > 0.1, errors  # rank 1 cannot: the check sees a wrong result
+
+
+@pytest.mark.multiprocess
+def test_error_feedback_loses_nothing(job):
+    """Sum of applied gradients + mean residual == sum of exact mean gradients (rank 2 of 16, 6 steps)."""
+    ef, no_ef = job["rank0"]["error_feedback"], job["rank0"]["no_error_feedback"]
+    assert ef["with_residual"] < 1e-5, ef
+    assert ef["applied_only"] > 0.05, ef  # the residual really carries something
+    assert no_ef["with_residual"] > 0.05, no_ef  # without error feedback what compression drops is lost
+
+
+@pytest.mark.multiprocess
+def test_state_by_parameter_survives_ddp_rebuilding_its_buckets(job):
+    """A fresh DDP (resume) runs its first step in another bucket layout than the one it rebuilds:
+    torch's hook, its state restored, applies a buffer to the wrong bucket (here it fails on the
+    shapes); ours, keyed by parameter, resumes bit for bit."""
+    for ranks in job["ranks"]:
+        ours, torchs = ranks["bucket_order"]["ours"], ranks["bucket_order"]["torch"]
+        assert ours["resumed"] == ours["uninterrupted"]
+        assert torchs["resumed"] != torchs["uninterrupted"]
+        assert ours["uninterrupted"][:3] == torchs["uninterrupted"][:3]  # same start; both compress from step 3
+
+
+@pytest.mark.multiprocess
+def test_compressed_training_falls_and_resumes_bit_for_bit(job):
+    out = job["out"]
+    losses, resumed = read_scalars(out / "tb"), read_scalars(out / "tb_resumed")
+    assert len(losses) == 6 and losses[6] < losses[1] - 0.3, losses
+    assert resumed == {step: losses[step] for step in (4, 5, 6)}  # bit for bit, compression state restored
+    for rank in (0, 1):
+        assert (out / "ckpt" / "step-3" / "compression" / f"rank-{rank}.safetensors").is_file()
+
+
+@pytest.mark.multiprocess
+def test_bytes_counted_where_sent_match_the_shapes(job):
+    out = job["out"]
+    compressed, exact = tiny_gradient_bytes(RANK)
+    sent, uncompressed = (
+        read_scalars(out / "tb", "comm/dp_bytes_sent"),
+        read_scalars(out / "tb", "comm/dp_bytes_uncompressed"),
+    )
+    assert sent == {1: exact, 2: exact, 3: compressed, 4: compressed, 5: compressed, 6: compressed}  # 2 exact steps
+    assert set(uncompressed.values()) == {exact}
+    ratio = read_scalars(out / "tb", "comm/compression_ratio")
+    assert ratio[6] == pytest.approx(exact / compressed) and ratio[1] == 1.0
+    seconds = read_scalars(out / "tb", "comm/compress_seconds")
+    assert seconds[1] == 0.0 and all(seconds[s] > 0 for s in (3, 4, 5, 6))
+    # every rank sent the same (counted by each rank's own hook)
+    per_rank = [[c["bytes_sent"] for c in r["train"]["communication"]] for r in job["ranks"]]
+    assert per_rank[0] == per_rank[1] == [exact, exact, *4 * [compressed]]
+
+
+@pytest.mark.multiprocess
+def test_changed_compression_flags_on_resume_are_refused(job):
+    ckpt = job["out"] / "ckpt"
+    run = ["-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "-p", "ddp",
+           "--max_steps", "6", "-o", str(ckpt), "-f", str(ckpt / "step-3"), "-t", ""]  # fmt: skip
+    compressed = ["--grad_compression", "powersgd", "--powersgd_warmup", "0"]
+    before = sorted(ckpt.rglob("*"))
+    proc = run_in_process("pretrain.py", [*run, *compressed, "--powersgd_rank", "2"], env={"WORLD_SIZE": "2"})
+    expect_one_line_error(proc, "--powersgd_rank 4 -> 2", "--reset_compression")
+    proc = run_in_process("pretrain.py", run, env={"WORLD_SIZE": "2"})
+    expect_one_line_error(proc, "--grad_compression 'powersgd' -> 'none'", "--reset_compression")
+    assert sorted(ckpt.rglob("*")) == before
