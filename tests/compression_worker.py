@@ -1,7 +1,8 @@
 """Run under torchrun (2 processes) by test_compression.py: one launch that checks PowerSGD's
 arithmetic over a real 2-rank gloo group, then trains `tiny` with -p ddp --grad_compression powersgd
 (a checkpoint at step 3), then resumes from step 3 in the same processes (a fresh model, DDP and
-hook, as a new launch would build them). Writes OUT/rank<R>.json with what it measured.
+hook, as a new launch would build them); the same under -p hybrid_parallel (pp = 1: data parallel
+through torch DDP). Writes OUT/rank<R>.json with what it measured.
 
 usage: compression_worker.py OUT_DIR
 """
@@ -158,24 +159,30 @@ def bucket_order_check(me):
     return result
 
 
+def train_and_resume(out: Path, plugin: list[str], name: str) -> tuple[dict, dict]:
+    """`tiny` compressed for STEPS steps (a checkpoint at SAVE_AT), then resumed from SAVE_AT: the
+    two runs' summaries. TensorBoard in OUT/tb_<name> and OUT/tb_<name>_resumed."""
+    common = [*TINY_RUN, *plugin, "--grad_compression", "powersgd", "--powersgd_warmup", "0",
+              "--max_steps", str(STEPS), "-o", str(out / f"ckpt_{name}")]  # fmt: skip
+    runs = []
+    for extra in (["-i", str(SAVE_AT), "-t", str(out / f"tb_{name}")],
+                  ["-i", "0", "-t", str(out / f"tb_{name}_resumed"), "-f", f"{out}/ckpt_{name}/step-{SAVE_AT}"]):  # fmt: skip
+        cfg = parse_args("pretrain", [*common, *extra])
+        validate(cfg, 2)
+        runs.append(recipes.pretrain(cfg))
+    return runs[0], runs[1]
+
+
 def main(out: Path) -> None:
-    common = [*TINY_RUN, "-p", "ddp", "--grad_compression", "powersgd", "--powersgd_warmup", "0",
-              "--max_steps", str(STEPS), "-o", str(out / "ckpt")]  # fmt: skip
-    train = parse_args("pretrain", [*common, "-i", str(SAVE_AT), "-t", str(out / "tb")])
-    validate(train, 2)
-    launch(train.training.seed, train.parallel.dist_timeout)
+    launch(seed=42)
     world, me = dist.get_world_size(), dist.get_rank()
     result = {"exact": exact_allreduce_check(world, me)}
     result["error_feedback"] = error_feedback_check(world, me, True)
     result["no_error_feedback"] = error_feedback_check(world, me, False)
     result["bucket_order"] = bucket_order_check(me)
-    recipes.launch = lambda *args: None  # the process group exists: the two runs below share it
-    result["train"] = recipes.pretrain(train)
-    resume = parse_args(
-        "pretrain", [*common, "-i", "0", "-t", str(out / "tb_resumed"), "-f", f"{out}/ckpt/step-{SAVE_AT}"]
-    )
-    validate(resume, 2)
-    result["resumed"] = recipes.pretrain(resume)
+    recipes.launch = lambda *args: None  # the process group exists: the runs below share it
+    result["train"], result["resumed"] = train_and_resume(out, ["-p", "ddp"], "ddp")
+    result["hybrid"], result["hybrid_resumed"] = train_and_resume(out, ["-p", "hybrid_parallel"], "hybrid")
     (out / f"rank{me}.json").write_text(json.dumps(result, default=str))
     dist.barrier()
     dist.destroy_process_group()

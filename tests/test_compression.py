@@ -71,37 +71,36 @@ def test_state_by_parameter_survives_ddp_rebuilding_its_buckets(job):
 
 
 @pytest.mark.multiprocess
-def test_compressed_training_falls_and_resumes_bit_for_bit(job):
+@pytest.mark.parametrize("plugin", ["ddp", "hybrid"])
+def test_compressed_training_falls_and_resumes_bit_for_bit(job, plugin):
     out = job["out"]
-    losses, resumed = read_scalars(out / "tb"), read_scalars(out / "tb_resumed")
+    losses, resumed = read_scalars(out / f"tb_{plugin}"), read_scalars(out / f"tb_{plugin}_resumed")
     assert len(losses) == 6 and losses[6] < losses[1] - 0.3, losses
     assert resumed == {step: losses[step] for step in (4, 5, 6)}  # bit for bit, compression state restored
     for rank in (0, 1):
-        assert (out / "ckpt" / "step-3" / "compression" / f"rank-{rank}.safetensors").is_file()
+        assert (out / f"ckpt_{plugin}" / "step-3" / "compression" / f"rank-{rank}.safetensors").is_file()
 
 
 @pytest.mark.multiprocess
-def test_bytes_counted_where_sent_match_the_shapes(job):
-    out = job["out"]
+@pytest.mark.parametrize("plugin", ["ddp", "hybrid"])
+def test_bytes_counted_where_sent_match_the_shapes(job, plugin):
+    tb, run = job["out"] / f"tb_{plugin}", "train" if plugin == "ddp" else "hybrid"
     compressed, exact = tiny_gradient_bytes(RANK)
-    sent, uncompressed = (
-        read_scalars(out / "tb", "comm/dp_bytes_sent"),
-        read_scalars(out / "tb", "comm/dp_bytes_uncompressed"),
-    )
+    sent, uncompressed = read_scalars(tb, "comm/dp_bytes_sent"), read_scalars(tb, "comm/dp_bytes_uncompressed")
     assert sent == {1: exact, 2: exact, 3: compressed, 4: compressed, 5: compressed, 6: compressed}  # 2 exact steps
     assert set(uncompressed.values()) == {exact}
-    ratio = read_scalars(out / "tb", "comm/compression_ratio")
+    ratio = read_scalars(tb, "comm/compression_ratio")
     assert ratio[6] == pytest.approx(exact / compressed) and ratio[1] == 1.0
-    seconds = read_scalars(out / "tb", "comm/compress_seconds")
+    seconds = read_scalars(tb, "comm/compress_seconds")
     assert seconds[1] == 0.0 and all(seconds[s] > 0 for s in (3, 4, 5, 6))
     # every rank sent the same (counted by each rank's own hook)
-    per_rank = [[c["bytes_sent"] for c in r["train"]["communication"]] for r in job["ranks"]]
+    per_rank = [[c["bytes_sent"] for c in r[run]["communication"]] for r in job["ranks"]]
     assert per_rank[0] == per_rank[1] == [exact, exact, *4 * [compressed]]
 
 
 @pytest.mark.multiprocess
 def test_changed_compression_flags_on_resume_are_refused(job):
-    ckpt = job["out"] / "ckpt"
+    ckpt = job["out"] / "ckpt_ddp"
     run = ["-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "-p", "ddp",
            "--max_steps", "6", "-o", str(ckpt), "-f", str(ckpt / "step-3"), "-t", ""]  # fmt: skip
     compressed = ["--grad_compression", "powersgd", "--powersgd_warmup", "0"]
