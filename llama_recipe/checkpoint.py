@@ -146,7 +146,8 @@ MUST_MATCH_ON_RESUME = {
                      "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
     "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "mixed_precision", "collage_reference_multiply"),
     "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
-    "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback"),
+    "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback",
+                            "compress_stages"),
 }  # fmt: skip
 MODEL_PARALLEL = ("plugin", "tp", "pp", "zero_stage")  # a layout that differs only in replicas keeps these
 

@@ -1,6 +1,7 @@
 """PowerSGD with error feedback on data-parallel gradients (Vogels et al., NeurIPS 2019; the DP part
-of Optimus-CC, Song et al., ASPLOS 2023), as a communication hook of the torch DDP that ColossalAI's
-TorchDDPPlugin (and HybridParallelPlugin with pp = 1 and no ZeRO) wrap the model in.
+of Optimus-CC, Song et al., ASPLOS 2023): a communication hook of the torch DDP that ColossalAI's
+TorchDDPPlugin (and HybridParallelPlugin with pp = 1 and no ZeRO) wrap the model in, or, with a
+pipeline, the whole data-parallel sync of a step (`sync_step`, wired in by parallel.py).
 
 Each gradient matrix M (n x m, a weight's gradient viewed as [shape[0], -1]) on each replica:
 
@@ -140,6 +141,11 @@ class PowerSGD:
         future = torch.futures.Future()
         future.set_result(buffer)
         return future
+
+    def sync_step(self, grads: list[tuple[str, torch.Tensor]]) -> None:
+        """Sync all of a step's gradients at once (the pipeline's data-parallel sync, no DDP)."""
+        self.sync(grads)
+        self.step += 1
 
     def sync(self, grads: list[tuple[str, torch.Tensor]], buffer: torch.Tensor | None = None) -> None:
         """Replace each named gradient, in place, by the mean over replicas: exact during the warm-up

@@ -183,7 +183,7 @@ class CompressionConfig:
         "none",
         "--grad_compression",
         help="compress data-parallel gradients: powersgd (low-rank, with error feedback; -p ddp, or hybrid_parallel "
-        "with --pp 1 and --zero_stage 0); none: exact all-reduce",
+        "with --zero_stage 0); none: exact all-reduce",
     )
     powersgd_rank: int = flag(
         4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True
@@ -194,6 +194,14 @@ class CompressionConfig:
         help="PowerSGD: fraction of the steps all-reduced exactly first (at least 2 steps)",
         minimum=0.0,
         below=1.0,
+        advanced=True,
+    )
+    compress_stages: int = flag(
+        0,
+        "--compress_stages",
+        help="with --pp > 1: compress only the first K pipeline stages' data-parallel gradients (in 1F1B theirs "
+        "is the all-reduce left exposed at the end of a step); 0: every stage",
+        minimum=0,
         advanced=True,
     )
     powersgd_no_error_feedback: bool = flag(

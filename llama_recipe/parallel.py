@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .colossalai_patches import route_pipeline_dp_grad_sync
 from .compression import Communication, CompressionSettings, PowerSGD
 from .config import CompressionConfig, TrainConfig
 from .distributed import device, print_main
@@ -80,7 +82,7 @@ class Parallelism:
             _keep_ddp_buckets_small(model)
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
         if self.compression is not None:
-            self.compressor = _register_powersgd(model, self.compression, total_steps, seed)
+            self.compressor = _register_powersgd(self, model, total_steps, seed)
         return model, optimizer, lr_scheduler
 
     def take_communication(self) -> Communication | None:
@@ -191,22 +193,35 @@ def _keep_ddp_buckets_small(model: torch.nn.Module) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n in names if n != smallest])
 
 
-def _register_powersgd(model, cfg: CompressionConfig, total_steps: int, seed: int) -> PowerSGD:
-    """PowerSGD as the communication hook of the torch DDP inside the boosted model (TorchDDPPlugin's,
-    or HybridParallelPlugin's with pp = 1 and no ZeRO; plugins.py refuses the others), before its
-    first step. Its state is keyed by parameter name (see compression.py)."""
-    ddp = getattr(model, "module", None)
-    if not isinstance(ddp, DistributedDataParallel):
-        raise AssertionError(
-            "--grad_compression: the boosted model holds no torch DDP (plugins.py should have refused)"
-        )
+def _register_powersgd(par: Parallelism, model, total_steps: int, seed: int) -> PowerSGD:
+    """PowerSGD on the data-parallel gradients, registered before the first step: the communication
+    hook of the torch DDP inside the boosted model (TorchDDPPlugin's, or HybridParallelPlugin's with
+    pp = 1), or, with a pipeline, its data-parallel sync (a ColossalAI patch). plugins.py refuses
+    the rest. Its state is keyed by parameter name (see compression.py)."""
+    cfg = par.compression
     warmup = max(2, math.ceil(cfg.powersgd_warmup * total_steps))
-    settings = CompressionSettings(cfg.powersgd_rank, warmup, not cfg.powersgd_no_error_feedback, seed)
-    names = {p.data_ptr(): name for name, p in ddp.module.named_parameters() if p.requires_grad}
-    compressor = PowerSGD(settings, names, ddp.process_group)
-    ddp.register_comm_hook(None, compressor.hook)
+    stage = par.plugin.stage_manager.stage if par.pipeline else 0
+    exact_stage = bool(cfg.compress_stages) and stage >= cfg.compress_stages  # --compress_stages: counted, exact
+    settings = CompressionSettings(
+        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed
+    )
+    ddp = getattr(model, "module", None)
+    inner = ddp.module if isinstance(ddp, DistributedDataParallel) else model.module
+    params = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]
+    group = ddp.process_group if isinstance(ddp, DistributedDataParallel) else par.dp_group
+    compressor = PowerSGD(settings, {p.data_ptr(): name for name, p in params}, group)
+    if isinstance(ddp, DistributedDataParallel):
+        ddp.register_comm_hook(None, compressor.hook)
+    else:
+
+        def sync_dp_grads() -> None:  # what HybridParallelModule.sync_dp_grads does, through the compressor
+            if par.dp_size > 1:
+                compressor.sync_step([(name, p.grad) for name, p in params if p.grad is not None])
+
+        route_pipeline_dp_grad_sync(model, sync_dp_grads)
     print_main(
         f"PowerSGD rank {settings.rank} on the data-parallel gradients, error feedback "
         f"{'on' if settings.error_feedback else 'off'}, after {warmup} exact steps"
+        + (f"; pipeline stages {cfg.compress_stages} and later stay exact" if cfg.compress_stages else "")
     )
     return compressor

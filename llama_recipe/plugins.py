@@ -201,11 +201,6 @@ def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) ->
 def _hybrid_compression_refusal(cfg: TrainConfig) -> str | None:
     if cfg.parallel.zero_stage > 0:
         return _zero_refuses_compression(f"hybrid_parallel --zero_stage {cfg.parallel.zero_stage}")(cfg)
-    if cfg.parallel.pp > 1:
-        return (
-            "--grad_compression with --pp > 1: ColossalAI then syncs data-parallel gradients itself, not through "
-            "torch DDP, and that path is not compressed yet; use --pp 1 (hybrid_parallel wraps torch DDP) or -p ddp"
-        )
     return None
 
 
@@ -388,6 +383,18 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
         model_parallel = [n for n in PLUGIN_NAMES if PLUGINS[n].model_parallel]
         raise UsageError(f"--tp/--pp need -p {' or '.join(model_parallel)} (got -p {spec.name})")
     spec.check(cfg, precision, world_size)
-    refusal = cfg.compression.grad_compression != "none" and spec.compression_refusal(cfg)
+    _check_compression(cfg, spec)
+
+
+def _check_compression(cfg: TrainConfig, spec: PluginSpec) -> None:
+    comp, pp = cfg.compression, cfg.parallel.pp
+    refusal = comp.grad_compression != "none" and spec.compression_refusal(cfg)
     if refusal:
         raise UsageError(refusal)
+    if comp.compress_stages and comp.grad_compression == "none":
+        raise UsageError("--compress_stages selects which pipeline stages compress; add --grad_compression powersgd")
+    if comp.compress_stages and not (spec.model_parallel and comp.compress_stages <= pp and pp > 1):
+        raise UsageError(
+            f"--compress_stages {comp.compress_stages} needs a pipeline of at least that many stages "
+            f"(-p hybrid_parallel --pp > 1, got --pp {pp}); lower it or drop it"
+        )

@@ -4,7 +4,8 @@ arithmetic over a real 2-rank gloo group, then trains `tiny` with -p ddp --grad_
 hook, as a new launch would build them); the same under -p hybrid_parallel (pp = 1: data parallel
 through torch DDP). Writes OUT/rank<R>.json with what it measured.
 
-usage: compression_worker.py OUT_DIR
+usage: compression_worker.py OUT_DIR            (2 processes)
+       compression_worker.py OUT_DIR pipeline   (4 processes: pp 2 x dp 2, --compress_stages 1)
 """
 
 import json
@@ -168,9 +169,25 @@ def train_and_resume(out: Path, plugin: list[str], name: str) -> tuple[dict, dic
     for extra in (["-i", str(SAVE_AT), "-t", str(out / f"tb_{name}")],
                   ["-i", "0", "-t", str(out / f"tb_{name}_resumed"), "-f", f"{out}/ckpt_{name}/step-{SAVE_AT}"]):  # fmt: skip
         cfg = parse_args("pretrain", [*common, *extra])
-        validate(cfg, 2)
+        validate(cfg, dist.get_world_size())
         runs.append(recipes.pretrain(cfg))
     return runs[0], runs[1]
+
+
+def pipeline_main(out: Path) -> None:
+    """4 processes: hybrid_parallel pp = 2 x dp = 2 with --compress_stages 1, trained and resumed;
+    each rank's byte counters and pipeline stage."""
+    launch(seed=42)
+    recipes.launch = lambda *args: None
+    layouts = []
+    build = recipes.build_parallelism
+    recipes.build_parallelism = lambda cfg: layouts.append(build(cfg)) or layouts[-1]  # to read the stage
+    plugin = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1"]
+    result = dict(zip(("train", "resumed"), train_and_resume(out, plugin, "pipeline"), strict=True))
+    result["stage"] = int(layouts[0].plugin.stage_manager.stage)  # (a numpy integer)
+    (out / f"pipeline-rank{dist.get_rank()}.json").write_text(json.dumps(result, default=str))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main(out: Path) -> None:
@@ -189,4 +206,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    (pipeline_main if sys.argv[2:] == ["pipeline"] else main)(Path(sys.argv[1]))

@@ -115,10 +115,20 @@ CASES = {
         {},
         ["--grad_compression", "--zero_stage 1", "--zero_stage 0"],
     ),
-    "powersgd_with_pipeline": (
-        ["-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd"],
+    "compress_stages_without_pipeline": (
+        ["-p", "ddp", "--grad_compression", "powersgd", "--compress_stages", "1"],
+        {},
+        ["--compress_stages 1", "--pp > 1", "--pp 1"],
+    ),
+    "compress_stages_above_pp": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd", "--compress_stages", "3"],
         {"WORLD_SIZE": "2"},
-        ["--grad_compression", "--pp > 1", "--pp 1"],
+        ["--compress_stages 3", "--pp 2"],
+    ),
+    "compress_stages_without_compression": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1"],
+        {"WORLD_SIZE": "2"},
+        ["--compress_stages", "--grad_compression powersgd"],
     ),
     "powersgd_rank_zero": (
         ["-p", "ddp", "--grad_compression", "powersgd", "--powersgd_rank", "0"],

@@ -26,16 +26,28 @@ def job(tmp_path_factory):
     return dict(out=out, ranks=ranks, rank0=ranks[0])
 
 
-def tiny_gradient_bytes(rank: int) -> tuple[int, int]:
-    """(bytes one compressed step sends, bytes an exact all-reduce sends) for `tiny`, counted from
+@pytest.fixture(scope="module")
+def pipeline_job(tmp_path_factory):
+    """4 processes: hybrid_parallel pp 2 x dp 2, --compress_stages 1, trained and resumed."""
+    out = tmp_path_factory.mktemp("compression_pipeline")
+    check_ok(launch("tests/compression_worker.py", [str(out), "pipeline"], nproc=4, timeout=600))
+    return [json.loads((out / f"pipeline-rank{r}.json").read_text()) for r in range(4)]
+
+
+def tiny_gradient_bytes(rank: int, stage: int | None = None) -> tuple[int, int]:
+    """(bytes one compressed step sends, bytes an exact all-reduce sends) for `tiny` (or one stage of
+    it split in two: embeddings and layer 0 | layer 1, the final norm and the LM head), counted from
     its shapes by hand: rank * (n + m) per weight matrix (all of tiny's shrink at least 2x at rank 4),
     every element of the norms' vectors; fp32."""
     c = get_model_config("tiny")
     h, inter, vocab, layers = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_hidden_layers
     kv = c.num_key_value_heads * (h // c.num_attention_heads)
-    matrices = [(vocab, h), (vocab, h)]  # embeddings and the (untied) LM head
-    matrices += layers * [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
-    vectors = (2 * layers + 1) * h  # two norms per layer and the final one
+    layer = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)]
+    if stage is None:
+        matrices = [(vocab, h), (vocab, h), *layers * layer]  # embeddings and the (untied) LM head
+        vectors = (2 * layers + 1) * h  # two norms per layer and the final one
+    else:
+        matrices, vectors = [(vocab, h), *layer], 2 * h + stage * h
     sent = sum(rank * (n + m) for n, m in matrices) + vectors
     exact = sum(n * m for n, m in matrices) + vectors
     return 4 * sent, 4 * exact
@@ -110,3 +122,18 @@ def test_changed_compression_flags_on_resume_are_refused(job):
     proc = run_in_process("pretrain.py", run, env={"WORLD_SIZE": "2"})
     expect_one_line_error(proc, "--grad_compression 'powersgd' -> 'none'", "--reset_compression")
     assert sorted(ckpt.rglob("*")) == before
+
+
+@pytest.mark.multiprocess
+def test_selective_stage_compression_compresses_only_the_first_stages(pipeline_job):
+    """--compress_stages 1 with pp 2 x dp 2: stage 0 sends the factors after 2 exact steps, stage 1
+    the exact gradients every step (each rank's own counters); both train and resume bit for bit."""
+    stages = sorted(r["stage"] for r in pipeline_job)
+    assert stages == [0, 0, 1, 1]
+    for ranks in pipeline_job:
+        compressed, exact = tiny_gradient_bytes(RANK, ranks["stage"])
+        sent = [c["bytes_sent"] for c in ranks["train"]["communication"]]
+        assert [c["bytes_uncompressed"] for c in ranks["train"]["communication"]] == 6 * [exact]
+        assert sent == ([exact, exact, *4 * [compressed]] if ranks["stage"] == 0 else 6 * [exact])
+        losses = ranks["train"]["losses"]
+        assert losses[-1] < losses[0] - 0.3 and ranks["resumed"]["losses"] == losses[3:]
