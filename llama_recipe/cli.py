@@ -98,6 +98,7 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
     model_config = _collect(problems, _model_config, cfg)
     _collect(problems, check_layout, cfg, world_size)
     problems += _data_problems(cfg, model_config)
+    problems += _compression_problems(cfg, model_config)
     problems += _path_problems(cfg, script)
     if cfg.checkpoint.load is not None:
         if _collect(problems, check_checkpoint_dir, cfg.checkpoint.load, model_config) is not False:
@@ -157,6 +158,19 @@ def _data_problems(cfg: TrainConfig, model_config) -> list[str]:
             f"-l/--max_length {data.max_length} exceeds the model's {limit} positions; pass -l {limit} or less"
         )
     return problems
+
+
+def _compression_problems(cfg: TrainConfig, model_config) -> list[str]:
+    """Tied embeddings in a pipeline are all-reduced between its first and last stages on their own,
+    which Optimus-CC fuses with the data-parallel sync (FE); we do not (LLaMA's are untied)."""
+    tied = model_config and getattr(model_config, "tie_word_embeddings", False)
+    if tied and cfg.compression.grad_compression != "none" and cfg.parallel.pp > 1:
+        return [
+            "--grad_compression with --pp > 1 and tie_word_embeddings in the model config: the tied embeddings' sync "
+            "between the first and last stages (Optimus-CC's fused embedding sync) is not implemented; untie them "
+            "or use --pp 1"
+        ]
+    return []
 
 
 def _writable_problem(path: str, flag: str, is_file: bool = False) -> str | None:

@@ -125,6 +125,11 @@ CASES = {
         {"WORLD_SIZE": "2"},
         ["--compress_stages 3", "--pp 2"],
     ),
+    "powersgd_pipeline_tied_embeddings": (
+        ["-c", "{tmp}/config.json", "-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd"],
+        {"WORLD_SIZE": "2"},
+        ["tie_word_embeddings", "--pp 1", "fused embedding"],
+    ),
     "compress_stages_without_compression": (
         ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1"],
         {"WORLD_SIZE": "2"},
@@ -183,6 +188,7 @@ SETUP = {
     "export_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
     "config_not_an_object": lambda tmp: (tmp / "config.json").write_text("[1, 2]"),
     "config_wrong_type": lambda tmp: _model_config(tmp, hidden_size="64"),
+    "powersgd_pipeline_tied_embeddings": lambda tmp: _model_config(tmp, tie_word_embeddings=True),
     "config_heads_do_not_divide": lambda tmp: _model_config(tmp, num_attention_heads=5, num_key_value_heads=5),
     "config_negative_layers": lambda tmp: _model_config(tmp, num_hidden_layers=-2),
     "config_kv_heads_do_not_divide": lambda tmp: _model_config(tmp, num_key_value_heads=3),
