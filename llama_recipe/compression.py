@@ -45,6 +45,7 @@ class CompressionSettings:
     warmup_steps: int  # steps all-reduced exactly before compression starts (>= 2)
     error_feedback: bool = True
     seed: int = 0  # the initial Q factors: the same on every replica
+    log_cosine: bool = False  # also all-reduce the exact gradients (not counted as sent) to compare
 
 
 @dataclass
@@ -56,10 +57,19 @@ class Communication:
     compress_seconds: float = 0.0  # computing factors, orthogonalising, decompressing, error buffers
     wait_seconds: float = 0.0  # inside the all-reduce calls (the network, and waiting for the slowest replica)
     compressed: bool = False  # this step was compressed (past the warm-up)
+    # --powersgd_log_cosine: <applied, exact>, |applied|^2, |exact|^2 over the compressed matrices
+    dot: float = 0.0
+    applied_sq: float = 0.0
+    exact_sq: float = 0.0
 
     @property
     def ratio(self) -> float:
         return self.bytes_uncompressed / self.bytes_sent if self.bytes_sent else 1.0
+
+    @property
+    def cosine(self) -> float | None:
+        """Cosine similarity of the applied (compressed) mean gradient to the exact mean, or None."""
+        return self.dot / (self.applied_sq * self.exact_sq) ** 0.5 if self.applied_sq and self.exact_sq else None
 
 
 def compressed_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
@@ -190,9 +200,24 @@ class PowerSGD:
             for g in exact:
                 g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
+        exact_means = self._exact_means(matrices, world) if self.settings.log_cosine and matrices else None
         if matrices:
             self._power_iteration(matrices, world)
+        if exact_means:
+            for (_, applied, _), exact in zip(matrices, exact_means, strict=True):
+                self.counts.dot += float((applied * exact).sum())
+                self.counts.applied_sq += float(applied.square().sum())
+                self.counts.exact_sq += float(exact.square().sum())
         self.counts.compress_seconds += time.perf_counter() - started - self._waited
+
+    def _exact_means(self, matrices: list[tuple[str, torch.Tensor, int]], world: int) -> list[torch.Tensor]:
+        """The exact mean of this step's gradients (without error feedback's residuals), for the
+        cosine diagnostic; its all-reduce is not counted as sent."""
+        local = [m - self.errors[name] if self.settings.error_feedback and name in self.errors else m.clone()
+                 for name, m, _ in matrices]  # fmt: skip
+        flat = torch.cat([t.reshape(-1) for t in local])
+        dist.all_reduce(flat, group=self.group)
+        return [t.div_(world) for t in _split(flat, local)]
 
     def _power_iteration(self, matrices: list[tuple[str, torch.Tensor, int]], world: int) -> None:
         """One warm-started power iteration for every matrix of a bucket: two flat all-reduces."""
@@ -216,8 +241,13 @@ class PowerSGD:
         """All-reduce (sum) several tensors as one flat message; returns them, summed."""
         flat = torch.cat([t.reshape(-1) for t in tensors])
         self._all_reduce(flat)
-        out, offset = [], 0
-        for t in tensors:
-            out.append(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        return out
+        return _split(flat, tensors)
+
+
+def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped as the tensors of `like`, in order."""
+    out, offset = [], 0
+    for t in like:
+        out.append(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out

@@ -204,6 +204,13 @@ class CompressionConfig:
         minimum=0,
         advanced=True,
     )
+    powersgd_log_cosine: bool = flag(
+        False,
+        "--powersgd_log_cosine",
+        help="PowerSGD: also all-reduce the exact gradients and log the cosine similarity of the applied (compressed) "
+        "mean to the exact mean, as comm/cosine (a diagnostic: it costs the exact all-reduce again)",
+        advanced=True,
+    )
     powersgd_no_error_feedback: bool = flag(
         False,
         "--powersgd_no_error_feedback",

@@ -302,7 +302,7 @@ class RunMetrics:
                 "comm/dp_bytes_sent": comm.bytes_sent, "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
                 "comm/compression_ratio": comm.ratio, "comm/compress_seconds": comm.compress_seconds,
                 "comm/wait_seconds": comm.wait_seconds,
-            })  # fmt: skip
+            } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine}))  # fmt: skip
         if self.cfg.log_edq and write:  # one small all-reduce: the shards' sums
             edq = edq_metrics(sum_across_ranks(unwrap_optimizer(optimizer).metric_sums))
             self.logger.log_scalars(step, {f"optimizer/{name}": value for name, value in edq.items()})

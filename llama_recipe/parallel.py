@@ -203,8 +203,9 @@ def _register_powersgd(par: Parallelism, model, total_steps: int, seed: int) -> 
     stage = par.plugin.stage_manager.stage if par.pipeline else 0
     exact_stage = bool(cfg.compress_stages) and stage >= cfg.compress_stages  # --compress_stages: counted, exact
     settings = CompressionSettings(
-        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed
-    )
+        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed,
+        cfg.powersgd_log_cosine,
+    )  # fmt: skip
     ddp = getattr(model, "module", None)
     inner = ddp.module if isinstance(ddp, DistributedDataParallel) else model.module
     params = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]

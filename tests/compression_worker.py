@@ -39,7 +39,7 @@ def replica_gradients(shapes, rank_of_each, seed, replica):
 
 
 def compressor(names, rank, error_feedback=True):
-    return PowerSGD(CompressionSettings(rank, 0, error_feedback, seed=7), dict(enumerate(names)))
+    return PowerSGD(CompressionSettings(rank, 0, error_feedback, seed=7, log_cosine=True), dict(enumerate(names)))
 
 
 def exact_allreduce_check(world, me):
@@ -49,13 +49,14 @@ def exact_allreduce_check(world, me):
     exact = [
         sum(ts) / world for ts in zip(*[replica_gradients(shapes, ranks, 1, w) for w in range(world)], strict=True)
     ]
-    errors = {}
+    errors, cosines = {}, {}
     for rank in (1, 2, 4):
         mine = replica_gradients(shapes, ranks, 1, me)
         comp = compressor(["a", "b", "v"], rank)
         comp.sync(list(zip(["a", "b", "v"], mine, strict=True)))
         errors[rank] = max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(mine, exact, strict=True))
-    return errors
+        cosines[rank] = comp.take().cosine  # --powersgd_log_cosine's diagnostic on the same sync
+    return errors, cosines
 
 
 def error_feedback_check(world, me, error_feedback):
@@ -195,12 +196,12 @@ def pipeline_main(out: Path) -> None:
 def main(out: Path) -> None:
     launch(seed=42)
     world, me = dist.get_world_size(), dist.get_rank()
-    result = {"exact": exact_allreduce_check(world, me)}
+    result = dict(zip(("exact", "cosine"), exact_allreduce_check(world, me), strict=True))
     result["error_feedback"] = error_feedback_check(world, me, True)
     result["no_error_feedback"] = error_feedback_check(world, me, False)
     result["bucket_order"] = bucket_order_check(me)
     recipes.launch = lambda *args: None  # the process group exists: the runs below share it
-    result["train"], result["resumed"] = train_and_resume(out, ["-p", "ddp"], "ddp")
+    result["train"], result["resumed"] = train_and_resume(out, ["-p", "ddp", "--powersgd_log_cosine"], "ddp")
     # hybrid_parallel with pp = 1 wraps torch DDP too: the same hook (its resume is ddp's code path)
     result["hybrid"] = train_and_resume(out, ["-p", "hybrid_parallel"], "hybrid", resume=False)[0]
     (out / f"rank{me}.json").write_text(json.dumps(result, default=str))

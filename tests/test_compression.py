@@ -59,6 +59,10 @@ def test_rank_at_least_the_matrix_rank_reproduces_the_exact_all_reduce(job):
     errors = {int(r): e for r, e in job["rank0"]["exact"].items()}
     assert errors[2] < 1e-5 and errors[4] < 1e-5, errors
     assert errors[1] > 0.1, errors  # rank 1 cannot: the check sees a wrong result
+    # --powersgd_log_cosine's diagnostic on the same syncs: 1 where exact, clearly below where not
+    cosine = {int(r): c for r, c in job["rank0"]["cosine"].items()}
+    assert cosine[2] == pytest.approx(1, abs=1e-6) and cosine[4] == pytest.approx(1, abs=1e-6), cosine
+    assert cosine[1] < 0.99, cosine
 
 
 @pytest.mark.multiprocess
@@ -104,6 +108,9 @@ def test_bytes_counted_where_sent_match_the_shapes(job, plugin):
     assert set(uncompressed.values()) == {exact}
     ratio = read_scalars(tb, "comm/compression_ratio")
     assert ratio[5] == pytest.approx(exact / compressed) and ratio[1] == 1.0
+    if plugin == "ddp":  # trained with --powersgd_log_cosine: logged on compressed steps only
+        cosine = read_scalars(tb, "comm/cosine")
+        assert set(cosine) == {3, 4, 5} and all(0.05 < c < 1 for c in cosine.values()), cosine
     seconds = read_scalars(tb, "comm/compress_seconds")
     assert seconds[1] == 0.0 and all(seconds[s] > 0 for s in (3, 4, 5))
     # every rank sent the same (counted by each rank's own hook)
@@ -114,7 +121,7 @@ def test_bytes_counted_where_sent_match_the_shapes(job, plugin):
 @pytest.mark.multiprocess
 def test_changed_compression_flags_on_resume_are_refused(job):
     ckpt = job["out"] / "ckpt_ddp"
-    run = ["-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "-p", "ddp",
+    run = ["-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "-p", "ddp", "--powersgd_log_cosine",
            "--max_steps", "5", "-o", str(ckpt), "-f", str(ckpt / "step-3"), "-t", ""]  # fmt: skip
     compressed = ["--grad_compression", "powersgd", "--powersgd_warmup", "0"]
     before = sorted(ckpt.rglob("*"))
