@@ -8,7 +8,9 @@ and what it does to the loss. Same seed, data (the shipped sample) and schedule 
    and whose last steps compress, so both byte counts come from the same hook, counted where sent.
 2. Loss curves (`--config`, default tiny): uncompressed, PowerSGD rank R with error feedback, and
    without; the final loss is the mean of the last 20 steps.
-3. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
+3. Selective stage compression (`--bytes_config`, pp 2 x dp 2, 4 processes, --compress_stages 1): each
+   stage's bytes per step, from each rank's own counters.
+4. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
    (2 (W-1)/W of the payload per rank, no overlap with backward), at 10, 25 and 100 Gb/s.
 
 Writes OUT/results.json, OUT/table.md and the loss-curve PNG (--plot).
@@ -67,6 +69,52 @@ def measure_bytes(args: argparse.Namespace) -> dict:
         step_seconds_compressed=statistics.mean(seconds[s] for s in compressed),
         compute_seconds=statistics.mean(seconds[s] - scalar["wait_seconds"][s] for s in exact),
     )  # fmt: skip
+
+
+STAGE_FLAGS = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1", "-l", "128", "-b", "2", "--mbs", "1",
+               "--max_steps", "4", "-s", "0", "--grad_compression", "powersgd", "--powersgd_warmup", "0.5",
+               "-o", "", "-t", ""]  # fmt: skip
+
+
+def stage_probe(out: Path, config: str, rank: int) -> None:
+    """Under torchrun (4 processes): train `config` with pp 2 x dp 2 and --compress_stages 1, and write
+    each rank's pipeline stage and per-step byte counters to OUT/rank<R>.json."""
+    import torch.distributed as dist
+
+    import llama_recipe.recipes as recipes
+    from llama_recipe.cli import parse_args, validate
+
+    cfg = parse_args(
+        "pretrain",
+        ["-c", config, "--powersgd_rank", str(rank), "-d", str(REPO / "data" / "redpajama-sample"), *STAGE_FLAGS],
+    )
+    validate(cfg, 4)
+    layouts = []
+    build = recipes.build_parallelism
+    recipes.build_parallelism = lambda c: layouts.append(build(c)) or layouts[-1]  # to read this rank's stage
+    summary = recipes.pretrain(cfg)
+    stage = int(layouts[0].plugin.stage_manager.stage)
+    (out / f"rank{dist.get_rank()}.json").write_text(
+        json.dumps(dict(stage=stage, communication=summary["communication"]))
+    )
+
+
+def measure_stages(args: argparse.Namespace) -> dict:
+    """Selective stage compression on `--bytes_config`: each stage's bytes per step, exact and compressed."""
+    out = Path(args.out) / f"stages-{args.bytes_config}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "4", __file__,
+               "--stage_probe", str(out), "--bytes_config", args.bytes_config, "--rank", str(args.rank)]  # fmt: skip
+    print(" ".join(command[4:]), flush=True)
+    with open(out / "log.txt", "w") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    stages = {}
+    for r in range(4):
+        probe = json.loads((out / f"rank{r}.json").read_text())
+        steps = probe["communication"]
+        stages[probe["stage"]] = dict(bytes_exact=steps[0]["bytes_sent"], bytes_step_4=steps[-1]["bytes_sent"])
+    return dict(config=args.bytes_config, compress_stages=1, pp=2, dp=2, stages=stages)
 
 
 def time_model(m: dict, world: int = 2) -> list[dict]:
@@ -145,7 +193,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("-o", "--out", default="runs/compression")
     parser.add_argument("--plot", default="docs/compression_loss_curves.png")
+    parser.add_argument("--only", choices=["stages"], help="run one part only")
+    parser.add_argument("--stage_probe", help=argparse.SUPPRESS)  # (the 4-process run of measure_stages)
     args = parser.parse_args()
+    if args.stage_probe:
+        return stage_probe(Path(args.stage_probe), args.bytes_config, args.rank)
+    stages = measure_stages(args)
+    print(json.dumps(stages))
+    if args.only == "stages":
+        return
     measured = measure_bytes(args)
     rows = time_model(measured)
     curves = loss_curves(args)
@@ -156,7 +212,7 @@ def main() -> None:
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.md").write_text(text + "\n")
-    results = dict(bytes=measured, time_model=rows, final_losses=finals, curves=curves, args=vars(args))
+    results = dict(bytes=measured, stages=stages, time_model=rows, final_losses=finals, curves=curves, args=vars(args))
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 
 
