@@ -27,6 +27,7 @@ SYNTHETIC = "synthetic"  # `-d synthetic`: random tokens (benchmarks)
 
 SCRIPTS = ("pretrain", "finetune", "benchmark")
 TRAINING = ("pretrain", "finetune")
+COMPRESSING = ("pretrain", "finetune", "benchmark")  # the scripts that train (benchmark.py through pretrain's loop)
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -184,6 +185,7 @@ class CompressionConfig:
         "--grad_compression",
         help="compress data-parallel gradients: powersgd (low-rank, with error feedback; -p ddp, or hybrid_parallel "
         "with --zero_stage 0); none: exact all-reduce",
+        scripts=COMPRESSING,
     )
     powersgd_rank: int = flag(
         4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True
@@ -195,6 +197,7 @@ class CompressionConfig:
         minimum=0.0,
         below=1.0,
         advanced=True,
+        scripts=COMPRESSING,
     )
     compress_stages: int = flag(
         0,
@@ -203,6 +206,7 @@ class CompressionConfig:
         "is the all-reduce left exposed at the end of a step); 0: every stage",
         minimum=0,
         advanced=True,
+        scripts=COMPRESSING,
     )
     powersgd_log_cosine: bool = flag(
         False,
@@ -210,12 +214,14 @@ class CompressionConfig:
         help="PowerSGD: also all-reduce the exact gradients and log the cosine similarity of the applied (compressed) "
         "mean to the exact mean, as comm/cosine (a diagnostic: it costs the exact all-reduce again)",
         advanced=True,
+        scripts=COMPRESSING,
     )
     powersgd_no_error_feedback: bool = flag(
         False,
         "--powersgd_no_error_feedback",
         help="PowerSGD: drop what compression leaves out instead of adding it to the next step (for comparison)",
         advanced=True,
+        scripts=COMPRESSING,
     )
 
 
