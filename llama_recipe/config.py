@@ -188,8 +188,9 @@ class CompressionConfig:
         scripts=COMPRESSING,
     )
     powersgd_rank: int = flag(
-        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True
-    )
+        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True,
+        scripts=COMPRESSING,
+    )  # fmt: skip
     powersgd_warmup: float = flag(
         0.1,
         "--powersgd_warmup",
