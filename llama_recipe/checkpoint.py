@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
@@ -145,6 +146,8 @@ MUST_MATCH_ON_RESUME = {
                      "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
     "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "mixed_precision", "collage_reference_multiply"),
     "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
+    "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback",
+                            "compress_stages"),
 }  # fmt: skip
 MODEL_PARALLEL = ("plugin", "tp", "pp", "zero_stage")  # a layout that differs only in replicas keeps these
 
@@ -258,12 +261,16 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
             (tmp / "data").mkdir(parents=True)
             (tmp / "rng").mkdir()
+            if par.compressor is not None:
+                (tmp / "compression").mkdir()
         barrier()
         par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
         par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
         par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
         (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
         (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
+        if par.compressor is not None:  # each rank's own error buffers and warm-start factors
+            save_file(par.compressor.state_dict(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
         barrier()
         size = 0
         if is_main_process():
@@ -287,7 +294,7 @@ def save_checkpoint(
 
 def load_checkpoint(
     par: Parallelism, model, optimizer, lr_scheduler, path: str, layout: dict,
-    optimizer_too: bool = True, schedule_too: bool = True, data_too: bool = True,
+    optimizer_too: bool = True, schedule_too: bool = True, data_too: bool = True, compression_too: bool = True,
 ) -> tuple[dict, dict | None]:  # fmt: skip
     """Restore a checkpoint in place. Returns (running_states, this rank's data state or None).
 
@@ -312,6 +319,8 @@ def load_checkpoint(
             data_state = json.loads((p / "data" / f"rank-{rank() if same_layout else 0}.json").read_text())
         if same_layout:
             _set_rng_state(json.loads((p / "rng" / f"rank-{rank()}.json").read_text()))
+        if par.compressor is not None:
+            _load_compression(par.compressor, p, running_states["step"], same_layout, compression_too)
     except (
         Exception
     ) as e:  # a truncated shard, a wrong dtype, a missing rank file: all mean this checkpoint is unusable
@@ -320,6 +329,18 @@ def load_checkpoint(
             "it may be corrupt or from another layout: pass -f with another checkpoint"
         ) from None
     return running_states, data_state
+
+
+def _load_compression(compressor, path: Path, step: int, same_layout: bool, wanted: bool) -> None:
+    """This rank's compression state, when it was saved under this layout and flags; otherwise the
+    state restarts (no error buffers, new factors), and the run says why."""
+    file = path / "compression" / f"rank-{rank()}.safetensors"
+    if same_layout and wanted and file.is_file():
+        compressor.load_state_dict(load_file(str(file)))
+        return
+    compressor.restart(step)
+    why = "--reset_compression" if not wanted else "another layout" if not same_layout else "saved without compression"
+    print_main(f"gradient compression starts fresh at step {step} ({why}): no error buffers, new warm-start factors")
 
 
 def describe_layout(layout: dict) -> str:
@@ -430,6 +451,7 @@ class Checkpointer:
         states, data_state = load_checkpoint(
             self.par, model, optimizer, lr_scheduler, cfg.load, self.layout,
             optimizer_too=not cfg.reset_optimizer, schedule_too=not cfg.reset_schedule, data_too=not cfg.reset_data,
+            compression_too=not cfg.reset_compression,
         )  # fmt: skip
         state = TrainState(states["step"], states["consumed_samples"], states["consumed_tokens"])
         if cfg.reset_schedule:  # this run's schedule, continued from the checkpoint's step

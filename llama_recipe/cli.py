@@ -21,6 +21,7 @@ from .checkpoint import (
     resume_differences,
     run_layout,
 )
+from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TrainConfig, flag_of, range_problems
 from .data import mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
@@ -49,6 +50,7 @@ CHOICES = {
     "zero_stage": [0, 1, 2],
     "on_spike": ["log", "skip", "stop", "rollback"],
     "task": ["perplexity", "cloze"],
+    "grad_compression": GRAD_COMPRESSIONS,
 }
 _TYPES = {"int": int, "float": float, "str": str}
 
@@ -97,8 +99,9 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
     if problems:  # the checks below assume sane numbers (no division by --tp 0)
         raise UsageError("; ".join(problems))
     model_config = _collect(problems, _model_config, cfg)
-    if script != "eval":  # eval.py trains nothing: no plugin, no layout
+    if script != "eval":  # eval.py trains nothing: no plugin, no layout, no compression
         _collect(problems, check_layout, cfg, world_size)
+        problems += _compression_problems(cfg, model_config)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
     if cfg.checkpoint.load is not None:
@@ -170,6 +173,19 @@ def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
     if cfg.evaluation.eval_data:  # the held-out text, checked as -d is
         _collect(problems, source_for, replace(data, dataset=cfg.evaluation.eval_data, data_dir=None, data_config=None))
     return problems
+
+
+def _compression_problems(cfg: TrainConfig, model_config) -> list[str]:
+    """Tied embeddings in a pipeline are all-reduced between its first and last stages on their own,
+    which Optimus-CC fuses with the data-parallel sync (FE); we do not (LLaMA's are untied)."""
+    tied = model_config and getattr(model_config, "tie_word_embeddings", False)
+    if tied and cfg.compression.grad_compression != "none" and cfg.parallel.pp > 1:
+        return [
+            "--grad_compression with --pp > 1 and tie_word_embeddings in the model config: the tied embeddings' sync "
+            "between the first and last stages (Optimus-CC's fused embedding sync) is not implemented; untie them "
+            "or use --pp 1"
+        ]
+    return []
 
 
 def _writable_problem(path: str, flag: str, is_file: bool = False) -> str | None:

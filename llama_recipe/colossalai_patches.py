@@ -15,6 +15,8 @@ version only (`apply_patches` refuses another, in one line).
    Gemini cannot: its chunk manager uses the device strings "cpu"/"cuda" as placement states,
    which no small patch can untangle (the plugin registry refuses it with a clear message).
    On a GPU machine none of these apply and ColossalAI runs unmodified.
+3. Per model, with --grad_compression and --pp > 1 (`route_pipeline_dp_grad_sync`): the pipeline's
+   data-parallel gradient sync goes through our compressor instead of one all-reduce per parameter.
 """
 
 from __future__ import annotations
@@ -232,6 +234,24 @@ def _patch_cpu_adam_build() -> None:
     CpuAdamArmExtension.is_available = lambda self: True
     CpuAdamArmExtension.assert_compatible = lambda self: None
     _applied.append("CPU Adam extension builds from its portable C++ source")
+
+
+def route_pipeline_dp_grad_sync(model, sync) -> None:
+    """With --pp > 1 and no ZeRO, HybridParallelPlugin.execute_pipeline (0.5.0) syncs data-parallel
+    gradients by calling `model.sync_dp_grads()`, which all-reduces each parameter's gradient and
+    divides it by the data-parallel size: there is no DDP and no hook. Gradient compression
+    replaces that method on this boosted model object only (not the class) with `sync`, which must
+    leave each gradient the mean over the data-parallel group."""
+    import colossalai
+    from colossalai.booster.plugin.hybrid_parallel_plugin import HybridParallelModule
+
+    if colossalai.__version__ != PATCHED_FOR_VERSION or not callable(getattr(model, "sync_dp_grads", None)):
+        raise UsageError(
+            f"--grad_compression with --pp > 1 patches ColossalAI {PATCHED_FOR_VERSION}'s pipeline gradient sync, which "
+            f"this ColossalAI ({colossalai.__version__}) does not have; use --pp 1 or drop --grad_compression"
+        )
+    assert isinstance(model, HybridParallelModule), type(model)
+    model.sync_dp_grads = sync
 
 
 def apply_patches(cpu_only: bool) -> list[str]:

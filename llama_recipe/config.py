@@ -30,6 +30,7 @@ TRAINING = ("pretrain", "finetune")
 ALL_SCRIPTS = (*SCRIPTS, "eval")  # eval.py offers only the flags that name it
 # eval.py's default text: never trained on (tests/test_heldout.py)
 SHIPPED_HELD_OUT = REPO_ROOT / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
+COMPRESSING = ("pretrain", "finetune", "benchmark")  # the scripts that train (benchmark.py through pretrain's loop)
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -183,6 +184,56 @@ class ParallelConfig:
         minimum=0.0,
         per_script={"benchmark": {"names": ("-w", "--warmup_ratio", "--gemini_warmup_ratio")}},
         advanced=True,
+    )
+
+
+@dataclass
+class CompressionConfig:
+    """Gradient compression on the data-parallel sync (read by compression.py through parallel.py)."""
+
+    grad_compression: str = flag(
+        "none",
+        "--grad_compression",
+        help="compress data-parallel gradients: powersgd (low-rank, with error feedback; -p ddp, or hybrid_parallel "
+        "with --zero_stage 0); none: exact all-reduce",
+        scripts=COMPRESSING,
+    )
+    powersgd_rank: int = flag(
+        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True,
+        scripts=COMPRESSING,
+    )  # fmt: skip
+    powersgd_warmup: float = flag(
+        0.1,
+        "--powersgd_warmup",
+        help="PowerSGD: fraction of the steps all-reduced exactly first (at least 2 steps)",
+        minimum=0.0,
+        below=1.0,
+        advanced=True,
+        scripts=COMPRESSING,
+    )
+    compress_stages: int = flag(
+        0,
+        "--compress_stages",
+        help="with --pp > 1: compress only the first K pipeline stages' data-parallel gradients (in 1F1B theirs "
+        "is the all-reduce left exposed at the end of a step); 0: every stage",
+        minimum=0,
+        advanced=True,
+        scripts=COMPRESSING,
+    )
+    powersgd_log_cosine: bool = flag(
+        False,
+        "--powersgd_log_cosine",
+        help="PowerSGD: also all-reduce the exact gradients and log the cosine similarity of the applied (compressed) "
+        "mean to the exact mean, as comm/cosine (a diagnostic: it costs the exact all-reduce again)",
+        advanced=True,
+        scripts=COMPRESSING,
+    )
+    powersgd_no_error_feedback: bool = flag(
+        False,
+        "--powersgd_no_error_feedback",
+        help="PowerSGD: drop what compression leaves out instead of adding it to the next step (for comparison)",
+        advanced=True,
+        scripts=COMPRESSING,
     )
 
 
@@ -456,6 +507,13 @@ class CheckpointConfig:
         scripts=TRAINING,
         advanced=True,
     )
+    reset_compression: bool = flag(
+        False,
+        "--reset_compression",
+        help="resume with new --grad_compression/--powersgd_* flags; the compression state starts fresh",
+        scripts=TRAINING,
+        advanced=True,
+    )
     continue_on_save_error: bool = flag(
         False,
         "--continue_on_save_error",
@@ -536,6 +594,7 @@ class EvalConfig:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
+    "compression": CompressionConfig,
     "data": DataConfig,
     "optim": OptimConfig,
     "training": TrainingConfig,
@@ -551,6 +610,7 @@ class TrainConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)

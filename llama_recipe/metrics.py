@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .collage import edq_metrics
+from .compression import Communication
 from .config import TrainConfig
 from .distributed import is_main_process, print_main, sum_across_ranks, world_size
 from .parallel import Parallelism, unwrap_optimizer
@@ -241,6 +242,7 @@ class StepResult:
     bad: bool = False  # a non-finite loss or gradient norm: the update was skipped
     loss_z: float | None = None  # the loss's z-score against the recent good losses (None early on)
     spike_skipped: bool = False  # a loss spike whose update --on_spike skipped
+    communication: Communication | None = None  # --grad_compression: what this rank's gradient sync sent
 
 
 def _shares(tokens: dict[str, int]) -> str:
@@ -295,6 +297,13 @@ class RunMetrics:
             total = sum(result.slice_tokens.values()) or 1
             shares = {f"data/share_{name}": n / total for name, n in result.slice_tokens.items()}
             self.logger.log_scalars(step, {**{f"data/tokens_{k}": v for k, v in result.slice_tokens.items()}, **shares})
+        if result.communication and write:  # counted by the hook where it sends (this rank's; all send the same)
+            comm = result.communication
+            self.logger.log_scalars(step, {
+                "comm/dp_bytes_sent": comm.bytes_sent, "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
+                "comm/compression_ratio": comm.ratio, "comm/compress_seconds": comm.compress_seconds,
+                "comm/wait_seconds": comm.wait_seconds,
+            } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine}))  # fmt: skip
         if self.cfg.log_edq and write:  # one small all-reduce: the shards' sums
             edq = edq_metrics(sum_across_ranks(unwrap_optimizer(optimizer).metric_sums))
             self.logger.log_scalars(step, {f"optimizer/{name}": value for name, value in edq.items()})
@@ -326,7 +335,7 @@ class RunMetrics:
             peak_flops=self.peak_flops, peak_source=self.peak_source, losses=losses, peak_memory_mb=peak_memory_mb(),
             world_size=world_size(), dp_size=self.par.dp_size, precision=self.par.precision,
             optimizer=self.par.optimizer, checkpoint=checkpoint, tensorboard_dir=self.cfg.tensorboard_dir,
-            evals=self.evals, seq_len=self.seq_len, bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
+            evals=self.evals, seq_len=self.seq_len, communication=[vars(s.communication) for s in self.steps if s.communication], bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
         )  # fmt: skip
         if losses:
             last = [x for x in losses[-10:] if math.isfinite(x)] or losses[-1:]

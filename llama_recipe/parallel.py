@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .config import TrainConfig
-from .distributed import device
+from .colossalai_patches import route_pipeline_dp_grad_sync
+from .compression import Communication, CompressionSettings, PowerSGD
+from .config import CompressionConfig, TrainConfig
+from .distributed import device, print_main
 from .optim import OPTIMIZERS
 from .plugins import PluginSpec, check_layout, create_plugin, plugin_spec, resolve_optimizer, resolve_precision
 
@@ -35,6 +38,8 @@ class Parallelism:
     max_norm: float = 0.0  # --grad_clip: given to the plugin at build, used by `step` and in-place SGD
     dp_group: object | None = None  # None: the whole world
     pp_group: object | None = None  # None: no pipeline
+    compression: CompressionConfig | None = None  # --grad_compression powersgd (None: exact all-reduce)
+    compressor: PowerSGD | None = None  # its DDP communication hook, once the model is boosted
 
     @property
     def pipeline(self) -> bool:
@@ -70,12 +75,19 @@ class Parallelism:
             return LazyInitContext(default_device=device())
         return contextlib.nullcontext()
 
-    def boost(self, model: torch.nn.Module, optimizer, lr_scheduler):
-        """Wrap model, optimizer and schedule in the plugin's machinery."""
+    def boost(self, model: torch.nn.Module, optimizer, lr_scheduler, total_steps: int = 0, seed: int = 0):
+        """Wrap model, optimizer and schedule in the plugin's machinery (and, with --grad_compression,
+        register the compression hook on the DDP inside; `total_steps` sizes its warm-up)."""
         if self.fused_update:
             _keep_ddp_buckets_small(model)
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        if self.compression is not None:
+            self.compressor = _register_powersgd(self, model, total_steps, seed)
         return model, optimizer, lr_scheduler
+
+    def take_communication(self) -> Communication | None:
+        """What the gradient sync sent this step (with --grad_compression; None without)."""
+        return self.compressor.take() if self.compressor else None
 
     def forward_context(self):
         """bf16 autocast where the plugin leaves precision alone (ddp); the others cast the model themselves."""
@@ -160,7 +172,10 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
     pp_group = plugin.pp_group if spec.model_parallel and cfg.parallel.pp > 1 else None
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     max_norm = cfg.optim.grad_clip
-    return Parallelism(booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group)
+    compression = cfg.compression if cfg.compression.grad_compression != "none" else None
+    return Parallelism(
+        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group, compression
+    )
 
 
 def unwrap_optimizer(optimizer):
@@ -176,3 +191,38 @@ def _keep_ddp_buckets_small(model: torch.nn.Module) -> None:
     names = [name for name, _ in model.named_parameters()]
     smallest = min(model.named_parameters(), key=lambda item: item[1].numel())[0]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, [n for n in names if n != smallest])
+
+
+def _register_powersgd(par: Parallelism, model, total_steps: int, seed: int) -> PowerSGD:
+    """PowerSGD on the data-parallel gradients, registered before the first step: the communication
+    hook of the torch DDP inside the boosted model (TorchDDPPlugin's, or HybridParallelPlugin's with
+    pp = 1), or, with a pipeline, its data-parallel sync (a ColossalAI patch). plugins.py refuses
+    the rest. Its state is keyed by parameter name (see compression.py)."""
+    cfg = par.compression
+    warmup = max(2, math.ceil(cfg.powersgd_warmup * total_steps))
+    stage = par.plugin.stage_manager.stage if par.pipeline else 0
+    exact_stage = bool(cfg.compress_stages) and stage >= cfg.compress_stages  # --compress_stages: counted, exact
+    settings = CompressionSettings(
+        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed,
+        cfg.powersgd_log_cosine,
+    )  # fmt: skip
+    ddp = getattr(model, "module", None)
+    inner = ddp.module if isinstance(ddp, DistributedDataParallel) else model.module
+    params = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]
+    group = ddp.process_group if isinstance(ddp, DistributedDataParallel) else par.dp_group
+    compressor = PowerSGD(settings, {p.data_ptr(): name for name, p in params}, group)
+    if isinstance(ddp, DistributedDataParallel):
+        ddp.register_comm_hook(None, compressor.hook)
+    else:
+
+        def sync_dp_grads() -> None:  # what HybridParallelModule.sync_dp_grads does, through the compressor
+            if par.dp_size > 1:
+                compressor.sync_step([(name, p.grad) for name, p in params if p.grad is not None])
+
+        route_pipeline_dp_grad_sync(model, sync_dp_grads)
+    print_main(
+        f"PowerSGD rank {settings.rank} on the data-parallel gradients, error feedback "
+        f"{'on' if settings.error_feedback else 'off'}, after {warmup} exact steps"
+        + (f"; pipeline stages {cfg.compress_stages} and later stay exact" if cfg.compress_stages else "")
+    )
+    return compressor

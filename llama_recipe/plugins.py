@@ -26,6 +26,18 @@ def _no_extra_checks(cfg: TrainConfig, precision: str, world_size: int) -> None:
     pass
 
 
+def _compresses(cfg: TrainConfig) -> str | None:
+    return None
+
+
+def _zero_refuses_compression(name: str) -> Callable[[TrainConfig], str]:
+    return lambda cfg: (
+        f"--grad_compression compresses the gradient all-reduce of torch DDP, but -p {name} reduce-scatters flat "
+        "ZeRO buckets (each rank keeps a shard, so there is no matrix to factor); use -p ddp, or -p hybrid_parallel "
+        "with --zero_stage 0"
+    )
+
+
 @dataclass(frozen=True)
 class PluginSpec:
     name: str
@@ -44,6 +56,8 @@ class PluginSpec:
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
     check: Callable[[TrainConfig, str, int], None] = _no_extra_checks  # its own layout rules
+    # why it cannot take --grad_compression (None: it can); its gradients must be synced by a torch DDP
+    compression_refusal: Callable[[TrainConfig], str | None] = _zero_refuses_compression("this plugin")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +198,12 @@ def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) ->
             raise UsageError("pipeline parallelism supports --zero_stage 0 or 1, not 2")
 
 
+def _hybrid_compression_refusal(cfg: TrainConfig) -> str | None:
+    if cfg.parallel.zero_stage > 0:
+        return _zero_refuses_compression(f"hybrid_parallel --zero_stage {cfg.parallel.zero_stage}")(cfg)
+    return None
+
+
 def _check_ddp(cfg: TrainConfig, precision: str, world_size: int) -> None:
     if _fp16_through_booster(cfg, precision) and not has_cuda():
         raise UsageError(
@@ -213,6 +233,7 @@ PLUGINS: dict[str, PluginSpec] = {
             'ZeRO-3-like chunked sharding, all on GPU (`GeminiPlugin(placement_policy="static")`)',
             _gemini("static"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini"),
+            compression_refusal=_zero_refuses_compression("gemini"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -220,6 +241,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "Gemini with automatic CPU/GPU placement",
             _gemini("auto"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini_auto"),
+            compression_refusal=_zero_refuses_compression("gemini_auto"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -227,12 +249,14 @@ PLUGINS: dict[str, PluginSpec] = {
             "ZeRO-2: optimizer state and gradients sharded (`LowLevelZeroPlugin(stage=2)`)",
             _zero2(cpu_offload=False),
             syncs_every_micro_step=True,
+            compression_refusal=_zero_refuses_compression("zero2"),
         ),
         PluginSpec(
             "zero2_cpu",
             "ZeRO-2 with the optimizer state offloaded to CPU",
             _zero2(cpu_offload=True),
             syncs_every_micro_step=True,
+            compression_refusal=_zero_refuses_compression("zero2_cpu"),
         ),
         PluginSpec(
             "hybrid_parallel",
@@ -242,6 +266,7 @@ PLUGINS: dict[str, PluginSpec] = {
             lazy_init=True,
             document_attention=False,
             check=_check_hybrid_parallel,
+            compression_refusal=_hybrid_compression_refusal,
         ),
         PluginSpec(
             "ddp",
@@ -251,6 +276,7 @@ PLUGINS: dict[str, PluginSpec] = {
             autocast_bf16=True,
             whole_gradients=True,
             check=_check_ddp,
+            compression_refusal=_compresses,
         ),
         PluginSpec(
             "none",
@@ -262,6 +288,7 @@ PLUGINS: dict[str, PluginSpec] = {
             uses_booster=False,
             offered=False,
             check=_check_plain_torch,
+            compression_refusal=lambda cfg: "-p none is the plain-PyTorch baseline; --grad_compression needs -p ddp",
         ),
     ]
 }
@@ -315,6 +342,11 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"{optimizer} keeps fp32 optimizer states; with -x pure_bf16 use --optimizer adamw or collage_*"
             )
     if facts.fused_update:
+        if cfg.compression.grad_compression != "none":
+            raise UsageError(
+                f"--optimizer {optimizer} all-reduces each gradient itself inside the backward pass, outside DDP's "
+                "communication hook; drop --grad_compression or use --optimizer adamw"
+            )
         if not spec.whole_gradients:
             raise UsageError(
                 f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
@@ -351,3 +383,18 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
         model_parallel = [n for n in PLUGIN_NAMES if PLUGINS[n].model_parallel]
         raise UsageError(f"--tp/--pp need -p {' or '.join(model_parallel)} (got -p {spec.name})")
     spec.check(cfg, precision, world_size)
+    _check_compression(cfg, spec)
+
+
+def _check_compression(cfg: TrainConfig, spec: PluginSpec) -> None:
+    comp, pp = cfg.compression, cfg.parallel.pp
+    refusal = comp.grad_compression != "none" and spec.compression_refusal(cfg)
+    if refusal:
+        raise UsageError(refusal)
+    if comp.compress_stages and comp.grad_compression == "none":
+        raise UsageError("--compress_stages selects which pipeline stages compress; add --grad_compression powersgd")
+    if comp.compress_stages and not (spec.model_parallel and comp.compress_stages <= pp and pp > 1):
+        raise UsageError(
+            f"--compress_stages {comp.compress_stages} needs a pipeline of at least that many stages "
+            f"(-p hybrid_parallel --pp > 1, got --pp {pp}); lower it or drop it"
+        )

@@ -146,7 +146,10 @@ def train_step(
     )
     slices = mixture_tokens(batches) if cfg.data.data_mix else None
     tokens = round(tokens_mean * par.dp_size)
-    return StepResult(loss, tokens, grad_norm, lr, elapsed, parts, overflow, slices, bad, loss_z, spike_skip)
+    communication = par.take_communication()  # --grad_compression: what this step's gradient sync sent
+    return StepResult(
+        loss, tokens, grad_norm, lr, elapsed, parts, overflow, slices, bad, loss_z, spike_skip, communication
+    )
 
 
 class StepGuard:
@@ -226,7 +229,8 @@ def build_boosted(
         fp16_loss_scaling=par.precision == "fp16", process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,
         reference_multiply=opt.collage_reference_multiply, monitor=cfg.logging.log_edq,
     )  # fmt: skip
-    return par.boost(model, optimizer, build_lr_scheduler(optimizer, warmup_steps, total_steps))
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
+    return par.boost(model, optimizer, lr_scheduler, total_steps, cfg.training.seed)
 
 
 def announce(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> str:

@@ -108,6 +108,43 @@ CASES = {
     "running_states_missing_keys": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "running_states_wrong_types": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "latest_names_a_path_elsewhere": (["-f", "latest"], {}, ["latest", "not a step-<N> checkpoint beside it"]),
+    # gradient compression: only where a torch DDP syncs whole gradients
+    "powersgd_with_zero2": (["--grad_compression", "powersgd"], {}, ["--grad_compression", "zero2", "ZeRO", "-p ddp"]),
+    "powersgd_with_hybrid_zero": (
+        ["-p", "hybrid_parallel", "-x", "bf16", "--zero_stage", "1", "--grad_compression", "powersgd"],
+        {},
+        ["--grad_compression", "--zero_stage 1", "--zero_stage 0"],
+    ),
+    "compress_stages_without_pipeline": (
+        ["-p", "ddp", "--grad_compression", "powersgd", "--compress_stages", "1"],
+        {},
+        ["--compress_stages 1", "--pp > 1", "--pp 1"],
+    ),
+    "compress_stages_above_pp": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd", "--compress_stages", "3"],
+        {"WORLD_SIZE": "2"},
+        ["--compress_stages 3", "--pp 2"],
+    ),
+    "powersgd_pipeline_tied_embeddings": (
+        ["-c", "{tmp}/config.json", "-p", "hybrid_parallel", "--pp", "2", "--grad_compression", "powersgd"],
+        {"WORLD_SIZE": "2"},
+        ["tie_word_embeddings", "--pp 1", "fused embedding"],
+    ),
+    "compress_stages_without_compression": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1"],
+        {"WORLD_SIZE": "2"},
+        ["--compress_stages", "--grad_compression powersgd"],
+    ),
+    "powersgd_rank_zero": (
+        ["-p", "ddp", "--grad_compression", "powersgd", "--powersgd_rank", "0"],
+        {},
+        ["--powersgd_rank", "at least 1", "got 0"],
+    ),
+    "powersgd_with_inplace_sgd": (
+        ["-p", "ddp", "--optimizer", "inplace_sgd", "--grad_compression", "powersgd"],
+        {},
+        ["inplace_sgd", "--grad_compression", "adamw"],
+    ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.
@@ -151,6 +188,7 @@ SETUP = {
     "export_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
     "config_not_an_object": lambda tmp: (tmp / "config.json").write_text("[1, 2]"),
     "config_wrong_type": lambda tmp: _model_config(tmp, hidden_size="64"),
+    "powersgd_pipeline_tied_embeddings": lambda tmp: _model_config(tmp, tie_word_embeddings=True),
     "config_heads_do_not_divide": lambda tmp: _model_config(tmp, num_attention_heads=5, num_key_value_heads=5),
     "config_negative_layers": lambda tmp: _model_config(tmp, num_hidden_layers=-2),
     "config_kv_heads_do_not_divide": lambda tmp: _model_config(tmp, num_key_value_heads=3),

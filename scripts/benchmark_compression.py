@@ -1,0 +1,220 @@
+"""Measure PowerSGD on data-parallel gradients (-p ddp, 2 processes): what it sends, what it costs,
+and what it does to the loss. Same seed, data (the shipped sample) and schedule in every run.
+
+    python scripts/benchmark_compression.py                 # bytes on `small`, loss curves on `tiny` (300 steps)
+    python scripts/benchmark_compression.py --steps 100 -o runs/compression-quick
+
+1. Bytes and compute (`--bytes_config`, default small): one run whose first steps all-reduce exactly
+   and whose last steps compress, so both byte counts come from the same hook, counted where sent.
+2. Loss curves (`--config`, default tiny): uncompressed, PowerSGD rank R with error feedback, and
+   without; the final loss is the mean of the last 20 steps.
+3. Selective stage compression (`--bytes_config`, pp 2 x dp 2, 4 processes, --compress_stages 1): each
+   stage's bytes per step, from each rank's own counters.
+4. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
+   (2 (W-1)/W of the payload per rank, no overlap with backward), at 10, 25 and 100 Gb/s.
+
+Writes OUT/results.json, OUT/table.md and the loss-curve PNG (--plot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from llama_recipe.metrics import read_scalars
+
+REPO = Path(__file__).resolve().parent.parent
+LINKS_GBPS = (10, 25, 100)
+TAIL = 20
+VARIANTS = {  # label: pretrain.py flags
+    "uncompressed": [],
+    "PowerSGD + error feedback": ["--grad_compression", "powersgd"],
+    "PowerSGD, no error feedback": ["--grad_compression", "powersgd", "--powersgd_no_error_feedback"],
+}
+
+
+def pretrain(out: Path, flags: list[str], threads: int) -> Path:
+    """Run pretrain.py on 2 processes; returns its TensorBoard directory."""
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "pretrain.py",
+               "-p", "ddp", "-d", str(REPO / "data" / "redpajama-sample"), "-i", "0", "-o", str(out / "checkpoints"),
+               "-t", str(out / "tensorboard"), *flags]  # fmt: skip
+    print(" ".join(command[4:]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "w") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return out / "tensorboard"
+
+
+def measure_bytes(args: argparse.Namespace) -> dict:
+    """Steps 1-3 exact, 4-6 compressed (warm-up 0.5 of 6 steps); the first step of each is left out of times."""
+    flags = ["-c", args.bytes_config, "-l", str(args.max_length), "-b", "1", "--max_steps", "6", "-s", "0",
+             "--grad_compression", "powersgd", "--powersgd_rank", str(args.rank), "--powersgd_warmup", "0.5"]  # fmt: skip
+    tb = pretrain(Path(args.out) / f"bytes-{args.bytes_config}", flags, args.threads)
+    scalar = {tag: read_scalars(tb, f"comm/{tag}") for tag in ("dp_bytes_sent", "compress_seconds", "wait_seconds")}
+    tokens_per_s = read_scalars(tb, "train/tokens_per_s")
+    seconds = {s: 2 * args.max_length / tokens_per_s[s] for s in tokens_per_s}  # 2 replicas x 1 row
+    exact, compressed = (2, 3), (5, 6)
+    mean = lambda tag, steps: statistics.mean(scalar[tag][s] for s in steps)  # noqa: E731
+    return dict(
+        config=args.bytes_config, rank=args.rank, seq_len=args.max_length,
+        bytes_exact=int(scalar["dp_bytes_sent"][1]), bytes_compressed=int(scalar["dp_bytes_sent"][6]),
+        compress_seconds=mean("compress_seconds", compressed),
+        step_seconds_exact=statistics.mean(seconds[s] for s in exact),
+        step_seconds_compressed=statistics.mean(seconds[s] for s in compressed),
+        compute_seconds=statistics.mean(seconds[s] - scalar["wait_seconds"][s] for s in exact),
+    )  # fmt: skip
+
+
+STAGE_FLAGS = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1", "-l", "128", "-b", "2", "--mbs", "1",
+               "--max_steps", "4", "-s", "0", "--grad_compression", "powersgd", "--powersgd_warmup", "0.5",
+               "-o", "", "-t", ""]  # fmt: skip
+
+
+def stage_probe(out: Path, config: str, rank: int) -> None:
+    """Under torchrun (4 processes): train `config` with pp 2 x dp 2 and --compress_stages 1, and write
+    each rank's pipeline stage and per-step byte counters to OUT/rank<R>.json."""
+    import torch.distributed as dist
+
+    import llama_recipe.recipes as recipes
+    from llama_recipe.cli import parse_args, validate
+
+    cfg = parse_args(
+        "pretrain",
+        ["-c", config, "--powersgd_rank", str(rank), "-d", str(REPO / "data" / "redpajama-sample"), *STAGE_FLAGS],
+    )
+    validate(cfg, 4)
+    layouts = []
+    build = recipes.build_parallelism
+    recipes.build_parallelism = lambda c: layouts.append(build(c)) or layouts[-1]  # to read this rank's stage
+    summary = recipes.pretrain(cfg)
+    stage = int(layouts[0].plugin.stage_manager.stage)
+    (out / f"rank{dist.get_rank()}.json").write_text(
+        json.dumps(dict(stage=stage, communication=summary["communication"]))
+    )
+
+
+def measure_stages(args: argparse.Namespace) -> dict:
+    """Selective stage compression on `--bytes_config`: each stage's bytes per step, exact and compressed."""
+    out = Path(args.out) / f"stages-{args.bytes_config}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "4", __file__,
+               "--stage_probe", str(out), "--bytes_config", args.bytes_config, "--rank", str(args.rank)]  # fmt: skip
+    print(" ".join(command[4:]), flush=True)
+    with open(out / "log.txt", "w") as log:
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    stages = {}
+    for r in range(4):
+        probe = json.loads((out / f"rank{r}.json").read_text())
+        steps = probe["communication"]
+        stages[probe["stage"]] = dict(bytes_exact=steps[0]["bytes_sent"], bytes_step_4=steps[-1]["bytes_sent"])
+    return dict(config=args.bytes_config, compress_stages=1, pp=2, dp=2, stages=stages)
+
+
+def time_model(m: dict, world: int = 2) -> list[dict]:
+    """Step time at each link speed: compute + (compression) + ring all-reduce bytes / bandwidth."""
+    wire = 2 * (world - 1) / world
+    rows = []
+    for gbps in LINKS_GBPS:
+        bandwidth = gbps * 1e9 / 8
+        exact = m["compute_seconds"] + wire * m["bytes_exact"] / bandwidth
+        compressed = m["compute_seconds"] + m["compress_seconds"] + wire * m["bytes_compressed"] / bandwidth
+        rows.append(dict(gbps=gbps, exact_s=exact, compressed_s=compressed, speedup=exact / compressed))
+    saved = wire * (m["bytes_exact"] - m["bytes_compressed"])
+    m["break_even_gbps"] = saved / m["compress_seconds"] * 8 / 1e9  # below this link speed compression wins
+    return rows
+
+
+def loss_curves(args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    common = ["-c", args.config, "-l", str(args.max_length), "-b", str(args.batch_size), "--lr", str(args.lr),
+              "-s", str(args.warmup_steps), "--max_steps", str(args.steps), "--powersgd_rank", str(args.rank),
+              "--powersgd_warmup", str(args.powersgd_warmup), "--seed", str(args.seed)]  # fmt: skip
+    curves = {}
+    for label, flags in VARIANTS.items():
+        out = Path(args.out) / label.replace(" ", "_").replace(",", "").replace("+", "plus")
+        curves[label] = read_scalars(pretrain(out, [*common, *flags], args.threads))
+    return curves
+
+
+def plot(curves: dict[str, dict[int, float]], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, losses in curves.items():
+        steps = sorted(losses)
+        smooth = [statistics.mean(losses[t] for t in steps[max(0, i - 9) : i + 1]) for i in range(len(steps))]
+        ax.plot(steps, smooth, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean of the last 10 steps)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(m: dict, rows: list[dict], finals: dict[str, float]) -> str:
+    base = finals["uncompressed"]
+    lines = ["| run | final loss (mean of last 20) | gap to uncompressed |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.4f} | {100 * (v - base) / base:+.2f}% |" for k, v in finals.items()]
+    lines += ["", f"`{m['config']}`, rank {m['rank']}: {m['bytes_exact']:,} bytes per step uncompressed, "
+              f"{m['bytes_compressed']:,} compressed (ratio {m['bytes_exact'] / m['bytes_compressed']:.1f}x); "
+              f"compression {m['compress_seconds'] * 1e3:.1f} ms per step; compute {m['compute_seconds']:.3f} s "
+              f"per step; break-even link {m['break_even_gbps']:.1f} Gb/s", "",
+              "| link | step, exact all-reduce | step, PowerSGD | speedup |", "|---|---|---|---|"]  # fmt: skip
+    lines += [
+        f"| {r['gbps']} Gb/s | {r['exact_s']:.3f} s | {r['compressed_s']:.3f} s | {r['speedup']:.2f}x |" for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default="tiny", help="model of the loss curves")
+    parser.add_argument("--bytes_config", default="small", help="model of the byte and compute measurement")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("-l", "--max_length", type=int, default=128)
+    parser.add_argument("-b", "--batch_size", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup_steps", type=int, default=30)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--powersgd_warmup", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
+    parser.add_argument("-o", "--out", default="runs/compression")
+    parser.add_argument("--plot", default="docs/compression_loss_curves.png")
+    parser.add_argument("--only", choices=["stages"], help="run one part only")
+    parser.add_argument("--stage_probe", help=argparse.SUPPRESS)  # (the 4-process run of measure_stages)
+    args = parser.parse_args()
+    if args.stage_probe:
+        return stage_probe(Path(args.stage_probe), args.bytes_config, args.rank)
+    stages = measure_stages(args)
+    print(json.dumps(stages))
+    if args.only == "stages":
+        return
+    measured = measure_bytes(args)
+    rows = time_model(measured)
+    curves = loss_curves(args)
+    finals = {k: statistics.mean(v[s] for s in sorted(v)[-TAIL:]) for k, v in curves.items()}
+    plot(curves, args.plot, f"{args.config}, -p ddp x2, -l {args.max_length} -b {args.batch_size}, rank {args.rank}, "
+         f"{args.powersgd_warmup:g} of {args.steps} steps exact first")  # fmt: skip
+    text = table(measured, rows, finals)
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "table.md").write_text(text + "\n")
+    results = dict(bytes=measured, stages=stages, time_model=rows, final_losses=finals, curves=curves, args=vars(args))
+    (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
