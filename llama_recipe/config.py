@@ -117,6 +117,12 @@ class ModelConfig:
     flash_attention: bool = flag(
         False, "-a", "--flash_attention", "--xformers", help="flash-attn 2 where installed on a CUDA device"
     )
+    unfused_loss: bool = flag(
+        False,
+        "--unfused_loss",
+        help="compute the full logits, then the loss (default: output layer and loss chunked, where the plugin allows)",
+        advanced=True,
+    )
     document_attention: bool = flag(
         False,
         "--document_attention",

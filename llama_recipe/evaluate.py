@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from .distributed import device
-from .instruct import IGNORE_INDEX
+from .loss import IGNORE_INDEX
 from .parallel import Parallelism
 
 

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .loss import IGNORE_INDEX
 from .sources import resolve_local_files
-
-IGNORE_INDEX = -100  # the label transformers' loss skips
 
 
 def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:

@@ -40,6 +40,7 @@ class PluginSpec:
     whole_gradients: bool = False  # every rank holds whole gradients (what an update inside backward needs)
     syncs_every_micro_step: bool = False  # reduces gradients on every micro-step by design (no no_sync)
     document_attention: bool = True  # takes our 4-D document attention masks
+    chunked_loss: bool = True  # its forward is transformers' own, so the chunked loss (loss.py) can replace it
     uses_booster: bool = True  # False: the plugin object itself stands in for ColossalAI's Booster
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
@@ -204,7 +205,8 @@ def _gemini_refuses_pure_bf16(name: str) -> str:
     )
 
 
-_GEMINI = dict(gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, check=_check_gemini)
+# Gemini: chunked loss off until it has run on a GPU (Gemini gathers each weight through hooks on its use).
+_GEMINI = dict(gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, chunked_loss=False, check=_check_gemini)
 PLUGINS: dict[str, PluginSpec] = {
     spec.name: spec
     for spec in [
@@ -241,6 +243,7 @@ PLUGINS: dict[str, PluginSpec] = {
             model_parallel=True,
             lazy_init=True,
             document_attention=False,
+            chunked_loss=False,  # shardformer's forward: a vocabulary-parallel lm_head and its own cross-entropy
             check=_check_hybrid_parallel,
         ),
         PluginSpec(

@@ -217,7 +217,8 @@ def build_boosted(
     torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
     with par.model_init_context():
         # par.weight_dtype: no fp32 master copy may exist, so the weights themselves are 16-bit
-        model = build_model(model_config, attn_implementation, par.weight_dtype)
+        chunked_loss = par.spec.chunked_loss and not cfg.model.unfused_loss
+        model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss)
     if cfg.model.grad_checkpoint:
         model.gradient_checkpointing_enable()
     opt = cfg.optim
