@@ -15,6 +15,11 @@ version only (`apply_patches` refuses another, in one line).
    Gemini cannot: its chunk manager uses the device strings "cpu"/"cuda" as placement states,
    which no small patch can untangle (the plugin registry refuses it with a clear message).
    On a GPU machine none of these apply and ColossalAI runs unmodified.
+3. Only while a checkpoint is saved with --async_save (`deferred_state_dict_writes`): every
+   state-dict file ColossalAI's checkpoint code writes is copied to host memory instead, and
+   written later, by ColossalAI's own `save_state_dict`, from our background writer
+   (checkpoint.BackgroundSave). Its own asynchronous path (`use_async`) needs the tensornvme
+   package and pinned memory, which CPU-only machines and most clusters lack.
 """
 
 from __future__ import annotations
@@ -232,6 +237,40 @@ def _patch_cpu_adam_build() -> None:
     CpuAdamArmExtension.is_available = lambda self: True
     CpuAdamArmExtension.assert_compatible = lambda self: None
     _applied.append("CPU Adam extension builds from its portable C++ source")
+
+
+# the colossalai 0.5.0 modules that write state-dict files through checkpoint_io.utils.save_state_dict
+_MODULES_THAT_WRITE = [
+    "colossalai.checkpoint_io.utils",
+    "colossalai.checkpoint_io.general_checkpoint_io",
+    "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+    "colossalai.booster.plugin.low_level_zero_plugin",
+]
+
+
+@contextlib.contextmanager
+def deferred_state_dict_writes(deferred: list):
+    """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
+    is appended to `deferred` as (write, host-memory copy, path, use_safetensors) instead; call
+    `write(copy, path, use_safetensors)` later. Everything collective (ZeRO's gathers, pipeline
+    barriers) and the small files (indexes, config, param groups) still happen at once. The copy
+    is taken because training goes on changing the tensors in place."""
+    from colossalai.checkpoint_io import utils
+
+    write = utils.save_state_dict
+
+    def defer(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
+        snapshot = utils.tree_map(lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else x, state_dict)
+        deferred.append((write, snapshot, checkpoint_file_path, use_safetensors))
+
+    modules = [importlib.import_module(name) for name in _MODULES_THAT_WRITE]
+    for module in modules:
+        module.save_state_dict = defer
+    try:
+        yield deferred
+    finally:
+        for module in modules:
+            module.save_state_dict = write
 
 
 def apply_patches(cpu_only: bool) -> list[str]:

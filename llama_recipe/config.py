@@ -424,6 +424,13 @@ class CheckpointConfig:
         scripts=TRAINING,
         advanced=True,
     )
+    async_save: bool = flag(
+        False,
+        "--async_save",
+        help="write checkpoints in a background thread: training stalls only to copy the state to host memory",
+        scripts=TRAINING,
+        advanced=True,
+    )
     continue_on_save_error: bool = flag(
         False,
         "--continue_on_save_error",
