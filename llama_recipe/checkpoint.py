@@ -38,7 +38,7 @@ from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .files import move_into_place
-from .parallel import Parallelism
+from .parallel import Parallelism, unwrap_optimizer
 from .plugins import plugin_spec
 
 RUNNING_STATES = "running_states.json"
@@ -243,11 +243,21 @@ def _prune(save_dir: str, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _live_storages(model, optimizer) -> set[int]:
+    """The storages training changes in place: the weights and buffers, and every optimizer state
+    (inside the booster's wrapper too), by their data pointers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for state in unwrap_optimizer(optimizer).state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
 def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, data_state: dict,
                   deferred: list | None = None) -> None:  # fmt: skip
     """Every rank's part of a checkpoint, through the booster (collective). With `deferred`, the
     model and optimizer shards are only copied to host memory, into that list (--async_save)."""
-    with deferred_state_dict_writes(deferred) if deferred is not None else contextlib.nullcontext():
+    live = _live_storages(model, optimizer) if deferred is not None else set()
+    with deferred_state_dict_writes(deferred, live) if deferred is not None else contextlib.nullcontext():
         par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
         par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
     par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))

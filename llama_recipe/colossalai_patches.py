@@ -249,19 +249,25 @@ _MODULES_THAT_WRITE = [
 
 
 @contextlib.contextmanager
-def deferred_state_dict_writes(deferred: list):
+def deferred_state_dict_writes(deferred: list, live_storages: set[int]):
     """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
-    is appended to `deferred` as (write, host-memory copy, path, use_safetensors) instead; call
-    `write(copy, path, use_safetensors)` later. Everything collective (ZeRO's gathers, pipeline
-    barriers) and the small files (indexes, config, param groups) still happen at once. The copy
-    is taken because training goes on changing the tensors in place."""
+    is appended to `deferred` as (write, host-memory snapshot, path, use_safetensors) instead; call
+    `write(snapshot, path, use_safetensors)` later. Everything collective (ZeRO's gathers, pipeline
+    barriers) and the small files (indexes, config, param groups) still happen at once.
+
+    A tensor is copied into the snapshot when training will go on changing it: when it is on a
+    device, or shares storage with one of `live_storages` (the weights' and optimizer states'
+    `untyped_storage().data_ptr()`). ZeRO's gathered optimizer states are fresh host tensors already."""
     from colossalai.checkpoint_io import utils
 
     write = utils.save_state_dict
 
+    def snapshot(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to("cpu", copy=x.untyped_storage().data_ptr() in live_storages)
+
     def defer(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
-        snapshot = utils.tree_map(lambda x: x.detach().to("cpu", copy=True) if torch.is_tensor(x) else x, state_dict)
-        deferred.append((write, snapshot, checkpoint_file_path, use_safetensors))
+        copied = utils.tree_map(lambda x: snapshot(x) if torch.is_tensor(x) else x, state_dict)
+        deferred.append((write, copied, checkpoint_file_path, use_safetensors))
 
     modules = [importlib.import_module(name) for name in _MODULES_THAT_WRITE]
     for module in modules:

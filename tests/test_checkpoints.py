@@ -4,6 +4,7 @@ loading across layouts, a non-finite loss, and one-line errors for bad checkpoin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -222,8 +223,11 @@ def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path
 
 @pytest.mark.multiprocess
 def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs):
+    """With --async_save and a checkpoint every 2 steps, so SIGTERM often finds a background write in
+    flight: the run waits for it (and saves its last step if that one was not due), so `latest` is the
+    step it stopped at, complete, with no temporary debris."""
     save_dir, tb = tmp_path / "ckpt", tmp_path / "tb"
-    common = [*TINY_RUN, "-p", "zero2", "-i", "0", "-o", str(save_dir)]
+    common = [*TINY_RUN, "-p", "zero2", "-i", "2", "--async_save", "--keep_last", "2", "-o", str(save_dir)]
     job = launch("pretrain.py", [*common, "--max_steps", "500", "-t", str(tb)], nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     deadline = time.time() + 240
@@ -242,6 +246,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs
     checkpoint = latest_checkpoint(save_dir)
     step = json.loads((checkpoint / "running_states.json").read_text())["step"]
     assert 3 <= step < 500 and checkpoint.name == f"step-{step}"
+    assert re.search(rf"SIGTERM received: stopping at the end of step {step}\b", log), log[-3000:]
+    assert not list(save_dir.glob(".step-*.tmp"))
     resume = ["--max_steps", str(step + 1), "--reset_schedule", "-f", "latest", "-t", str(tmp_path / "tb2")]
     resumed = launch("pretrain.py", [*common, *resume], nproc=2)
     check_ok(resumed)
