@@ -117,6 +117,12 @@ class ModelConfig:
     flash_attention: bool = flag(
         False, "-a", "--flash_attention", "--xformers", help="flash-attn 2 where installed on a CUDA device"
     )
+    compile: bool = flag(
+        False,
+        "--compile",
+        help="torch.compile each decoder layer (the first step compiles; its time is reported apart)",
+        advanced=True,
+    )
     unfused_loss: bool = flag(
         False,
         "--unfused_loss",

@@ -137,6 +137,15 @@ def build_model(
     return use_chunked_loss(model) if chunked_loss else model
 
 
+def compile_decoder_layers(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """torch.compile each decoder layer in place, as torchtitan does: the layers share one compiled
+    graph (compiled once, on the first step), the rest of the model stays eager, and the weights keep
+    their names (no `_orig_mod.` prefix), so checkpoints are unchanged."""
+    for layer in model.model.layers:
+        layer.compile()
+    return model
+
+
 def count_parameters(config: LlamaConfig) -> int:
     """Exact parameter count of `LlamaForCausalLM(config)`, without building it."""
     h, layers, v, ffn = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size

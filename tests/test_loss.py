@@ -69,7 +69,7 @@ def test_the_model_trains_with_it_as_with_the_plain_loss(tmp_path):
     chunked = build_model(config, chunked_loss=True)
     plain = build_model(config)
     plain.load_state_dict(chunked.state_dict())
-    ids = torch.randint(0, config.vocab_size, (2, 1100))  # 2200 tokens: three chunks of CHUNK_TOKENS
+    ids = torch.randint(0, config.vocab_size, (2, 600))  # 1200 tokens: a whole chunk of CHUNK_TOKENS and a part
     labels = ids.clone()
     labels[0, :300] = IGNORE_INDEX
     outputs = [model(input_ids=ids, labels=labels) for model in (plain, chunked)]
