@@ -43,7 +43,7 @@ def report(summary: dict, cfg: TrainConfig) -> dict:
         tflops_per_device=tokens_per_s * flops / world / 1e12, mfu=mfu, peak_tflops=peak / 1e12,
         peak_source=summary["peak_source"], peak_memory_mb=summary["peak_memory_mb"],
         step_parts_s={k: v / len(seconds) for k, v in parts.items()}, outside_model_fraction=outside,
-        losses=summary["losses"],
+        losses=summary["losses"], compile_seconds=summary["compile_seconds"],
     )  # fmt: skip
     split = ", ".join(f"{k.replace('_', '+')} {v:.3f}s" for k, v in row["step_parts_s"].items())
     print(

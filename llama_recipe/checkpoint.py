@@ -17,11 +17,14 @@ folder into place once every rank has finished, then points `latest` at it.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import random
 import shutil
 import socket
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -31,14 +34,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .colossalai_patches import deferred_state_dict_writes
 from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .files import move_into_place
-from .parallel import Parallelism
+from .parallel import Parallelism, unwrap_optimizer
 from .plugins import plugin_spec
 
 RUNNING_STATES = "running_states.json"
+DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
 LATEST = "latest"
 LOCK = ".lock"  # save_dir/.lock: the host and pid of the run writing there
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
@@ -241,6 +246,63 @@ def _prune(save_dir: str, keep_last: int) -> list[Path]:
     return doomed
 
 
+def _live_storages(model, optimizer) -> set[int]:
+    """The storages training changes in place: the weights and buffers, and every optimizer state
+    (inside the booster's wrapper too), by their data pointers."""
+    tensors = [*model.parameters(), *model.buffers()]
+    for state in unwrap_optimizer(optimizer).state.values():
+        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, data_state: dict,
+                  deferred: list | None = None) -> None:  # fmt: skip
+    """Every rank's part of a checkpoint, through the booster (collective). With `deferred`, the
+    model and optimizer shards are only copied to host memory, into that list (--async_save)."""
+    live = _live_storages(model, optimizer) if deferred is not None else set()
+    with deferred_state_dict_writes(deferred, live) if deferred is not None else contextlib.nullcontext():
+        par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
+        par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
+    (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
+    (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
+    if par.compressor is not None:  # each rank's own error buffers and warm-start factors (small: written now)
+        save_file(par.compressor.state_dict(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
+
+
+def _complete(tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int) -> int:
+    """Rank 0, once every rank's files are in `tmp`: the last files, the rename, `latest`, pruning.
+    Returns the checkpoint's bytes."""
+    if tokenizer is not None:  # makes model/ a complete Hugging Face model directory
+        tokenizer.save_pretrained(tmp / "model")
+    running_states = dict(running_states, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
+    size = _directory_bytes(tmp)
+    move_into_place(tmp, final)  # re-saving the same step replaces it
+    _write_latest(str(final.parent), final.name)
+    _prune(str(final.parent), keep_last)
+    return size
+
+
+def _temporary_dir(final: Path, par: Parallelism) -> Path:
+    """Rank 0 makes the empty `.step-<N>.tmp` every rank writes into (all ranks wait for it)."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
+        for part in ("data", "rng", DONE, *(["compression"] if par.compressor is not None else [])):
+            (tmp / part).mkdir(parents=True)
+    barrier()
+    return tmp
+
+
+def _save_failed(final: Path, tmp: Path, error: OSError) -> CheckpointError:
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+    return CheckpointError(
+        f"saving {final} failed ({error.strerror or error}); the previous checkpoints in {final.parent} are intact"
+    )
+
+
 def save_checkpoint(
     par: Parallelism,
     model,
@@ -257,39 +319,64 @@ def save_checkpoint(
     final = checkpoint_path(save_dir, running_states["step"])
     tmp = final.with_name(f".{final.name}.tmp")
     try:
-        if is_main_process():
-            shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
-            (tmp / "data").mkdir(parents=True)
-            (tmp / "rng").mkdir()
-            if par.compressor is not None:
-                (tmp / "compression").mkdir()
-        barrier()
-        par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
-        par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
-        par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
-        (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
-        (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
-        if par.compressor is not None:  # each rank's own error buffers and warm-start factors
-            save_file(par.compressor.state_dict(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
+        tmp = _temporary_dir(final, par)
+        _write_states(par, model, optimizer, lr_scheduler, tmp, data_state)
         barrier()
         size = 0
         if is_main_process():
-            if tokenizer is not None:  # makes model/ a complete Hugging Face model directory
-                tokenizer.save_pretrained(tmp / "model")
-            running_states = dict(running_states, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
-            size = _directory_bytes(tmp)
-            move_into_place(tmp, final)  # re-saving the same step replaces it
-            _write_latest(save_dir, final.name)
-            _prune(save_dir, keep_last)
+            shutil.rmtree(tmp / DONE)  # only background saves use the done-markers
+            size = _complete(tmp, final, running_states, tokenizer, keep_last)
         barrier()
     except OSError as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
-        if is_main_process():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"saving {final} failed ({e.strerror or e}); the previous checkpoints in {save_dir} are intact"
-        ) from None
+        raise _save_failed(final, tmp, e) from None
     return final, time.perf_counter() - started, size
+
+
+class BackgroundSave:
+    """--async_save: one checkpoint written by a background thread after the loop's short stall.
+
+    The stall (`start`, every rank, collective): the booster's save with every model and optimizer
+    shard copied to host memory instead of written, plus the small files. Then each rank's thread
+    writes its shards and a done-marker (`.done/rank-<R>`); rank 0's thread waits for every rank's
+    marker (ranks agree through the files, as a thread must not run collectives beside training)
+    and completes the checkpoint exactly as a synchronous save does: `running_states.json`, the
+    rename into place, then `latest`. A crash or kill -9 before that leaves the previous checkpoint
+    the latest one. `wait` (every rank) joins the thread.
+    """
+
+    def __init__(self, final: Path, tmp: Path, deferred: list, finish, timeout: float):
+        self.final, self.tmp, self.deferred, self.finish, self.timeout = final, tmp, deferred, finish, timeout
+        self.started, self.size, self.seconds, self.error = time.perf_counter(), 0, 0.0, None
+        self.thread = threading.Thread(target=self._run, name=f"save {final.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for write, snapshot, path, use_safetensors in self.deferred:
+                write(snapshot, path, use_safetensors)  # ColossalAI's own writer, on the host-memory copy
+            self.deferred = []  # the copies can go
+            (self.tmp / DONE / f"rank-{rank()}").write_text("")
+            if self.finish is not None:  # rank 0
+                self._wait_for_every_rank()
+                shutil.rmtree(self.tmp / DONE)
+                self.size = self.finish()
+        except Exception as e:  # reported by `wait`; the previous checkpoints stay untouched
+            self.error = e
+            if self.finish is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        self.seconds = time.perf_counter() - self.started
+
+    def _wait_for_every_rank(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while len(list((self.tmp / DONE).iterdir())) < world_size():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not every rank finished writing within {self.timeout:g} s")
+            time.sleep(0.01)
+
+    def wait(self) -> bool:
+        """Join the writer; whether every rank's save succeeded (a collective: every rank calls it)."""
+        self.thread.join()
+        return not any_rank(self.error is not None)
 
 
 def load_checkpoint(
@@ -348,6 +435,24 @@ def describe_layout(layout: dict) -> str:
     if layout.get("tp", 1) > 1 or layout.get("pp", 1) > 1:
         parts.append(f"tp {layout['tp']} pp {layout['pp']}")
     return ", ".join(parts)
+
+
+def start_background_save(
+    par: Parallelism, model, optimizer, lr_scheduler, save_dir: str, running_states: dict, data_state: dict,
+    tokenizer=None, keep_last: int = 0, timeout: float = 1800.0,
+) -> BackgroundSave:  # fmt: skip
+    """save_checkpoint's work, but returning once the state is copied to host memory (every rank)."""
+    final = checkpoint_path(save_dir, running_states["step"])
+    tmp, deferred = final.with_name(f".{final.name}.tmp"), []
+    try:
+        tmp = _temporary_dir(final, par)
+        _write_states(par, model, optimizer, lr_scheduler, tmp, data_state, deferred)
+    except OSError as e:
+        raise _save_failed(final, tmp, e) from None
+    finish = None
+    if is_main_process():
+        finish = functools.partial(_complete, tmp, final, running_states, tokenizer, keep_last)
+    return BackgroundSave(final, tmp, deferred, finish, timeout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +541,10 @@ class Checkpointer:
         self.tokenizer = tokenizer  # saved into model/, which makes it a complete Hugging Face directory
         self.run_config = cfg.to_dict()
         self.layout = run_layout(cfg, world_size())
-        self.last: str | None = None  # the newest checkpoint this run wrote
+        self.last: str | None = None  # the newest checkpoint this run completed
         self.last_size = 0  # its bytes: what the next save will need again
+        self.pending: BackgroundSave | None = None  # --async_save: the checkpoint being written
+        self.write_timeout = cfg.parallel.dist_timeout  # how long rank 0's writer waits for the other ranks' files
 
     def resume(self, model, optimizer, lr_scheduler, batches, initial_weights: str | None = None) -> TrainState:
         """Restore `-f`'s checkpoint (all of it, less what --reset_* leaves out; under another layout
@@ -490,6 +597,7 @@ class Checkpointer:
     def roll_back(self, state: TrainState, model, optimizer, lr_scheduler) -> TrainState:
         """--on_spike rollback: the last good checkpoint's weights, optimizer and schedule again; the
         data reads on, so the batches since that checkpoint (the spike's among them) are skipped."""
+        self.finish_background()
         states, _ = load_checkpoint(self.par, model, optimizer, lr_scheduler, self.last, self.layout, data_too=False)
         print_main(
             f"rolled back to {self.last} (step {states['step']}): the batches of steps {states['step'] + 1}-{state.step} "
@@ -500,16 +608,20 @@ class Checkpointer:
     def maybe_save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
         """Save every --save_interval steps."""
         if self.cfg.save_interval > 0 and state.step % self.cfg.save_interval == 0:
-            self.save(state, model, optimizer, lr_scheduler, batches)
+            self.save(state, model, optimizer, lr_scheduler, batches, background=self.cfg.async_save)
 
     def save_final(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
-        """The end of a run is always saved (unless this step already was)."""
+        """The end of a run is always saved (unless this step already was), and a save still being
+        written in the background is waited for (so SIGTERM and the end of a run leave it complete)."""
+        self.finish_background()
         if self.last is None or Path(self.last).name != checkpoint_path("", state.step).name:
             self.save(state, model, optimizer, lr_scheduler, batches)
 
-    def save(self, state: TrainState, model, optimizer, lr_scheduler, batches) -> None:
+    def save(self, state: TrainState, model, optimizer, lr_scheduler, batches, background: bool = False) -> None:
+        """Save now; with `background`, stall only to copy the state to host memory (BackgroundSave)."""
         if not self.cfg.save_dir:
             return
+        self.finish_background()  # a second save waits for the first
         if any_rank(not all(bool(torch.isfinite(p).all()) for p in model.parameters())):  # this rank's shards
             raise TrainingDiverged(
                 f"the weights are not finite at step {state.step}, so they were not saved; resume from the last "
@@ -522,6 +634,17 @@ class Checkpointer:
         )  # fmt: skip
         try:
             self._check_room(model)
+            if background:
+                started = time.perf_counter()
+                self.pending = start_background_save(
+                    self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict(),
+                    self.tokenizer, self.cfg.keep_last, self.write_timeout,
+                )  # fmt: skip
+                print_main(
+                    f"checkpoint {self.pending.final}: training stalled {time.perf_counter() - started:.2f}s to copy it "
+                    "to host memory; it is being written in the background"
+                )
+                return
             path, seconds, size = save_checkpoint(
                 self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict(),
                 self.tokenizer, self.cfg.keep_last,
@@ -533,6 +656,25 @@ class Checkpointer:
             return
         print_main(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
         self.last, self.last_size = str(path), size
+
+    def finish_background(self) -> None:
+        """Wait for the checkpoint being written in the background, if any (every rank calls it)."""
+        if self.pending is None:
+            return
+        pending, self.pending = self.pending, None
+        if pending.wait():
+            size = f" ({pending.size / 2**20:,.1f} MB)" if pending.size else ""
+            print_main(f"saved checkpoint {pending.final}{size} in {pending.seconds:.1f}s, in the background")
+            self.last, self.last_size = str(pending.final), pending.size
+            return
+        reason = f"{type(pending.error).__name__}: {pending.error}" if pending.error else "on another rank"
+        error = CheckpointError(
+            f"saving {pending.final} in the background failed ({reason}); the previous checkpoints in "
+            f"{self.cfg.save_dir} are intact"
+        )
+        if not self.cfg.continue_on_save_error:
+            raise error
+        print_main(f"warning: {error}; training on (--continue_on_save_error), the next save will try again")
 
     def _check_room(self, model) -> None:
         """Refuse a save the disk cannot hold before any rank writes a byte, all ranks agreeing (a

@@ -17,6 +17,11 @@ version only (`apply_patches` refuses another, in one line).
    On a GPU machine none of these apply and ColossalAI runs unmodified.
 3. Per model, with --grad_compression and --pp > 1 (`route_pipeline_dp_grad_sync`): the pipeline's
    data-parallel gradient sync goes through our compressor instead of one all-reduce per parameter.
+4. Only while a checkpoint is saved with --async_save (`deferred_state_dict_writes`): every
+   state-dict file ColossalAI's checkpoint code writes is copied to host memory instead, and
+   written later, by ColossalAI's own `save_state_dict`, from our background writer
+   (checkpoint.BackgroundSave). Its own asynchronous path (`use_async`) needs the tensornvme
+   package and pinned memory, which CPU-only machines and most clusters lack.
 """
 
 from __future__ import annotations
@@ -252,6 +257,46 @@ def route_pipeline_dp_grad_sync(model, sync) -> None:
         )
     assert isinstance(model, HybridParallelModule), type(model)
     model.sync_dp_grads = sync
+
+
+# the colossalai 0.5.0 modules that write state-dict files through checkpoint_io.utils.save_state_dict
+_MODULES_THAT_WRITE = [
+    "colossalai.checkpoint_io.utils",
+    "colossalai.checkpoint_io.general_checkpoint_io",
+    "colossalai.checkpoint_io.hybrid_parallel_checkpoint_io",
+    "colossalai.booster.plugin.low_level_zero_plugin",
+]
+
+
+@contextlib.contextmanager
+def deferred_state_dict_writes(deferred: list, live_storages: set[int]):
+    """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
+    is appended to `deferred` as (write, host-memory snapshot, path, use_safetensors) instead; call
+    `write(snapshot, path, use_safetensors)` later. Everything collective (ZeRO's gathers, pipeline
+    barriers) and the small files (indexes, config, param groups) still happen at once.
+
+    A tensor is copied into the snapshot when training will go on changing it: when it is on a
+    device, or shares storage with one of `live_storages` (the weights' and optimizer states'
+    `untyped_storage().data_ptr()`). ZeRO's gathered optimizer states are fresh host tensors already."""
+    from colossalai.checkpoint_io import utils
+
+    write = utils.save_state_dict
+
+    def snapshot(x: torch.Tensor) -> torch.Tensor:
+        return x.detach().to("cpu", copy=x.untyped_storage().data_ptr() in live_storages)
+
+    def defer(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
+        copied = utils.tree_map(lambda x: snapshot(x) if torch.is_tensor(x) else x, state_dict)
+        deferred.append((write, copied, checkpoint_file_path, use_safetensors))
+
+    modules = [importlib.import_module(name) for name in _MODULES_THAT_WRITE]
+    for module in modules:
+        module.save_state_dict = defer
+    try:
+        yield deferred
+    finally:
+        for module in modules:
+            module.save_state_dict = write
 
 
 def apply_patches(cpu_only: bool) -> list[str]:

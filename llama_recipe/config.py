@@ -128,6 +128,18 @@ class ModelConfig:
     flash_attention: bool = flag(
         False, "-a", "--flash_attention", "--xformers", help="flash-attn 2 where installed on a CUDA device"
     )
+    compile: bool = flag(
+        False,
+        "--compile",
+        help="torch.compile each decoder layer (the first step compiles; its time is reported apart)",
+        advanced=True,
+    )
+    unfused_loss: bool = flag(
+        False,
+        "--unfused_loss",
+        help="compute the full logits, then the loss (default: output layer and loss chunked, where the plugin allows)",
+        advanced=True,
+    )
     document_attention: bool = flag(
         False,
         "--document_attention",
@@ -511,6 +523,13 @@ class CheckpointConfig:
         False,
         "--reset_compression",
         help="resume with new --grad_compression/--powersgd_* flags; the compression state starts fresh",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    async_save: bool = flag(
+        False,
+        "--async_save",
+        help="write checkpoints in a background thread: training stalls only to copy the state to host memory",
         scripts=TRAINING,
         advanced=True,
     )

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .config import DataConfig
 from .distributed import device, is_main_process, rank, sum_across_ranks, world_size
 from .errors import UsageError
-from .instruct import IGNORE_INDEX
+from .loss import IGNORE_INDEX
 from .parallel import Parallelism
 from .prepared import prepared_documents
 from .sources import dataset_kind, load_text_stream, source_for

@@ -16,10 +16,9 @@ import torch
 
 from .errors import UsageError
 from .generation import Generator, Sampling
+from .loss import IGNORE_INDEX
 from .model import load_pretrained_model
 from .sources import resolve_local_files
-
-IGNORE_INDEX = -100  # the label transformers' loss skips
 
 
 def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import resource
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,7 @@ class RunMetrics:
         desc: str,
     ):
         self.cfg, self.par, self.total_steps, self.seq_len = cfg.logging, par, total_steps, seq_len
+        self.compiled = cfg.model.compile  # the first step then compiles: its extra time is reported apart
         self.flops_per_token = training_flops_per_token(model_config, seq_len)
         self.peak_flops, self.peak_source = peak_flops_per_device(cfg.logging.peak_tflops)
         print_main(f"MFU against {self.peak_flops / 1e12:,.3f} TFLOP/s per device ({self.peak_source}); {MFU_FORMULA}")
@@ -327,6 +329,10 @@ class RunMetrics:
         # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
         timed = self.steps[1:] if len(self.steps) > 1 else self.steps
         tokens_per_s = sum(s.tokens for s in timed) / sum(s.seconds for s in timed) if timed else None
+        compile_seconds = None
+        if self.compiled and len(self.steps) > 1:  # the first step's time beyond a compiled step's
+            compile_seconds = self.steps[0].seconds - statistics.median(s.seconds for s in timed)
+            print_main(f"torch.compile: about {compile_seconds:.1f}s of the first step was compiling (not in tokens/s)")
         summary = dict(
             steps=step, steps_this_run=len(losses), first_loss=losses[0] if losses else None,
             final_loss=losses[-1] if losses else None, tokens_per_s=tokens_per_s,
@@ -335,7 +341,7 @@ class RunMetrics:
             peak_flops=self.peak_flops, peak_source=self.peak_source, losses=losses, peak_memory_mb=peak_memory_mb(),
             world_size=world_size(), dp_size=self.par.dp_size, precision=self.par.precision,
             optimizer=self.par.optimizer, checkpoint=checkpoint, tensorboard_dir=self.cfg.tensorboard_dir,
-            evals=self.evals, seq_len=self.seq_len, communication=[vars(s.communication) for s in self.steps if s.communication], bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
+            evals=self.evals, seq_len=self.seq_len, communication=[vars(s.communication) for s in self.steps if s.communication], compile_seconds=compile_seconds, bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
         )  # fmt: skip
         if losses:
             last = [x for x in losses[-10:] if math.isfinite(x)] or losses[-1:]

@@ -14,6 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .errors import UsageError
+from .loss import use_chunked_loss
 
 LLAMA_VOCAB_SIZE = 32000
 
@@ -116,9 +117,11 @@ def check_model_fields(fields, path: str) -> None:
 
 
 def build_model(
-    config: LlamaConfig, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None
+    config: LlamaConfig, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None, chunked_loss: bool = False
 ) -> LlamaForCausalLM:
     """A randomly initialised LLaMA. Call under a fixed seed so every rank builds the same weights.
+
+    `chunked_loss`: given labels, it computes the loss chunk by chunk without the full logits (loss.py).
 
     `dtype` builds the weights directly in that dtype, so no fp32 copy ever exists (and lazy
     initialisation, which ignores a later `.to()`, gets it too). The values equal building in fp32
@@ -128,9 +131,19 @@ def build_model(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or previous)
     try:
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    return use_chunked_loss(model) if chunked_loss else model
+
+
+def compile_decoder_layers(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """torch.compile each decoder layer in place, as torchtitan does: the layers share one compiled
+    graph (compiled once, on the first step), the rest of the model stays eager, and the weights keep
+    their names (no `_orig_mod.` prefix), so checkpoints are unchanged."""
+    for layer in model.model.layers:
+        layer.compile()
+    return model
 
 
 def count_parameters(config: LlamaConfig) -> int:

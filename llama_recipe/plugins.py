@@ -52,6 +52,8 @@ class PluginSpec:
     whole_gradients: bool = False  # every rank holds whole gradients (what an update inside backward needs)
     syncs_every_micro_step: bool = False  # reduces gradients on every micro-step by design (no no_sync)
     document_attention: bool = True  # takes our 4-D document attention masks
+    chunked_loss: bool = True  # its forward is transformers' own, so the chunked loss (loss.py) can replace it
+    compile_refusal: str | None = None  # why it cannot train --compile (None: it can)
     uses_booster: bool = True  # False: the plugin object itself stands in for ColossalAI's Booster
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
@@ -224,7 +226,12 @@ def _gemini_refuses_pure_bf16(name: str) -> str:
     )
 
 
-_GEMINI = dict(gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, check=_check_gemini)
+# Gemini: chunked loss off until it has run on a GPU (Gemini gathers each weight through hooks on its use).
+_GEMINI = dict(
+    gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, chunked_loss=False, check=_check_gemini,
+    compile_refusal="--compile is not available with -p gemini/gemini_auto (Gemini fetches each weight through "
+    "parameter hooks that torch.compile does not trace); drop --compile, or use -p zero2 or ddp",
+)  # fmt: skip
 PLUGINS: dict[str, PluginSpec] = {
     spec.name: spec
     for spec in [
@@ -265,6 +272,10 @@ PLUGINS: dict[str, PluginSpec] = {
             model_parallel=True,
             lazy_init=True,
             document_attention=False,
+            chunked_loss=False,  # shardformer's forward: a vocabulary-parallel lm_head and its own cross-entropy
+            compile_refusal="--compile is not available with -p hybrid_parallel (shardformer replaces the layers' "
+            "forward with ColossalAI's, whose tensor/pipeline collectives are not verified under torch.compile); "
+            "drop --compile, or use -p zero2 or ddp",
             check=_check_hybrid_parallel,
             compression_refusal=_hybrid_compression_refusal,
         ),
@@ -379,6 +390,8 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
             f"--document_attention (and --pack_examples) is not available with -p {spec.name} (shardformer builds "
             f"its own attention masks); drop it, or use {', '.join(n for n in PLUGIN_NAMES if PLUGINS[n].document_attention)}"
         )
+    if cfg.model.compile and spec.compile_refusal:
+        raise UsageError(spec.compile_refusal)
     if not spec.model_parallel and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         model_parallel = [n for n in PLUGIN_NAMES if PLUGINS[n].model_parallel]
         raise UsageError(f"--tp/--pp need -p {' or '.join(model_parallel)} (got -p {spec.name})")

@@ -26,7 +26,7 @@ from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
 from .metrics import RunMetrics, StepResult, reset_peak_memory
-from .model import build_model, count_parameters
+from .model import build_model, compile_decoder_layers, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import Parallelism, unwrap_optimizer
 
@@ -220,9 +220,12 @@ def build_boosted(
     torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
     with par.model_init_context():
         # par.weight_dtype: no fp32 master copy may exist, so the weights themselves are 16-bit
-        model = build_model(model_config, attn_implementation, par.weight_dtype)
+        chunked_loss = par.spec.chunked_loss and not cfg.model.unfused_loss
+        model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss)
     if cfg.model.grad_checkpoint:
         model.gradient_checkpointing_enable()
+    if cfg.model.compile:
+        compile_decoder_layers(model)
     opt = cfg.optim
     optimizer = build_optimizer(
         par.optimizer, model, opt.lr, opt.weight_decay, beta2=opt.beta2, max_norm=par.max_norm,

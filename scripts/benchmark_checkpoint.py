@@ -5,7 +5,8 @@
 The checkpoint (model, optimizer, scheduler, data position, RNG, running states) is saved through
 the booster exactly as training saves it; the baseline is every rank's `torch.save` of the model
 and optimizer state dicts it holds, to the same disk. Both are repeated, interleaved, and the
-medians compared. With one process both write exactly the same state.
+medians compared. With one process both write exactly the same state. The same checkpoint is also
+saved as --async_save does: the stall (until training could go on) and the whole write are timed.
 """
 
 import argparse
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from llama_recipe.checkpoint import save_checkpoint
+from llama_recipe.checkpoint import save_checkpoint, start_background_save
 from llama_recipe.config import TrainConfig
 from llama_recipe.data import SyntheticBatches
 from llama_recipe.distributed import barrier, device, is_main_process, launch, rank
@@ -47,11 +48,17 @@ def main() -> None:
     optimizer.zero_grad()
 
     root = Path(args.dir)
-    booster_s, plain_s = [], []
+    booster_s, plain_s, stall_s, background_s = [], [], [], []
     for i in range(args.repeats):  # interleaved, so both see the same machine noise
         states = dict(step=i + 1, epoch=0, consumed_samples=0, consumed_tokens=0, layout={}, config=cfg.to_dict())
         _, seconds, size = save_checkpoint(par, model, optimizer, scheduler, str(root / "booster"), states, {"n": 0})
         booster_s.append(seconds)
+        barrier()
+        started = time.perf_counter()
+        pending = start_background_save(par, model, optimizer, scheduler, str(root / "async"), states, {"n": 0})
+        stall_s.append(time.perf_counter() - started)
+        pending.wait()
+        background_s.append(time.perf_counter() - started)
         barrier()
         started = time.perf_counter()
         plain = root / f"plain-rank{rank()}.pt"
@@ -64,6 +71,11 @@ def main() -> None:
         print(
             f"{args.plugin} {args.config} x{torch.distributed.get_world_size()}, {args.repeats} repeats: booster checkpoint {b:.3f}s ({size / 2**20:.1f} MB), "
             f"torch.save {t:.3f}s ({plain_size / 2**20:.1f} MB per rank); ratio {b / t:.2f}x"
+        )
+        stall, whole = statistics.median(stall_s), statistics.median(background_s)
+        print(
+            f"  --async_save: training stalls {stall:.3f}s ({stall / b:.0%} of the synchronous save), "
+            f"the background write completes after {whole:.3f}s"
         )
     barrier()
     if is_main_process():

@@ -84,6 +84,19 @@ done
 results_table "$RESULTS_COLLAGE"
 endsection
 
+section "1b, zero2, bf16: default (chunked loss), --unfused_loss, --compile (rows in that order); async checkpoint stall"
+RESULTS_SPEED=$(mktemp -d)/speed.jsonl
+for variant in "" "--unfused_loss" "--compile"; do
+  # shellcheck disable=SC2086
+  $TORCHRUN benchmark.py -c 1b -p zero2 -x bf16 -a -l 2048 -b 4 -s 12 -i 3 $variant --results "$RESULTS_SPEED" \
+    >/dev/null 2>&1 || echo "1b zero2 $variant: FAILED" >>"$REPORT"
+done
+results_table "$RESULTS_SPEED"
+$PYTHON -c "import json, sys; print('compile seconds:', [json.loads(l)['compile_seconds'] for l in open(sys.argv[1])])" \
+  "$RESULTS_SPEED" >>"$REPORT"
+$TORCHRUN scripts/benchmark_checkpoint.py -c small -p zero2 --repeats 3 2>/dev/null | tail -2 >>"$REPORT"
+endsection
+
 section "Collage vs fp32 AdamW loss curves, small model, beta2 0.999 (scripts/compare_collage.py)"
 $PYTHON scripts/compare_collage.py -c small -l 512 -b 8 --steps 400 --jobs 1 -o runs/collage-gpu 2>&1 | tail -8 >>"$REPORT"
 endsection

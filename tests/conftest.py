@@ -231,7 +231,7 @@ def expect_one_line_error(proc, *keywords: str, code: int = 2) -> str:
 # The plugin matrix: each layout trains once per session, shared by the tests that need it.
 
 LAYOUTS = {
-    "ddp": ["-p", "ddp"],
+    "ddp": ["-p", "ddp", "--unfused_loss"],  # the plain loss; zero2 (the chunked one) must give its losses
     "zero2": ["-p", "zero2"],
     "zero2_cpu": ["-p", "zero2_cpu"],
     "tp2": ["-p", "hybrid_parallel", "--tp", "2"],

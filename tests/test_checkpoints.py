@@ -4,6 +4,7 @@ loading across layouts, a non-finite loss, and one-line errors for bad checkpoin
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -132,10 +133,101 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
     assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
 
 
+def bit_identical(x, y) -> bool:
+    """Nested states equal: tensors bit for bit (dtype and shape too), everything else by ==."""
+    if isinstance(x, torch.Tensor):
+        return isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)
+    if isinstance(x, dict):
+        return isinstance(y, dict) and x.keys() == y.keys() and all(bit_identical(x[k], y[k]) for k in x)
+    if isinstance(x, list | tuple):
+        return type(x) is type(y) and len(x) == len(y) and all(map(bit_identical, x, y))
+    return x == y
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every file of checkpoint `b` is in `a` with the same contents: tensors equal bit for bit, the
+    same data positions and RNG states, the same step and counters (the run's own config aside)."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    for name in files:
+        if name.suffix in (".safetensors", ".bin", ".pt"):
+            read = load_file if name.suffix == ".safetensors" else lambda path: torch.load(path, weights_only=True)
+            assert bit_identical(read(a / name), read(b / name)), a / name
+        elif name.name == "running_states.json":
+            x, y = (json.loads((c / name).read_text()) for c in (a, b))
+            for states in (x, y):
+                del states["config"], states["saved_at"]  # the flags differ (--async_save), and the clock
+            assert x == y
+        else:
+            assert (a / name).read_bytes() == (b / name).read_bytes(), a / name
+
+
+@pytest.mark.multiprocess
+def test_async_save_writes_what_a_synchronous_save_writes_and_resumes_the_same(zero2_run, tmp_path):
+    """--async_save with zero2 on 2 processes, a checkpoint every step, the newest 4 kept: the same
+    losses bit for bit as conftest's synchronous zero2 run, the same checkpoints (every tensor, data
+    position and RNG state), no temporary debris; and a resume from its step 3 reproduces the
+    uninterrupted run's losses bit for bit."""
+    save_dir, sync_dir = tmp_path / "ckpt", zero2_run / "ckpt"
+    common = [*TINY_RUN, "-p", "zero2", "--max_steps", str(STEPS), "--async_save", "-o", str(save_dir)]
+    run = launch("pretrain.py", [*common, "-i", "1", "--keep_last", "4", "-t", str(tmp_path / "tb")], nproc=2)
+    check_ok(run)
+    assert "it is being written in the background" in run.stdout
+    sync_losses = read_scalars(zero2_run / "tb")
+    assert read_scalars(tmp_path / "tb") == sync_losses
+    assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-3", "step-4", "step-5", "step-6"]
+    assert (save_dir / "latest").read_text().strip() == f"step-{STEPS}"
+    for step in range(3, STEPS):  # (the synchronous step-6 is the one its resumed run wrote again)
+        assert_same_checkpoint(save_dir / f"step-{step}", sync_dir / f"step-{step}")
+
+    resume = ["-i", "2", "-f", str(save_dir / "step-3"), "-t", str(tmp_path / "tb_resumed")]
+    resumed = launch("pretrain.py", [*common, *resume], nproc=2)
+    check_ok(resumed)
+    assert read_scalars(tmp_path / "tb_resumed") == {step: sync_losses[step] for step in range(4, STEPS + 1)}
+
+
+@pytest.mark.multiprocess
+def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path, background_jobs):
+    """kill -9 of the whole job after a checkpoint's stall (every rank's small files are there, training
+    went on) and before its completion: `latest` names the previous checkpoint, and the run resumes."""
+    save_dir = tmp_path / "ckpt"
+    common = [*TINY_RUN, "-p", "zero2", "-i", "1", "--async_save", "-o", str(save_dir), "-t", ""]
+    job = launch("pretrain.py", [*common, "--max_steps", "40"], nproc=2, log=tmp_path / "log.txt")
+    background_jobs.append(job)
+    caught, deadline = None, time.time() + 240
+    while caught is None and time.time() < deadline and job.poll() is None:
+        for tmp in save_dir.glob(".step-*.tmp") if save_dir.is_dir() else []:
+            snapshot_done = all((tmp / "rng" / f"rank-{r}.json").is_file() for r in (0, 1))
+            if int(tmp.name[6:-4]) >= 3 and snapshot_done and not (tmp / "running_states.json").exists():
+                signal_job(job, signal.SIGKILL)
+                caught = tmp
+                break
+        time.sleep(0.001)
+    job.wait(timeout=60)
+    assert caught is not None, "never caught a background write:\n" + (tmp_path / "log.txt").read_text()[-3000:]
+    killed_step = int(caught.name[6:-4])
+
+    latest = latest_checkpoint(save_dir)
+    step = json.loads((latest / "running_states.json").read_text())["step"]
+    assert step in (killed_step - 1, killed_step)  # it may just have completed; never a partial one
+    assert not (save_dir / f"step-{killed_step}").exists() or step == killed_step
+    resume = ["--max_steps", str(killed_step + 1), "-f", "latest", "--reset_schedule"]
+    resumed = launch("pretrain.py", [*common, *resume], nproc=2)
+    check_ok(resumed)
+    assert f"resumed from {latest} at step {step}" in resumed.stdout
+    assert not list(save_dir.glob(".step-*.tmp"))
+    assert (save_dir / "latest").read_text().strip() == f"step-{killed_step + 1}"
+
+
 @pytest.mark.multiprocess
 def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs):
+    """With --async_save and a checkpoint every 2 steps, so SIGTERM often finds a background write in
+    flight: the run waits for it (and saves its last step if that one was not due), so `latest` is the
+    step it stopped at, complete, with no temporary debris."""
     save_dir, tb = tmp_path / "ckpt", tmp_path / "tb"
-    common = [*TINY_RUN, "-p", "zero2", "-i", "0", "-o", str(save_dir)]
+    common = [*TINY_RUN, "-p", "zero2", "-i", "2", "--async_save", "--keep_last", "2", "-o", str(save_dir)]
     job = launch("pretrain.py", [*common, "--max_steps", "500", "-t", str(tb)], nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     deadline = time.time() + 240
@@ -154,6 +246,8 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs
     checkpoint = latest_checkpoint(save_dir)
     step = json.loads((checkpoint / "running_states.json").read_text())["step"]
     assert 3 <= step < 500 and checkpoint.name == f"step-{step}"
+    assert re.search(rf"SIGTERM received: stopping at the end of step {step}\b", log), log[-3000:]
+    assert not list(save_dir.glob(".step-*.tmp"))
     resume = ["--max_steps", str(step + 1), "--reset_schedule", "-f", "latest", "-t", str(tmp_path / "tb2")]
     resumed = launch("pretrain.py", [*common, *resume], nproc=2)
     check_ok(resumed)
