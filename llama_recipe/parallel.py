@@ -35,6 +35,15 @@ class Parallelism:
     max_norm: float = 0.0  # --grad_clip: given to the plugin at build, used by `step` and in-place SGD
     dp_group: object | None = None  # None: the whole world
     pp_group: object | None = None  # None: no pipeline
+    sequence_parallel: bool = False  # --sp_mode: shardformer computes attention itself
+
+    def attention_implementation(self, chosen: str) -> str:
+        """The transformers attention the model is built with, given the kernel `select_attention` chose.
+        Under sequence parallelism without flash attention, shardformer (0.5.0) computes
+        softmax(QK^T + mask)V itself with the mask transformers prepared; for SDPA transformers leaves
+        the causal mask out when nothing is padded (SDPA would apply it), so every token would see the
+        future. With "eager" transformers builds the causal mask that path needs."""
+        return "eager" if self.sequence_parallel and chosen == "sdpa" else chosen
 
     @property
     def pipeline(self) -> bool:
@@ -42,7 +51,12 @@ class Parallelism:
 
     @property
     def is_last_pipeline_stage(self) -> bool:
-        return not self.pipeline or self.plugin.stage_manager.is_last_stage()
+        """Where the pipeline computes the loss: the last stage, or with zbv's V-shaped schedule, whose last
+        model chunk lives on the first stage, the first one (whichever chunk is running now)."""
+        if not self.pipeline:
+            return True
+        stages = self.plugin.stage_manager
+        return stages.is_first_stage(ignore_chunk=True) if stages.use_zbv else stages.is_last_stage(ignore_chunk=True)
 
     @property
     def fused_update(self) -> bool:
@@ -160,7 +174,10 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
     pp_group = plugin.pp_group if spec.model_parallel and cfg.parallel.pp > 1 else None
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     max_norm = cfg.optim.grad_clip
-    return Parallelism(booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group)
+    sequence_parallel = spec.model_parallel and cfg.parallel.sp_mode is not None
+    return Parallelism(
+        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group, sequence_parallel
+    )
 
 
 def unwrap_optimizer(optimizer):
