@@ -531,6 +531,18 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"{optimizer} keeps fp32 optimizer states; with -x pure_bf16 use --optimizer adamw or collage_*"
             )
     if facts.fused_update:
+        if spec.gpu_only:  # Gemini
+            raise UsageError(
+                f"-p {spec.name} cannot host --optimizer {optimizer}: Gemini writes each gradient into its chunk, "
+                "reduces whole chunks after backward and updates only in its optimizer's step over fp32 master chunks, "
+                "so no parameter's gradient and weight are at hand inside backward; use -p ddp"
+            )
+        if spec.model_parallel:
+            raise UsageError(
+                f"--optimizer {optimizer} does not run under -p {spec.name} yet: its clipped update runs backward twice "
+                "on one graph, and shardformer's tensor-parallel layers do not survive that in ColossalAI 0.5.0 (a saved "
+                "tensor is overwritten in place); use -p ddp"
+            )
         if not spec.whole_gradients:
             raise UsageError(
                 f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "

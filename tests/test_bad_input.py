@@ -224,6 +224,12 @@ CASES = {
         {"WORLD_SIZE": "2"},
         ["--zero_stage 0 or 1"],
     ),
+    "inplace_sgd_with_gemini": (["-p", "gemini", "--optimizer", "inplace_sgd"], {}, ["gemini", "chunk", "-p ddp"]),
+    "inplace_sgd_with_tensor_parallel": (
+        ["-p", "hybrid_parallel", "--tp", "2", "--optimizer", "inplace_sgd"],
+        {"WORLD_SIZE": "2"},
+        ["inplace_sgd", "backward twice", "-p ddp"],
+    ),
     "unknown_sp_mode": (["--sp_mode", "zigzag"], {}, ["zigzag", "split_gather", "all_to_all"]),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu"}
