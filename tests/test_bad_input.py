@@ -230,9 +230,14 @@ CASES = {
         {"WORLD_SIZE": "2"},
         ["inplace_sgd", "backward twice", "-p ddp"],
     ),
+    "zbv_on_cpu": (
+        ["-c", "tiny4", "-p", "hybrid_parallel", "--pp", "2", "--pp_style", "zbv"],
+        {"WORLD_SIZE": "2"},
+        ["zbv", "1f1b or interleaved"],
+    ),
     "unknown_sp_mode": (["--sp_mode", "zigzag"], {}, ["zigzag", "split_gather", "all_to_all"]),
 }
-GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu"}
+GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 
