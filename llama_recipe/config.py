@@ -513,6 +513,14 @@ class LoggingConfig:
     results: str | None = flag(
         None, "--results", help="append one JSON line per run to this file", scripts=("benchmark",)
     )
+    memory_accounting: bool = flag(
+        False,
+        "--memory_accounting",
+        help="after the timed run, count the bytes per parameter of weights, gradients and optimizer state on "
+        "each rank (builds the model a second time) next to Megatron's table",
+        scripts=("benchmark",),
+        advanced=True,
+    )
     time_breakdown: bool = setting(False, benchmark=True)  # synchronize the device to time each part of a step
 
 
