@@ -36,6 +36,14 @@ class Parallelism:
     dp_group: object | None = None  # None: the whole world
     pp_group: object | None = None  # None: no pipeline
     sequence_parallel: bool = False  # --sp_mode: shardformer computes attention itself
+    tp_group: object | None = None  # None: no tensor parallelism
+
+    @staticmethod
+    def is_sharded(param: torch.Tensor) -> bool:
+        """Whether tensor parallelism split this (boosted) parameter over the TP group; the others are replicated."""
+        from colossalai.tensor.d_tensor import is_distributed_tensor
+
+        return is_distributed_tensor(param)
 
     def attention_implementation(self, chosen: str) -> str:
         """The transformers attention the model is built with, given the kernel `select_attention` chose.
@@ -89,6 +97,8 @@ class Parallelism:
         if self.fused_update:
             _keep_ddp_buckets_small(model)
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
+        if self.fused_update:
+            unwrap_optimizer(optimizer).attach_hooks()  # the plugin built the parameters it holds now
         return model, optimizer, lr_scheduler
 
     def forward_context(self):
@@ -175,9 +185,11 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     max_norm = cfg.optim.grad_clip
     sequence_parallel = spec.model_parallel and cfg.parallel.sp_mode is not None
+    tp_group = plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None
     return Parallelism(
-        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group, sequence_parallel
-    )
+        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group, sequence_parallel,
+        tp_group,
+    )  # fmt: skip
 
 
 def unwrap_optimizer(optimizer):

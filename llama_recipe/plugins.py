@@ -106,6 +106,9 @@ def _hybrid_parallel(cfg: TrainConfig, precision: str):
         pp_size=par.pp,
         zero_stage=par.zero_stage,
         enable_flash_attention=cfg.model.flash_attention and has_cuda(),
+        # In-place SGD runs backward twice on one graph (norm, then update); the vocabulary-parallel cross
+        # entropy's backward overwrites its saved logits, so they are gathered and plain cross entropy is used.
+        parallel_output=not OPTIMIZERS[resolve_optimizer(cfg)].fused_update,
         **_sequence_parallel(cfg),
         **_pipeline(cfg),
         **common,
@@ -540,15 +543,16 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
             raise UsageError(
                 f"-p {spec.name} cannot host --optimizer {optimizer}: Gemini writes each gradient into its chunk, "
                 "reduces whole chunks after backward and updates only in its optimizer's step over fp32 master chunks, "
-                "so no parameter's gradient and weight are at hand inside backward; use -p ddp"
+                "so no parameter's gradient and weight are at hand inside backward; use -p ddp or -p hybrid_parallel --tp N"
             )
-        if spec.model_parallel:
+        par = cfg.parallel
+        if spec.model_parallel and (par.pp > 1 or par.sp_mode or par.zero_stage > 0):
             raise UsageError(
-                f"--optimizer {optimizer} does not run under -p {spec.name} yet: its clipped update runs backward twice "
-                "on one graph, and shardformer's tensor-parallel layers do not survive that in ColossalAI 0.5.0 (a saved "
-                "tensor is overwritten in place); use -p ddp"
+                f"--optimizer {optimizer} under -p {spec.name} runs with tensor and data parallelism only (a pipeline "
+                "accumulates micro-batches; ZeRO and sequence parallelism reduce gradients after backward); drop "
+                "--pp/--sp_mode/--zero_stage"
             )
-        if not spec.whole_gradients:
+        if not spec.whole_gradients and not spec.model_parallel:
             raise UsageError(
                 f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
                 f"every process; use -p ddp (one process, or data parallel), not -p {spec.name}"

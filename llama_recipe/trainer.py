@@ -224,6 +224,7 @@ def build_boosted(
     optimizer = build_optimizer(
         par.optimizer, model, opt.lr, opt.weight_decay, beta2=opt.beta2, max_norm=par.max_norm,
         fp16_loss_scaling=par.precision == "fp16", process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,
+        tensor_parallel_group=par.tp_group, is_sharded=par.is_sharded,
         reference_multiply=opt.collage_reference_multiply, monitor=cfg.logging.log_edq,
     )  # fmt: skip
     return par.boost(model, optimizer, build_lr_scheduler(optimizer, warmup_steps, total_steps))

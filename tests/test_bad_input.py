@@ -225,10 +225,10 @@ CASES = {
         ["--zero_stage 0 or 1"],
     ),
     "inplace_sgd_with_gemini": (["-p", "gemini", "--optimizer", "inplace_sgd"], {}, ["gemini", "chunk", "-p ddp"]),
-    "inplace_sgd_with_tensor_parallel": (
-        ["-p", "hybrid_parallel", "--tp", "2", "--optimizer", "inplace_sgd"],
+    "inplace_sgd_with_pipeline": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--optimizer", "inplace_sgd"],
         {"WORLD_SIZE": "2"},
-        ["inplace_sgd", "backward twice", "-p ddp"],
+        ["inplace_sgd", "tensor and data parallelism only", "--pp"],
     ),
     "zbv_on_cpu": (
         ["-c", "tiny4", "-p", "hybrid_parallel", "--pp", "2", "--pp_style", "zbv"],

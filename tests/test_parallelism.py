@@ -1,5 +1,5 @@
 """Megatron's and CoLLiE's parallelism through hybrid_parallel: sequence parallelism, interleaved and
-uneven pipelines, recompute inside them, selective recompute under tensor parallelism.
+uneven pipelines, recompute inside them, selective recompute and in-place SGD under tensor parallelism.
 
 One torchrun job (tests/layouts_probe.py) trains every layout one after another: 4 steps of the
 4-layer `tiny4` model with a checkpoint at step 2, or 2 steps resumed from another layout's step-2
@@ -28,6 +28,8 @@ LAYOUTS = {  # name: (flags, the run it resumes from at step 2, or None)
     "tp2_selective": ("--tp 2 --recompute selective", "tp2"),
     "pp2": ("--pp 2", None),
     "pp2_interleaved": ("--pp 2 --pp_style interleaved", "pp2"),
+    "tp2_sgd": ("--tp 2 --optimizer sgd --lr 0.1", None),
+    "tp2_inplace_sgd": ("--tp 2 --optimizer inplace_sgd --lr 0.1", None),
     "pp2_uneven_recompute": ("--pp 2 --num_layers_per_stage 1,3 --recompute_layers_per_stage 1,2", "pp2"),
 }
 
@@ -80,3 +82,23 @@ def test_interleaved_and_uneven_pipelines_give_1f1b_losses(runs):
     _, losses = runs
     for layout in ["pp2_interleaved", "pp2_uneven_recompute"]:
         assert losses[layout] == {step: losses["pp2"][step] for step in (3, 4)}, (layout, losses[layout])
+
+
+def test_inplace_sgd_under_tensor_parallelism_equals_sgd(runs):
+    """CoLLiE's in-place SGD under tp2 (the update inside backward, clipped by the norm summed over the TP group
+    with replicated weights counted once) ends with tp2 + torch SGD + ColossalAI's clipping's weights."""
+    from safetensors.torch import load_file
+
+    root, losses = runs
+
+    def weights(name: str, step: int) -> dict:
+        tensors = {}
+        for shard in (root / name / "ckpt" / f"step-{step}" / "model").glob("*.safetensors"):
+            tensors.update(load_file(shard))
+        return tensors
+
+    start, sgd, inplace = weights("tp2_sgd", 2), weights("tp2_sgd", 4), weights("tp2_inplace_sgd", 4)
+    assert max((sgd[k] - start[k]).abs().max().item() for k in sgd) > 1e-3  # steps 3-4 moved the weights
+    assert max((sgd[k] - inplace[k]).abs().max().item() for k in sgd) <= 1e-6
+    for step, loss in losses["tp2_sgd"].items():
+        assert losses["tp2_inplace_sgd"][step] == pytest.approx(loss, abs=1e-5)
