@@ -15,6 +15,7 @@ import torch
 from llama_recipe.cli import run_script
 from llama_recipe.config import TrainConfig
 from llama_recipe.distributed import is_main_process
+from llama_recipe.memory import state_memory
 from llama_recipe.metrics import MFU_FORMULA, model_flops_utilization
 from llama_recipe.recipes import pretrain
 
@@ -64,9 +65,25 @@ def report(summary: dict, cfg: TrainConfig) -> dict:
 
 def benchmark(cfg: TrainConfig) -> dict:
     summary = pretrain(cfg)
+    memory = state_memory(cfg) if cfg.logging.memory_accounting else None
     if is_main_process():
-        report(summary, cfg)
+        row = report(summary, cfg)
+        if memory:
+            report_memory(memory, cfg, row)
     return summary
+
+
+def report_memory(memory: dict, cfg: TrainConfig, row: dict) -> None:
+    """Rank 0's bytes per parameter by role, next to Megatron's table (appended to --results' last line)."""
+    parts = ", ".join(f"{role} {value:.2f}" for role, value in memory["bytes_per_parameter"].items())
+    print(
+        f"  state per parameter on rank 0 (zero_stage {cfg.parallel.zero_stage}, dp {memory['dp_size']}): {parts} = "
+        f"{memory['total_bytes_per_parameter']:.2f} bytes; Megatron: {memory['megatron_without_distributed_optimizer']} "
+        f"without its distributed optimizer, {memory['megatron_distributed_optimizer']:.2f} with it"
+    )
+    if cfg.logging.results:
+        with open(cfg.logging.results, "a") as f:
+            f.write(json.dumps({**row, "losses": None, "memory": memory, "zero_stage": cfg.parallel.zero_stage}) + "\n")
 
 
 if __name__ == "__main__":

@@ -57,12 +57,18 @@ def document_causal_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torc
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def model_inputs(batch: dict, attn_implementation: str, document_attention: bool, dtype: torch.dtype) -> dict:
+def model_inputs(
+    batch: dict, attn_implementation: str, document_attention: bool, dtype: torch.dtype, explicit_mask: bool = False
+) -> dict:
     """What the model gets from a batch. With `document_attention`, packed rows attend only within
     their own documents: flash-attn 2 reads the segments from the position ids (its varlen kernel),
     SDPA gets the equivalent block-diagonal mask. Otherwise a row is one causal sequence with
-    continuous positions, the usual GPT-style packing."""
+    continuous positions, the usual GPT-style packing. `explicit_mask`: always pass a padding mask
+    (all ones where nothing is padded), from which transformers builds the (batch, 1, seq, seq) causal
+    mask; without one it sizes that mask seq + 1 wide, which shardformer's sequence-parallel attention rejects."""
     inputs = {k: v for k, v in batch.items() if k != "position_ids"}
+    if explicit_mask and "attention_mask" not in inputs:
+        inputs["attention_mask"] = torch.ones_like(batch["input_ids"])
     if document_attention and "position_ids" in batch:
         inputs["position_ids"] = segment_positions(batch["position_ids"])
         if attn_implementation != "flash_attention_2":
@@ -77,9 +83,14 @@ class ModelInputs:
     device: `model_inputs` with this run's attention kernel, document attention and mask dtype (the
     document mask is added to the scores in the model's dtype)."""
 
-    def __init__(self, attn_implementation: str, document_attention: bool, dtype: torch.dtype):
+    def __init__(
+        self, attn_implementation: str, document_attention: bool, dtype: torch.dtype, explicit_mask: bool = False
+    ):
         self.attn_implementation, self.document_attention, self.dtype = attn_implementation, document_attention, dtype
+        self.explicit_mask = explicit_mask
 
     def __call__(self, batch: dict) -> dict:
         on_device = {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
-        return model_inputs(on_device, self.attn_implementation, self.document_attention, self.dtype)
+        return model_inputs(
+            on_device, self.attn_implementation, self.document_attention, self.dtype, self.explicit_mask
+        )

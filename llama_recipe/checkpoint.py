@@ -40,7 +40,7 @@ from .distributed import any_rank, barrier, is_main_process, print_main, rank, w
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .files import move_into_place
 from .parallel import Parallelism, unwrap_optimizer
-from .plugins import plugin_spec
+from .plugins import model_parallel_size, plugin_spec
 
 RUNNING_STATES = "running_states.json"
 DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
@@ -160,7 +160,7 @@ MODEL_PARALLEL = ("plugin", "tp", "pp", "zero_stage")  # a layout that differs o
 def run_layout(cfg: TrainConfig, world_size: int) -> dict:
     """The layout a checkpoint records, as this run will have it (known before the process group exists)."""
     par = cfg.parallel
-    dp_size = world_size // (par.tp * par.pp) if plugin_spec(par.plugin).model_parallel else world_size
+    dp_size = world_size // model_parallel_size(par) if plugin_spec(par.plugin).model_parallel else world_size
     return dict(
         plugin=par.plugin, world_size=world_size, dp_size=dp_size, tp=par.tp, pp=par.pp, zero_stage=par.zero_stage
     )

@@ -29,8 +29,9 @@ from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .export import check_export_target
 from .model import get_model_config, resolve_pretrained
 from .optim import OPTIMIZER_NAMES
-from .plugins import PLUGIN_NAMES, PLUGINS, check_layout
+from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES, check_layout, check_model_split
 from .prepared import check_prepared_files
+from .recompute import RECOMPUTE_MODES
 from .sources import check_dataset_source, dataset_kind, source_for
 
 # What torch.distributed says when a peer is gone or never answers
@@ -48,6 +49,9 @@ CHOICES = {
     "optimizer": OPTIMIZER_NAMES,
     "mixed_precision": PRECISIONS,
     "zero_stage": [0, 1, 2],
+    "sp_mode": SP_MODES,
+    "pp_style": PP_STYLES,
+    "recompute": RECOMPUTE_MODES,
     "on_spike": ["log", "skip", "stop", "rollback"],
     "task": ["perplexity", "cloze"],
     "grad_compression": GRAD_COMPRESSIONS,
@@ -100,7 +104,10 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
         raise UsageError("; ".join(problems))
     model_config = _collect(problems, _model_config, cfg)
     if script != "eval":  # eval.py trains nothing: no plugin, no layout, no compression
-        _collect(problems, check_layout, cfg, world_size)
+        if _collect(problems, check_layout, cfg, world_size) is not False and model_config:
+            _collect(problems, check_model_split, cfg, model_config)
+        if cfg.model.grad_checkpoint and cfg.model.recompute not in (None, "full"):
+            problems.append(f"-g means --recompute full; drop -g or --recompute {cfg.model.recompute}")
         problems += _compression_problems(cfg, model_config)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)

@@ -123,7 +123,24 @@ class ModelConfig:
         scripts=("pretrain",),
     )
     grad_checkpoint: bool = flag(
-        False, "-g", "--grad_checkpoint", "--gradient_checkpoint", help="recompute activations in backward"
+        False,
+        "-g",
+        "--grad_checkpoint",
+        "--gradient_checkpoint",
+        help="recompute activations in backward (= --recompute full)",
+    )
+    recompute: str | None = flag(
+        None,
+        "--recompute",
+        help="activation recompute: full (each decoder layer), selective (keep matmul and attention outputs, "
+        "recompute the cheap ops between them), none. Default: full with -g, else none",
+    )
+    recompute_layers_per_stage: str | None = flag(
+        None,
+        "--recompute_layers_per_stage",
+        help="with --pp > 1: how many decoder layers of each pipeline stage (and model chunk) recompute, "
+        "comma-separated, e.g. 19,19,19,13",
+        advanced=True,
     )
     flash_attention: bool = flag(
         False, "-a", "--flash_attention", "--xformers", help="flash-attn 2 where installed on a CUDA device"
@@ -160,6 +177,42 @@ class ParallelConfig:
     zero_stage: int = flag(0, "--zero_stage", "--zero", help="ZeRO stage inside hybrid_parallel (0, 1 or 2)")
     microbatch_size: int = flag(
         1, "--microbatch_size", "--mbs", help="pipeline micro-batch size (with --pp > 1)", minimum=1
+    )
+    num_microbatches: int | None = flag(
+        None,
+        "--num_microbatches",
+        help="pipeline micro-batches per step, instead of --microbatch_size (-b must divide by it)",
+        minimum=1,
+        advanced=True,
+    )
+    pp_style: str = flag(
+        "1f1b",
+        "--pp_style",
+        help="pipeline schedule: 1f1b, interleaved (several model chunks per stage), zbv",
+        advanced=True,
+    )
+    num_model_chunks: int | None = flag(
+        None,
+        "--num_model_chunks",
+        help="model chunks per pipeline stage (default: 1 for 1f1b, 2 for interleaved and zbv)",
+        minimum=1,
+        advanced=True,
+    )
+    num_layers_per_stage: str | None = flag(
+        None,
+        "--num_layers_per_stage",
+        help="decoder layers of each pipeline stage (each chunk, stage-major, with several), comma-separated, "
+        "e.g. 19,20,20,21; default: as even as possible",
+        advanced=True,
+    )
+    sp_mode: str | None = flag(
+        None,
+        "--sp_mode",
+        help="sequence parallelism (hybrid_parallel): split_gather or ring (over the --tp group), all_to_all "
+        "(--sp ranks split the heads), ring_attn (CUDA + flash attention)",
+    )
+    sp: int = flag(
+        1, "--sp", help="sequence-parallel size for --sp_mode all_to_all or ring_attn", minimum=1, advanced=True
     )
     mixed_precision: str | None = flag(
         None,
@@ -574,6 +627,14 @@ class LoggingConfig:
     )
     results: str | None = flag(
         None, "--results", help="append one JSON line per run to this file", scripts=("benchmark", "eval")
+    )
+    memory_accounting: bool = flag(
+        False,
+        "--memory_accounting",
+        help="after the timed run, count the bytes per parameter of weights, gradients and optimizer state on "
+        "each rank (builds the model a second time) next to Megatron's table",
+        scripts=("benchmark",),
+        advanced=True,
     )
     time_breakdown: bool = setting(False, benchmark=True)  # synchronize the device to time each part of a step
 

@@ -13,7 +13,9 @@ Gradient accumulation is impossible (the update happens inside every backward) a
 (synchronously, unbucketed, in fp32) before using it, so every rank makes the same update. Keep the backward out of
 torch DDP's reducer, which needs `.grad` to stay alive in its buckets: best a plain model with weights broadcast
 from rank 0 (DDP's buckets alone hold a full gradient's worth of memory), else forward + `fused_backward` inside
-`ddp_model.no_sync()`. Weights are stored back in their own dtype with no fp32 master copy, so in bf16/fp16
+`ddp_model.no_sync()`. Tensor parallelism (CoLLiE's InplaceTensorTrainer): pass `tensor_parallel_group` and
+`is_sharded`; each rank updates its own shards, and the clipping norm sums the shards' squares over the group and
+counts replicated weights once. Weights are stored back in their own dtype with no fp32 master copy, so in bf16/fp16
 updates smaller than half an ulp of the weight are lost (the paper accepts this).
 """
 
@@ -77,6 +79,9 @@ class InplaceSGD(torch.optim.Optimizer):
         max_norm: float = 0.0,
         loss_scaler: DynamicLossScaler | None = None,
         process_group: dist.ProcessGroup | None = None,
+        tensor_parallel_group: dist.ProcessGroup | None = None,
+        is_sharded: Callable[[torch.Tensor], bool] | None = None,
+        hooks_now: bool = True,
     ):
         if lr < 0 or weight_decay < 0 or max_norm < 0:
             raise ValueError(f"lr, weight_decay and max_norm must be >= 0; got {lr=} {weight_decay=} {max_norm=}")
@@ -85,6 +90,12 @@ class InplaceSGD(torch.optim.Optimizer):
         self._loss_scaler = loss_scaler
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group) if process_group is not None else 1
+        # Tensor parallelism: each rank holds a shard of the split weights (is_sharded) and a whole copy of the
+        # others; the global norm sums the shards' squares over the group and counts each replicated weight once.
+        self.tensor_parallel_group = tensor_parallel_group
+        self._is_sharded = is_sharded or (lambda p: False)
+        # False: no hooks until attach_hooks(), for parameters that cannot take one yet (ColossalAI's lazy tensors)
+        self._hooks_now = hooks_now
         self.skipped = False  # whether the last fused_backward skipped its update (non-finite gradient norm)
         self.last_grad_norm: float | None = None  # what the last fused_backward returned
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -101,7 +112,7 @@ class InplaceSGD(torch.optim.Optimizer):
         # hooks do nothing and backward leaves ordinary gradients again.
         optimizer_ref = weakref.ref(self)
         for index, p in enumerate(self.param_groups[group_index]["params"]):
-            if not p.requires_grad:
+            if not p.requires_grad or not self._hooks_now:
                 continue
 
             def hook(param: torch.Tensor, key: tuple[int, int] = (group_index, index)) -> None:
@@ -110,6 +121,15 @@ class InplaceSGD(torch.optim.Optimizer):
                     optimizer._on_grad_ready(param, key)
 
             self._handles.append(p.register_post_accumulate_grad_hook(hook))
+
+    def attach_hooks(self) -> None:
+        """Hook the parameters the groups hold now: a plugin that shards the model (ColossalAI's shardformer)
+        builds them after this optimizer, from lazy tensors that take no hooks."""
+        self.remove_hooks()
+        self._hooks_now = True
+        groups, self.param_groups = self.param_groups, []
+        for group in groups:
+            self.add_param_group(group)
 
     def remove_hooks(self) -> None:
         """Detach from the parameters: afterwards backward leaves ordinary gradients and fused_backward refuses."""
@@ -139,13 +159,17 @@ class InplaceSGD(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         if self._coef is not None:
             grad.mul_(self._coef)
-        # fp32 arithmetic whatever p's dtype; for fp32 p, .float() is p itself and it updates in place.
-        p_fp32 = p.float()
+        # fp32 arithmetic whatever p's dtype; for fp32 p, .float() is p itself and it updates in place. Through
+        # .data (as LOMO does), which leaves p's version counter alone: every use of p in this graph has run its
+        # backward by now, and parameters materialised by ColossalAI's lazy init can share one counter, so another
+        # parameter's update would otherwise fail autograd's check on a tensor nothing changed.
+        weight = p.data
+        p_fp32 = weight.float()
         if weight_decay != 0:
             p_fp32.mul_(1.0 - lr * weight_decay)
         p_fp32.add_(grad, alpha=-lr)
-        if p_fp32 is not p:
-            p.copy_(p_fp32)
+        if p_fp32 is not weight:
+            weight.copy_(p_fp32)
 
     def _run_pass(self, mode: str, loss: torch.Tensor, retain_graph: bool) -> None:
         self._mode = mode
@@ -182,9 +206,7 @@ class InplaceSGD(torch.optim.Optimizer):
         self._norms = {}
         self._run_pass("norm", scaled_loss, retain_graph=True)
         # Stacked in parameter order, as torch.nn.utils.clip_grad_norm_ does, so the sum rounds the same way.
-        norms = [self._norms[key] for key in sorted(self._norms)]
-        self._norms = {}
-        total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        total = self._global_norm()
         norm = total.item()
         if not math.isfinite(norm):
             self.skipped = True
@@ -204,6 +226,20 @@ class InplaceSGD(torch.optim.Optimizer):
             scaler.update(overflow=False)
         self.last_grad_norm = norm
         return norm
+
+    def _global_norm(self) -> torch.Tensor:
+        """The norm over all parameters (and, with tensor parallelism, over all their shards) of pass 1's norms."""
+        keys, norms = sorted(self._norms), self._norms
+        self._norms = {}
+        if self.tensor_parallel_group is None:
+            # Stacked in parameter order, as torch.nn.utils.clip_grad_norm_ does, so the sum rounds the same way.
+            return torch.linalg.vector_norm(torch.stack([norms[k] for k in keys])) if keys else torch.zeros(())
+        squares = torch.zeros(2)  # [sum over sharded weights, sum over replicated ones]
+        for group_index, index in keys:
+            sharded = self._is_sharded(self.param_groups[group_index]["params"][index])
+            squares[0 if sharded else 1] += norms[(group_index, index)].square()
+        dist.all_reduce(squares[:1], group=self.tensor_parallel_group)  # every shard once; replicated: ours only
+        return squares.sum().sqrt()
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """No-op: the update already happened in fused_backward. A closure, if given, is called and its loss returned."""

@@ -44,6 +44,7 @@ MODEL_PRESETS: dict[str, dict] = {
     "llama2-70b": _llama(8192, 80, 64, 28672, 4096, 1e-5, kv_heads=8),
     # Small presets for laptops, CI and quick GPU checks.
     "tiny": _llama(64, 2, 4, 176, 1024, 1e-5),  # ~4.2M params, mostly the 32000-token embeddings
+    "tiny4": _llama(64, 4, 4, 176, 1024, 1e-5),  # tiny with 4 layers: enough to split over pipeline stages and chunks
     "small": _llama(512, 8, 8, 1408, 2048, 1e-5),  # ~58M params
     "1b": _llama(2048, 22, 32, 5632, 2048, 1e-5, kv_heads=4),  # TinyLlama-1.1B shape
 }

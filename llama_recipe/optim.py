@@ -65,6 +65,8 @@ def build_optimizer(
     max_norm: float = 0.0,
     fp16_loss_scaling: bool = False,
     process_group=None,
+    tensor_parallel_group=None,
+    is_sharded=None,
     reference_multiply: bool = False,
     monitor: bool = False,
 ) -> torch.optim.Optimizer:
@@ -81,7 +83,16 @@ def build_optimizer(
         return torch.optim.SGD(groups, lr=lr)
     if name == "inplace_sgd":
         scaler = DynamicLossScaler() if fp16_loss_scaling else None
-        return InplaceSGD(groups, lr=lr, max_norm=max_norm, loss_scaler=scaler, process_group=process_group)
+        return InplaceSGD(
+            groups,
+            lr=lr,
+            max_norm=max_norm,
+            loss_scaler=scaler,
+            process_group=process_group,
+            tensor_parallel_group=tensor_parallel_group,
+            is_sharded=is_sharded,
+            hooks_now=False,
+        )
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if name == "hybrid_adam":

@@ -40,6 +40,23 @@ class Parallelism:
     pp_group: object | None = None  # None: no pipeline
     compression: CompressionConfig | None = None  # --grad_compression powersgd (None: exact all-reduce)
     compressor: PowerSGD | None = None  # its DDP communication hook, once the model is boosted
+    sequence_parallel: bool = False  # --sp_mode: shardformer computes attention itself
+    tp_group: object | None = None  # None: no tensor parallelism
+
+    @staticmethod
+    def is_sharded(param: torch.Tensor) -> bool:
+        """Whether tensor parallelism split this (boosted) parameter over the TP group; the others are replicated."""
+        from colossalai.tensor.d_tensor import is_distributed_tensor
+
+        return is_distributed_tensor(param)
+
+    def attention_implementation(self, chosen: str) -> str:
+        """The transformers attention the model is built with, given the kernel `select_attention` chose.
+        Under sequence parallelism without flash attention, shardformer (0.5.0) computes
+        softmax(QK^T + mask)V itself with the mask transformers prepared; for SDPA transformers leaves
+        the causal mask out when nothing is padded (SDPA would apply it), so every token would see the
+        future. With "eager" transformers builds the causal mask that path needs."""
+        return "eager" if self.sequence_parallel and chosen == "sdpa" else chosen
 
     @property
     def pipeline(self) -> bool:
@@ -47,7 +64,12 @@ class Parallelism:
 
     @property
     def is_last_pipeline_stage(self) -> bool:
-        return not self.pipeline or self.plugin.stage_manager.is_last_stage()
+        """Where the pipeline computes the loss: the last stage, or with zbv's V-shaped schedule, whose last
+        model chunk lives on the first stage, the first one (whichever chunk is running now)."""
+        if not self.pipeline:
+            return True
+        stages = self.plugin.stage_manager
+        return stages.is_first_stage(ignore_chunk=True) if stages.use_zbv else stages.is_last_stage(ignore_chunk=True)
 
     @property
     def fused_update(self) -> bool:
@@ -83,6 +105,8 @@ class Parallelism:
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
         if self.compression is not None:
             self.compressor = _register_powersgd(self, model, total_steps, seed)
+        if self.fused_update:
+            unwrap_optimizer(optimizer).attach_hooks()  # the plugin built the parameters it holds now
         return model, optimizer, lr_scheduler
 
     def take_communication(self) -> Communication | None:
@@ -173,9 +197,12 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
     dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
     max_norm = cfg.optim.grad_clip
     compression = cfg.compression if cfg.compression.grad_compression != "none" else None
+    sequence_parallel = spec.model_parallel and cfg.parallel.sp_mode is not None
+    tp_group = plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None
     return Parallelism(
-        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group, compression
-    )
+        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group,
+        compression=compression, sequence_parallel=sequence_parallel, tp_group=tp_group,
+    )  # fmt: skip
 
 
 def unwrap_optimizer(optimizer):

@@ -8,6 +8,7 @@ data here too, and `check_layout` turns every impossible combination into one li
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,9 @@ from .errors import UsageError
 from .optim import OPTIMIZERS
 
 FP16_INITIAL_LOSS_SCALE = 2**16
+SP_MODES = ["split_gather", "ring", "all_to_all", "ring_attn"]
+SP_ON_TP_GROUP = ("split_gather", "ring")  # these shard the sequence over the tensor-parallel group itself
+PP_STYLES = ["1f1b", "interleaved", "zbv"]
 
 
 def _no_extra_checks(cfg: TrainConfig, precision: str, world_size: int) -> None:
@@ -113,16 +117,90 @@ def _hybrid_parallel(cfg: TrainConfig, precision: str):
     # Pure bf16: no master-weights switch here, so the plugin runs at fp32 (it then casts nothing)
     # around a model we built in bf16 (see Parallelism.weight_dtype).
     common = _common(cfg, "fp32" if precision == "pure_bf16" else precision)
-    pipeline = dict(microbatch_size=par.microbatch_size) if par.pp > 1 else {}
     plugin = HybridParallelPlugin(
         tp_size=par.tp,
         pp_size=par.pp,
         zero_stage=par.zero_stage,
         enable_flash_attention=cfg.model.flash_attention and has_cuda(),
-        **pipeline,
+        # In-place SGD runs backward twice on one graph (norm, then update); the vocabulary-parallel cross
+        # entropy's backward overwrites its saved logits, so they are gathered and plain cross entropy is used.
+        parallel_output=not OPTIMIZERS[resolve_optimizer(cfg)].fused_update,
+        **_sequence_parallel(cfg),
+        **_pipeline(cfg),
         **common,
     )
     return plugin, None
+
+
+def _sequence_parallel(cfg: TrainConfig) -> dict:
+    """The mode is always passed: without it the plugin picks all_to_all while its shard config
+    picks split_gather (ColossalAI 0.5.0), and split_gather without TP fails an assertion."""
+    par = cfg.parallel
+    if par.sp_mode is None:
+        return {}
+    return dict(
+        enable_sequence_parallelism=True, sequence_parallelism_mode=par.sp_mode, sp_size=sequence_parallel_size(par)
+    )
+
+
+def _pipeline(cfg: TrainConfig) -> dict:
+    par = cfg.parallel
+    if par.pp == 1:
+        return {}
+    from colossalai.shardformer import PipelineGradientCheckpointConfig
+
+    options = dict(pp_style=par.pp_style, num_model_chunks=model_chunks(par), overlap_p2p=has_cuda())
+    if par.num_microbatches:
+        options["num_microbatches"] = par.num_microbatches
+    else:
+        options["microbatch_size"] = par.microbatch_size
+    if par.pp_style == "zbv":
+        options["scheduler_nodes"] = _zero_bubble_schedule(
+            par.pp, par.num_microbatches or cfg.training.batch_size // par.microbatch_size
+        )
+    if par.num_layers_per_stage:
+        options["num_layers_per_stage"] = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+    if cfg.model.recompute_layers_per_stage:
+        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        options["gradient_checkpoint_config"] = PipelineGradientCheckpointConfig(num_ckpt_layers_per_stage=counts)
+    return options
+
+
+def _zero_bubble_schedule(stages: int, microbatches: int) -> list:
+    """zbv's V-shaped schedule (ColossalAI's PipelineGraph), with equal costs for the forward, the input-gradient
+    and the weight-gradient passes. Memory: a forward keeps activations (2 units) that its two backward passes free."""
+    from colossalai.pipeline.schedule.v_schedule import PipelineGraph
+
+    graph = PipelineGraph(n_stage=stages, n_micro=microbatches, f_cost=1000, b_cost=1000, w_cost=1000, c_cost=1,
+                          f_mem=2, b_mem=-1, w_mem=-1)  # fmt: skip
+    return graph.get_v_schedule()
+
+
+def sequence_parallel_size(par) -> int:
+    """The ranks sequence parallelism adds to the layout: --sp for all_to_all and ring_attn, which
+    have their own group; none for split_gather and ring, which reuse the tensor-parallel group."""
+    return par.sp if par.sp_mode is not None and par.sp_mode not in SP_ON_TP_GROUP else 1
+
+
+def model_parallel_size(par) -> int:
+    """Ranks of one model replica (they all read the same batches): tp x pp x sp."""
+    return par.tp * par.pp * sequence_parallel_size(par)
+
+
+def model_chunks(par) -> int:
+    """Model chunks per pipeline stage: --num_model_chunks, or what the schedule needs."""
+    return par.num_model_chunks or (1 if par.pp_style == "1f1b" else 2)
+
+
+def parse_counts(text: str, flag_name: str) -> list[int]:
+    """'19,20,20,21' -> [19, 20, 20, 21]; a one-line error for anything else."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or any(c < 0 for c in counts):
+        raise UsageError(f"{flag_name} takes comma-separated layer counts such as 2,2; got {text!r}")
+    return counts
 
 
 def _fp16_through_booster(cfg: TrainConfig, precision: str) -> str | None:
@@ -175,29 +253,175 @@ def _check_gemini(cfg: TrainConfig, precision: str, world_size: int) -> None:
 
 
 def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) -> None:
-    par, batch_size = cfg.parallel, cfg.training.batch_size
+    par = cfg.parallel
     if precision == "pure_bf16" and par.zero_stage > 0:
         raise UsageError(
             "-x pure_bf16 under -p hybrid_parallel needs --zero_stage 0: ColossalAI 0.5.0's ZeRO there always "
             "makes fp32 master copies; for ZeRO-sharded pure bf16 use -p zero2"
         )
-    if world_size % (par.tp * par.pp) != 0:
+    _check_sequence_parallel(par)
+    size = model_parallel_size(par)
+    if world_size % size != 0:
+        sp = f"*sp = {par.tp}*{par.pp}*{par.sp}" if sequence_parallel_size(par) > 1 else f" = {par.tp}*{par.pp}"
         raise UsageError(
-            f"world size {world_size} is not divisible by tp*pp = {par.tp}*{par.pp}; "
-            f"launch a multiple of {par.tp * par.pp} processes or change --tp/--pp"
+            f"world size {world_size} is not divisible by tp*pp{sp}; "
+            f"launch a multiple of {size} processes or change --tp/--pp{'/--sp' if par.sp > 1 else ''}"
         )
     if par.zero_stage > 0 and precision == "fp32":
         raise UsageError("ZeRO inside hybrid_parallel needs -x bf16 or -x fp16; with -x fp32 pass --zero_stage 0")
     if par.pp > 1:
+        _check_pipeline(cfg)
+    else:
+        given = [name for name, value in _PIPELINE_ONLY(cfg).items() if value]
+        if given == ["--recompute_layers_per_stage"]:
+            raise UsageError(
+                "--recompute_layers_per_stage needs --pp > 1 (ColossalAI 0.5.0 crashes on it without a pipeline); "
+                "use --recompute full, selective or none"
+            )
+        if given:
+            raise UsageError(f"{', '.join(given)} shape(s) a pipeline: pass --pp 2 or more, or drop them")
+
+
+def _PIPELINE_ONLY(cfg: TrainConfig) -> dict:  # noqa: N802 - a table, read like a constant
+    par = cfg.parallel
+    return {
+        "--pp_style": par.pp_style != "1f1b",
+        "--num_model_chunks": par.num_model_chunks not in (None, 1),
+        "--num_layers_per_stage": par.num_layers_per_stage,
+        "--num_microbatches": par.num_microbatches,
+        "--recompute_layers_per_stage": cfg.model.recompute_layers_per_stage,
+    }
+
+
+def _check_sequence_parallel(par) -> None:
+    mode = par.sp_mode
+    if mode is None:
+        if par.sp > 1:
+            raise UsageError(f"--sp {par.sp} needs --sp_mode (all_to_all, or ring_attn on GPUs)")
+        return
+    if mode == "ring":
+        raise UsageError(
+            "--sp_mode ring gives wrong weight gradients in ColossalAI 0.5.0 (its ring all-gather, _ring_as_gather, "
+            "hands backward its own sequence shard in place of its peers'); use --sp_mode split_gather, the same "
+            "split over the --tp group"
+        )
+    if mode in SP_ON_TP_GROUP:
+        if par.tp == 1:
+            raise UsageError(
+                f"--sp_mode {mode} shards the sequence over the tensor-parallel group; pass --tp 2 or more "
+                "(or --sp_mode all_to_all --sp N without TP)"
+            )
+        if par.sp not in (1, par.tp):
+            raise UsageError(
+                f"--sp_mode {mode} uses the --tp group (sequence-parallel size = --tp {par.tp}); drop --sp"
+            )
+        return
+    if par.sp == 1:
+        raise UsageError(f"--sp_mode {mode} needs --sp 2 or more (the ranks that split each sequence)")
+    if mode == "ring_attn" and not (has_cuda() and importlib.util.find_spec("flash_attn")):
+        raise UsageError(
+            "--sp_mode ring_attn runs ColossalAI's RingAttention, which needs CUDA GPUs and flash-attn; "
+            "here use --sp_mode all_to_all (or split_gather with --tp)"
+        )
+
+
+def _check_pipeline(cfg: TrainConfig) -> None:
+    par, batch_size = cfg.parallel, cfg.training.batch_size
+    if par.num_microbatches:
+        if batch_size % par.num_microbatches != 0:
+            raise UsageError(f"-b {batch_size} is not divisible by --num_microbatches {par.num_microbatches}")
+        microbatches = par.num_microbatches
+    else:
         if batch_size % par.microbatch_size != 0:
             raise UsageError(f"-b {batch_size} is not a multiple of --microbatch_size {par.microbatch_size}")
-        if cfg.training.accumulation_steps > 1:
+        microbatches = batch_size // par.microbatch_size
+    if cfg.training.accumulation_steps > 1:
+        raise UsageError(
+            "with --pp > 1 the pipeline already accumulates micro-batches; "
+            "raise -b (a multiple of --microbatch_size) instead of --accumulation_steps"
+        )
+    if par.zero_stage > 1:
+        raise UsageError("pipeline parallelism supports --zero_stage 0 or 1, not 2")
+    chunks, style = model_chunks(par), par.pp_style
+    if style == "zbv" and not has_cuda():
+        raise UsageError(
+            "--pp_style zbv never finishes a step on CPU processes (gloo) with ColossalAI 0.5.0 (measured: tiny4, "
+            "--pp 2, no step in 300 s); here use --pp_style 1f1b or interleaved"
+        )
+    needed = {"1f1b": "exactly 1", "interleaved": "2 or more", "zbv": "exactly 2"}[style]
+    if (style == "1f1b" and chunks != 1) or (style == "interleaved" and chunks < 2) or (style == "zbv" and chunks != 2):
+        raise UsageError(f"--pp_style {style} needs {needed} --num_model_chunks, got {chunks}")
+    if style != "1f1b" and microbatches % par.pp != 0:
+        raise UsageError(
+            f"--pp_style {style} needs a number of micro-batches divisible by --pp {par.pp}; got {microbatches} "
+            "(-b / --microbatch_size, or --num_microbatches)"
+        )
+    if par.num_layers_per_stage:
+        counts = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+        if style != "1f1b":
             raise UsageError(
-                "with --pp > 1 the pipeline already accumulates micro-batches; "
-                "raise -b (a multiple of --microbatch_size) instead of --accumulation_steps"
+                "--num_layers_per_stage works with --pp_style 1f1b only: ColossalAI 0.5.0 takes one count per stage "
+                "but its interleaved/zbv schedules read one per model chunk"
             )
-        if par.zero_stage > 1:
-            raise UsageError("pipeline parallelism supports --zero_stage 0 or 1, not 2")
+        if len(counts) != par.pp:
+            raise UsageError(f"--num_layers_per_stage needs one count per pipeline stage ({par.pp}); got {len(counts)}")
+    if cfg.model.recompute_layers_per_stage:
+        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        if len(counts) != par.pp * chunks:
+            raise UsageError(
+                f"--recompute_layers_per_stage needs one count per stage and model chunk ({par.pp} x {chunks}); "
+                f"got {len(counts)}"
+            )
+        if cfg.model.recompute == "none":
+            raise UsageError("--recompute_layers_per_stage recomputes layers; drop --recompute none")
+
+
+def check_model_split(cfg: TrainConfig, model_config) -> None:
+    """The layout fits the model: heads split by TP (and by SP's all_to_all), layers by the pipeline."""
+    par = cfg.parallel
+    if not plugin_spec(par.plugin).model_parallel:
+        return
+    heads, kv_heads = model_config.num_attention_heads, model_config.num_key_value_heads
+    if heads % par.tp or kv_heads % par.tp:
+        raise UsageError(
+            f"--tp {par.tp} must divide the model's {heads} attention heads and {kv_heads} key/value heads"
+        )
+    if par.sp_mode == "all_to_all" and (heads % (par.tp * par.sp) or kv_heads % (par.tp * par.sp)):
+        raise UsageError(
+            f"--sp_mode all_to_all splits the heads: --sp {par.sp} (x --tp {par.tp}) must divide the model's {heads} "
+            f"attention heads and {kv_heads} key/value heads"
+        )
+    layers = model_config.num_hidden_layers
+    if par.pp == 1:
+        return
+    stages = par.pp * model_chunks(par)
+    if par.num_layers_per_stage:
+        per_stage = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+        if sum(per_stage) != layers or 0 in per_stage:
+            raise UsageError(
+                f"--num_layers_per_stage {par.num_layers_per_stage} must give every stage at least one layer and add "
+                f"up to the model's {layers} layers"
+            )
+    elif layers < stages:
+        raise UsageError(f"the model's {layers} layers cannot fill {par.pp} stages x {model_chunks(par)} chunks")
+    else:
+        per_stage = _even_split(layers, stages)
+    if cfg.model.recompute_layers_per_stage:
+        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        if any(c > n for c, n in zip(counts, per_stage, strict=False)):
+            raise UsageError(
+                f"--recompute_layers_per_stage {cfg.model.recompute_layers_per_stage} asks more layers than the stages "
+                f"hold ({','.join(map(str, per_stage))})"
+            )
+
+
+def _even_split(layers: int, stages: int) -> list[int]:
+    """ColossalAI's default split (PipelineStageManager.distribute_layers): the remainder goes to the middle stages."""
+    per_stage = [layers // stages] * stages
+    start = stages // 2 - (layers % stages) // 2
+    for i in range(start, start + layers % stages):
+        per_stage[i] += 1
+    return per_stage
 
 
 def _hybrid_compression_refusal(cfg: TrainConfig) -> str | None:
@@ -267,7 +491,7 @@ PLUGINS: dict[str, PluginSpec] = {
         ),
         PluginSpec(
             "hybrid_parallel",
-            "tensor x pipeline x data parallel (`--tp`, `--pp`, `--zero_stage`, `--microbatch_size`)",
+            "tensor x pipeline x sequence x data parallel (`--tp`, `--pp`, `--sp`, `--zero_stage`, `--pp_style`)",
             _hybrid_parallel,
             model_parallel=True,
             lazy_init=True,
@@ -358,7 +582,20 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"--optimizer {optimizer} all-reduces each gradient itself inside the backward pass, outside DDP's "
                 "communication hook; drop --grad_compression or use --optimizer adamw"
             )
-        if not spec.whole_gradients:
+        if spec.gpu_only:  # Gemini
+            raise UsageError(
+                f"-p {spec.name} cannot host --optimizer {optimizer}: Gemini writes each gradient into its chunk, "
+                "reduces whole chunks after backward and updates only in its optimizer's step over fp32 master chunks, "
+                "so no parameter's gradient and weight are at hand inside backward; use -p ddp or -p hybrid_parallel --tp N"
+            )
+        par = cfg.parallel
+        if spec.model_parallel and (par.pp > 1 or par.sp_mode or par.zero_stage > 0):
+            raise UsageError(
+                f"--optimizer {optimizer} under -p {spec.name} runs with tensor and data parallelism only (a pipeline "
+                "accumulates micro-batches; ZeRO and sequence parallelism reduce gradients after backward); drop "
+                "--pp/--sp_mode/--zero_stage"
+            )
+        if not spec.whole_gradients and not spec.model_parallel:
             raise UsageError(
                 f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
                 f"every process; use -p ddp (one process, or data parallel), not -p {spec.name}"

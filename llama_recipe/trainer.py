@@ -29,6 +29,7 @@ from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import build_model, compile_decoder_layers, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import Parallelism, unwrap_optimizer
+from .recompute import enable_recompute, recompute_mode
 
 
 @dataclass
@@ -222,14 +223,14 @@ def build_boosted(
         # par.weight_dtype: no fp32 master copy may exist, so the weights themselves are 16-bit
         chunked_loss = par.spec.chunked_loss and not cfg.model.unfused_loss
         model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss)
-    if cfg.model.grad_checkpoint:
-        model.gradient_checkpointing_enable()
+    enable_recompute(model, recompute_mode(cfg.model))
     if cfg.model.compile:
         compile_decoder_layers(model)
     opt = cfg.optim
     optimizer = build_optimizer(
         par.optimizer, model, opt.lr, opt.weight_decay, beta2=opt.beta2, max_norm=par.max_norm,
         fp16_loss_scaling=par.precision == "fp16", process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,
+        tensor_parallel_group=par.tp_group, is_sharded=par.is_sharded,
         reference_multiply=opt.collage_reference_multiply, monitor=cfg.logging.log_edq,
     )  # fmt: skip
     lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
@@ -239,6 +240,7 @@ def build_boosted(
 def announce(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> str:
     """Say what this run is (model, layout, attention kernel); returns the attention implementation."""
     attn_implementation, attn_message = select_attention(cfg.model.flash_attention)
+    attn_implementation = par.attention_implementation(attn_implementation)
     for message in [
         attn_message,
         cfg.model.document_attention and f"attention confined to documents ({attn_implementation})",
@@ -263,7 +265,8 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     model, optimizer, lr_scheduler = build_boosted(
         cfg, par, run.model_config, attn_implementation, run.warmup_steps, run.total_steps
     )
-    inputs = ModelInputs(attn_implementation, cfg.model.document_attention, next(model.parameters()).dtype)
+    dtype = next(model.parameters()).dtype
+    inputs = ModelInputs(attn_implementation, cfg.model.document_attention, dtype, par.sequence_parallel)
     checkpointer = Checkpointer(cfg, par, run.tokenizer)
     state: TrainState = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, run.initial_weights)
     if state.step >= run.total_steps:

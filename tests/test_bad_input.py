@@ -145,8 +145,136 @@ CASES = {
         {},
         ["inplace_sgd", "--grad_compression", "adamw"],
     ),
+    # sequence parallelism, pipelines and recompute (hybrid_parallel)
+    "sp_without_mode": (["-p", "hybrid_parallel", "--sp", "2"], {"WORLD_SIZE": "2"}, ["--sp 2", "--sp_mode"]),
+    "split_gather_without_tp": (["-p", "hybrid_parallel", "--sp_mode", "split_gather"], {}, ["split_gather", "--tp 2"]),
+    "split_gather_with_its_own_sp": (
+        ["-p", "hybrid_parallel", "--tp", "2", "--sp_mode", "split_gather", "--sp", "4"],
+        {"WORLD_SIZE": "2"},
+        ["--tp group", "drop --sp"],
+    ),
+    "ring_gives_wrong_gradients": (
+        ["-p", "hybrid_parallel", "--tp", "2", "--sp_mode", "ring"],
+        {"WORLD_SIZE": "2"},
+        ["ring", "wrong weight gradients", "split_gather"],
+    ),
+    "all_to_all_without_sp": (["-p", "hybrid_parallel", "--sp_mode", "all_to_all"], {}, ["all_to_all", "--sp 2"]),
+    "all_to_all_heads_do_not_divide": (
+        ["-p", "hybrid_parallel", "--sp_mode", "all_to_all", "--sp", "3"],
+        {"WORLD_SIZE": "3"},
+        ["--sp 3", "4 attention heads"],
+    ),
+    "ring_attn_on_cpu": (
+        ["-p", "hybrid_parallel", "--sp_mode", "ring_attn", "--sp", "2"],
+        {"WORLD_SIZE": "2"},
+        ["ring_attn", "CUDA", "flash-attn", "all_to_all"],
+    ),
+    "world_size_not_divisible_with_sp": (
+        ["-p", "hybrid_parallel", "--sp_mode", "all_to_all", "--sp", "2"],
+        {"WORLD_SIZE": "3"},
+        ["world size 3", "tp*pp*sp", "--sp"],
+    ),
+    "tp_does_not_divide_heads": (
+        ["-p", "hybrid_parallel", "--tp", "3"],
+        {"WORLD_SIZE": "3"},
+        ["--tp 3", "4 attention"],
+    ),
+    "pp_style_without_pp": (
+        ["-p", "hybrid_parallel", "--pp_style", "interleaved"],
+        {},
+        ["--pp_style", "--pp 2 or more"],
+    ),
+    "recompute_layers_without_pp": (
+        ["-p", "hybrid_parallel", "--recompute_layers_per_stage", "1"],
+        {},
+        ["--recompute_layers_per_stage", "--pp > 1", "crashes"],
+    ),
+    "chunks_with_1f1b": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--num_model_chunks", "2"],
+        {"WORLD_SIZE": "2"},
+        ["1f1b", "exactly 1", "--num_model_chunks"],
+    ),
+    "interleaved_microbatches_do_not_divide": (
+        ["-c", "tiny4", "-p", "hybrid_parallel", "--pp", "2", "--pp_style", "interleaved", "-b", "3"],
+        {"WORLD_SIZE": "2"},
+        ["interleaved", "divisible by --pp 2", "got 3"],
+    ),
+    "num_microbatches_do_not_divide_batch": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--num_microbatches", "3"],
+        {"WORLD_SIZE": "2"},
+        ["-b 2", "--num_microbatches 3"],
+    ),
+    "layers_per_stage_do_not_add_up": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--num_layers_per_stage", "1,2"],
+        {"WORLD_SIZE": "2"},
+        ["--num_layers_per_stage 1,2", "2 layers"],
+    ),
+    "layers_per_stage_count": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--num_layers_per_stage", "1,1,0"],
+        {"WORLD_SIZE": "2"},
+        ["one count per pipeline stage (2)", "got 3"],
+    ),
+    "layers_per_stage_not_numbers": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--num_layers_per_stage", "a,b"],
+        {"WORLD_SIZE": "2"},
+        ["--num_layers_per_stage", "comma-separated", "'a,b'"],
+    ),
+    "layers_per_stage_with_interleaved": (
+        [
+            "-c",
+            "tiny4",
+            "-p",
+            "hybrid_parallel",
+            "--pp",
+            "2",
+            "--pp_style",
+            "interleaved",
+            "--num_layers_per_stage",
+            "2,2",
+        ],
+        {"WORLD_SIZE": "2"},
+        ["--num_layers_per_stage", "1f1b only"],
+    ),  # fmt: skip
+    "too_few_layers_for_the_chunks": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--pp_style", "interleaved"],
+        {"WORLD_SIZE": "2"},
+        ["2 layers cannot fill", "2 stages x 2 chunks"],
+    ),
+    "recompute_layers_more_than_a_stage_holds": (
+        ["-c", "tiny4", "-p", "hybrid_parallel", "--pp", "2", "--recompute_layers_per_stage", "3,1"],
+        {"WORLD_SIZE": "2"},
+        ["--recompute_layers_per_stage 3,1", "more layers than the stages hold (2,2)"],
+    ),
+    "recompute_layers_count": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--recompute_layers_per_stage", "1"],
+        {"WORLD_SIZE": "2"},
+        ["one count per stage and model chunk (2 x 1)", "got 1"],
+    ),
+    "recompute_layers_with_recompute_none": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--recompute_layers_per_stage", "1,1", "--recompute", "none"],
+        {"WORLD_SIZE": "2"},
+        ["--recompute_layers_per_stage", "--recompute none"],
+    ),
+    "grad_checkpoint_with_selective": (["-g", "--recompute", "selective"], {}, ["-g means --recompute full"]),
+    "zero2_with_pipeline": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--zero_stage", "2", "-x", "bf16"],
+        {"WORLD_SIZE": "2"},
+        ["--zero_stage 0 or 1"],
+    ),
+    "inplace_sgd_with_gemini": (["-p", "gemini", "--optimizer", "inplace_sgd"], {}, ["gemini", "chunk", "-p ddp"]),
+    "inplace_sgd_with_pipeline": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--optimizer", "inplace_sgd"],
+        {"WORLD_SIZE": "2"},
+        ["inplace_sgd", "tensor and data parallelism only", "--pp"],
+    ),
+    "zbv_on_cpu": (
+        ["-c", "tiny4", "-p", "hybrid_parallel", "--pp", "2", "--pp_style", "zbv"],
+        {"WORLD_SIZE": "2"},
+        ["zbv", "1f1b or interleaved"],
+    ),
+    "unknown_sp_mode": (["--sp_mode", "zigzag"], {}, ["zigzag", "split_gather", "all_to_all"]),
 }
-GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu"}
+GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 

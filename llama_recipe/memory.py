@@ -1,0 +1,99 @@
+"""What the training state occupies on each rank, in Megatron's terms: bytes per parameter of the
+weights, the gradients and the optimizer state (master weights and moments), measured by counting
+every tensor the boosted model and optimizer reach, next to the figures Megatron's distributed
+optimizer documents (docs/source/api-guide/dist_optimizer.md, d = data-parallel size):
+
+| weights, gradients | without the distributed optimizer | with it |
+|---|---|---|
+| fp16, fp16 (fp32 master and main grads) | 20 | 4 + 16/d |
+| bf16, fp32 | 18 | 6 + 12/d |
+| fp32, fp32 | 16 | 8 + 8/d |
+
+ZeRO-1 inside hybrid_parallel is the distributed optimizer's layout: the fp32 masters and Adam moments
+sharded over the data-parallel group, the 16-bit weights and gradients whole on every rank.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .config import TrainConfig
+from .data import SyntheticBatches
+from .model import count_parameters, get_model_config
+from .parallel import build_parallelism
+from .trainer import build_boosted, forward_backward
+
+MEGATRON_BYTES = {  # precision -> (bytes per parameter without, (constant, sharded part) with the distributed optimizer)
+    "fp16": (20, (4, 16)),
+    "bf16": (18, (6, 12)),
+    "fp32": (16, (8, 8)),
+}
+
+
+def bytes_by_role(model: torch.nn.Module, optimizer) -> dict[str, int]:
+    """Bytes of the model's weights and buffers, of every gradient (the parameters' .grad and any tensor the
+    optimizer wrappers keep under a name with "grad" in it: ZeRO's gradient stores), and of the rest the
+    optimizer reaches (master weights, moments). Each storage counted once."""
+    seen, totals = set(), {"weights": 0, "gradients": 0, "optimizer": 0}
+
+    def add(t: torch.Tensor | None, role: str) -> None:
+        if t is not None and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            totals[role] += t.untyped_storage().nbytes()
+
+    for t in [*model.parameters(), *model.buffers()]:
+        add(t, "weights")
+    for p in model.parameters():
+        add(p.grad, "gradients")
+    visited = set()
+
+    def visit(obj, role: str) -> None:
+        if id(obj) in visited:
+            return
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            add(obj, role)
+            add(obj.grad, "gradients")
+        elif isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(value, "gradients" if isinstance(key, str) and "grad" in key else role)
+        elif isinstance(obj, list | tuple | set):
+            for value in obj:
+                visit(value, role)
+        elif isinstance(obj, torch.nn.Module):
+            return  # the model: counted above
+        elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
+            obj, "__dict__"
+        ):
+            for name, value in vars(obj).items():
+                visit(value, "gradients" if "grad" in name else role)
+
+    visit(optimizer, "optimizer")
+    return totals
+
+
+def state_memory(cfg: TrainConfig) -> dict:
+    """Build and boost the model as training does, take one step (so the optimizer state exists) and one more
+    forward/backward (so the gradients do), and report this rank's bytes per parameter of its model-parallel
+    share, by role, with Megatron's figures for this precision and data-parallel size. Needs the process group."""
+    par = build_parallelism(cfg)
+    model_config = get_model_config(cfg.model.config)
+    model, optimizer, _ = build_boosted(cfg, par, model_config, "sdpa", warmup_steps=0, total_steps=10)
+    seq_len = cfg.data.max_length or 128
+    batches = SyntheticBatches(model_config.vocab_size, seq_len, cfg.training.batch_size, seed=cfg.training.seed)
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    par.step(optimizer)
+    optimizer.zero_grad()
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    model_parallel = dist.get_world_size() // par.dp_size
+    share = count_parameters(model_config) / model_parallel  # the parameters this rank's replica slice holds
+    measured = {role: n / share for role, n in bytes_by_role(model, optimizer).items()}
+    without, (constant, sharded) = MEGATRON_BYTES["fp32" if par.precision == "fp32" else par.precision]
+    return dict(
+        bytes_per_parameter=measured,
+        total_bytes_per_parameter=sum(measured.values()),
+        megatron_without_distributed_optimizer=without,
+        megatron_distributed_optimizer=constant + sharded / par.dp_size,
+        dp_size=par.dp_size,
+    )

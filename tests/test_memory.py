@@ -1,0 +1,26 @@
+"""Bytes per parameter by role (llama_recipe/memory.py), against what each optimizer must hold."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import one_rank_process_group
+
+from llama_recipe.config import TrainConfig
+from llama_recipe.memory import state_memory
+
+
+@pytest.mark.parametrize(
+    "optimizer, expected", [("adamw", dict(weights=4, gradients=4, optimizer=8)), ("sgd", dict(weights=4, gradients=4))]
+)
+def test_fp32_state_bytes_per_parameter(optimizer, expected):
+    """fp32 AdamW: 4-byte weights, 4-byte gradients, two 4-byte moments; SGD keeps no state. Megatron's fp32 row
+    is 16 bytes, with one data-parallel rank the same with its distributed optimizer."""
+    cfg = TrainConfig.for_script("benchmark", config="tiny", plugin="ddp", mixed_precision="fp32", max_length=32,
+                                 batch_size=1, optimizer=optimizer)  # fmt: skip
+    with one_rank_process_group():
+        memory = state_memory(cfg)
+    measured = memory["bytes_per_parameter"]
+    for role in ["weights", "gradients", "optimizer"]:
+        # buffers (the rotary frequencies) and the step counters add a few bytes per million parameters
+        assert measured[role] == pytest.approx(expected.get(role, 0), abs=1e-3), measured
+    assert memory["megatron_without_distributed_optimizer"] == memory["megatron_distributed_optimizer"] == 16
