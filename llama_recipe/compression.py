@@ -58,10 +58,10 @@ class Communication:
     wait_seconds: float = 0.0  # inside the all-reduce calls (the network, and waiting for the slowest replica)
     compressed: bool = False  # this step was compressed (past the warm-up)
     # --compress_backprop: this rank's pipeline backward sends (bytes handed to ColossalAI's p2p), and
-    # [bytes sent, bytes uncompressed, messages, compressed messages] summed over this replica's pipeline
+    # [bytes sent, bytes uncompressed, messages, compressed messages, seconds] summed over this replica's pipeline
     pp_backward_bytes_sent: int = 0
     pp_backward_bytes_uncompressed: int = 0
-    pipeline_backward: list[int] | None = None
+    pipeline_backward: list[float] | None = None
     # --powersgd_log_cosine: <applied, exact>, |applied|^2, |exact|^2 over the compressed matrices
     dot: float = 0.0
     applied_sq: float = 0.0
@@ -271,6 +271,7 @@ class BackpropCounts:
     bytes_uncompressed: int = 0  # the exact activation gradients of the same messages
     messages: int = 0
     compressed: int = 0  # of which compressed
+    seconds: float = 0.0  # compressing (factors, residual) and, on the receiver, rebuilding P Q^T
 
 
 class BackpropCompression:
@@ -297,20 +298,24 @@ class BackpropCompression:
         """The object to send for `message` (a dict of gradients, or None when nothing is sent)."""
         if message is None:
             return None
+        started = time.perf_counter()
         out = {k: self._compress(k, g) if compress and _compressible(g) else g for k, g in message.items()}
+        self.counts.seconds += time.perf_counter() - started
         self.counts.messages += 1
         self.counts.compressed += int(any(isinstance(v, dict) for v in out.values()))
         self.counts.bytes_uncompressed += sum(_nbytes(g) for g in message.values())
         self.counts.bytes_sent += sum(_nbytes(v) for v in out.values())
         return out
 
-    @staticmethod
-    def decode(received: dict | None) -> dict | None:
+    def decode(self, received: dict | None) -> dict | None:
         """The gradients a received message stands for: P Q^T where it was compressed."""
         if received is None:
             return None
-        return {k: _rebuild(v) if isinstance(v, dict) and set(v) == set(BACKPROP_FACTORS) else v
-                for k, v in received.items()}  # fmt: skip
+        started = time.perf_counter()
+        out = {k: _rebuild(v) if isinstance(v, dict) and set(v) == set(BACKPROP_FACTORS) else v
+               for k, v in received.items()}  # fmt: skip
+        self.counts.seconds += time.perf_counter() - started
+        return out
 
     def _compress(self, key: str, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         matrix = grad.detach().float().reshape(-1, grad.shape[-1])

@@ -255,11 +255,11 @@ def _communication_scalars(comm: Communication) -> dict[str, float]:
             "comm/wait_seconds": comm.wait_seconds,
         } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine})  # fmt: skip
     if comm.pipeline_backward is not None:  # --compress_backprop
-        sent, exact, messages, compressed = comm.pipeline_backward
+        sent, exact, messages, compressed, seconds = comm.pipeline_backward
         scalars |= {
             "comm/pp_backward_bytes_sent": sent, "comm/pp_backward_bytes_uncompressed": exact,
             "comm/pp_backward_ratio": exact / sent if sent else 1.0, "comm/pp_backward_messages": messages,
-            "comm/pp_backward_compressed_messages": compressed,
+            "comm/pp_backward_compressed_messages": compressed, "comm/pp_backward_compress_seconds": seconds,
         }  # fmt: skip
     return scalars
 

@@ -105,11 +105,11 @@ class Parallelism:
         comm = self.compressor.take() if self.compressor else Communication()
         if self.backprop is not None:
             counts = self.backprop.take()
-            mine = [counts.bytes_sent, counts.bytes_uncompressed, counts.messages, counts.compressed]
+            mine = [counts.bytes_sent, counts.bytes_uncompressed, counts.messages, counts.compressed, counts.seconds]
             comm.pp_backward_bytes_sent, comm.pp_backward_bytes_uncompressed = mine[:2]
             pipeline = torch.tensor(mine, dtype=torch.float64)
             dist.all_reduce(pipeline, group=self.pp_group)
-            comm.pipeline_backward = [int(v) for v in pipeline.tolist()]
+            comm.pipeline_backward = [int(v) for v in pipeline[:4].tolist()] + [float(pipeline[4])]
         return comm
 
     def compression_state(self) -> dict[str, torch.Tensor]:

@@ -231,6 +231,7 @@ def test_compressed_backprop_sends_only_factors_trains_and_resumes_bit_for_bit(p
     assert set(read_scalars(out / "tb_pipeline", "comm/pp_backward_bytes_uncompressed").values()) == {2 * exact}
     assert read_scalars(out / "tb_pipeline", "comm/pp_backward_ratio")[1] == pytest.approx(exact / compressed)
     assert read_scalars(out / "tb_pipeline_epilogue", "comm/pp_backward_compressed_messages") == {1: 1, 2: 1}
+    assert all(s > 0 for s in read_scalars(out / "tb_pipeline", "comm/pp_backward_compress_seconds").values())
     for rank in range(4):  # each stage-1 rank's LEP residual is in its checkpoint file
         state = load_file(out / "ckpt_pipeline" / "step-3" / "compression" / f"rank-{rank}.safetensors")
         residual = state.get("backprop/residual/hidden_states")
