@@ -107,7 +107,7 @@ class Parallelism:
             counts = self.backprop.take()
             mine = [counts.bytes_sent, counts.bytes_uncompressed, counts.messages, counts.compressed, counts.seconds]
             comm.pp_backward_bytes_sent, comm.pp_backward_bytes_uncompressed = mine[:2]
-            pipeline = torch.tensor(mine, dtype=torch.float64)
+            pipeline = torch.tensor(mine, dtype=torch.float64, device=device())  # NCCL reduces device tensors
             dist.all_reduce(pipeline, group=self.pp_group)
             comm.pipeline_backward = [int(v) for v in pipeline[:4].tolist()] + [float(pipeline[4])]
         return comm
