@@ -152,7 +152,7 @@ MUST_MATCH_ON_RESUME = {
     "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "mixed_precision", "collage_reference_multiply"),
     "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
     "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback",
-                            "compress_stages"),
+                            "compress_stages", "compress_backprop", "compress_backprop_epilogue_only"),
 }  # fmt: skip
 MODEL_PARALLEL = ("plugin", "tp", "pp", "zero_stage")  # a layout that differs only in replicas keeps these
 
@@ -266,8 +266,8 @@ def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, d
     par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
     (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
     (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
-    if par.compressor is not None:  # each rank's own error buffers and warm-start factors (small: written now)
-        save_file(par.compressor.state_dict(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
+    if par.compresses:  # each rank's own error buffers, LEP residuals and warm-start factors (small: written now)
+        save_file(par.compression_state(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
 
 
 def _complete(tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int) -> int:
@@ -289,7 +289,7 @@ def _temporary_dir(final: Path, par: Parallelism) -> Path:
     tmp = final.with_name(f".{final.name}.tmp")
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier crashed save
-        for part in ("data", "rng", DONE, *(["compression"] if par.compressor is not None else [])):
+        for part in ("data", "rng", DONE, *(["compression"] if par.compresses else [])):
             (tmp / part).mkdir(parents=True)
     barrier()
     return tmp
@@ -406,8 +406,8 @@ def load_checkpoint(
             data_state = json.loads((p / "data" / f"rank-{rank() if same_layout else 0}.json").read_text())
         if same_layout:
             _set_rng_state(json.loads((p / "rng" / f"rank-{rank()}.json").read_text()))
-        if par.compressor is not None:
-            _load_compression(par.compressor, p, running_states["step"], same_layout, compression_too)
+        if par.compresses:
+            _load_compression(par, p, running_states["step"], same_layout, compression_too)
     except (
         Exception
     ) as e:  # a truncated shard, a wrong dtype, a missing rank file: all mean this checkpoint is unusable
@@ -418,14 +418,14 @@ def load_checkpoint(
     return running_states, data_state
 
 
-def _load_compression(compressor, path: Path, step: int, same_layout: bool, wanted: bool) -> None:
+def _load_compression(par: Parallelism, path: Path, step: int, same_layout: bool, wanted: bool) -> None:
     """This rank's compression state, when it was saved under this layout and flags; otherwise the
     state restarts (no error buffers, new factors), and the run says why."""
     file = path / "compression" / f"rank-{rank()}.safetensors"
     if same_layout and wanted and file.is_file():
-        compressor.load_state_dict(load_file(str(file)))
+        par.load_compression_state(load_file(str(file)))
         return
-    compressor.restart(step)
+    par.restart_compression(step)
     why = "--reset_compression" if not wanted else "another layout" if not same_layout else "saved without compression"
     print_main(f"gradient compression starts fresh at step {step} ({why}): no error buffers, new warm-start factors")
 

@@ -22,6 +22,8 @@ version only (`apply_patches` refuses another, in one line).
    written later, by ColossalAI's own `save_state_dict`, from our background writer
    (checkpoint.BackgroundSave). Its own asynchronous path (`use_async`) needs the tensornvme
    package and pinned memory, which CPU-only machines and most clusters lack.
+5. Per plugin, with --compress_backprop (`compress_pipeline_backward`): the activation gradients
+   1F1B sends to the previous stage go through our codec (only its factors travel).
 """
 
 from __future__ import annotations
@@ -297,6 +299,55 @@ def deferred_state_dict_writes(deferred: list, live_storages: set[int]):
     finally:
         for module in modules:
             module.save_state_dict = write
+
+
+def compress_pipeline_backward(scheduler, codec, epilogue_only: bool) -> None:
+    """--compress_backprop: wrap the four 1F1B methods of this scheduler object (not the class) that
+    move activation gradients, OneForwardOneBackwardSchedule of colossalai 0.5.0: the sends
+    (`send_backward`, `send_backward_recv_forward`) hand ColossalAI's p2p `codec.encode(grad)` (a
+    dict of the factors) instead of the gradient; the receives (`recv_backward`,
+    `send_forward_recv_backward`) return `codec.decode(received)`. Forward activations pass as before.
+
+    `epilogue_only`: only `send_backward` compresses. 1F1B calls it for the last steady-state send and
+    every cooldown send, the sends after which a stage runs no more forwards (Optimus-CC's `flush=True`
+    sends): pp - s of stage s's sends per step. Messages then change shape within a step, so the
+    schedule's cache of gradient metadata (shapes sent once, then assumed) is turned off for them:
+    every gradient message carries its metadata, as the schedule's first one does."""
+    import colossalai
+    from colossalai.pipeline.schedule import OneForwardOneBackwardSchedule
+
+    if colossalai.__version__ != PATCHED_FOR_VERSION or type(scheduler) is not OneForwardOneBackwardSchedule:
+        raise UsageError(
+            f"--compress_backprop wraps ColossalAI {PATCHED_FOR_VERSION}'s 1F1B pipeline schedule, not this one "
+            f"(ColossalAI {colossalai.__version__}, {type(scheduler).__name__}); drop --compress_backprop"
+        )
+    send_backward, send_backward_recv_forward = scheduler.send_backward, scheduler.send_backward_recv_forward
+    recv_backward, send_forward_recv_backward = scheduler.recv_backward, scheduler.send_forward_recv_backward
+
+    def uncache_gradient_metadata() -> None:
+        if epilogue_only:
+            scheduler.send_grad_metadata, scheduler.grad_metadata_recv = True, None
+
+    def send_backward_compressed(input_tensor_grad, prev_rank=None):
+        uncache_gradient_metadata()
+        return send_backward(codec.encode(input_tensor_grad), prev_rank)
+
+    def send_backward_recv_forward_compressed(input_tensor_grad, send_first=None):
+        uncache_gradient_metadata()
+        return send_backward_recv_forward(codec.encode(input_tensor_grad, compress=not epilogue_only), send_first)
+
+    def recv_backward_decompressed(next_rank=None):
+        uncache_gradient_metadata()
+        return codec.decode(recv_backward(next_rank))
+
+    def send_forward_recv_backward_decompressed(output_tensor, send_first=None):
+        uncache_gradient_metadata()
+        return codec.decode(send_forward_recv_backward(output_tensor, send_first))
+
+    scheduler.send_backward = send_backward_compressed
+    scheduler.send_backward_recv_forward = send_backward_recv_forward_compressed
+    scheduler.recv_backward = recv_backward_decompressed
+    scheduler.send_forward_recv_backward = send_forward_recv_backward_decompressed
 
 
 def apply_patches(cpu_only: bool) -> list[str]:

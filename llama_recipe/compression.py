@@ -57,6 +57,11 @@ class Communication:
     compress_seconds: float = 0.0  # computing factors, orthogonalising, decompressing, error buffers
     wait_seconds: float = 0.0  # inside the all-reduce calls (the network, and waiting for the slowest replica)
     compressed: bool = False  # this step was compressed (past the warm-up)
+    # --compress_backprop: this rank's pipeline backward sends (bytes handed to ColossalAI's p2p), and
+    # [bytes sent, bytes uncompressed, messages, compressed messages, seconds] summed over this replica's pipeline
+    pp_backward_bytes_sent: int = 0
+    pp_backward_bytes_uncompressed: int = 0
+    pipeline_backward: list[float] | None = None
     # --powersgd_log_cosine: <applied, exact>, |applied|^2, |exact|^2 over the compressed matrices
     dot: float = 0.0
     applied_sq: float = 0.0
@@ -251,3 +256,118 @@ def _split(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         out.append(flat[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
+
+
+# -- Compressed backpropagation (Optimus-CC's CB) with lazy error propagation (LEP)
+
+BACKPROP_FACTORS = ("powersgd_p", "powersgd_q")  # the keys of a compressed message's factors
+
+
+@dataclass
+class BackpropCounts:
+    """What one rank's pipeline backward sends handed to ColossalAI's p2p since the last `take`."""
+
+    bytes_sent: int = 0  # the tensors of the messages sent (the factors, where compressed)
+    bytes_uncompressed: int = 0  # the exact activation gradients of the same messages
+    messages: int = 0
+    compressed: int = 0  # of which compressed
+    seconds: float = 0.0  # compressing (factors, residual) and, on the receiver, rebuilding P Q^T
+
+
+class BackpropCompression:
+    """The activation gradients one pipeline stage sends to the previous one (Optimus-CC's CB), each
+    [batch, seq, hidden] gradient G of a message viewed as a matrix (batch*seq x hidden):
+
+        M = G + e                   LEP: what compressing the previous message at this boundary left out
+        P = M Q, orthonormalised    Q (hidden x r): the previous message's Q (warm start), orthonormalised
+        Q = M^T P
+        e = M - P Q^T               kept here, added to the next message (the next micro-batch's, or
+                                    the next step's first: the residual is never dropped)
+
+    Only P (viewed [batch, seq, r]) and Q travel; the receiver rebuilds P Q^T (`decode`). Exact for
+    a message of rank <= r with no residual; LEP makes the sum of what was sent over micro-batches
+    plus the residual equal the sum of the exact gradients. State (e, Q) per key of the message."""
+
+    def __init__(self, rank: int, seed: int = 0, index: int = 0):
+        self.rank, self.seed, self.index = rank, seed, index
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.qs: dict[str, torch.Tensor] = {}
+        self.counts = BackpropCounts()
+
+    def encode(self, message: dict | None, compress: bool = True) -> dict | None:
+        """The object to send for `message` (a dict of gradients, or None when nothing is sent)."""
+        if message is None:
+            return None
+        started = time.perf_counter()
+        out = {k: self._compress(k, g) if compress and _compressible(g) else g for k, g in message.items()}
+        self.counts.seconds += time.perf_counter() - started
+        self.counts.messages += 1
+        self.counts.compressed += int(any(isinstance(v, dict) for v in out.values()))
+        self.counts.bytes_uncompressed += sum(_nbytes(g) for g in message.values())
+        self.counts.bytes_sent += sum(_nbytes(v) for v in out.values())
+        return out
+
+    def decode(self, received: dict | None) -> dict | None:
+        """The gradients a received message stands for: P Q^T where it was compressed."""
+        if received is None:
+            return None
+        started = time.perf_counter()
+        out = {k: _rebuild(v) if isinstance(v, dict) and set(v) == set(BACKPROP_FACTORS) else v
+               for k, v in received.items()}  # fmt: skip
+        self.counts.seconds += time.perf_counter() - started
+        return out
+
+    def _compress(self, key: str, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        matrix = grad.detach().float().reshape(-1, grad.shape[-1])
+        n, m = matrix.shape
+        r = min(n, m, self.rank)
+        residual = self.residuals.get(key)
+        if residual is not None and residual.shape == matrix.shape:
+            matrix = matrix + residual
+        q = self.qs.get(key)
+        if q is None or q.shape != (m, r):
+            q = initial_q(m, r, self.seed, self.index, torch.float32, matrix.device)
+        p = orthonormalize(matrix @ orthonormalize(q))
+        q = matrix.T @ p
+        p_sent, q_sent = p.to(grad.dtype), q.to(grad.dtype)
+        self.residuals[key] = matrix - p_sent.float() @ q_sent.float().T  # what the receiver will not get
+        self.qs[key] = q
+        return dict(zip(BACKPROP_FACTORS, (p_sent.view(*grad.shape[:-1], r), q_sent), strict=True))
+
+    def take(self) -> BackpropCounts:
+        counts, self.counts = self.counts, BackpropCounts()
+        return counts
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = {f"residual/{k}": v for k, v in self.residuals.items()} | {f"q/{k}": v for k, v in self.qs.items()}
+        return {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.residuals = {k.removeprefix("residual/"): v.clone() for k, v in state.items() if k.startswith("residual/")}
+        self.qs = {k.removeprefix("q/"): v.clone() for k, v in state.items() if k.startswith("q/")}
+
+    def restart(self) -> None:
+        self.residuals, self.qs = {}, {}
+
+
+def _compressible(grad) -> bool:
+    return isinstance(grad, torch.Tensor) and grad.dim() >= 2 and grad.is_floating_point()
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+def _rebuild(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    p, q = (factors[k] for k in BACKPROP_FACTORS)
+    r = p.shape[-1]
+    return (p.reshape(-1, r).float() @ q.float().T).to(p.dtype).view(*p.shape[:-1], q.shape[0])
+
+
+def backprop_payload_bytes(batch: int, seq: int, hidden: int, rank: int, element_size: int = 4) -> tuple[int, int]:
+    """(bytes of one compressed message, bytes of the exact one) for a [batch, seq, hidden] gradient:
+    the analytic count the counters must match."""
+    r = min(batch * seq, hidden, rank)
+    return element_size * r * (batch * seq + hidden), element_size * batch * seq * hidden

@@ -300,6 +300,23 @@ class CompressionConfig:
         advanced=True,
         scripts=COMPRESSING,
     )
+    compress_backprop: int | None = flag(
+        None,
+        "--compress_backprop",
+        help="with --pp > 1: compress the activation gradients each pipeline stage sends to the previous one to "
+        "rank-R factors (one power iteration; each message's error is added to the next one: lazy error propagation)",
+        minimum=1,
+        advanced=True,
+        scripts=COMPRESSING,
+    )
+    compress_backprop_epilogue_only: bool = flag(
+        False,
+        "--compress_backprop_epilogue_only",
+        help="--compress_backprop: compress only the sends of 1F1B's flush (its last steady-state send and the "
+        "cooldown), the ones on the critical path at the end of a step",
+        advanced=True,
+        scripts=COMPRESSING,
+    )
 
 
 @dataclass
@@ -575,7 +592,7 @@ class CheckpointConfig:
     reset_compression: bool = flag(
         False,
         "--reset_compression",
-        help="resume with new --grad_compression/--powersgd_* flags; the compression state starts fresh",
+        help="resume with new --grad_compression/--powersgd_*/--compress_* flags; the compression state starts fresh",
         scripts=TRAINING,
         advanced=True,
     )

@@ -246,6 +246,26 @@ class StepResult:
     communication: Communication | None = None  # --grad_compression: what this rank's gradient sync sent
 
 
+def _communication_scalars(comm: Communication) -> dict[str, float]:
+    """comm/*: the DP sync's counters (this rank's; every rank of a stage sends the same) and the
+    pipeline's backward sends (summed over this replica's stages), each counted where it was sent."""
+    scalars = {}
+    if comm.bytes_uncompressed:  # --grad_compression
+        scalars |= {
+            "comm/dp_bytes_sent": comm.bytes_sent, "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
+            "comm/compression_ratio": comm.ratio, "comm/compress_seconds": comm.compress_seconds,
+            "comm/wait_seconds": comm.wait_seconds,
+        } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine})  # fmt: skip
+    if comm.pipeline_backward is not None:  # --compress_backprop
+        sent, exact, messages, compressed, seconds = comm.pipeline_backward
+        scalars |= {
+            "comm/pp_backward_bytes_sent": sent, "comm/pp_backward_bytes_uncompressed": exact,
+            "comm/pp_backward_ratio": exact / sent if sent else 1.0, "comm/pp_backward_messages": messages,
+            "comm/pp_backward_compressed_messages": compressed, "comm/pp_backward_compress_seconds": seconds,
+        }  # fmt: skip
+    return scalars
+
+
 def _shares(tokens: dict[str, int]) -> str:
     total = sum(tokens.values()) or 1
     return ", ".join(f"{name} {100 * n / total:.1f}% ({n:,} tokens)" for name, n in tokens.items())
@@ -299,13 +319,8 @@ class RunMetrics:
             total = sum(result.slice_tokens.values()) or 1
             shares = {f"data/share_{name}": n / total for name, n in result.slice_tokens.items()}
             self.logger.log_scalars(step, {**{f"data/tokens_{k}": v for k, v in result.slice_tokens.items()}, **shares})
-        if result.communication and write:  # counted by the hook where it sends (this rank's; all send the same)
-            comm = result.communication
-            self.logger.log_scalars(step, {
-                "comm/dp_bytes_sent": comm.bytes_sent, "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
-                "comm/compression_ratio": comm.ratio, "comm/compress_seconds": comm.compress_seconds,
-                "comm/wait_seconds": comm.wait_seconds,
-            } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine}))  # fmt: skip
+        if result.communication and write:
+            self.logger.log_scalars(step, _communication_scalars(result.communication))
         if self.cfg.log_edq and write:  # one small all-reduce: the shards' sums
             edq = edq_metrics(sum_across_ranks(unwrap_optimizer(optimizer).metric_sums))
             self.logger.log_scalars(step, {f"optimizer/{name}": value for name, value in edq.items()})

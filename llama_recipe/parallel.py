@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .colossalai_patches import route_pipeline_dp_grad_sync
-from .compression import Communication, CompressionSettings, PowerSGD
+from .colossalai_patches import compress_pipeline_backward, route_pipeline_dp_grad_sync
+from .compression import BackpropCompression, Communication, CompressionSettings, PowerSGD
 from .config import CompressionConfig, TrainConfig
 from .distributed import device, print_main
 from .optim import OPTIMIZERS
@@ -57,6 +57,10 @@ class Parallelism:
         the causal mask out when nothing is padded (SDPA would apply it), so every token would see the
         future. With "eager" transformers builds the causal mask that path needs."""
         return "eager" if self.sequence_parallel and chosen == "sdpa" else chosen
+
+    backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
+    backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
+    backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
 
     @property
     def pipeline(self) -> bool:
@@ -107,11 +111,55 @@ class Parallelism:
             self.compressor = _register_powersgd(self, model, total_steps, seed)
         if self.fused_update:
             unwrap_optimizer(optimizer).attach_hooks()  # the plugin built the parameters it holds now
+        if self.backprop_rank:
+            stage = self.plugin.stage_manager.stage
+            self.backprop = BackpropCompression(self.backprop_rank, seed, index=int(stage))
+            compress_pipeline_backward(self.plugin.scheduler, self.backprop, self.backprop_epilogue_only)
+            print_main(
+                f"compressed backpropagation: rank {self.backprop_rank} factors between pipeline stages, lazy error "
+                f"propagation{', flush sends only' if self.backprop_epilogue_only else ''}"
+            )
         return model, optimizer, lr_scheduler
 
     def take_communication(self) -> Communication | None:
-        """What the gradient sync sent this step (with --grad_compression; None without)."""
-        return self.compressor.take() if self.compressor else None
+        """What the gradient sync (--grad_compression) and the pipeline's backward sends
+        (--compress_backprop: summed over this replica's pipeline stages, one small all-reduce) sent
+        this step; None without either."""
+        if self.compressor is None and self.backprop is None:
+            return None
+        comm = self.compressor.take() if self.compressor else Communication()
+        if self.backprop is not None:
+            counts = self.backprop.take()
+            mine = [counts.bytes_sent, counts.bytes_uncompressed, counts.messages, counts.compressed, counts.seconds]
+            comm.pp_backward_bytes_sent, comm.pp_backward_bytes_uncompressed = mine[:2]
+            pipeline = torch.tensor(mine, dtype=torch.float64, device=device())  # NCCL reduces device tensors
+            dist.all_reduce(pipeline, group=self.pp_group)
+            comm.pipeline_backward = [int(v) for v in pipeline[:4].tolist()] + [float(pipeline[4])]
+        return comm
+
+    def compression_state(self) -> dict[str, torch.Tensor]:
+        """This rank's compression state, for its checkpoint file."""
+        state = self.compressor.state_dict() if self.compressor else {}
+        if self.backprop is not None:
+            state |= {f"backprop/{k}": v for k, v in self.backprop.state_dict().items()}
+        return state
+
+    def load_compression_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.compressor is not None:
+            self.compressor.load_state_dict({k: v for k, v in state.items() if not k.startswith("backprop/")})
+        if self.backprop is not None:
+            self.backprop.load_state_dict({k.removeprefix("backprop/"): v for k, v in state.items()
+                                           if k.startswith("backprop/")})  # fmt: skip
+
+    def restart_compression(self, step: int) -> None:
+        if self.compressor is not None:
+            self.compressor.restart(step)
+        if self.backprop is not None:
+            self.backprop.restart()
+
+    @property
+    def compresses(self) -> bool:
+        return self.compressor is not None or self.backprop is not None
 
     def forward_context(self):
         """bf16 autocast where the plugin leaves precision alone (ddp); the others cast the model themselves."""
@@ -202,6 +250,8 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
     return Parallelism(
         booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group,
         compression=compression, sequence_parallel=sequence_parallel, tp_group=tp_group,
+        backprop_rank=cfg.compression.compress_backprop,
+        backprop_epilogue_only=cfg.compression.compress_backprop_epilogue_only,
     )  # fmt: skip
 
 

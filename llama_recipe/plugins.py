@@ -648,3 +648,10 @@ def _check_compression(cfg: TrainConfig, spec: PluginSpec) -> None:
             f"--compress_stages {comp.compress_stages} needs a pipeline of at least that many stages "
             f"(-p hybrid_parallel --pp > 1, got --pp {pp}); lower it or drop it"
         )
+    if comp.compress_backprop and not (spec.model_parallel and pp > 1):
+        raise UsageError(
+            f"--compress_backprop compresses the gradients pipeline stages send each other; it needs -p hybrid_parallel "
+            f"--pp > 1 (got -p {spec.name} --pp {pp}): add --pp or drop --compress_backprop"
+        )
+    if comp.compress_backprop_epilogue_only and not comp.compress_backprop:
+        raise UsageError("--compress_backprop_epilogue_only needs --compress_backprop R (the rank)")

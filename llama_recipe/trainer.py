@@ -147,7 +147,7 @@ def train_step(
     )
     slices = mixture_tokens(batches) if cfg.data.data_mix else None
     tokens = round(tokens_mean * par.dp_size)
-    communication = par.take_communication()  # --grad_compression: what this step's gradient sync sent
+    communication = par.take_communication()  # --grad_compression, --compress_backprop: what this step sent
     return StepResult(
         loss, tokens, grad_norm, lr, elapsed, parts, overflow, slices, bad, loss_z, spike_skip, communication
     )

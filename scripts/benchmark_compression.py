@@ -1,8 +1,10 @@
-"""Measure PowerSGD on data-parallel gradients (-p ddp, 2 processes): what it sends, what it costs,
-and what it does to the loss. Same seed, data (the shipped sample) and schedule in every run.
+"""Measure PowerSGD on data-parallel gradients (-p ddp, 2 processes) and compressed backpropagation
+between pipeline stages: what they send, what they cost, and what they do to the loss. Same seed, data
+(the shipped sample) and schedule in every run.
 
     python scripts/benchmark_compression.py                 # bytes on `small`, loss curves on `tiny` (300 steps)
     python scripts/benchmark_compression.py --steps 100 -o runs/compression-quick
+    python scripts/benchmark_compression.py --only backprop --backprop_config tiny --backprop_steps 150
 
 1. Bytes and compute (`--bytes_config`, default small): one run whose first steps all-reduce exactly
    and whose last steps compress, so both byte counts come from the same hook, counted where sent.
@@ -10,6 +12,10 @@ and what it does to the loss. Same seed, data (the shipped sample) and schedule 
    without; the final loss is the mean of the last 20 steps.
 3. Selective stage compression (`--bytes_config`, pp 2 x dp 2, 4 processes, --compress_stages 1): each
    stage's bytes per step, from each rank's own counters.
+3b. Compressed backpropagation (`--only backprop` runs just this; `--backprop_config`, default
+   `--bytes_config`, pp 2 x dp 2, 4 processes, 4 micro-batches a step, `--backprop_steps`, default 4): the
+   pipeline backward bytes per step, exact vs --compress_backprop R and its epilogue-only form (both
+   counts from the same counters, where sent), and the final losses.
 4. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
    (2 (W-1)/W of the payload per rank, no overlap with backward), at 10, 25 and 100 Gb/s.
 
@@ -71,23 +77,25 @@ def measure_bytes(args: argparse.Namespace) -> dict:
     )  # fmt: skip
 
 
-STAGE_FLAGS = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1", "-l", "128", "-b", "2", "--mbs", "1",
-               "--max_steps", "4", "-s", "0", "--grad_compression", "powersgd", "--powersgd_warmup", "0.5",
-               "-o", "", "-t", ""]  # fmt: skip
+PIPELINE = ["-p", "hybrid_parallel", "--pp", "2", "-l", "128", "--mbs", "1", "-s", "0", "-o", "", "-t", ""]
+STAGE_FLAGS = [*PIPELINE, "--compress_stages", "1", "-b", "2", "--max_steps", "4", "--grad_compression", "powersgd",
+               "--powersgd_warmup", "0.5"]  # fmt: skip
+BACKPROP_VARIANTS = {  # label: flags (R appended to --compress_backprop)
+    "uncompressed": [],
+    "CB": ["--compress_backprop"],
+    "CB, epilogue only": ["--compress_backprop_epilogue_only", "--compress_backprop"],
+}
 
 
-def stage_probe(out: Path, config: str, rank: int) -> None:
-    """Under torchrun (4 processes): train `config` with pp 2 x dp 2 and --compress_stages 1, and write
-    each rank's pipeline stage and per-step byte counters to OUT/rank<R>.json."""
+def stage_probe(out: Path, config: str, flags: list[str]) -> None:
+    """Under torchrun (4 processes): train `config` with pp 2 x dp 2 and `flags`, and write each rank's
+    pipeline stage, per-step byte counters and losses to OUT/rank<R>.json."""
     import torch.distributed as dist
 
     import llama_recipe.recipes as recipes
     from llama_recipe.cli import parse_args, validate
 
-    cfg = parse_args(
-        "pretrain",
-        ["-c", config, "--powersgd_rank", str(rank), "-d", str(REPO / "data" / "redpajama-sample"), *STAGE_FLAGS],
-    )
+    cfg = parse_args("pretrain", ["-c", config, "-d", str(REPO / "data" / "redpajama-sample"), *flags])
     validate(cfg, 4)
     layouts = []
     build = recipes.build_parallelism
@@ -95,26 +103,65 @@ def stage_probe(out: Path, config: str, rank: int) -> None:
     summary = recipes.pretrain(cfg)
     stage = int(layouts[0].plugin.stage_manager.stage)
     (out / f"rank{dist.get_rank()}.json").write_text(
-        json.dumps(dict(stage=stage, communication=summary["communication"]))
+        json.dumps(dict(stage=stage, communication=summary["communication"], losses=summary["losses"]))
     )
 
 
-def measure_stages(args: argparse.Namespace) -> dict:
-    """Selective stage compression on `--bytes_config`: each stage's bytes per step, exact and compressed."""
-    out = Path(args.out) / f"stages-{args.bytes_config}"
+def run_probe(args: argparse.Namespace, name: str, flags: list[str], config: str | None = None) -> list[dict]:
+    """`stage_probe` on 4 processes with `flags`; each rank's results, by rank."""
+    out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "4", __file__,
-               "--stage_probe", str(out), "--bytes_config", args.bytes_config, "--rank", str(args.rank)]  # fmt: skip
+               "--stage_probe", str(out), "--bytes_config", config or args.bytes_config, "--probe_flags", json.dumps(flags)]  # fmt: skip
     print(" ".join(command[4:]), flush=True)
     with open(out / "log.txt", "w") as log:
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
         subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+
+
+def measure_stages(args: argparse.Namespace) -> dict:
+    """Selective stage compression on `--bytes_config`: each stage's bytes per step, exact and compressed."""
     stages = {}
-    for r in range(4):
-        probe = json.loads((out / f"rank{r}.json").read_text())
+    for probe in run_probe(args, f"stages-{args.bytes_config}", [*STAGE_FLAGS, "--powersgd_rank", str(args.rank)]):
         steps = probe["communication"]
         stages[probe["stage"]] = dict(bytes_exact=steps[0]["bytes_sent"], bytes_step_4=steps[-1]["bytes_sent"])
     return dict(config=args.bytes_config, compress_stages=1, pp=2, dp=2, stages=stages)
+
+
+def measure_backprop(args: argparse.Namespace) -> dict:
+    """Compressed backpropagation on `--backprop_config`, pp 2 x dp 2, -b 4 (4 micro-batches a step): the
+    bytes one pipeline sends backward per step (rank 0's TensorBoard sums over its stages; here from
+    each stage-1 rank's own counters) and the losses, per variant."""
+    config, steps = args.backprop_config or args.bytes_config, args.backprop_steps
+    flags = [*PIPELINE, "-b", "4", "--max_steps", str(steps), "-s", str(steps // 10), "--seed", str(args.seed),
+             "--lr", str(args.lr)]  # fmt: skip
+    rows = {}
+    for label, extra in BACKPROP_VARIANTS.items():
+        name = f"backprop-{config}-" + label.replace(" ", "_").replace(",", "")
+        probes = run_probe(args, name, [*flags, *extra, *([str(args.rank)] if extra else [])], config)
+        sender = next(p for p in probes if p["stage"] == 1)  # (stage 0 sends nothing backward)
+        counts = sender["communication"]  # empty uncompressed (no counters): CB's count the exact bytes too
+        rows[label] = dict(losses=sender["losses"], bytes_sent=[c["pp_backward_bytes_sent"] for c in counts],
+                           bytes_uncompressed=[c["pp_backward_bytes_uncompressed"] for c in counts])  # fmt: skip
+    return dict(config=config, rank=args.rank, pp=2, dp=2, micro_batches=4, seq_len=128, steps=steps, variants=rows)
+
+
+def backprop_table(b: dict) -> str:
+    """Pipeline backward bytes per step (one pipeline: stage 1's sends) and the losses, per variant."""
+    exact = b["variants"]["CB"]["bytes_uncompressed"][-1]
+    lines = [f"`{b['config']}`, pp {b['pp']} x dp {b['dp']}, {b['micro_batches']} micro-batches of 1 x {b['seq_len']} "
+             f"a step, rank {b['rank']}, {b['steps']} steps", "",
+             f"| run | backward bytes per step | ratio | final loss (mean of the last {TAIL} steps) | gap |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    base = statistics.mean(b["variants"]["uncompressed"]["losses"][-TAIL:])
+    for label, row in b["variants"].items():
+        sent = row["bytes_sent"][-1] if row["bytes_sent"] else exact  # uncompressed: no counters, CB's exact count
+        final = statistics.mean(row["losses"][-TAIL:])
+        lines.append(
+            f"| {label} | {sent:,} | {exact / sent:.1f}x | {final:.4f} | {100 * (final - base) / base:+.2f}% |"
+        )
+    return "\n".join(lines)
 
 
 def time_model(m: dict, world: int = 2) -> list[dict]:
@@ -193,11 +240,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="OMP threads per process")
     parser.add_argument("-o", "--out", default="runs/compression")
     parser.add_argument("--plot", default="docs/compression_loss_curves.png")
-    parser.add_argument("--only", choices=["stages"], help="run one part only")
-    parser.add_argument("--stage_probe", help=argparse.SUPPRESS)  # (the 4-process run of measure_stages)
+    parser.add_argument(
+        "--backprop_config", help="model of the compressed-backpropagation runs (default: --bytes_config)"
+    )
+    parser.add_argument("--backprop_steps", type=int, default=4, help="steps of each compressed-backpropagation run")
+    parser.add_argument("--only", choices=["stages", "backprop"], help="run one part only")
+    parser.add_argument("--stage_probe", help=argparse.SUPPRESS)  # (the 4-process runs of run_probe)
+    parser.add_argument("--probe_flags", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage_probe:
-        return stage_probe(Path(args.stage_probe), args.bytes_config, args.rank)
+        return stage_probe(Path(args.stage_probe), args.bytes_config, json.loads(args.probe_flags))
+    backprop = measure_backprop(args) if args.only in (None, "backprop") else None
+    if backprop:
+        print(backprop_table(backprop))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"backprop-{backprop['config']}.json").write_text(json.dumps(backprop, indent=1))
+    if args.only == "backprop":
+        return
     stages = measure_stages(args)
     print(json.dumps(stages))
     if args.only == "stages":
@@ -212,7 +271,15 @@ def main() -> None:
     print(text)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table.md").write_text(text + "\n")
-    results = dict(bytes=measured, stages=stages, time_model=rows, final_losses=finals, curves=curves, args=vars(args))
+    results = dict(
+        bytes=measured,
+        stages=stages,
+        backprop=backprop,
+        time_model=rows,
+        final_losses=finals,
+        curves=curves,
+        args=vars(args),
+    )
     (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1))
 
 

@@ -5,7 +5,8 @@ hook, as a new launch would build them); trains under -p hybrid_parallel too (pp
 through torch DDP). Writes OUT/rank<R>.json with what it measured.
 
 usage: compression_worker.py OUT_DIR            (2 processes)
-       compression_worker.py OUT_DIR pipeline   (4 processes: pp 2 x dp 2, --compress_stages 1)
+       compression_worker.py OUT_DIR pipeline   (4 processes: pp 2 x dp 2, --compress_stages 1 and
+                                                 --compress_backprop; then its epilogue-only form)
 """
 
 import json
@@ -161,11 +162,11 @@ def bucket_order_check(me):
     return result
 
 
-def train_and_resume(out: Path, plugin: list[str], name: str, resume: bool = True) -> list[dict]:
+def train_and_resume(out: Path, plugin: list[str], name: str, resume: bool = True, steps: int = STEPS) -> list[dict]:
     """`tiny` compressed for STEPS steps (a checkpoint at SAVE_AT), then (with `resume`) resumed from
     SAVE_AT: the runs' summaries. TensorBoard in OUT/tb_<name> and OUT/tb_<name>_resumed."""
     common = [*TINY_RUN, *plugin, "--grad_compression", "powersgd", "--powersgd_warmup", "0",
-              "--max_steps", str(STEPS), "-o", str(out / f"ckpt_{name}")]  # fmt: skip
+              "--max_steps", str(steps), "-o", str(out / f"ckpt_{name}")]  # fmt: skip
     launches = [["-i", str(SAVE_AT), "-t", str(out / f"tb_{name}")]]
     if resume:
         launches.append(["-i", "0", "-t", str(out / f"tb_{name}_resumed"), "-f", f"{out}/ckpt_{name}/step-{SAVE_AT}"])
@@ -178,15 +179,18 @@ def train_and_resume(out: Path, plugin: list[str], name: str, resume: bool = Tru
 
 
 def pipeline_main(out: Path) -> None:
-    """4 processes: hybrid_parallel pp = 2 x dp = 2 with --compress_stages 1, trained and resumed;
-    each rank's byte counters and pipeline stage."""
+    """4 processes: hybrid_parallel pp = 2 x dp = 2 with --compress_stages 1 and --compress_backprop 4,
+    trained and resumed; then 2 steps with --compress_backprop_epilogue_only; each rank's byte
+    counters and pipeline stage."""
     launch(seed=42)
     recipes.launch = lambda *args: None
     layouts = []
     build = recipes.build_parallelism
     recipes.build_parallelism = lambda cfg: layouts.append(build(cfg)) or layouts[-1]  # to read the stage
-    plugin = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1"]
+    plugin = ["-p", "hybrid_parallel", "--pp", "2", "--compress_stages", "1", "--compress_backprop", "4"]
     result = dict(zip(("train", "resumed"), train_and_resume(out, plugin, "pipeline"), strict=True))
+    epilogue = [*plugin, "--compress_backprop_epilogue_only"]
+    result["epilogue"] = train_and_resume(out, epilogue, "pipeline_epilogue", resume=False, steps=2)[0]
     result["stage"] = int(layouts[0].plugin.stage_manager.stage)  # (a numpy integer)
     (out / f"pipeline-rank{dist.get_rank()}.json").write_text(json.dumps(result, default=str))
     dist.barrier()

@@ -273,6 +273,22 @@ CASES = {
         ["zbv", "1f1b or interleaved"],
     ),
     "unknown_sp_mode": (["--sp_mode", "zigzag"], {}, ["zigzag", "split_gather", "all_to_all"]),
+    # compressed backpropagation: only between pipeline stages, with a rank
+    "compress_backprop_without_pipeline": (
+        ["-p", "hybrid_parallel", "--compress_backprop", "4"],
+        {},
+        ["--compress_backprop", "--pp > 1", "--pp 1"],
+    ),
+    "compress_backprop_rank_zero": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--compress_backprop", "0"],
+        {"WORLD_SIZE": "2"},
+        ["--compress_backprop", "at least 1", "got 0"],
+    ),
+    "compress_backprop_epilogue_only_without_rank": (
+        ["-p", "hybrid_parallel", "--pp", "2", "--compress_backprop_epilogue_only"],
+        {"WORLD_SIZE": "2"},
+        ["--compress_backprop_epilogue_only", "--compress_backprop R"],
+    ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases also run as real processes: an argparse error and a validation error.

@@ -102,3 +102,6 @@ def test_inplace_sgd_under_tensor_parallelism_equals_sgd(runs):
     assert max((sgd[k] - inplace[k]).abs().max().item() for k in sgd) <= 1e-6
     for step, loss in losses["tp2_sgd"].items():
         assert losses["tp2_inplace_sgd"][step] == pytest.approx(loss, abs=1e-5)
+    # each rank held one gradient (shard) at a time: the one that just landed, never two (tests/layouts_probe.py)
+    live = [json.loads((root / "tp2_inplace_sgd" / f"live_grads-rank{r}.json").read_text()) for r in (0, 1)]
+    assert live == [1, 1]
