@@ -382,6 +382,13 @@ class PackedRows:
         self._resumed = True
 
 
+def rows_to_batch(rows: list[tuple[list[int], np.ndarray]]) -> dict[str, torch.Tensor]:
+    """Packed rows (tokens, document positions) as model inputs. Labels equal the inputs: the model shifts them."""
+    input_ids = torch.tensor([tokens for tokens, _ in rows], dtype=torch.long)
+    position_ids = torch.from_numpy(np.stack([positions for _, positions in rows])).long()
+    return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": position_ids}
+
+
 class PretrainBatches:
     """Batches of packed rows as model inputs. Labels equal the inputs: the model shifts them."""
 
@@ -391,10 +398,7 @@ class PretrainBatches:
         self._iterator = iter(rows)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        rows = [next(self._iterator) for _ in range(self.batch_size)]
-        input_ids = torch.tensor([tokens for tokens, _ in rows], dtype=torch.long)
-        position_ids = torch.from_numpy(np.stack([positions for _, positions in rows])).long()
-        return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": position_ids}
+        return rows_to_batch([next(self._iterator) for _ in range(self.batch_size)])
 
     @property
     def epoch(self) -> int:
@@ -429,12 +433,7 @@ def held_out_text_batches(
             f"{dp_size} replicas; pass more held-out text or a smaller -b/-l"
         )
     mine = rows[dp_rank::dp_size]
-    batches = []
-    for i in range(0, len(mine), batch_size):
-        input_ids = torch.tensor([tokens for tokens, _ in mine[i : i + batch_size]], dtype=torch.long)
-        positions = torch.from_numpy(np.stack([p for _, p in mine[i : i + batch_size]])).long()
-        batches.append({"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": positions})
-    return batches, len(rows) * seq_len
+    return [rows_to_batch(mine[i : i + batch_size]) for i in range(0, len(mine), batch_size)], len(rows) * seq_len
 
 
 class SyntheticBatches:

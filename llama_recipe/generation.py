@@ -150,9 +150,9 @@ class Generator:
         ended = "stop" if steps and steps[-1].token_id == self.tokenizer.eos_token_id else "length"
         yield self.decode(steps, prompt_ids)[emitted:], None, ended
 
-    def complete(self, prompt: str, sampling: Sampling) -> Completion:
-        """The whole completion of one prompt."""
-        prompt_ids = self.encode(prompt)
+    def complete(self, prompt: str | list[int], sampling: Sampling) -> Completion:
+        """The whole completion of one prompt (its text, or its tokens as `encode` gives them)."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else prompt
         parts, steps, finish = [], [], "length"
         for text, step, finish_reason in self.stream(prompt_ids, sampling):
             parts.append(text)

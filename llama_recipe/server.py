@@ -149,7 +149,7 @@ class CompletionServer:
         choices, generated = [], 0
         with self.lock:
             for index, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
-                done = self._complete(ids, sampling)
+                done = self.generator.complete(ids, sampling)
                 generated += len(done.steps)
                 choices.append(self._choice(index, prompt, ids, done, r))
         prompt_tokens = sum(len(ids) for ids in encoded)
@@ -159,14 +159,6 @@ class CompletionServer:
             "total_tokens": prompt_tokens + generated,
         }
         return {**head, "choices": choices, "usage": usage}
-
-    def _complete(self, ids: list[int], sampling: Sampling) -> Completion:
-        parts, steps, finish = [], [], "length"
-        for text, step, finish_reason in self.generator.stream(ids, sampling):
-            parts.append(text)
-            steps += [step] if step else []
-            finish = finish_reason or finish
-        return Completion("".join(parts), steps, finish, ids)
 
     def _choice(self, index: int, prompt: str, ids: list[int], done: Completion, r: CompletionRequest) -> dict:
         text = (prompt if r.echo else "") + done.text
@@ -209,7 +201,7 @@ class CompletionServer:
         tok = self.generator.tokenizer
         with self.lock:
             for prompt, ids in zip(r.prompts, encoded, strict=True):
-                done = self._complete(ids, sampling)
+                done = self.generator.complete(ids, sampling)
                 all_ids = ids + [s.token_id for s in done.steps]
                 out["text"].append(prompt + done.text)
                 out["segments"].append(tok.convert_ids_to_tokens(all_ids))
