@@ -34,7 +34,6 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .distributed import device, is_main_process, rank, sum_across_ranks, world_size
-from .errors import UsageError
 from .loss import IGNORE_INDEX
 from .parallel import Parallelism
 from .prepared import prepared_documents
@@ -204,14 +203,3 @@ def eval_scores(sums: dict) -> dict:
         out.update(cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
                    cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]))  # fmt: skip
     return out
-
-
-def check_window(max_length: int, stride: int, positions: int) -> None:
-    if max_length > positions:
-        raise UsageError(
-            f"-l/--max_length {max_length} exceeds the model's {positions} positions; pass -l {positions} or less"
-        )
-    if stride > max_length:
-        raise UsageError(
-            f"--stride {stride} is larger than -l/--max_length {max_length}; pass --stride {max_length} or less"
-        )

@@ -22,7 +22,7 @@ from .data import (
 )
 from .distributed import device, fewest_across_ranks, has_cuda, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
-from .evaluate import check_window, eval_documents, eval_scores, evaluate_documents
+from .evaluate import eval_documents, eval_scores, evaluate_documents
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
 from .model import (
     check_tokenizer_fits,
@@ -196,7 +196,6 @@ def evaluate(cfg: TrainConfig) -> dict:
     task, positions = cfg.evaluation.task, model_config.max_position_embeddings
     max_length = cfg.data.max_length or positions
     stride = cfg.evaluation.stride or max_length
-    check_window(max_length, stride, positions)
     dtype = torch.bfloat16 if has_cuda() else torch.float32  # fp32 where bf16 is slow (CPUs) and exact
     model = load_pretrained_model(model_dir, dtype, device())
     print_main(
