@@ -36,11 +36,12 @@ from safetensors.torch import load_file, save_file
 
 from .colossalai_patches import deferred_state_dict_writes
 from .config import TrainConfig, label_of
-from .distributed import any_rank, barrier, is_main_process, print_main, rank, world_size
+from .distributed import any_rank, barrier, is_main_process, print_main, rank, synchronize, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
-from .files import move_into_place
-from .parallel import Parallelism, unwrap_optimizer
+from .files import move_into_place, write_safetensors
+from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
+from .zero_slices import holds_slices, load_slices, rank_file, rank_slices, write_small_files
 
 RUNNING_STATES = "running_states.json"
 DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
@@ -246,23 +247,36 @@ def _prune(save_dir: str, keep_last: int) -> list[Path]:
     return doomed
 
 
-def _live_storages(model, optimizer) -> set[int]:
-    """The storages training changes in place: the weights and buffers, and every optimizer state
-    (inside the booster's wrapper too), by their data pointers."""
-    tensors = [*model.parameters(), *model.buffers()]
-    for state in unwrap_optimizer(optimizer).state.values():
-        tensors += [v for v in state.values() if isinstance(v, torch.Tensor)]
-    return {t.untyped_storage().data_ptr() for t in tensors}
+def to_host(x: torch.Tensor) -> torch.Tensor:
+    """A tensor as --async_save's background writer reads it: host tensors as they are (training
+    waits before it changes them again: Checkpointer.before_update), device tensors copied to page-
+    locked host memory (the stall; the caller synchronizes once after all copies were queued)."""
+    x = x.detach()
+    if x.device.type == "cpu":
+        return x
+    return torch.empty(x.shape, dtype=x.dtype, pin_memory=True).copy_(x, non_blocking=True)
 
 
 def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, data_state: dict,
                   deferred: list | None = None) -> None:  # fmt: skip
-    """Every rank's part of a checkpoint, through the booster (collective). With `deferred`, the
-    model and optimizer shards are only copied to host memory, into that list (--async_save)."""
-    live = _live_storages(model, optimizer) if deferred is not None else set()
-    with deferred_state_dict_writes(deferred, live) if deferred is not None else contextlib.nullcontext():
+    """Every rank's part of a checkpoint, through the booster (collective); ZeRO's optimizer state
+    as each rank's own slices where the plugin says so (zero_slices.py). With `deferred`
+    (--async_save), the model and optimizer files are not written now but appended there as calls
+    that write them (`to_host` says what they read)."""
+    with deferred_state_dict_writes(deferred, to_host) if deferred is not None else contextlib.nullcontext():
         par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
-        par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+        if not par.spec.zero_slices:
+            par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
+    if par.spec.zero_slices:
+        (tmp / "optimizer").mkdir(exist_ok=True)
+        tensors, index, zero_rank = rank_slices(optimizer)
+        write_small_files(optimizer, tmp / "optimizer", index)
+        on_host = {name: to_host(t) if deferred is not None else t.cpu() for name, t in tensors.items()}
+        write = functools.partial(write_safetensors, on_host, rank_file(tmp / "optimizer", zero_rank))
+        if deferred is not None:
+            deferred.append(write)
+        else:
+            write()
     par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
     (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
     (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
@@ -335,27 +349,37 @@ def save_checkpoint(
 class BackgroundSave:
     """--async_save: one checkpoint written by a background thread after the loop's short stall.
 
-    The stall (`start`, every rank, collective): the booster's save with every model and optimizer
-    shard copied to host memory instead of written, plus the small files. Then each rank's thread
-    writes its shards and a done-marker (`.done/rank-<R>`); rank 0's thread waits for every rank's
-    marker (ranks agree through the files, as a thread must not run collectives beside training)
-    and completes the checkpoint exactly as a synchronous save does: `running_states.json`, the
-    rename into place, then `latest`. A crash or kill -9 before that leaves the previous checkpoint
-    the latest one. `wait` (every rank) joins the thread.
+    The stall (`start_background_save`, every rank, collective): the booster's save with every model
+    and optimizer file handed to this writer instead of written (device tensors copied to host
+    memory on the way), plus the small files. Host tensors are not copied at all: the writer reads
+    the weights and optimizer states themselves, while the next step's forward and backward run,
+    and the loop waits for it (`wait_written`) only before it would change them (the optimizer
+    step; in-place SGD's update inside backward): CheckFreq's pipelined snapshot (FAST '21).
+
+    Each rank's thread writes its files, then a done-marker (`.done/rank-<R>`); rank 0's thread
+    waits for every rank's marker (ranks agree through the files, as a thread must not run
+    collectives beside training) and completes the checkpoint exactly as a synchronous save does:
+    `running_states.json`, the rename into place, then `latest`. A crash or kill -9 before that
+    leaves the previous checkpoint the latest one. `wait` (every rank) joins the thread.
     """
 
     def __init__(self, final: Path, tmp: Path, deferred: list, finish, timeout: float):
         self.final, self.tmp, self.deferred, self.finish, self.timeout = final, tmp, deferred, finish, timeout
         self.started, self.size, self.seconds, self.error = time.perf_counter(), 0, 0.0, None
+        self.waited = 0.0  # seconds training waited in `wait_written`
+        self.written = threading.Event()  # this rank's files are on disk: training may change the tensors
         self.thread = threading.Thread(target=self._run, name=f"save {final.name}", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
-            for write, snapshot, path, use_safetensors in self.deferred:
-                write(snapshot, path, use_safetensors)  # ColossalAI's own writer, on the host-memory copy
-            self.deferred = []  # the copies can go
-            (self.tmp / DONE / f"rank-{rank()}").write_text("")
+            try:
+                for write in self.deferred:
+                    write()
+                self.deferred = []  # the references (or host copies) can go
+                (self.tmp / DONE / f"rank-{rank()}").write_text("")
+            finally:
+                self.written.set()  # also on failure: training must never wait forever
             if self.finish is not None:  # rank 0
                 self._wait_for_every_rank()
                 shutil.rmtree(self.tmp / DONE)
@@ -372,6 +396,13 @@ class BackgroundSave:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"not every rank finished writing within {self.timeout:g} s")
             time.sleep(0.01)
+
+    def wait_written(self) -> None:
+        """Block until this rank's files are written (before training changes what they are read from)."""
+        if not self.written.is_set():
+            started = time.perf_counter()
+            self.written.wait()
+            self.waited += time.perf_counter() - started
 
     def wait(self) -> bool:
         """Join the writer; whether every rank's save succeeded (a collective: every rank calls it)."""
@@ -400,7 +431,9 @@ def load_checkpoint(
         par.booster.load_model(model, str(p / "model"))
         if schedule_too:
             par.booster.load_lr_scheduler(lr_scheduler, str(p / "lr_scheduler.pt"))
-        if optimizer_too and replicas_only:
+        if optimizer_too and replicas_only and holds_slices(p / "optimizer"):
+            load_slices(optimizer, p / "optimizer")
+        elif optimizer_too and replicas_only:
             par.booster.load_optimizer(optimizer, str(p / "optimizer"))
         if data_too:  # under another layout only a prepared dataset's global position moves (validated)
             data_state = json.loads((p / "data" / f"rank-{rank() if same_layout else 0}.json").read_text())
@@ -441,12 +474,13 @@ def start_background_save(
     par: Parallelism, model, optimizer, lr_scheduler, save_dir: str, running_states: dict, data_state: dict,
     tokenizer=None, keep_last: int = 0, timeout: float = 1800.0,
 ) -> BackgroundSave:  # fmt: skip
-    """save_checkpoint's work, but returning once the state is copied to host memory (every rank)."""
+    """save_checkpoint's work, but returning once the state is handed to a background writer (every rank)."""
     final = checkpoint_path(save_dir, running_states["step"])
     tmp, deferred = final.with_name(f".{final.name}.tmp"), []
     try:
         tmp = _temporary_dir(final, par)
         _write_states(par, model, optimizer, lr_scheduler, tmp, data_state, deferred)
+        synchronize()  # the device-to-host copies `to_host` queued have landed
     except OSError as e:
         raise _save_failed(final, tmp, e) from None
     finish = None
@@ -641,8 +675,8 @@ class Checkpointer:
                     self.tokenizer, self.cfg.keep_last, self.write_timeout,
                 )  # fmt: skip
                 print_main(
-                    f"checkpoint {self.pending.final}: training stalled {time.perf_counter() - started:.2f}s to copy it "
-                    "to host memory; it is being written in the background"
+                    f"checkpoint {self.pending.final}: training stalled {time.perf_counter() - started:.2f}s to hand it "
+                    "to the background writer, which writes it while the next step computes"
                 )
                 return
             path, seconds, size = save_checkpoint(
@@ -657,6 +691,12 @@ class Checkpointer:
         print_main(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
         self.last, self.last_size = str(path), size
 
+    def before_update(self) -> None:
+        """Called before training changes the weights or the optimizer state: a checkpoint still
+        being written from them is finished first (--async_save; at once otherwise)."""
+        if self.pending is not None:
+            self.pending.wait_written()
+
     def finish_background(self) -> None:
         """Wait for the checkpoint being written in the background, if any (every rank calls it)."""
         if self.pending is None:
@@ -664,7 +704,10 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending.wait():
             size = f" ({pending.size / 2**20:,.1f} MB)" if pending.size else ""
-            print_main(f"saved checkpoint {pending.final}{size} in {pending.seconds:.1f}s, in the background")
+            print_main(
+                f"saved checkpoint {pending.final}{size} in {pending.seconds:.1f}s, in the background (training "
+                f"waited {pending.waited:.2f}s for it before the next update)"
+            )
             self.last, self.last_size = str(pending.final), pending.size
             return
         reason = f"{type(pending.error).__name__}: {pending.error}" if pending.error else "on another rank"

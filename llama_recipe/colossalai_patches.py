@@ -18,10 +18,10 @@ version only (`apply_patches` refuses another, in one line).
 3. Per model, with --grad_compression and --pp > 1 (`route_pipeline_dp_grad_sync`): the pipeline's
    data-parallel gradient sync goes through our compressor instead of one all-reduce per parameter.
 4. Only while a checkpoint is saved with --async_save (`deferred_state_dict_writes`): every
-   state-dict file ColossalAI's checkpoint code writes is copied to host memory instead, and
-   written later, by ColossalAI's own `save_state_dict`, from our background writer
-   (checkpoint.BackgroundSave). Its own asynchronous path (`use_async`) needs the tensornvme
-   package and pinned memory, which CPU-only machines and most clusters lack.
+   state-dict file ColossalAI's checkpoint code writes is handed to our background writer
+   (checkpoint.BackgroundSave) instead, device tensors copied to host memory first. Its own
+   asynchronous path (`use_async`) needs the tensornvme package and pinned memory, which CPU-only
+   machines and most clusters lack.
 5. Per plugin, with --compress_backprop (`compress_pipeline_backward`): the activation gradients
    1F1B sends to the previous stage go through our codec (only its factors travel).
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import functools
 import importlib
 import types
 
@@ -38,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import UsageError
+from .files import write_safetensors
 
 PATCHED_FOR_VERSION = "0.5.0"
 _applied: list[str] = []
@@ -271,25 +273,23 @@ _MODULES_THAT_WRITE = [
 
 
 @contextlib.contextmanager
-def deferred_state_dict_writes(deferred: list, live_storages: set[int]):
+def deferred_state_dict_writes(deferred: list, to_host):
     """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
-    is appended to `deferred` as (write, host-memory snapshot, path, use_safetensors) instead; call
-    `write(snapshot, path, use_safetensors)` later. Everything collective (ZeRO's gathers, pipeline
-    barriers) and the small files (indexes, config, param groups) still happen at once.
-
-    A tensor is copied into the snapshot when training will go on changing it: when it is on a
-    device, or shares storage with one of `live_storages` (the weights' and optimizer states'
-    `untyped_storage().data_ptr()`). ZeRO's gathered optimizer states are fresh host tensors already."""
+    is appended to `deferred` as a call that writes it later (the background writer calls it), with
+    every tensor passed through `to_host` now. Safetensors files are then written by
+    files.write_safetensors (the same file, straight from memory), others by ColossalAI's own
+    `save_state_dict`. Everything collective (ZeRO's gathers, pipeline barriers) and the small files
+    (indexes, config, param groups) still happen at once."""
     from colossalai.checkpoint_io import utils
 
     write = utils.save_state_dict
 
-    def snapshot(x: torch.Tensor) -> torch.Tensor:
-        return x.detach().to("cpu", copy=x.untyped_storage().data_ptr() in live_storages)
-
     def defer(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
-        copied = utils.tree_map(lambda x: snapshot(x) if torch.is_tensor(x) else x, state_dict)
-        deferred.append((write, copied, checkpoint_file_path, use_safetensors))
+        on_host = utils.tree_map(lambda x: to_host(x) if torch.is_tensor(x) else x, state_dict)
+        if use_safetensors:
+            deferred.append(functools.partial(write_safetensors, on_host, checkpoint_file_path))
+        else:
+            deferred.append(functools.partial(write, on_host, checkpoint_file_path, use_safetensors))
 
     modules = [importlib.import_module(name) for name in _MODULES_THAT_WRITE]
     for module in modules:

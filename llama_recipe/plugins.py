@@ -58,6 +58,7 @@ class PluginSpec:
     document_attention: bool = True  # takes our 4-D document attention masks
     chunked_loss: bool = True  # its forward is transformers' own, so the chunked loss (loss.py) can replace it
     compile_refusal: str | None = None  # why it cannot train --compile (None: it can)
+    zero_slices: bool = False  # checkpoints its ZeRO optimizer state as each rank's slices (zero_slices.py)
     uses_booster: bool = True  # False: the plugin object itself stands in for ColossalAI's Booster
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
@@ -480,6 +481,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "ZeRO-2: optimizer state and gradients sharded (`LowLevelZeroPlugin(stage=2)`)",
             _zero2(cpu_offload=False),
             syncs_every_micro_step=True,
+            zero_slices=True,
             compression_refusal=_zero_refuses_compression("zero2"),
         ),
         PluginSpec(
@@ -487,6 +489,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "ZeRO-2 with the optimizer state offloaded to CPU",
             _zero2(cpu_offload=True),
             syncs_every_micro_step=True,
+            zero_slices=True,
             compression_refusal=_zero_refuses_compression("zero2_cpu"),
         ),
         PluginSpec(

@@ -109,13 +109,17 @@ def _tokens_in(batch: dict) -> int:
 
 
 def train_step(
-    par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: TrainConfig, inputs, guard: StepGuard | None = None
-) -> StepResult:
+    par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: TrainConfig, inputs, guard: StepGuard | None = None,
+    before_update=lambda: None,
+) -> StepResult:  # fmt: skip
     """One optimizer step: forward/backward, clip and step, advance the schedule. A non-finite loss
     or gradient norm skips the update: no weight, optimizer or schedule change (`bad`); so does a
-    loss spike when --on_spike says so (`guard`)."""
+    loss spike when --on_spike says so (`guard`). `before_update` runs before the weights or the
+    optimizer state can change (a checkpoint may still be written from them)."""
     started = time.perf_counter()
     lr = lr_scheduler.get_last_lr()[0]
+    if par.fused_update:  # in-place SGD updates the weights inside backward
+        before_update()
     local_loss, local_tokens, data_seconds = forward_backward(
         par, model, optimizer, batches, cfg.training.accumulation_steps, inputs
     )
@@ -127,6 +131,7 @@ def train_step(
     grad_norm, bad = None, not math.isfinite(loss)
     loss_z, spike_skip = guard.judge(loss) if guard else (None, False)
     if not bad and not spike_skip:  # (in-place SGD updated inside backward already, and skipped a non-finite norm)
+        before_update()
         grad_norm = par.step(optimizer)  # ddp: skips the update itself on a non-finite norm
     fused_skip = par.fused_update and unwrap_optimizer(optimizer).skipped
     non_finite_norm = grad_norm is not None and not math.isfinite(grad_norm)
@@ -281,7 +286,9 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     guard = StepGuard(cfg.training)
     with metrics, StopRequest() as stop:
         while state.step < run.total_steps:
-            step = train_step(par, model, optimizer, lr_scheduler, run.batches, cfg, inputs, guard)
+            step = train_step(
+                par, model, optimizer, lr_scheduler, run.batches, cfg, inputs, guard, checkpointer.before_update
+            )
             state.advance(samples_per_step, step.tokens)
             metrics.log_step(state.step, step, optimizer, guard.total + step.bad)
             if guard.check(step, state.step, checkpointer.last):  # --on_spike rollback

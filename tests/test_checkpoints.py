@@ -174,7 +174,7 @@ def test_async_save_writes_what_a_synchronous_save_writes_and_resumes_the_same(z
     common = [*TINY_RUN, "-p", "zero2", "--max_steps", str(STEPS), "--async_save", "-o", str(save_dir)]
     run = launch("pretrain.py", [*common, "-i", "1", "--keep_last", "4", "-t", str(tmp_path / "tb")], nproc=2)
     check_ok(run)
-    assert "it is being written in the background" in run.stdout
+    assert "to the background writer, which writes it while the next step computes" in run.stdout
     sync_losses = read_scalars(zero2_run / "tb")
     assert read_scalars(tmp_path / "tb") == sync_losses
     assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-3", "step-4", "step-5", "step-6"]
