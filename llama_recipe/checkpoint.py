@@ -4,7 +4,8 @@ checkpoint that looks complete, and never touches the previous good one.
     save_dir/step-<N>/
         model/              booster.save_model (sharded safetensors + index + config.json) and the tokenizer:
                             a Hugging Face model directory that from_pretrained loads
-        optimizer/          booster.save_optimizer (sharded; includes the fp16 loss scaler where there is one)
+        optimizer/          booster.save_optimizer (sharded; includes the fp16 loss scaler where there is one),
+                            or under zero2/zero2_cpu each rank's own ZeRO slices (zero_slices.py)
         lr_scheduler.pt     booster.save_lr_scheduler
         data/rank-<R>.json  each rank's position in the data stream
         rng/rank-<R>.json   each rank's random number generator states (torch, CUDA, Python, NumPy)

@@ -2,7 +2,8 @@
 written against colossalai==0.5.0 and replace internals by name, so they apply to that exact
 version only (`apply_patches` refuses another, in one line).
 
-1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`), and
+1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`),
+   safetensors shards written without an extra copy of every tensor (`_patch_safetensors_writes`), and
    every `torch.load` ColossalAI's checkpoint code makes (optimizer shards and param groups, the lr
    scheduler, .bin weights) with `weights_only=True`, so a crafted checkpoint file cannot run code on
    any torch (2.5.1, the GPU stack's, still defaults to unpickling anything); and the process groups
@@ -272,6 +273,24 @@ _MODULES_THAT_WRITE = [
 ]
 
 
+def _patch_safetensors_writes() -> None:
+    """ColossalAI's `save_state_dict` writes a safetensors shard with `safetensors.torch.save_file`,
+    which first copies every tensor into a bytes object (512 MB: 1.26 s); files.write_safetensors
+    writes the same file from the tensors' memory (0.41 s). Other files are written as before."""
+    from colossalai.checkpoint_io import utils
+
+    original = utils.save_state_dict
+
+    def save_state_dict(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
+        if not use_safetensors:
+            return original(state_dict, checkpoint_file_path, use_safetensors)
+        write_safetensors({k: v.detach().cpu() for k, v in state_dict.items()}, checkpoint_file_path)
+
+    for name in _MODULES_THAT_WRITE:
+        importlib.import_module(name).save_state_dict = save_state_dict
+    _applied.append("ColossalAI's safetensors shards are written straight from the tensors' memory")
+
+
 @contextlib.contextmanager
 def deferred_state_dict_writes(deferred: list, to_host):
     """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
@@ -365,6 +384,7 @@ def apply_patches(cpu_only: bool) -> list[str]:
         )
     _patch_zero_optimizer_checkpoint_copies()
     _patch_checkpoint_loads_weights_only()
+    _patch_safetensors_writes()
     if cpu_only:
         from colossalai.accelerator.cpu_accelerator import CpuAccelerator
 
