@@ -599,7 +599,7 @@ class CheckpointConfig:
     async_save: bool = flag(
         False,
         "--async_save",
-        help="write checkpoints in a background thread: training stalls only to copy the state to host memory",
+        help="write checkpoints in a background thread, beside the next step; training waits only before the update (GPU tensors: a copy to host)",
         scripts=TRAINING,
         advanced=True,
     )
