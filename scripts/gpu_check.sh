@@ -32,13 +32,16 @@ if [ -n "$WHEELHOUSE" ]; then  # the node's own torch, everything else from the 
     refuse "$PYTHON has no torch: the wheelhouse brings everything but torch; use the node's Python (PYTHON=...)"
   [ "$INSTALL_ONLY" = 1 ] || [ -n "${node_torch#* }" ] ||
     refuse "this node's torch ${node_torch% *} is built without CUDA: gpu_check.sh needs a CUDA torch"
-  rm -rf "$TARGET"
+  [ ! -e "$TARGET" ] || [ -f "$TARGET/.from-wheelhouse" ] || [ -z "$(ls -A "$TARGET")" ] ||
+    refuse "--target $TARGET exists and is not an earlier install from a wheelhouse: name a new directory"
+  rm -rf "$TARGET"  # a fresh install each time: nothing left over from another wheelhouse
   $PYTHON -m pip install --quiet --no-index --no-deps --no-compile --find-links "$WHEELHOUSE" --target "$TARGET" \
     "$WHEELHOUSE"/*.whl || refuse "installing $WHEELHOUSE into $TARGET failed (above)"
+  cp "$WHEELHOUSE/wheelhouse.txt" "$TARGET/.from-wheelhouse"
   export PYTHONPATH="$(cd "$TARGET" && pwd):$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PATH="$(cd "$TARGET" && pwd)/bin:$PATH"
-  $PYTHON -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" ||
+  $PYTHON -W ignore -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" ||
     refuse "the recipe does not import with $WHEELHOUSE (above): rebuild it for this node's Python and freeze"
-  echo "installed $(grep -c '==' "$WHEELHOUSE/wheelhouse.txt") packages into $TARGET next to torch $node_torch;" \
+  echo "installed $(grep -c '^[^#]' "$WHEELHOUSE/wheelhouse.txt") packages into $TARGET next to torch $node_torch;" \
     "PYTHONPATH=$PYTHONPATH"
   [ "$INSTALL_ONLY" = 1 ] && exit 0
 fi

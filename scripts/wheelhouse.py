@@ -12,7 +12,9 @@ It needs only Python and pip (it runs on any connected machine, the recipe need 
    `--no-deps`, as on CPU (requirements-colossalai.txt).
 3. With --node-freeze (the node's `pip list --format=freeze`), what the node already has is left out:
    a package pinned in requirements-gpu.txt when the node has exactly that version, any other package
-   when the node's version satisfies every requirement on it from what the wheelhouse keeps.
+   when the node's version satisfies every requirement on it from what the wheelhouse keeps (and what
+   only a package left to the node needed goes with it). --loose names pins to treat like the rest;
+   --omit names pins to leave out altogether (with what only they need).
 
 --from-installed takes the wheels from this interpreter's own environment instead of an index (each
 installed distribution repacked as a wheel, uncompressed), for this interpreter's Python and platform:
@@ -39,6 +41,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+# pip's own copy of `packaging`: this script needs nothing but Python and pip
 from pip._vendor.packaging.markers import default_environment
 from pip._vendor.packaging.requirements import Requirement
 from pip._vendor.packaging.utils import canonicalize_name
@@ -48,6 +51,12 @@ REPO = Path(__file__).resolve().parent.parent
 NODE_PROVIDES = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*|cuda-.*)$")  # the node's torch and its CUDA
 NO_DEPS = "colossalai"  # installed without its dependency pins (torch<=2.5.1 and ~100 more)
 STAND_IN_LABEL = "node"  # the stand-in torch is version <node's torch>+node
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr; exit code 2 for bad input (as the recipe's scripts), 1 when pip failed."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 @dataclass
@@ -97,7 +106,7 @@ def walk(dists: dict[str, Dist], roots: list[str], from_node: set[str], env: dic
         if (name, extra) in seen or name in from_node or NODE_PROVIDES.match(name):
             continue
         if name not in dists:
-            sys.exit(f"error: the resolution has no {name}, which the recipe needs (pip resolved another set?)")
+            fail(f"the resolution has no {name}, which the recipe needs (pip resolved another set?)", code=1)
         seen.add((name, extra))
         if name == NO_DEPS:
             continue
@@ -222,24 +231,26 @@ def platform_options(python: str, glibc: str) -> list[str]:
 def pip(*args: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "BUILD_EXT"}  # colossalai: the pure-Python wheel
     if subprocess.run([sys.executable, "-m", "pip", *args], env=env).returncode != 0:
-        sys.exit(f"error: pip {args[0]} failed (above); the wheelhouse was not written")
+        fail(f"pip {args[0]} failed (above); the wheelhouse was not written", code=1)
 
 
-def resolve(work: Path, pins: dict[str, str], torch: str, source: list[str], target: list[str]) -> dict[str, Dist]:
-    """pip resolves and downloads the pins' closure once; colossalai's wheel is added beside it."""
+def resolve(work: Path, pins: dict[str, str], torch: str, source: list[str], target: list[str],
+            installed: bool) -> dict[str, Dist]:  # fmt: skip
+    """pip resolves and downloads the pins' closure once; colossalai's wheel is added beside it
+    (built from its sdist, or, with `installed`, the one repacked from this environment)."""
     requirements = work / "requirements.txt"
     requirements.write_text("".join(f"{n}=={v}\n" for n, v in pins.items() if n != NO_DEPS))
     wheels, stand_in = work / "wheels", stand_in_torch(work / "stand-in", torch)
     pip("download", *source, "--only-binary=:all:", *target, "--find-links", str(work / "stand-in"),
         "--dest", str(wheels), "-r", str(requirements), stand_in)  # fmt: skip
-    if "--no-index" in source:  # --from-installed: colossalai was repacked like the rest
+    if installed:
         shutil.copy(next((work / "installed").glob("colossalai-*.whl")), wheels)
     else:
         pip("wheel", *source, "--no-deps", "--wheel-dir", str(wheels), f"{NO_DEPS}=={pins[NO_DEPS]}")
     dists = {d.name: d for d in map(wheel_dist, sorted(wheels.glob("*.whl")))}
     dists.pop("torch").wheel.unlink()
     if forbidden := sorted(n for n in dists if NODE_PROVIDES.match(n)):
-        sys.exit(f"error: the closure pulled {', '.join(forbidden)}: those come with the node's torch")
+        fail(f"the closure pulled {', '.join(forbidden)}: those come with the node's torch", code=1)
     return dists
 
 
@@ -267,21 +278,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pins = read_pins(REPO / "requirements-gpu.txt") | read_pins(REPO / "requirements-colossalai.txt")
+    if args.node_freeze and not args.node_freeze.is_file():
+        fail(f"--node-freeze {args.node_freeze}: no such file (on the node: python3 -m pip list --format=freeze)")
     torch_pin, node = pins.pop("torch"), read_pins(args.node_freeze) if args.node_freeze else {}
     if unknown := (args.loose | args.omit) - set(pins):
-        sys.exit(f"error: --loose/--omit name {', '.join(sorted(unknown))}, not pins of requirements-gpu.txt")
+        fail(f"--loose/--omit name {', '.join(sorted(unknown))}, not pins of requirements-gpu.txt")
     pins = {n: v for n, v in pins.items() if n not in args.omit}
     python = f"{sys.version_info.major}.{sys.version_info.minor}" if args.from_installed else args.python
     torch = (
         args.torch or node.get("torch") or (importlib.metadata.version("torch") if args.from_installed else torch_pin)
     )
     output = Path(args.output).resolve()
+    if output.exists() and any(output.iterdir()) and not (output / "wheelhouse.txt").is_file():
+        fail(f"{output} exists and is not a wheelhouse (it would be replaced): name a new directory")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wheelhouse-", dir=output.parent) as tmp:
         work = Path(tmp)
         source = installed_source(work / "installed", pins) if args.from_installed else []
         target = [] if args.from_installed else platform_options(python, args.glibc)
-        dists = resolve(work, pins, torch, source, target)
+        dists = resolve(work, pins, torch, source, target, args.from_installed)
         env = default_environment() if args.from_installed else target_environment(python)
         needed, from_node = leave_to_node(dists, pins, node, env, args.loose)
         if unexplained := set(dists) - walk(dists, list(pins), set(), env)[0]:
