@@ -9,21 +9,23 @@
 #   --quick                 Gemini/gemini_auto train-save-resume, flash parity, HybridAdam, bf16 throughput
 #                           of small and 1b under zero2 and gemini: about 6-8 minutes on one GPU
 #   --wheelhouse DIR        install DIR's wheels first (pip --no-index --no-deps) into --target DIR
-#   --target DIR            where (default .gpu-site); --install-only: install, check the imports, stop
+#   --target DIR            where (default .gpu-site in the repository); --install-only: install, check, stop
 set -uo pipefail
-cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-QUICK=0 WHEELHOUSE="" TARGET=.gpu-site INSTALL_ONLY=0
+QUICK=0 WHEELHOUSE="" TARGET="" INSTALL_ONLY=0
+absolute() { case "$1" in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # paths given are the caller's
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
-    --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a directory}; shift ;;
-    --target) TARGET=${2:?--target needs a directory}; shift ;;
+    --wheelhouse) WHEELHOUSE=$(absolute "${2:?--wheelhouse needs a directory}"); shift ;;
+    --target) TARGET=$(absolute "${2:?--target needs a directory}"); shift ;;
     --install-only) INSTALL_ONLY=1 ;;
     *) echo "error: unknown option $1 (--quick, --wheelhouse DIR, --target DIR, --install-only)" >&2; exit 2 ;;
   esac
   shift
 done
+cd "$(dirname "$0")/.." || exit 2
+TARGET=${TARGET:-$PWD/.gpu-site}
 refuse() { echo "error: $1" >&2; exit 2; }
 
 if [ -n "$WHEELHOUSE" ]; then  # the node's own torch, everything else from the wheelhouse
@@ -38,7 +40,9 @@ if [ -n "$WHEELHOUSE" ]; then  # the node's own torch, everything else from the 
   $PYTHON -m pip install --quiet --no-index --no-deps --no-compile --find-links "$WHEELHOUSE" --target "$TARGET" \
     "$WHEELHOUSE"/*.whl || refuse "installing $WHEELHOUSE into $TARGET failed (above)"
   cp "$WHEELHOUSE/wheelhouse.txt" "$TARGET/.from-wheelhouse"
-  export PYTHONPATH="$(cd "$TARGET" && pwd):$(pwd)${PYTHONPATH:+:$PYTHONPATH}" PATH="$(cd "$TARGET" && pwd)/bin:$PATH"
+  site=$(cd "$TARGET" && pwd)  # first on the path: its transformers 4.51.3 wins over a node's own
+  PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
+  export PYTHONPATH PATH
   $PYTHON -W ignore -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" ||
     refuse "the recipe does not import with $WHEELHOUSE (above): rebuild it for this node's Python and freeze"
   echo "installed $(grep -c '^[^#]' "$WHEELHOUSE/wheelhouse.txt") packages into $TARGET next to torch $node_torch;" \

@@ -1,6 +1,7 @@
 """Run by test_wheelhouse.py with the fresh venv's Python, after the wheelhouse is installed there:
-imports every llama_recipe module and ColossalAI's booster plugins and HybridAdam, writes where each
-top-level package was loaded from to OUT_JSON, then trains with `pretrain.py ARGS` in this process.
+imports every llama_recipe module, ColossalAI's booster plugins and HybridAdam, and uvicorn (serve.py's
+server), writes where each top-level package was loaded from to OUT_JSON, then trains with
+`pretrain.py ARGS` in this process.
 
     wheelhouse_probe.py OUT_JSON ARGS...
 """
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 import llama_recipe  # noqa: E402
 
 modules = [f"llama_recipe.{m.name}" for m in pkgutil.iter_modules(llama_recipe.__path__)]
-for name in [*modules, "colossalai.booster.plugin", "colossalai.nn.optimizer"]:
+for name in [*modules, "colossalai.booster.plugin", "colossalai.nn.optimizer", "uvicorn"]:  # uvicorn: serve.py
     importlib.import_module(name)
 from colossalai.booster.plugin import GeminiPlugin, HybridParallelPlugin, LowLevelZeroPlugin, TorchDDPPlugin  # noqa: E402, F401
 from colossalai.nn.optimizer import HybridAdam  # noqa: E402, F401
