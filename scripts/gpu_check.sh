@@ -43,10 +43,13 @@ if [ -n "$WHEELHOUSE" ]; then  # the node's own torch, everything else from the 
   site=$(cd "$TARGET" && pwd)  # first on the path: its transformers 4.51.3 wins over a node's own
   PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   export PYTHONPATH PATH
-  $PYTHON -W ignore -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" ||
-    refuse "the recipe does not import with $WHEELHOUSE (above): rebuild it for this node's Python and freeze"
-  echo "installed $(grep -c '^[^#]' "$WHEELHOUSE/wheelhouse.txt") packages into $TARGET next to torch $node_torch;" \
+  imports=$($PYTHON -W ignore -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" 2>&1) ||
+    { echo "$imports" >&2; refuse "the recipe does not import with $WHEELHOUSE (above): rebuild it for this node's Python and freeze"; }
+  echo "installed $(find "$WHEELHOUSE" -maxdepth 1 -name '*.whl' | wc -l) wheels into $TARGET next to torch $node_torch;" \
     "PYTHONPATH=$PYTHONPATH"
+  # what the wheelhouse left to the node must still fit (a freeze of another node, or an old one, may not)
+  UNMET=$($PYTHON scripts/wheelhouse.py --check-install "$site")
+  [ -z "$UNMET" ] || printf 'warning: requirement not met: %s\n' "${UNMET//$'\n'/$'\nwarning: requirement not met: '}"
   [ "$INSTALL_ONLY" = 1 ] && exit 0
 fi
 $PYTHON -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null ||
@@ -82,6 +85,7 @@ for p in ["torch", "colossalai", "transformers", "flash-attn", "datasets"]:
         print(f"- {p}: not installed")
 PY
   [ -n "$WHEELHOUSE" ] && echo "- installed from a wheelhouse (scripts/gpu_wheelhouse.sh) next to the node's torch"
+  [ -n "${UNMET:-}" ] && printf -- '- requirement not met: %s\n' "${UNMET//$'\n'/$'\n- requirement not met: '}"
 }
 
 gpu_tests() {  # gpu_tests PATH...: the GPU-gated tests under these paths

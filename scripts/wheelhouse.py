@@ -254,6 +254,31 @@ def resolve(work: Path, pins: dict[str, str], torch: str, source: list[str], tar
     return dists
 
 
+def unmet_requirements(site: Path) -> list[str]:
+    """What the packages installed in `site` require (with the extras they ask of each other) that
+    this Python does not import at a fitting version, `site` first on its path and then the node's
+    own packages: a node freeze that was stale, or another node's, shows here."""
+    installed = {canonicalize_name(d.metadata["Name"]): d for d in importlib.metadata.distributions(path=[str(site)])}
+    installed.pop(NO_DEPS, None)  # installed without its pins on purpose
+    todo, seen, unmet = [(name, "") for name in installed], set(), []
+    while todo:
+        name, extra = todo.pop()
+        if (name, extra) in seen:
+            continue
+        seen.add((name, extra))
+        dist = installed.get(name) or importlib.metadata.distribution(name)
+        for req in active_requirements(Dist(name, dist.version, dist.requires or []), extra, default_environment()):
+            try:  # the version this Python imports
+                found = importlib.metadata.version(req.name)
+            except importlib.metadata.PackageNotFoundError:
+                found = None
+            if found is None or not req.specifier.contains(Version(found), prereleases=True):
+                unmet.append(f"{name} {dist.version} needs {req}, found {found or 'nothing'}")
+            elif req.extras:
+                todo += [(canonicalize_name(req.name), e) for e in req.extras]
+    return sorted(set(unmet))
+
+
 def names(text: str) -> set[str]:
     return {canonicalize_name(n) for n in text.split(",") if n.strip()}
 
@@ -270,6 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="pins the node may provide at another version the wheelhouse accepts (numpy,...)")  # fmt: skip
     parser.add_argument("--omit", type=names, default=set(),
                         help="pins to leave out with what only they need (fabric: multi-node launch only)")  # fmt: skip
+    parser.add_argument("--check-install", type=Path, metavar="DIR",
+                        help="(gpu_check.sh) print what DIR's packages require and this Python lacks, then stop")  # fmt: skip
     parser.add_argument("--from-installed", action="store_true",
                         help="wheels from this interpreter's installed packages (for this Python), no index")  # fmt: skip
     return parser.parse_args(argv)
@@ -277,6 +304,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.check_install:
+        print("".join(f"{line}\n" for line in unmet_requirements(args.check_install)), end="")
+        return
     pins = read_pins(REPO / "requirements-gpu.txt") | read_pins(REPO / "requirements-colossalai.txt")
     if args.node_freeze and not args.node_freeze.is_file():
         fail(f"--node-freeze {args.node_freeze}: no such file (on the node: python3 -m pip list --format=freeze)")
