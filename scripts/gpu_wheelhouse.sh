@@ -5,6 +5,9 @@
 #   bash scripts/gpu_wheelhouse.sh -o wheelhouse                          # the whole closure
 #   bash scripts/gpu_wheelhouse.sh -o wheelhouse --node-freeze node.txt   # minus what the node has
 #   (node.txt: `python3 -m pip list --format=freeze` run on the node)
-# Options: --python 3.11 (or WHEELHOUSE_PYTHON=3.11), --glibc 2.34, --torch 2.11.0, --from-installed.
+# Options: --python 3.11 (or WHEELHOUSE_PYTHON=3.11), --glibc 2.34, --torch 2.11.0, --loose NAMES,
+# --omit NAMES, --from-installed (this Python's own packages, no index). PYTHON=... picks the interpreter.
 set -euo pipefail
-exec "${PYTHON:-python3}" "$(dirname "$0")/wheelhouse.py" "$@"
+PY=${PYTHON:-python3}
+"$PY" -m pip --version >/dev/null 2>&1 || { echo "error: $PY has no pip: run with PYTHON=<a python with pip>" >&2; exit 2; }
+exec "$PY" "$(dirname "$0")/wheelhouse.py" "$@"
