@@ -7,7 +7,7 @@
 # scripts/gpu_wheelhouse.sh (installed with --no-index into --target, first on PYTHONPATH).
 # Then:  bash scripts/gpu_check.sh          (NGPU=8 bash scripts/gpu_check.sh on a multi-GPU node)
 #   --quick                 Gemini/gemini_auto train-save-resume, flash parity, HybridAdam, bf16 throughput
-#                           of small and 1b under zero2 and gemini: about 6-8 minutes on one GPU
+#                           of small and 1b under zero2 and gemini: an estimated 5-7 minutes on one GPU
 #   --wheelhouse DIR        install DIR's wheels first (pip --no-index --no-deps) into --target DIR
 #   --target DIR            where (default .gpu-site in the repository); --install-only: install, check, stop
 set -uo pipefail
