@@ -139,7 +139,7 @@ throughput() {  # throughput "PLUGINS" STEPS WARMUP: small and 1b under each plu
 }
 
 header >>"$REPORT"
-if [ "$QUICK" = 1 ]; then  # about 6-8 minutes on one GPU (docs/gpu-validation.md has the budget)
+if [ "$QUICK" = 1 ]; then  # an estimated 5-7 minutes on one GPU (docs/gpu-validation.md has the budget)
   hybrid_adam  # first: builds the kernels Gemini's default optimizer uses too
   # only the files with GPU tests (no test-only packages needed), only our pytest plugin (not the node's)
   PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 gpu_tests -p pytest_timeout tests/test_gemini.py tests/test_attention.py
