@@ -106,7 +106,7 @@ attention_parity() {
 
 hybrid_adam() {  # first use JIT-compiles ColossalAI's CPU Adam and fused CUDA optimizer (cached in ~/.cache/colossalai)
   section "HybridAdam vs torch.optim.AdamW after 5 steps (max abs weight difference; the time includes the kernels' first build)"
-  $PYTHON - >>"$REPORT" 2>&1 <<'PY'
+  $PYTHON -W ignore - >>"$REPORT" 2>&1 <<'PY'  # -W: ColossalAI's import-time notes
 import torch
 from colossalai.nn.optimizer import HybridAdam
 torch.manual_seed(0)
