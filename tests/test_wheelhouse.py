@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,8 @@ def test_the_wheelhouse_installs_offline_into_a_fresh_venv_and_the_recipe_trains
     losses = read_scalars(tb)
     assert sorted(losses) == [1, 2] and all(0 < v < 20 for v in losses.values())
     assert (tmp_path / "ckpt" / "step-2").is_dir()
+    for big in ("wh", "site"):  # 1.4 GB that pytest would otherwise keep for the last three sessions
+        shutil.rmtree(tmp_path / big)
 
 
 def top_level_names(name: str) -> set[str]:
