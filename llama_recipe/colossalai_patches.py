@@ -2,6 +2,8 @@
 written against colossalai==0.5.0 and replace internals by name, so they apply to that exact
 version only (`apply_patches` refuses another, in one line).
 
+0. Where bitsandbytes is not installed (`_import_optimizers_without_bitsandbytes`): ColossalAI's
+   optimizer package imports without it (it wants one base class, for GaLore's 8-bit optimizers).
 1. For every run: `LowLevelZeroOptimizer`'s checkpoint copies (`_CopyWithoutStateTensors`),
    safetensors shards written without an extra copy of every tensor (`_patch_safetensors_writes`), and
    every `torch.load` ColossalAI's checkpoint code makes (optimizer shards and param groups, the lr
@@ -34,6 +36,8 @@ import copy
 import datetime
 import functools
 import importlib
+import importlib.util
+import sys
 import types
 
 import torch
@@ -369,6 +373,44 @@ def compress_pipeline_backward(scheduler, codec, epilogue_only: bool) -> None:
     scheduler.send_forward_recv_backward = send_forward_recv_backward_decompressed
 
 
+class _Needs8BitOptimizers(torch.optim.Optimizer):
+    """Stands in for bitsandbytes' `Optimizer2State`, the base class of GaLore's 8-bit optimizers."""
+
+    def __init__(self, *args, **kwargs):
+        raise UsageError(
+            "GaLore's 8-bit optimizers need bitsandbytes, which is not installed: pip install bitsandbytes"
+        )
+
+
+def bitsandbytes_stand_in() -> dict[str, types.ModuleType]:
+    """The three modules `from bitsandbytes.optim.optimizer import Optimizer2State` needs."""
+    modules = {
+        name: types.ModuleType(name) for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer")
+    }
+    modules["bitsandbytes"].optim = modules["bitsandbytes.optim"]
+    modules["bitsandbytes.optim"].optimizer = modules["bitsandbytes.optim.optimizer"]
+    modules["bitsandbytes.optim.optimizer"].Optimizer2State = _Needs8BitOptimizers
+    return modules
+
+
+def _import_optimizers_without_bitsandbytes() -> None:
+    """`colossalai.nn.optimizer` (where HybridAdam lives; every booster plugin imports it) imports
+    GaLore's 8-bit optimizers, and with them bitsandbytes (a 43 MB CUDA library), for one base class.
+    The recipe offers no GaLore or 8-bit optimizer, so the GPU wheelhouse leaves bitsandbytes out.
+    Where it is not installed, stand-ins serve that one import and are removed again at once, so
+    transformers and peft still see no bitsandbytes; an 8-bit GaLore optimizer refuses in one line."""
+    if importlib.util.find_spec("bitsandbytes") is not None or "colossalai.nn.optimizer" in sys.modules:
+        return
+    stand_in = bitsandbytes_stand_in()
+    sys.modules.update(stand_in)
+    try:
+        importlib.import_module("colossalai.nn.optimizer")
+    finally:
+        for name in stand_in:
+            del sys.modules[name]
+    _applied.append("bitsandbytes is not installed: ColossalAI's optimizers imported without it (no 8-bit GaLore)")
+
+
 def apply_patches(cpu_only: bool) -> list[str]:
     """Apply our ColossalAI patches (the CPU ones only on a CPU-only machine). Idempotent; returns
     what was applied."""
@@ -382,6 +424,7 @@ def apply_patches(cpu_only: bool) -> list[str]:
             f"but {colossalai.__version__} is installed; install the pinned version "
             "(pip install --no-deps -r requirements-colossalai.txt)"
         )
+    _import_optimizers_without_bitsandbytes()
     _patch_zero_optimizer_checkpoint_copies()
     _patch_checkpoint_loads_weights_only()
     _patch_safetensors_writes()

@@ -43,7 +43,7 @@ if [ -n "$WHEELHOUSE" ]; then  # the node's own torch, everything else from the 
   site=$(cd "$TARGET" && pwd)  # first on the path: its transformers 4.51.3 wins over a node's own
   PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"
   export PYTHONPATH PATH
-  imports=$($PYTHON -W ignore -c "import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" 2>&1) ||
+  imports=$($PYTHON -W ignore -c "import llama_recipe.colossalai_patches as p; p.apply_patches(False); import colossalai.booster.plugin, colossalai.nn.optimizer, llama_recipe.cli, llama_recipe.server" 2>&1) ||
     { echo "$imports" >&2; refuse "the recipe does not import with $WHEELHOUSE (above): rebuild it for this node's Python and freeze"; }
   echo "installed $(find "$WHEELHOUSE" -maxdepth 1 -name '*.whl' | wc -l) wheels into $TARGET next to torch $node_torch;" \
     "PYTHONPATH=$PYTHONPATH"
@@ -108,6 +108,8 @@ hybrid_adam() {  # first use JIT-compiles ColossalAI's CPU Adam and fused CUDA o
   section "HybridAdam vs torch.optim.AdamW after 5 steps (max abs weight difference; the time includes the kernels' first build)"
   $PYTHON -W ignore - >>"$REPORT" 2>&1 <<'PY'  # -W: ColossalAI's import-time notes
 import torch
+from llama_recipe.colossalai_patches import apply_patches
+apply_patches(cpu_only=False)  # as every script of the recipe does first (ColossalAI without bitsandbytes, ...)
 from colossalai.nn.optimizer import HybridAdam
 torch.manual_seed(0)
 a = torch.nn.Linear(512, 512).cuda(); b = torch.nn.Linear(512, 512).cuda(); b.load_state_dict(a.state_dict())

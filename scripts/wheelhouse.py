@@ -50,6 +50,9 @@ from pip._vendor.packaging.version import Version
 REPO = Path(__file__).resolve().parent.parent
 NODE_PROVIDES = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*|cuda-.*)$")  # the node's torch and its CUDA
 NO_DEPS = "colossalai"  # installed without its dependency pins (torch<=2.5.1 and ~100 more)
+# required by a pin, but unused by the recipe: bitsandbytes (43 MB) only for GaLore's 8-bit optimizers,
+# which ColossalAI imports without it (llama_recipe/colossalai_patches.py)
+NOT_NEEDED = {"bitsandbytes"}
 STAND_IN_LABEL = "node"  # the stand-in torch is version <node's torch>+node
 
 
@@ -103,7 +106,7 @@ def walk(dists: dict[str, Dist], roots: list[str], from_node: set[str], env: dic
     seen, demands, todo = set(), defaultdict(list), [(name, "") for name in roots]
     while todo:
         name, extra = todo.pop()
-        if (name, extra) in seen or name in from_node or NODE_PROVIDES.match(name):
+        if (name, extra) in seen or name in from_node or name in NOT_NEEDED or NODE_PROVIDES.match(name):
             continue
         if name not in dists:
             fail(f"the resolution has no {name}, which the recipe needs (pip resolved another set?)", code=1)
@@ -268,6 +271,8 @@ def unmet_requirements(site: Path) -> list[str]:
         seen.add((name, extra))
         dist = installed.get(name) or importlib.metadata.distribution(name)
         for req in active_requirements(Dist(name, dist.version, dist.requires or []), extra, default_environment()):
+            if canonicalize_name(req.name) in NOT_NEEDED:
+                continue
             try:  # the version this Python imports
                 found = importlib.metadata.version(req.name)
             except importlib.metadata.PackageNotFoundError:
@@ -329,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
         dists = resolve(work, pins, torch, source, target, args.from_installed)
         env = default_environment() if args.from_installed else target_environment(python)
         needed, from_node = leave_to_node(dists, pins, node, env, args.loose)
-        if unexplained := set(dists) - walk(dists, list(pins), set(), env)[0]:
+        if unexplained := set(dists) - walk(dists, list(pins), set(), env)[0] - NOT_NEEDED:
             print(f"note: pip resolved {', '.join(sorted(unexplained))} for no requirement this walk saw; kept")
         ready = work / "ready"
         ready.mkdir()
