@@ -377,6 +377,7 @@ class _Needs8BitOptimizers(torch.optim.Optimizer):
     """Stands in for bitsandbytes' `Optimizer2State`, the base class of GaLore's 8-bit optimizers."""
 
     def __init__(self, *args, **kwargs):
+        self.param_groups = []  # what GaLoreAdamW8bit.__del__ reads of a half-built optimizer
         raise UsageError(
             "GaLore's 8-bit optimizers need bitsandbytes, which is not installed: pip install bitsandbytes"
         )
@@ -401,6 +402,7 @@ def _import_optimizers_without_bitsandbytes() -> None:
     transformers and peft still see no bitsandbytes; an 8-bit GaLore optimizer refuses in one line."""
     if importlib.util.find_spec("bitsandbytes") is not None or "colossalai.nn.optimizer" in sys.modules:
         return
+    importlib.import_module("transformers")  # it records at import whether bitsandbytes is there: not the stand-in
     stand_in = bitsandbytes_stand_in()
     sys.modules.update(stand_in)
     try:

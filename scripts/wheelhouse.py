@@ -53,7 +53,7 @@ NO_DEPS = "colossalai"  # installed without its dependency pins (torch<=2.5.1 an
 # required by a pin, but unused by the recipe: bitsandbytes (43 MB) only for GaLore's 8-bit optimizers,
 # which ColossalAI imports without it (llama_recipe/colossalai_patches.py)
 NOT_NEEDED = {"bitsandbytes"}
-STAND_IN_LABEL = "node"  # the stand-in torch is version <node's torch>+node
+STAND_IN_LABEL = "node"  # the stand-in torch is version <node's torch>+node; NOT_NEEDED's 0+node
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -146,21 +146,21 @@ def wheel_dist(path: Path) -> Dist:
     return Dist(canonicalize_name(meta["Name"]), meta["Version"], meta.get_all("Requires-Dist") or [], path)
 
 
-def stand_in_torch(folder: Path, version: str) -> str:
-    """A wheel named torch with no files and no requirements: pip resolves against it instead of
-    downloading a real torch (and its CUDA libraries). Returns the requirement that selects it."""
-    version = f"{Version(version).public}+{STAND_IN_LABEL}"
+def stand_in(folder: Path, name: str, version: str) -> str:
+    """A wheel named `name` with no files and no requirements: pip resolves against it instead of
+    downloading the real one (torch and its CUDA libraries: the node's; NOT_NEEDED: unused). Returns
+    the requirement that selects it."""
     folder.mkdir(parents=True, exist_ok=True)
-    info = f"torch-{version}.dist-info"
+    info = f"{name}-{version}.dist-info"
     files = {
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: llama_recipe\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    with zipfile.ZipFile(folder / f"torch-{version}-py3-none-any.whl", "w") as z:
-        for name, text in files.items():
-            z.writestr(name, text)
-        z.writestr(f"{info}/RECORD", "".join(f"{name},,\n" for name in [*files, f"{info}/RECORD"]))
-    return f"torch=={version}"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        for file, text in files.items():
+            z.writestr(file, text)
+        z.writestr(f"{info}/RECORD", "".join(f"{file},,\n" for file in [*files, f"{info}/RECORD"]))
+    return f"{name}=={version}"
 
 
 def _record_hash(data: bytes) -> str:
@@ -243,15 +243,18 @@ def resolve(work: Path, pins: dict[str, str], torch: str, source: list[str], tar
     (built from its sdist, or, with `installed`, the one repacked from this environment)."""
     requirements = work / "requirements.txt"
     requirements.write_text("".join(f"{n}=={v}\n" for n, v in pins.items() if n != NO_DEPS))
-    wheels, stand_in = work / "wheels", stand_in_torch(work / "stand-in", torch)
+    wheels = work / "wheels"
+    stand_ins = [stand_in(work / "stand-in", "torch", f"{Version(torch).public}+{STAND_IN_LABEL}")]
+    stand_ins += [stand_in(work / "stand-in", name, f"0+{STAND_IN_LABEL}") for name in sorted(NOT_NEEDED)]
     pip("download", *source, "--only-binary=:all:", *target, "--find-links", str(work / "stand-in"),
-        "--dest", str(wheels), "-r", str(requirements), stand_in)  # fmt: skip
+        "--dest", str(wheels), "-r", str(requirements), *stand_ins)  # fmt: skip
     if installed:
         shutil.copy(next((work / "installed").glob("colossalai-*.whl")), wheels)
     else:
         pip("wheel", *source, "--no-deps", "--wheel-dir", str(wheels), f"{NO_DEPS}=={pins[NO_DEPS]}")
     dists = {d.name: d for d in map(wheel_dist, sorted(wheels.glob("*.whl")))}
-    dists.pop("torch").wheel.unlink()
+    for name in ["torch", *NOT_NEEDED]:
+        dists.pop(name).wheel.unlink()
     if forbidden := sorted(n for n in dists if NODE_PROVIDES.match(n)):
         fail(f"the closure pulled {', '.join(forbidden)}: those come with the node's torch", code=1)
     return dists
@@ -334,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
         dists = resolve(work, pins, torch, source, target, args.from_installed)
         env = default_environment() if args.from_installed else target_environment(python)
         needed, from_node = leave_to_node(dists, pins, node, env, args.loose)
-        if unexplained := set(dists) - walk(dists, list(pins), set(), env)[0] - NOT_NEEDED:
+        if unexplained := set(dists) - walk(dists, list(pins), set(), env)[0]:
             print(f"note: pip resolved {', '.join(sorted(unexplained))} for no requirement this walk saw; kept")
         ready = work / "ready"
         ready.mkdir()
