@@ -41,11 +41,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-# pip's own copy of `packaging`: this script needs nothing but Python and pip
-from pip._vendor.packaging.markers import default_environment
-from pip._vendor.packaging.requirements import Requirement
-from pip._vendor.packaging.utils import canonicalize_name
-from pip._vendor.packaging.version import Version
+try:  # `packaging` where it is installed, else pip's own copy: this script needs nothing but Python and pip
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+except ImportError:  # (importing pip in a process turns off setuptools' distutils shim there: last resort)
+    from pip._vendor.packaging.markers import default_environment
+    from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.utils import canonicalize_name
+    from pip._vendor.packaging.version import Version
 
 REPO = Path(__file__).resolve().parent.parent
 NODE_PROVIDES = re.compile(r"^(torch|triton|pytorch-triton|nvidia-.*|cuda-.*)$")  # the node's torch and its CUDA

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA, REPO, check_ok, read_scalars
-from pip._vendor.packaging.markers import default_environment
-from pip._vendor.packaging.requirements import Requirement
-from pip._vendor.packaging.utils import canonicalize_name
+from packaging.markers import default_environment  # not pip's copy: importing pip in pytest's process
+from packaging.requirements import Requirement  # turns off setuptools' distutils shim, which torch.compile's
+from packaging.utils import canonicalize_name  # C++ builds (tests/test_compile.py) need
 
 _spec = importlib.util.spec_from_file_location("wheelhouse", REPO / "scripts" / "wheelhouse.py")
 wheelhouse = sys.modules["wheelhouse"] = importlib.util.module_from_spec(_spec)  # a script, not a module of ours
