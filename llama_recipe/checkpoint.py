@@ -264,7 +264,8 @@ def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, d
     as each rank's own slices where the plugin says so (zero_slices.py). With `deferred`
     (--async_save), the model and optimizer files are not written now but appended there as calls
     that write them (`to_host` says what they read)."""
-    with deferred_state_dict_writes(deferred, to_host) if deferred is not None else contextlib.nullcontext():
+    background = deferred is not None
+    with deferred_state_dict_writes(deferred, to_host) if background else contextlib.nullcontext():
         par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
         if not par.spec.zero_slices:
             par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
@@ -272,9 +273,11 @@ def _write_states(par: Parallelism, model, optimizer, lr_scheduler, tmp: Path, d
         (tmp / "optimizer").mkdir(exist_ok=True)
         tensors, index, zero_rank = rank_slices(optimizer)
         write_small_files(optimizer, tmp / "optimizer", index)
-        on_host = {name: to_host(t) if deferred is not None else t.cpu() for name, t in tensors.items()}
-        write = functools.partial(write_safetensors, on_host, rank_file(tmp / "optimizer", zero_rank))
-        if deferred is not None:
+        host = to_host if background else torch.Tensor.cpu
+        write = functools.partial(
+            write_safetensors, {name: host(t) for name, t in tensors.items()}, rank_file(tmp / "optimizer", zero_rank)
+        )
+        if background:
             deferred.append(write)
         else:
             write()
@@ -653,7 +656,7 @@ class Checkpointer:
             self.save(state, model, optimizer, lr_scheduler, batches)
 
     def save(self, state: TrainState, model, optimizer, lr_scheduler, batches, background: bool = False) -> None:
-        """Save now; with `background`, stall only to copy the state to host memory (BackgroundSave)."""
+        """Save now; with `background`, stall only to hand the state to a writer thread (BackgroundSave)."""
         if not self.cfg.save_dir:
             return
         self.finish_background()  # a second save waits for the first

@@ -145,7 +145,7 @@ def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
         source = _collect(problems, check_prepared_files, data.dataset)
     else:
         source = _collect(problems, check_dataset_source, data.dataset)
-    if pretraining and script != "eval" and not cfg.training.max_steps and kind == "hub":
+    if pretraining and not cfg.training.max_steps and kind == "hub":
         problems.append(
             f"-d {data.dataset} is streamed from the Hugging Face hub, so sizing -e epochs would first read all of it; "
             "pass --max_steps, or prepare it locally (scripts/prepare_data.py) to train by epochs"

@@ -299,20 +299,16 @@ def _patch_safetensors_writes() -> None:
 def deferred_state_dict_writes(deferred: list, to_host):
     """While active, each state-dict file (a model or optimizer shard) that ColossalAI would write
     is appended to `deferred` as a call that writes it later (the background writer calls it), with
-    every tensor passed through `to_host` now. Safetensors files are then written by
-    files.write_safetensors (the same file, straight from memory), others by ColossalAI's own
-    `save_state_dict`. Everything collective (ZeRO's gathers, pipeline barriers) and the small files
-    (indexes, config, param groups) still happen at once."""
+    every tensor passed through `to_host` now; the call is the `save_state_dict` in place before
+    (safetensors shards: `_patch_safetensors_writes`'). Everything collective (ZeRO's gathers,
+    pipeline barriers) and the small files (indexes, config, param groups) still happen at once."""
     from colossalai.checkpoint_io import utils
 
     write = utils.save_state_dict
 
     def defer(state_dict: dict, checkpoint_file_path: str, use_safetensors: bool) -> None:
         on_host = utils.tree_map(lambda x: to_host(x) if torch.is_tensor(x) else x, state_dict)
-        if use_safetensors:
-            deferred.append(functools.partial(write_safetensors, on_host, checkpoint_file_path))
-        else:
-            deferred.append(functools.partial(write, on_host, checkpoint_file_path, use_safetensors))
+        deferred.append(functools.partial(write, on_host, checkpoint_file_path, use_safetensors))
 
     modules = [importlib.import_module(name) for name in _MODULES_THAT_WRITE]
     for module in modules:
@@ -383,7 +379,7 @@ class _Needs8BitOptimizers(torch.optim.Optimizer):
         )
 
 
-def bitsandbytes_stand_in() -> dict[str, types.ModuleType]:
+def _bitsandbytes_stand_in() -> dict[str, types.ModuleType]:
     """The three modules `from bitsandbytes.optim.optimizer import Optimizer2State` needs."""
     modules = {
         name: types.ModuleType(name) for name in ("bitsandbytes", "bitsandbytes.optim", "bitsandbytes.optim.optimizer")
@@ -403,7 +399,7 @@ def _import_optimizers_without_bitsandbytes() -> None:
     if importlib.util.find_spec("bitsandbytes") is not None or "colossalai.nn.optimizer" in sys.modules:
         return
     importlib.import_module("transformers")  # it records at import whether bitsandbytes is there: not the stand-in
-    stand_in = bitsandbytes_stand_in()
+    stand_in = _bitsandbytes_stand_in()
     sys.modules.update(stand_in)
     try:
         importlib.import_module("colossalai.nn.optimizer")

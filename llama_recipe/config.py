@@ -30,7 +30,6 @@ TRAINING = ("pretrain", "finetune")
 ALL_SCRIPTS = (*SCRIPTS, "eval")  # eval.py offers only the flags that name it
 # eval.py's default text: never trained on (tests/test_heldout.py)
 SHIPPED_HELD_OUT = REPO_ROOT / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
-COMPRESSING = ("pretrain", "finetune", "benchmark")  # the scripts that train (benchmark.py through pretrain's loop)
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -261,11 +260,9 @@ class CompressionConfig:
         "--grad_compression",
         help="compress data-parallel gradients: powersgd (low-rank, with error feedback; -p ddp, or hybrid_parallel "
         "with --zero_stage 0); none: exact all-reduce",
-        scripts=COMPRESSING,
     )
     powersgd_rank: int = flag(
         4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True,
-        scripts=COMPRESSING,
     )  # fmt: skip
     powersgd_warmup: float = flag(
         0.1,
@@ -274,7 +271,6 @@ class CompressionConfig:
         minimum=0.0,
         below=1.0,
         advanced=True,
-        scripts=COMPRESSING,
     )
     compress_stages: int = flag(
         0,
@@ -283,7 +279,6 @@ class CompressionConfig:
         "is the all-reduce left exposed at the end of a step); 0: every stage",
         minimum=0,
         advanced=True,
-        scripts=COMPRESSING,
     )
     powersgd_log_cosine: bool = flag(
         False,
@@ -291,14 +286,12 @@ class CompressionConfig:
         help="PowerSGD: also all-reduce the exact gradients and log the cosine similarity of the applied (compressed) "
         "mean to the exact mean, as comm/cosine (a diagnostic: it costs the exact all-reduce again)",
         advanced=True,
-        scripts=COMPRESSING,
     )
     powersgd_no_error_feedback: bool = flag(
         False,
         "--powersgd_no_error_feedback",
         help="PowerSGD: drop what compression leaves out instead of adding it to the next step (for comparison)",
         advanced=True,
-        scripts=COMPRESSING,
     )
     compress_backprop: int | None = flag(
         None,
@@ -307,7 +300,6 @@ class CompressionConfig:
         "rank-R factors (one power iteration; each message's error is added to the next one: lazy error propagation)",
         minimum=1,
         advanced=True,
-        scripts=COMPRESSING,
     )
     compress_backprop_epilogue_only: bool = flag(
         False,
@@ -315,7 +307,6 @@ class CompressionConfig:
         help="--compress_backprop: compress only the sends of 1F1B's flush (its last steady-state send and the "
         "cooldown), the ones on the critical path at the end of a step",
         advanced=True,
-        scripts=COMPRESSING,
     )
 
 

@@ -123,7 +123,8 @@ def cloze_score(model, tokenizer, context: str, word: str, max_length: int) -> t
     target = whole[len(context_ids) :] or whole[-1:]
     inputs = whole[:-1][-max_length:]
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([inputs], device=device())).logits[0, -len(target) :].float()
+        logits = model(input_ids=torch.tensor([inputs], device=device()), logits_to_keep=len(target)).logits[0]
+        logits = logits[-len(target) :].float()
     target_t = torch.tensor(target, device=logits.device)
     nll = float(torch.nn.functional.cross_entropy(logits, target_t, reduction="sum"))
     return bool((logits.argmax(-1) == target_t).all()), nll
@@ -140,8 +141,8 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def eval_documents(data: DataConfig, tokenizer, limit: int | None = None) -> Iterator[tuple[str, list[int] | None]]:
-    """(text, stream) of each document of `-d` in order: the stream ([BOS] + tokens) is given for a
-    prepared dataset (the text is its decoded tokens), None for text sources (tokenized later)."""
+    """(text, stream) of each document of `-d` in order: a text source gives its text (tokenized
+    later), a prepared dataset its stream ([BOS] + tokens; decoded later, by the rank that scores it)."""
     count = 0
     if dataset_kind(data.dataset) == "prepared":
         documents = ((None, doc) for doc in prepared_documents(data.dataset))
@@ -152,8 +153,7 @@ def eval_documents(data: DataConfig, tokenizer, limit: int | None = None) -> Ite
             return
         count += 1
         if tokens is not None:  # BOS, tokens, EOS as prepared: drop the EOS, as a text source has none
-            stream = [int(t) for t in (tokens[:-1] if tokens[-1] == tokenizer.eos_token_id else tokens)]
-            yield tokenizer.decode(stream, skip_special_tokens=True), stream
+            yield None, [int(t) for t in (tokens[:-1] if tokens[-1] == tokenizer.eos_token_id else tokens)]
         else:
             yield text, None
 
@@ -170,6 +170,8 @@ def evaluate_documents(model, tokenizer, documents, task: str, max_length: int, 
             mine, desc=f"{task} (rank 0's documents)", unit=" docs", disable=not is_main_process()
         ):
             sums["documents"] += 1
+            if text is None:  # a prepared document: its text, for bytes, words and cloze's last word
+                text = tokenizer.decode(stream, skip_special_tokens=True)
             if task == "cloze":
                 split = cloze_split(text)
                 if split is None:

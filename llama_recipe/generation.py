@@ -100,12 +100,16 @@ class Generator:
         generator = None
         if sampling.temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+            if sampling.seed is not None:
+                generator.manual_seed(sampling.seed)
+            else:
+                generator.seed()  # a fresh seed for this request (torch's global generator untouched)
         cache, ids = DynamicCache(), torch.tensor([prompt_ids], device=self.device)
         budget = min(sampling.max_new_tokens, self.max_positions - len(prompt_ids))
         with torch.no_grad():
             for _ in range(budget):
-                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+                # logits of the last position only: a long prompt's prefill needs no others
+                out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 logits = out.logits[0, -1].float()
                 logprobs = logits.log_softmax(-1)
                 token = sample_next(logits, sampling, generator)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 
@@ -33,6 +34,22 @@ from .generation import Completion, Generator, Sampling
 from .model import check_tokenizer_fits, get_model_config, load_pretrained_model, resolve_pretrained
 
 MAX_PROMPTS = 128  # per request, as Megatron's server allows
+
+
+def wait_until_healthy(url: str, timeout: float = 60.0) -> None:
+    """Poll `url`/health until the server answers 200 (a server just started in another process or
+    thread); TimeoutError after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # not listening yet (URLError is an OSError)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer /health within {timeout:g} s")
+        time.sleep(0.05)
 
 
 class BadRequest(Exception):
@@ -206,7 +223,8 @@ class CompletionServer:
                 out["text"].append(prompt + done.text)
                 out["segments"].append(tok.convert_ids_to_tokens(all_ids))
                 if r.logprobs:  # every token after the first, prompt and generated, as Megatron's
-                    out["logprobs"].append(self.generator.prompt_logprobs(all_ids) if len(all_ids) > 1 else [])
+                    generated = [s.logprob for s in done.steps]  # scored while generating
+                    out["logprobs"].append(self.generator.prompt_logprobs(ids) + generated if len(all_ids) > 1 else [])
         return out
 
 

@@ -21,6 +21,7 @@ holding a whole tensor it does not need.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -135,12 +136,13 @@ def load_slices(optimizer, directory: str | Path) -> None:
     if sizes != [entry["numel"] for entry in index["params"]]:
         raise UsageError(f"{directory} holds the optimizer state of another model; pass the -c it was trained with")
     old_world = index["world_size"]
-    files = [safe_open(str(rank_file(directory, r)), framework="pt") for r in range(old_world)]
-    state = {
-        i: reslice(entry, i, files, old_world, rank, world)
-        for i, entry in enumerate(index["params"])
-        if entry["sliced"] or entry["whole"] or entry["values"]
-    }
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(rank_file(directory, r)), framework="pt")) for r in range(old_world)]
+        state = {
+            i: reslice(entry, i, files, old_world, rank, world)
+            for i, entry in enumerate(index["params"])
+            if entry["sliced"] or entry["whole"] or entry["values"]
+        }
     id_map = load_param_groups_into_optimizer(optimizer.optim, str(directory / PARAM_GROUPS))
     load_states_into_optimizer(optimizer.optim, state, id_map)
     sharded_optimizer_loading_epilogue(optimizer.optim)

@@ -26,9 +26,11 @@ from pathlib import Path
 import httpx
 import torch
 
+from llama_recipe.config import SHIPPED_TOKENIZER
 from llama_recipe.data import load_tokenizer
 from llama_recipe.distributed import free_port
 from llama_recipe.model import build_model, get_model_config
+from llama_recipe.server import wait_until_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -37,7 +39,7 @@ BIN = Path(sys.executable).parent
 def save_model(preset: str, out: Path) -> Path:
     torch.manual_seed(0)
     build_model(get_model_config(preset)).save_pretrained(out, safe_serialization=True)
-    load_tokenizer(str(ROOT / "data" / "llama-tokenizer")).save_pretrained(out)
+    load_tokenizer(str(SHIPPED_TOKENIZER)).save_pretrained(out)
     return out
 
 
@@ -60,12 +62,7 @@ def serve_latency(model: Path, requests: int, clients: int, max_tokens: int) -> 
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(url)
         prompts = [f"Request {i}: the adventure began when" for i in range(requests)]
 
         def ask(prompt: str) -> tuple[float, int]:

@@ -6,7 +6,6 @@ clients, and bad requests answered with a 400 and a reason."""
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -16,7 +15,7 @@ from conftest import check_ok, run_in_process
 
 from llama_recipe.distributed import free_port
 from llama_recipe.generation import Sampling
-from llama_recipe.server import load_server
+from llama_recipe.server import load_server, wait_until_healthy
 
 PROMPT = "The adventure began when"
 
@@ -33,12 +32,7 @@ def server(pretrained_dir):
     thread = threading.Thread(target=running.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    wait_until_healthy(url, timeout=10)
     yield app, url
     running.should_exit = True
     thread.join(timeout=10)
