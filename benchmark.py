@@ -22,8 +22,9 @@ from llama_recipe.recipes import pretrain
 PARTS = ("data", "forward_backward", "optimizer", "other")
 
 
-def report(summary: dict, cfg: TrainConfig) -> dict:
-    """The benchmark's figures from a run's summary: printed, and appended to --results as one JSON line."""
+def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
+    """The benchmark's figures from a run's summary (and --memory_accounting's bytes per parameter):
+    printed, and appended to --results as one JSON line."""
     ignore = cfg.logging.ignore_steps
     timed = slice(ignore, None) if len(summary["step_seconds"]) > ignore else slice(None)
     seconds = summary["step_seconds"][timed]
@@ -45,6 +46,7 @@ def report(summary: dict, cfg: TrainConfig) -> dict:
         peak_source=summary["peak_source"], peak_memory_mb=summary["peak_memory_mb"],
         step_parts_s={k: v / len(seconds) for k, v in parts.items()}, outside_model_fraction=outside,
         losses=summary["losses"], compile_seconds=summary["compile_seconds"],
+        **({"memory": memory, "zero_stage": par.zero_stage} if memory else {}),
     )  # fmt: skip
     split = ", ".join(f"{k.replace('_', '+')} {v:.3f}s" for k, v in row["step_parts_s"].items())
     print(
@@ -57,6 +59,8 @@ def report(summary: dict, cfg: TrainConfig) -> dict:
         f"of {row['peak_tflops']:.3f} TFLOP/s ({row['peak_source']})\n"
         f"  FLOPs: {MFU_FORMULA}"
     )
+    if memory:
+        report_memory(memory, cfg)
     if cfg.logging.results:
         with open(cfg.logging.results, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -67,23 +71,21 @@ def benchmark(cfg: TrainConfig) -> dict:
     summary = pretrain(cfg)
     memory = state_memory(cfg) if cfg.logging.memory_accounting else None
     if is_main_process():
-        row = report(summary, cfg)
-        if memory:
-            report_memory(memory, cfg, row)
+        report(summary, cfg, memory)
     return summary
 
 
-def report_memory(memory: dict, cfg: TrainConfig, row: dict) -> None:
-    """Rank 0's bytes per parameter by role, next to Megatron's table (appended to --results' last line)."""
+def report_memory(memory: dict, cfg: TrainConfig) -> None:
+    """Rank 0's bytes per parameter by role, next to Megatron's table (where it has the precision)."""
     parts = ", ".join(f"{role} {value:.2f}" for role, value in memory["bytes_per_parameter"].items())
+    megatron = ""
+    if memory["megatron_distributed_optimizer"] is not None:
+        megatron = (f"; Megatron: {memory['megatron_without_distributed_optimizer']} without its distributed "
+                    f"optimizer, {memory['megatron_distributed_optimizer']:.2f} with it")  # fmt: skip
     print(
         f"  state per parameter on rank 0 (zero_stage {cfg.parallel.zero_stage}, dp {memory['dp_size']}): {parts} = "
-        f"{memory['total_bytes_per_parameter']:.2f} bytes; Megatron: {memory['megatron_without_distributed_optimizer']} "
-        f"without its distributed optimizer, {memory['megatron_distributed_optimizer']:.2f} with it"
+        f"{memory['total_bytes_per_parameter']:.2f} bytes{megatron}"
     )
-    if cfg.logging.results:
-        with open(cfg.logging.results, "a") as f:
-            f.write(json.dumps({**row, "losses": None, "memory": memory, "zero_stage": cfg.parallel.zero_stage}) + "\n")
 
 
 if __name__ == "__main__":

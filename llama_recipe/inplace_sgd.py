@@ -234,7 +234,8 @@ class InplaceSGD(torch.optim.Optimizer):
         if self.tensor_parallel_group is None:
             # Stacked in parameter order, as torch.nn.utils.clip_grad_norm_ does, so the sum rounds the same way.
             return torch.linalg.vector_norm(torch.stack([norms[k] for k in keys])) if keys else torch.zeros(())
-        squares = torch.zeros(2)  # [sum over sharded weights, sum over replicated ones]
+        # [sum over sharded weights, sum over replicated ones], on the gradients' device (NCCL reduces device tensors)
+        squares = torch.zeros(2, device=norms[keys[0]].device) if keys else torch.zeros(2)
         for group_index, index in keys:
             sharded = self._is_sharded(self.param_groups[group_index]["params"][index])
             squares[0 if sharded else 1] += norms[(group_index, index)].square()

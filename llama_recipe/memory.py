@@ -89,11 +89,11 @@ def state_memory(cfg: TrainConfig) -> dict:
     model_parallel = dist.get_world_size() // par.dp_size
     share = count_parameters(model_config) / model_parallel  # the parameters this rank's replica slice holds
     measured = {role: n / share for role, n in bytes_by_role(model, optimizer).items()}
-    without, (constant, sharded) = MEGATRON_BYTES["fp32" if par.precision == "fp32" else par.precision]
+    megatron = MEGATRON_BYTES.get(par.precision)  # None for pure_bf16: Megatron's table has no row for it
     return dict(
         bytes_per_parameter=measured,
         total_bytes_per_parameter=sum(measured.values()),
-        megatron_without_distributed_optimizer=without,
-        megatron_distributed_optimizer=constant + sharded / par.dp_size,
+        megatron_without_distributed_optimizer=megatron and megatron[0],
+        megatron_distributed_optimizer=megatron and megatron[1][0] + megatron[1][1] / par.dp_size,
         dp_size=par.dp_size,
     )

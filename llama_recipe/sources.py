@@ -281,7 +281,7 @@ def check_text_field(source: Source) -> None:
             row = json.loads(line)
         except ValueError:
             return  # a broken line is skipped and counted when read
-        if isinstance(row, dict) and field_value(row, source.text_field) is None:
+        if isinstance(row, dict) and row.get(source.text_field) is None:  # as the readers look it up: one key
             raise UsageError(
                 f"{first}'s first row has no field {source.text_field!r} (it has: {', '.join(row) or 'none'}); "
                 "pass --text_field with the one holding the text"

@@ -105,6 +105,12 @@ CASES = {
     "prepared_offsets_truncated": (["-d", "{tmp}/prepared"], {}, ["doc_offsets.npy", "prepare it again"]),
     "prepared_tokens_truncated": (["-d", "{tmp}/prepared"], {}, ["tokens.bin", "prepare it again"]),
     "parquet_without_text": (["-d", "{tmp}/data.parquet"], {}, ["no column 'text'", "content", "--text_field"]),
+    # the readers take --text_field as one key (dotted paths are for --slice_field): refused before training
+    "dotted_text_field": (
+        ["-d", "{tmp}/data.jsonl", "--text_field", "meta.text"],
+        {},
+        ["no field 'meta.text'", "meta"],
+    ),
     "running_states_missing_keys": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "running_states_wrong_types": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "latest_names_a_path_elsewhere": (["-f", "latest"], {}, ["latest", "not a step-<N> checkpoint beside it"]),
@@ -342,6 +348,9 @@ SETUP = {
     "prepared_tokens_truncated": lambda tmp: _prepared(tmp, "tokens truncated"),
     "parquet_without_text": lambda tmp: __import__("pyarrow.parquet").parquet.write_table(
         __import__("pyarrow").table({"content": ["a document"] * 4}), tmp / "data.parquet"
+    ),
+    "dotted_text_field": lambda tmp: (tmp / "data.jsonl").write_text(
+        json.dumps({"meta": {"text": "a document"}}) + "\n"
     ),
     "running_states_missing_keys": lambda tmp: _checkpoint(tmp, {"step": 3}),
     "running_states_wrong_types": lambda tmp: _checkpoint(
