@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 
 from .checkpoint import (
@@ -178,7 +178,7 @@ def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
             f"--stride {stride} is larger than -l/--max_length {max_length}; pass --stride {max_length} or less"
         )
     if cfg.evaluation.eval_data:  # the held-out text, checked as -d is
-        _collect(problems, source_for, replace(data, dataset=cfg.evaluation.eval_data, data_dir=None, data_config=None))
+        _collect(problems, source_for, cfg.held_out_data())
     return problems
 
 

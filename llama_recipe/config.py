@@ -12,7 +12,7 @@ This module imports nothing of ours but the error types.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -716,6 +716,10 @@ class TrainConfig:
         for name, section in SECTIONS.items():
             sections[name] = section(**{f.name: values.get(f.name, default_for(f, script)) for f in fields(section)})
         return cls(**sections)
+
+    def held_out_data(self) -> DataConfig:
+        """--eval_data as a data section: read as -d is, with the run's tokenizer and fields."""
+        return replace(self.data, dataset=self.evaluation.eval_data, data_dir=None, data_config=None)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value}, as recorded in every checkpoint's running_states.json."""

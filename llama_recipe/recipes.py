@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import replace
 
 import torch
 
@@ -75,9 +74,8 @@ def pretrain_held_out(cfg: TrainConfig, par: Parallelism, tokenizer, seq_len: in
     """--eval_data's fixed held-out batches for this replica (None without it)."""
     if not cfg.evaluation.eval_data:
         return None
-    data = replace(cfg.data, dataset=cfg.evaluation.eval_data, data_dir=None, data_config=None)
     batches, tokens = held_out_text_batches(
-        source_for(data), tokenizer, seq_len, cfg.training.batch_size, par.dp_rank, par.dp_size,
+        source_for(cfg.held_out_data()), tokenizer, seq_len, cfg.training.batch_size, par.dp_rank, par.dp_size,
         cfg.evaluation.eval_tokens,
     )  # fmt: skip
     short = (
@@ -193,6 +191,8 @@ def evaluate(cfg: TrainConfig) -> dict:
     model_config = get_model_config(str(model_dir))
     tokenizer = load_model_tokenizer(model_dir, cfg.data.tokenizer)
     check_tokenizer_fits(tokenizer, model_config, str(model_dir))
+    if dataset_kind(cfg.data.dataset) == "prepared":  # its ids must mean this tokenizer's words
+        check_prepared_tokenizer(cfg.data.dataset, tokenizer)
     task, positions = cfg.evaluation.task, model_config.max_position_embeddings
     max_length = cfg.data.max_length or positions
     stride = cfg.evaluation.stride or max_length

@@ -179,11 +179,23 @@ def test_bad_input_is_one_line(pretrained_dir, tmp_path):
         (["--model_path", str(pretrained_dir), "--task", "bleu"], "invalid choice"),
     ]
     no_text = write_jsonl(tmp_path / "no_text.jsonl", [{"content": "a document"}])
+    write_jsonl(tmp_path / "held.jsonl", [{"text": "A held-out document, prepared once."}] * 3)
     cases.append((["--model_path", str(pretrained_dir), "-d", str(no_text)], "text"))
     small_vocab = get_model_config("tiny")
     small_vocab.vocab_size = 1000
     build_model(small_vocab).save_pretrained(tmp_path / "vocab1000")
     cases.append((["--model_path", str(tmp_path / "vocab1000")], "has 32000 tokens but the model"))
+    # a prepared -d whose ids were made by another tokenizer (its meta says so): refused, not scored
+    from llama_recipe.data import load_tokenizer
+    from llama_recipe.prepared import prepare_dataset
+
+    prepare_dataset(str(no_text.with_name("held.jsonl")), str(tmp_path / "prepared"), load_tokenizer(str(pretrained_dir)),
+                    progress=False)  # fmt: skip
+    meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    (tmp_path / "prepared" / "meta.json").write_text(json.dumps(dict(meta, vocab_size=50000)))
+    cases.append(
+        (["--model_path", str(pretrained_dir), "-d", str(tmp_path / "prepared")], "was prepared with tokenizer")
+    )
     for args, words in cases:
         expect_one_line_error(run_in_process("eval.py", args), words)
 
