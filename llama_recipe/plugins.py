@@ -42,6 +42,36 @@ def _zero_refuses_compression(name: str) -> Callable[[TrainConfig], str]:
     )
 
 
+def _needs_whole_gradients(cfg: TrainConfig, optimizer: str) -> str:
+    return (
+        f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
+        f"every process; use -p ddp (one process, or data parallel), not -p {cfg.parallel.plugin}"
+    )
+
+
+def _gemini_refuses_fused_update(cfg: TrainConfig, optimizer: str) -> str:
+    return (
+        f"-p {cfg.parallel.plugin} cannot host --optimizer {optimizer}: Gemini writes each gradient into its chunk, "
+        "reduces whole chunks after backward and updates only in its optimizer's step over fp32 master chunks, "
+        "so no parameter's gradient and weight are at hand inside backward; use -p ddp or -p hybrid_parallel --tp N"
+    )
+
+
+def _hybrid_fused_update_refusal(cfg: TrainConfig, optimizer: str) -> str | None:
+    par = cfg.parallel
+    if par.pp > 1 or par.sp_mode or par.zero_stage > 0:
+        return (
+            f"--optimizer {optimizer} under -p {par.plugin} runs with tensor and data parallelism only (a pipeline "
+            "accumulates micro-batches; ZeRO and sequence parallelism reduce gradients after backward); drop "
+            "--pp/--sp_mode/--zero_stage"
+        )
+    return None
+
+
+def _hosts_fused_update(cfg: TrainConfig, optimizer: str) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class PluginSpec:
     name: str
@@ -53,7 +83,6 @@ class PluginSpec:
     clips_in_step: bool = True  # its optimizer wrapper clips inside step() (max_norm) and reports the norm
     autocast_bf16: bool = False  # leaves precision alone: bf16 compute goes through torch.autocast
     lazy_init: bool = False  # can materialise the weights shard by shard (ColossalAI's LazyInitContext)
-    whole_gradients: bool = False  # every rank holds whole gradients (what an update inside backward needs)
     syncs_every_micro_step: bool = False  # reduces gradients on every micro-step by design (no no_sync)
     document_attention: bool = True  # takes our 4-D document attention masks
     chunked_loss: bool = True  # its forward is transformers' own, so the chunked loss (loss.py) can replace it
@@ -63,6 +92,8 @@ class PluginSpec:
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
     check: Callable[[TrainConfig, str, int], None] = _no_extra_checks  # its own layout rules
+    # why it cannot host an optimizer that updates inside backward (inplace_sgd; None: it can)
+    fused_update_refusal: Callable[[TrainConfig, str], str | None] = _needs_whole_gradients
     # why it cannot take --grad_compression (None: it can); its gradients must be synced by a torch DDP
     compression_refusal: Callable[[TrainConfig], str | None] = _zero_refuses_compression("this plugin")
 
@@ -454,6 +485,7 @@ def _gemini_refuses_pure_bf16(name: str) -> str:
 # Gemini: chunked loss off until it has run on a GPU (Gemini gathers each weight through hooks on its use).
 _GEMINI = dict(
     gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, chunked_loss=False, check=_check_gemini,
+    fused_update_refusal=_gemini_refuses_fused_update,
     compile_refusal="--compile is not available with -p gemini/gemini_auto (Gemini fetches each weight through "
     "parameter hooks that torch.compile does not trace); drop --compile, or use -p zero2 or ddp",
 )  # fmt: skip
@@ -504,6 +536,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "forward with ColossalAI's, whose tensor/pipeline collectives are not verified under torch.compile); "
             "drop --compile, or use -p zero2 or ddp",
             check=_check_hybrid_parallel,
+            fused_update_refusal=_hybrid_fused_update_refusal,
             compression_refusal=_hybrid_compression_refusal,
         ),
         PluginSpec(
@@ -512,7 +545,7 @@ PLUGINS: dict[str, PluginSpec] = {
             _ddp,
             clips_in_step=False,
             autocast_bf16=True,
-            whole_gradients=True,
+            fused_update_refusal=_hosts_fused_update,
             check=_check_ddp,
             compression_refusal=_compresses,
         ),
@@ -522,7 +555,7 @@ PLUGINS: dict[str, PluginSpec] = {
             lambda cfg, precision: (PlainTorch(), None),
             clips_in_step=False,
             autocast_bf16=True,
-            whole_gradients=True,
+            fused_update_refusal=_hosts_fused_update,
             uses_booster=False,
             offered=False,
             check=_check_plain_torch,
@@ -585,24 +618,8 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"--optimizer {optimizer} all-reduces each gradient itself inside the backward pass, outside DDP's "
                 "communication hook; drop --grad_compression or use --optimizer adamw"
             )
-        if spec.gpu_only:  # Gemini
-            raise UsageError(
-                f"-p {spec.name} cannot host --optimizer {optimizer}: Gemini writes each gradient into its chunk, "
-                "reduces whole chunks after backward and updates only in its optimizer's step over fp32 master chunks, "
-                "so no parameter's gradient and weight are at hand inside backward; use -p ddp or -p hybrid_parallel --tp N"
-            )
-        par = cfg.parallel
-        if spec.model_parallel and (par.pp > 1 or par.sp_mode or par.zero_stage > 0):
-            raise UsageError(
-                f"--optimizer {optimizer} under -p {spec.name} runs with tensor and data parallelism only (a pipeline "
-                "accumulates micro-batches; ZeRO and sequence parallelism reduce gradients after backward); drop "
-                "--pp/--sp_mode/--zero_stage"
-            )
-        if not spec.whole_gradients and not spec.model_parallel:
-            raise UsageError(
-                f"--optimizer {optimizer} updates each weight inside the backward pass, which needs whole gradients in "
-                f"every process; use -p ddp (one process, or data parallel), not -p {spec.name}"
-            )
+        if refusal := spec.fused_update_refusal(cfg, optimizer):
+            raise UsageError(refusal)
         if cfg.training.accumulation_steps > 1:
             raise UsageError(
                 f"--optimizer {optimizer} applies the update during the backward pass, so gradients cannot "
