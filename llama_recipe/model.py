@@ -213,6 +213,14 @@ def load_pretrained_model(
     return model.to(device).eval()
 
 
+def inference_placement() -> tuple[torch.dtype, torch.device]:
+    """Where a model is loaded to generate or score: bf16 on this process's GPU if there is one, else
+    fp32 on the CPU (where bf16 is slow, and fp32 exact)."""
+    if torch.cuda.is_available():
+        return torch.bfloat16, torch.device("cuda", torch.cuda.current_device())
+    return torch.float32, torch.device("cpu")
+
+
 def check_tokenizer_fits(tokenizer, model_config, where: str) -> None:
     """A tokenizer with more tokens than the model's embedding rows would index past them."""
     if len(tokenizer) > model_config.vocab_size:

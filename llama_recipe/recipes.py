@@ -7,8 +7,6 @@ import json
 import math
 import time
 
-import torch
-
 from .config import SHIPPED_TOKENIZER, TrainConfig
 from .data import (
     Prefetcher,
@@ -19,7 +17,7 @@ from .data import (
     load_model_tokenizer,
     load_tokenizer,
 )
-from .distributed import device, fewest_across_ranks, has_cuda, is_main_process, launch, print_main, rank, world_size
+from .distributed import fewest_across_ranks, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
 from .evaluate import eval_documents, eval_scores, evaluate_documents
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
@@ -27,6 +25,7 @@ from .model import (
     check_tokenizer_fits,
     count_parameters,
     get_model_config,
+    inference_placement,
     load_pretrained_model,
     resolve_pretrained,
     weights_location,
@@ -196,8 +195,8 @@ def evaluate(cfg: TrainConfig) -> dict:
     task, positions = cfg.evaluation.task, model_config.max_position_embeddings
     max_length = cfg.data.max_length or positions
     stride = cfg.evaluation.stride or max_length
-    dtype = torch.bfloat16 if has_cuda() else torch.float32  # fp32 where bf16 is slow (CPUs) and exact
-    model = load_pretrained_model(model_dir, dtype, device())
+    dtype, where = inference_placement()
+    model = load_pretrained_model(model_dir, dtype, where)
     print_main(
         f"evaluating {model_dir} ({count_parameters(model_config) / 1e6:,.1f}M parameters, {str(dtype)[6:]}) on "
         f"{cfg.data.dataset}, {world_size()} processes: "

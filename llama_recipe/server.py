@@ -22,7 +22,6 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -31,7 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from .checkpoint import resolve_checkpoint_arg
 from .data import load_model_tokenizer
 from .generation import Completion, Generator, Sampling
-from .model import check_tokenizer_fits, get_model_config, load_pretrained_model, resolve_pretrained
+from .model import (
+    check_tokenizer_fits,
+    get_model_config,
+    inference_placement,
+    load_pretrained_model,
+    resolve_pretrained,
+)
 
 MAX_PROMPTS = 128  # per request, as Megatron's server allows
 
@@ -254,6 +259,5 @@ def load_server(model: str, tokenizer: str | None = None, max_tokens_cap: int = 
     model_dir = resolve_pretrained(resolve_checkpoint_arg(model))
     tok = load_model_tokenizer(model_dir, tokenizer)
     check_tokenizer_fits(tok, get_model_config(str(model_dir)), str(model_dir))
-    on_gpu = torch.cuda.is_available()
-    weights = load_pretrained_model(model_dir, torch.bfloat16 if on_gpu else torch.float32, "cuda" if on_gpu else "cpu")
+    weights = load_pretrained_model(model_dir, *inference_placement())
     return CompletionServer(Generator(weights, tok), str(model), max_tokens_cap)

@@ -32,7 +32,7 @@ def main() -> None:
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Sampling
     from llama_recipe.instruct import generate_answers
-    from llama_recipe.model import resolve_pretrained
+    from llama_recipe.model import check_tokenizer_fits, get_model_config, resolve_pretrained
 
     try:
         if args.max_new_tokens < 1:
@@ -42,6 +42,7 @@ def main() -> None:
             raise UsageError(f"--{sampling.problem()}")
         model_dir = resolve_pretrained(resolve_checkpoint_arg(args.model))  # a `latest` file: its checkpoint
         tokenizer = load_model_tokenizer(model_dir)
+        check_tokenizer_fits(tokenizer, get_model_config(str(model_dir)), str(model_dir))
         answers = generate_answers(str(model_dir), tokenizer, args.prompts, sampling)
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
