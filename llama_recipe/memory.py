@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from .config import TrainConfig
 from .data import SyntheticBatches
+from .metrics import reachable_tensors
 from .model import count_parameters, get_model_config
 from .parallel import build_parallelism
 from .trainer import build_boosted, forward_backward
@@ -35,41 +36,9 @@ def bytes_by_role(model: torch.nn.Module, optimizer) -> dict[str, int]:
     """Bytes of the model's weights and buffers, of every gradient (the parameters' .grad and any tensor the
     optimizer wrappers keep under a name with "grad" in it: ZeRO's gradient stores), and of the rest the
     optimizer reaches (master weights, moments). Each storage counted once."""
-    seen, totals = set(), {"weights": 0, "gradients": 0, "optimizer": 0}
-
-    def add(t: torch.Tensor | None, role: str) -> None:
-        if t is not None and t.untyped_storage().data_ptr() not in seen:
-            seen.add(t.untyped_storage().data_ptr())
-            totals[role] += t.untyped_storage().nbytes()
-
-    for t in [*model.parameters(), *model.buffers()]:
-        add(t, "weights")
-    for p in model.parameters():
-        add(p.grad, "gradients")
-    visited = set()
-
-    def visit(obj, role: str) -> None:
-        if id(obj) in visited:
-            return
-        visited.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            add(obj, role)
-            add(obj.grad, "gradients")
-        elif isinstance(obj, dict):
-            for key, value in obj.items():
-                visit(value, "gradients" if isinstance(key, str) and "grad" in key else role)
-        elif isinstance(obj, list | tuple | set):
-            for value in obj:
-                visit(value, role)
-        elif isinstance(obj, torch.nn.Module):
-            return  # the model: counted above
-        elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
-            obj, "__dict__"
-        ):
-            for name, value in vars(obj).items():
-                visit(value, "gradients" if "grad" in name else role)
-
-    visit(optimizer, "optimizer")
+    totals = {"weights": 0, "gradients": 0, "optimizer": 0}
+    for t, role in reachable_tensors((model, "weights"), (optimizer, "optimizer")):
+        totals[role] += t.untyped_storage().nbytes()
     return totals
 
 

@@ -8,6 +8,7 @@ import math
 import resource
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,40 +48,48 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def tensor_bytes_by_dtype(*roots) -> dict[str, int]:
-    """Bytes of every tensor reachable from `roots` (models, optimizers and the plugins' optimizer
-    wrappers with their gradient stores), each storage counted once, by dtype. This is what the
-    weights, gradients and optimizer states really occupy, whatever the plugin keeps where."""
-    seen_objects, seen_storages, totals = set(), set(), {}
+def reachable_tensors(*roots: tuple[object, str]) -> Iterator[tuple[torch.Tensor, str]]:
+    """Every tensor reachable from the (object, role) roots (models, optimizers and the plugins'
+    optimizer wrappers with their gradient stores), each storage once, with its role: the root's,
+    or "gradients" for a .grad and for what is kept under a name with "grad" in it (ZeRO's stores)."""
+    seen_objects, seen_storages = set(), set()
 
-    def visit(obj) -> None:
+    def visit(obj, role: str) -> Iterator[tuple[torch.Tensor, str]]:
         if id(obj) in seen_objects:
             return
         seen_objects.add(id(obj))
         if isinstance(obj, torch.Tensor):
-            for t in (obj, obj.grad):
+            for t, r in ((obj, role), (obj.grad, "gradients")):
                 if t is not None and t.untyped_storage().data_ptr() not in seen_storages:
                     seen_storages.add(t.untyped_storage().data_ptr())
-                    key = str(t.dtype).removeprefix("torch.")
-                    totals[key] = totals.get(key, 0) + t.untyped_storage().nbytes()
+                    yield t, r
         elif isinstance(obj, torch.nn.Module):
             for t in [*obj.parameters(), *obj.buffers()]:
-                visit(t)
+                yield from visit(t, role)
         elif isinstance(obj, dict):
             for k, v in obj.items():
-                visit(k)
-                visit(v)
+                yield from visit(k, role)
+                yield from visit(v, "gradients" if isinstance(k, str) and "grad" in k else role)
         elif isinstance(obj, (list, tuple, set)):
             for v in obj:
-                visit(v)
+                yield from visit(v, role)
         elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
             obj, "__dict__"
         ):
-            for v in vars(obj).values():
-                visit(v)
+            for name, v in vars(obj).items():
+                yield from visit(v, "gradients" if "grad" in name else role)
 
-    for root in roots:
-        visit(root)
+    for root, role in roots:
+        yield from visit(root, role)
+
+
+def tensor_bytes_by_dtype(*roots) -> dict[str, int]:
+    """Bytes of every tensor reachable from `roots`, each storage counted once, by dtype. This is
+    what the weights, gradients and optimizer states really occupy, whatever the plugin keeps where."""
+    totals = {}
+    for t, _ in reachable_tensors(*((root, "") for root in roots)):
+        key = str(t.dtype).removeprefix("torch.")
+        totals[key] = totals.get(key, 0) + t.untyped_storage().nbytes()
     return totals
 
 
