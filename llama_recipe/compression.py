@@ -167,11 +167,18 @@ class PowerSGD:
         (one all-reduce of `buffer`, which holds them all, when given), PowerSGD's after it."""
         self.counts.bytes_uncompressed += sum(g.numel() * g.element_size() for _, g in grads)
         if self.step < self.settings.warmup_steps:
-            for tensor in [buffer] if buffer is not None else [g for _, g in grads]:
-                tensor.div_(self._world())  # as DDP's own all-reduce: divide, then sum
-                self._all_reduce(tensor)
+            self._exact_mean([buffer] if buffer is not None else [g for _, g in grads])
         else:
             self._compress(grads)
+
+    def _exact_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor, in place, by its exact mean over replicas: one all-reduce of them all."""
+        flat = tensors[0] if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+        flat.div_(self._world())  # as DDP's own all-reduce: divide, then sum
+        self._all_reduce(flat)
+        if len(tensors) > 1:
+            for t, mean in zip(tensors, _split(flat, tensors), strict=True):
+                t.copy_(mean)
 
     def _world(self) -> int:
         return dist.get_world_size(self.group)
@@ -199,12 +206,7 @@ class PowerSGD:
                 matrix.add_(self.errors[name])
             matrices.append((name, matrix, r))
         if exact:
-            flat = torch.cat([g.reshape(-1) for g in exact]).div_(world)
-            self._all_reduce(flat)
-            offset = 0
-            for g in exact:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+            self._exact_mean(exact)
         exact_means = self._exact_means(matrices, world) if self.settings.log_cosine and matrices else None
         if matrices:
             self._power_iteration(matrices, world)
