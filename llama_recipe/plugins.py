@@ -34,11 +34,11 @@ def _compresses(cfg: TrainConfig) -> str | None:
     return None
 
 
-def _zero_refuses_compression(name: str) -> Callable[[TrainConfig], str]:
-    return lambda cfg: (
-        f"--grad_compression compresses the gradient all-reduce of torch DDP, but -p {name} reduce-scatters flat "
-        "ZeRO buckets (each rank keeps a shard, so there is no matrix to factor); use -p ddp, or -p hybrid_parallel "
-        "with --zero_stage 0"
+def _zero_refuses_compression(cfg: TrainConfig, layout: str | None = None) -> str:
+    return (
+        f"--grad_compression compresses the gradient all-reduce of torch DDP, but -p {layout or cfg.parallel.plugin} "
+        "reduce-scatters flat ZeRO buckets (each rank keeps a shard, so there is no matrix to factor); use -p ddp, "
+        "or -p hybrid_parallel with --zero_stage 0"
     )
 
 
@@ -95,7 +95,7 @@ class PluginSpec:
     # why it cannot host an optimizer that updates inside backward (inplace_sgd; None: it can)
     fused_update_refusal: Callable[[TrainConfig, str], str | None] = _needs_whole_gradients
     # why it cannot take --grad_compression (None: it can); its gradients must be synced by a torch DDP
-    compression_refusal: Callable[[TrainConfig], str | None] = _zero_refuses_compression("this plugin")
+    compression_refusal: Callable[[TrainConfig], str | None] = _zero_refuses_compression
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +458,7 @@ def _even_split(layers: int, stages: int) -> list[int]:
 
 def _hybrid_compression_refusal(cfg: TrainConfig) -> str | None:
     if cfg.parallel.zero_stage > 0:
-        return _zero_refuses_compression(f"hybrid_parallel --zero_stage {cfg.parallel.zero_stage}")(cfg)
+        return _zero_refuses_compression(cfg, f"hybrid_parallel --zero_stage {cfg.parallel.zero_stage}")
     return None
 
 
@@ -497,7 +497,6 @@ PLUGINS: dict[str, PluginSpec] = {
             'ZeRO-3-like chunked sharding, all on GPU (`GeminiPlugin(placement_policy="static")`)',
             _gemini("static"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini"),
-            compression_refusal=_zero_refuses_compression("gemini"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -505,7 +504,6 @@ PLUGINS: dict[str, PluginSpec] = {
             "Gemini with automatic CPU/GPU placement",
             _gemini("auto"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini_auto"),
-            compression_refusal=_zero_refuses_compression("gemini_auto"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -514,7 +512,6 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=False),
             syncs_every_micro_step=True,
             zero_slices=True,
-            compression_refusal=_zero_refuses_compression("zero2"),
         ),
         PluginSpec(
             "zero2_cpu",
@@ -522,7 +519,6 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=True),
             syncs_every_micro_step=True,
             zero_slices=True,
-            compression_refusal=_zero_refuses_compression("zero2_cpu"),
         ),
         PluginSpec(
             "hybrid_parallel",
