@@ -471,6 +471,7 @@ class Prefetcher:
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        self._first: tuple | None = None  # the next item, once `start` has taken it from the queue
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -487,14 +488,21 @@ class Prefetcher:
             if item[3] is not None:
                 return
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def start(self) -> None:
+        """Start reading ahead now and wait for the first batch: data that cannot give one (no
+        documents for this rank) is refused here, before the run writes anything."""
         if self._queue is None:
             self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
             self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop), daemon=True)
             self._thread.start()
-        batch, state, epoch, error = self._queue.get()
-        if error is not None:
-            raise error
+        if self._first is None:
+            self._first = self._queue.get()
+        if self._first[3] is not None:
+            raise self._first[3]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        self.start()
+        (batch, state, epoch, _), self._first = self._first, None
         self._state, self._epoch = state, epoch
         return batch
 
@@ -516,7 +524,7 @@ class Prefetcher:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=30)  # let it finish the batch in hand before the process moves on
-            self._queue, self._stop, self._thread = None, None, None
+            self._queue, self._stop, self._thread, self._first = None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,11 +101,16 @@ class MetricsLogger:
         )
         self.tensorboard_dir = tensorboard_dir
         self.history: list[tuple[int, float]] = []
-        self.writer = None
-        if enabled and tensorboard_dir:
+        self._writer = None  # made at the first write, so a run refused before it leaves no event file
+
+    @property
+    def writer(self):
+        """The TensorBoard writer (None without -t), created when first used."""
+        if self._writer is None and self.enabled and self.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(tensorboard_dir)
+            self._writer = SummaryWriter(self.tensorboard_dir)
+        return self._writer
 
     def log_step(
         self,

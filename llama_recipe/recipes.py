@@ -55,6 +55,8 @@ def pretrain(cfg: TrainConfig) -> dict:
     batches, total_steps = pretrain_batches(cfg, par, tokenizer, model_config.vocab_size, seq_len)
     batches = Prefetcher(batches)  # prepares the next batches while the model trains
     try:
+        if not cfg.checkpoint.load or cfg.checkpoint.reset_data:  # (a resumed stream is the one its run read)
+            batches.start()  # the first batch now: data with none for this rank is refused before any file
         plan = RunPlan(model_config, batches, total_steps, cfg.optim.warmup_steps, tokenizer, seq_len, "pretraining",
                        initial_weights=initial_weights, held_out=pretrain_held_out(cfg, par, tokenizer, seq_len))  # fmt: skip
         summary = fit(cfg, par, plan)

@@ -12,7 +12,16 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, TOKENIZER, expect_one_line_error, launch, run_in_process, write_jsonl
+from conftest import (
+    DATA,
+    HELD_OUT,
+    TOKENIZER,
+    expect_error_after_training,
+    expect_one_line_error,
+    launch,
+    run_in_process,
+    write_jsonl,
+)
 
 from llama_recipe.cli import parse_args, validate
 from llama_recipe.plugins import CPU_PLUGINS, PLUGIN_NAMES
@@ -290,6 +299,23 @@ CASES = {
         {"WORLD_SIZE": "2"},
         ["--compress_backprop", "at least 1", "got 0"],
     ),
+    # refused at run time, by what the data holds: still before the first file (the first batch is read first)
+    "no_documents_for_this_rank": (
+        ["-d", "{tmp}/data.jsonl", "--eval_data", str(HELD_OUT), "--eval_tokens", "256"],
+        {},
+        ["no documents for this data-parallel rank"],
+    ),
+    "mixture_slice_without_documents": (
+        ["-d", "{tmp}/data.jsonl", "--data_mix", "a=1,b=1", "--slice_field", "part"],
+        {},
+        ["--data_mix slice 'b'", "no documents", "--slice_field"],
+    ),
+    "eval_data_too_small": (["--eval_data", "{tmp}/data.jsonl"], {}, ["--eval_data", "fewer than 256 tokens"]),
+    "too_little_data_for_one_step": (  # (this case drops VALID's --max_steps)
+        ["-d", "{tmp}/data.jsonl", "-e", "1"],
+        {},
+        ["fewer than 256 tokens per replica", "-b/-l"],
+    ),
     "compress_backprop_epilogue_only_without_rank": (
         ["-p", "hybrid_parallel", "--pp", "2", "--compress_backprop_epilogue_only"],
         {"WORLD_SIZE": "2"},
@@ -297,6 +323,8 @@ CASES = {
     ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
+# Cases whose one error line follows the run's own lines on stderr (skipped data lines, a progress bar).
+AFTER_OTHER_LINES = {"no_documents_for_this_rank", "too_little_data_for_one_step"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 
@@ -356,6 +384,12 @@ SETUP = {
     "running_states_wrong_types": lambda tmp: _checkpoint(
         tmp, {"step": "3", "consumed_samples": 1, "consumed_tokens": 1}
     ),
+    "no_documents_for_this_rank": lambda tmp: write_jsonl(tmp / "data.jsonl", [""] * 4),  # empty texts: skipped
+    "mixture_slice_without_documents": lambda tmp: write_jsonl(
+        tmp / "data.jsonl", [{"text": "words " * 100, "part": "a"}] * 4
+    ),
+    "eval_data_too_small": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
+    "too_little_data_for_one_step": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
     "latest_names_a_path_elsewhere": lambda tmp: (
         (tmp / "ckpt").mkdir(),
         (tmp / "ckpt" / "latest").write_text("/etc\n"),
@@ -368,13 +402,16 @@ TINY_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=64, num_hid
 def _arguments(case: str, tmp) -> list[str]:
     if case in SETUP:
         SETUP[case](tmp)
-    valid = VALID[:-2] if case == "hub_stream_without_max_steps" else VALID
+    valid = VALID[:-2] if case in ("hub_stream_without_max_steps", "too_little_data_for_one_step") else VALID
     output = ["-o", str(tmp / "ckpt"), "-t", str(tmp / "tb")]
     return [*valid, *output, *(a.replace("{tmp}", str(tmp)) for a in CASES[case][0])]
 
 
 def _check(proc, case: str, tmp, before: list) -> None:
-    expect_one_line_error(proc, *CASES[case][2])
+    if case in AFTER_OTHER_LINES:
+        expect_error_after_training(proc, *CASES[case][2], code=2)
+    else:
+        expect_one_line_error(proc, *CASES[case][2])
     assert not (tmp / "tb").exists()  # no TensorBoard file for a refused run
     assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before  # no checkpoint directory, nothing else
 

@@ -365,3 +365,14 @@ def test_resolve_local_files(tmp_path):
     (tmp_path / "d.parquet").write_bytes(b"")
     with pytest.raises(UsageError, match="mixes Parquet and JSON"):
         resolve_local_files(str(tmp_path))
+
+
+def test_the_tensorboard_writer_is_made_at_the_first_write(tmp_path):
+    """A run refused before its first scalar leaves no event file behind (the writer is made lazily)."""
+    from llama_recipe.metrics import MetricsLogger, read_scalars
+
+    logger = MetricsLogger(True, str(tmp_path / "tb"), total_steps=2, start_step=0, desc="test")
+    assert not (tmp_path / "tb").exists()
+    logger.log_scalars(1, {"eval/loss": 2.5})
+    logger.close()
+    assert read_scalars(tmp_path / "tb", "eval/loss") == {1: 2.5}
