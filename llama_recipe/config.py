@@ -59,7 +59,7 @@ class Flag:
         return "/".join(short[:1] + [next(n for n in names if n.startswith("--"))])
 
     def problem(self, value: Any, script: str = "pretrain") -> str | None:
-        """What is wrong with `value` for this flag, or None. NaN fails every bound."""
+        """What is wrong with `value` for this flag, or None. NaN fails every bound; infinity any float flag."""
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             return None
         if self.minimum is not None and not value >= self.minimum:
@@ -70,6 +70,8 @@ class Flag:
             low = "" if self.above is None else f"above {self.above:g}"
             high = "" if self.below is None else f"below {self.below:g}"
             return f"{self.label(script)} must be {' and '.join(p for p in (low, high) if p)}, got {value:g}"
+        if isinstance(value, float) and not math.isfinite(value):  # `--lr inf` would stop the run at step 1
+            return f"{self.label(script)} must be a finite number, got {value:g}"
         return None
 
 

@@ -56,6 +56,8 @@ CASES = {
     "non_integer_batch_size": (["-b", "two"], {}, ["-b/--batch_size", "'two'", "int"]),
     "zero_microbatch_size": (["--microbatch_size", "0"], {}, ["--microbatch_size", "at least 1", "got 0"]),
     "nan_learning_rate": (["--lr", "nan"], {}, ["--lr", "above 0", "nan"]),
+    "infinite_learning_rate": (["--lr", "inf"], {}, ["--lr", "finite", "inf"]),
+    "infinite_dist_timeout": (["--dist_timeout", "1e999"], {}, ["--dist_timeout", "finite", "inf"]),
     "zero_max_steps": (["--max_steps", "0"], {}, ["--max_steps", "at least 1", "got 0"]),
     "negative_grad_clip": (["--grad_clip", "-1"], {}, ["--grad_clip", "at least 0", "got -1"]),
     "negative_seed": (["--seed", "-1"], {}, ["--seed", "at least 0", "got -1"]),
