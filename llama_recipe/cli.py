@@ -23,7 +23,7 @@ from .checkpoint import (
 )
 from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TrainConfig, flag_of, range_problems
-from .data import mixture_slices, parse_data_mix
+from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .export import check_export_target
@@ -160,10 +160,8 @@ def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
             _collect(problems, mixture_slices, source, weights)
         if not cfg.training.max_steps:
             problems.append("--data_mix draws from the slices without end; pass --max_steps to set the run's length")
-    if data.tokenizer and not Path(data.tokenizer).exists() and data.tokenizer.startswith((".", "/", "~")):
-        problems.append(
-            f"tokenizer directory {data.tokenizer} does not exist; pass --tokenizer with a tokenizer directory"
-        )
+    if data.tokenizer:
+        _collect(problems, check_tokenizer_name, data.tokenizer)
     if model_config and (data.max_length or 0) > model_config.max_position_embeddings:
         limit = model_config.max_position_embeddings
         problems.append(

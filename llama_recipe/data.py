@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .config import SHIPPED_TOKENIZER
 from .errors import UsageError
-from .sources import SKIPPED, Source, load_text_stream, resolve_source, slice_name
+from .sources import SKIPPED, Source, load_text_stream, looks_like_a_path, missing_path, resolve_source, slice_name
 
 # The LLaMA paper's pretraining mixture (Touvron et al. 2023, Table 1), by sampled tokens, with
 # RedPajama's slice names.
@@ -48,9 +48,17 @@ LLAMA_MIX = {
 }
 
 
+def check_tokenizer_name(name_or_path: str) -> None:
+    """A --tokenizer that reads as a local path but does not exist, refused at once (transformers
+    would first look it up on the hub, retrying for about a minute when offline)."""
+    if not Path(name_or_path).expanduser().exists() and looks_like_a_path(name_or_path):
+        raise UsageError(missing_path(name_or_path, "--tokenizer") + "; pass --tokenizer with a tokenizer directory")
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
+    check_tokenizer_name(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except Exception as e:

@@ -20,6 +20,7 @@ within one stream.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import functools
 import glob
@@ -124,13 +125,39 @@ def is_prepared_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, PREPARED_META))
 
 
+def looks_like_a_path(name: str) -> bool:
+    """Whether `name` reads as a local path rather than a Hugging Face hub id (`owner/name`): it
+    starts with `.`, `/` or `~`, its first folder exists here (`data/redpajama-sampel`), or it is no
+    valid repository id (`a/b/c`). Such a name that does not exist is refused at once, never looked
+    up on the hub (which offline answers "could not reach", after retries)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")) or ("/" in name and Path(name.split("/")[0]).is_dir()):
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def missing_path(path: str, flag: str) -> str:
+    """What to say of a local path that does not exist: that first (with the nearest name beside it,
+    for a typo), and only then that it was not taken for a hub name either."""
+    p = Path(path).expanduser()
+    near = difflib.get_close_matches(p.name, os.listdir(p.parent), n=1) if p.parent.is_dir() else []
+    guess = f" (did you mean {p.parent / near[0]}?)" if near else ""
+    return f"{flag} {path} does not exist{guess}; it reads as a local path, so it is not a Hugging Face hub name either"
+
+
 def looks_local(dataset: str) -> bool:
     """Whether `-d` names local files (a path, a glob or a data file name) rather than a hub dataset."""
     return (
         os.path.exists(dataset)
         or any(ch in dataset for ch in "*?[")
-        or dataset.startswith((".", "/", "~"))
         or dataset.endswith(DATA_SUFFIXES)
+        or looks_like_a_path(dataset)
     )
 
 
@@ -154,6 +181,8 @@ def resolve_local_files(dataset: str, data_dir: str | None = None) -> list[str]:
     """The data files a local `-d` names: a file, a directory (searched recursively, or only its
     `data_dir`) or a glob."""
     path = Path(dataset).expanduser() / (data_dir or "")
+    if not any(ch in dataset for ch in "*?[") and not Path(dataset).expanduser().exists():
+        raise UsageError(missing_path(dataset, "-d") + "; pass -d with a data file, a directory of them, or a glob")
     if path.is_file():
         files = [str(path)]
     elif path.is_dir():

@@ -15,7 +15,7 @@ from conftest import expect_one_line_error, launch, run_in_process, script_env
 from fake_hub import FakeHub
 
 from llama_recipe import sources
-from llama_recipe.data import DocumentStream, build_pretrain_batches
+from llama_recipe.data import DocumentStream, build_pretrain_batches, load_tokenizer
 from llama_recipe.errors import UsageError
 from llama_recipe.sources import resolve_source, select_data_files
 
@@ -260,3 +260,32 @@ def test_hub_names_are_checked_before_anything_is_written(tmp_path, hub):
     ]
     expect_one_line_error(run_in_process("pretrain.py", args), "no dataset 'no/such'")
     assert not (tmp_path / "o").exists() and not (tmp_path / "tb").exists()
+
+
+@pytest.mark.parametrize(
+    "name, local",
+    [("data/redpajama-sampel", True), ("./corpus", True), ("~/corpus", True), ("a/b/c", True),
+     ("someorg/some-corpus", False), ("c4", False)],
+)  # fmt: skip
+def test_what_reads_as_a_local_path(monkeypatch, name, local):
+    from conftest import REPO
+
+    monkeypatch.chdir(REPO)  # where data/ exists
+    assert sources.looks_like_a_path(name) is local
+
+
+def test_a_mistyped_local_path_is_said_not_to_exist_at_once(tmp_path, monkeypatch):
+    """`-d data/redpajama-sampel` and `--tokenizer data/llama-tokenizr`, where data/ exists: one line
+    saying the path does not exist, with the near name, never "could not reach the hub" (nor its retries)."""
+    from conftest import DATA, REPO
+
+    monkeypatch.chdir(REPO)
+    started = time.perf_counter()
+    args = ["-c", "tiny", "-p", "ddp", "--max_steps", "1", "-o", str(tmp_path / "o"), "-t", str(tmp_path / "tb")]
+    proc = run_in_process("pretrain.py", [*args, "-d", "data/redpajama-sampel"])
+    expect_one_line_error(proc, "-d data/redpajama-sampel does not exist", "data/redpajama-sample?", "pass -d")
+    proc = run_in_process("pretrain.py", [*args, "-d", str(DATA), "--tokenizer", "data/llama-tokenizr"])
+    expect_one_line_error(proc, "--tokenizer data/llama-tokenizr does not exist", "data/llama-tokenizer?")
+    with pytest.raises(UsageError, match="does not exist"):  # prepare_data.py and serve.py load it so too
+        load_tokenizer("data/llama-tokenizr")
+    assert time.perf_counter() - started < 30 and not any(tmp_path.iterdir())

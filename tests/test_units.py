@@ -360,7 +360,7 @@ def test_resolve_local_files(tmp_path):
     assert resolve_local_files(str(tmp_path / "**" / "*.jsonl")) == sorted([str(a), str(b)])
     with pytest.raises(UsageError, match="matches no"):
         resolve_local_files(str(tmp_path / "*.parquet"))
-    with pytest.raises(UsageError, match="matches no"):
+    with pytest.raises(UsageError, match="missing.jsonl does not exist"):
         resolve_local_files(str(tmp_path / "sub" / "missing.jsonl"))
     (tmp_path / "d.parquet").write_bytes(b"")
     with pytest.raises(UsageError, match="mixes Parquet and JSON"):
