@@ -39,7 +39,7 @@ from .colossalai_patches import deferred_state_dict_writes
 from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, synchronize, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
-from .files import move_into_place, write_safetensors
+from .files import move_into_place, write_failure, write_safetensors
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
 from .zero_slices import holds_slices, load_slices, rank_file, rank_slices, write_small_files
@@ -313,12 +313,15 @@ def _temporary_dir(final: Path, par: Parallelism) -> Path:
     return tmp
 
 
-def _save_failed(final: Path, tmp: Path, error: OSError) -> CheckpointError:
+def _save_failed(final: Path, tmp: Path, error: Exception) -> Exception:
+    """What a save that could not be written raises, its temporary directory removed: one line
+    (CheckpointError) when the filesystem is to blame, else the error itself (a bug)."""
+    reason = write_failure(error, final.parent)
     if is_main_process():
         shutil.rmtree(tmp, ignore_errors=True)
-    return CheckpointError(
-        f"saving {final} failed ({error.strerror or error}); the previous checkpoints in {final.parent} are intact"
-    )
+    if reason is None:
+        return error
+    return CheckpointError(f"saving {final} failed ({reason}); the previous checkpoints in {final.parent} are intact")
 
 
 def save_checkpoint(
@@ -345,7 +348,7 @@ def save_checkpoint(
             shutil.rmtree(tmp / DONE)  # only background saves use the done-markers
             size = _complete(tmp, final, running_states, tokenizer, keep_last)
         barrier()
-    except OSError as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
+    except Exception as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
         raise _save_failed(final, tmp, e) from None
     return final, time.perf_counter() - started, size
 
@@ -485,7 +488,7 @@ def start_background_save(
         tmp = _temporary_dir(final, par)
         _write_states(par, model, optimizer, lr_scheduler, tmp, data_state, deferred)
         synchronize()  # the device-to-host copies `to_host` queued have landed
-    except OSError as e:
+    except Exception as e:
         raise _save_failed(final, tmp, e) from None
     finish = None
     if is_main_process():

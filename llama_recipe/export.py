@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint_arg
-from .errors import UsageError
-from .files import move_into_place
+from .errors import CheckpointError, UsageError
+from .files import move_into_place, write_failure
 
 EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
 
@@ -62,8 +62,15 @@ def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None, s
     out = Path(out_dir).expanduser()
     tmp = out.with_name(f".{out.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary directory
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
+    except Exception as e:  # a full disk: no partial export is left behind
+        reason = write_failure(e, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if reason is None:
+            raise
+        raise CheckpointError(f"exporting to {out_dir} failed ({reason}); nothing was written there") from None
     move_into_place(tmp, out)  # over nothing, an empty directory or an earlier export (check_export_target)
     return out

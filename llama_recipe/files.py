@@ -3,6 +3,7 @@ one behind, and safetensors files written straight from the tensors' memory."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,23 @@ import struct
 from pathlib import Path
 
 import torch
+
+FULL_BELOW = 2**20  # free bytes under which a filesystem counts as full
+
+
+def write_failure(error: Exception, where: Path) -> str | None:
+    """Why writing under `where` failed when the filesystem is to blame (a full disk, a quota, a
+    vanished mount), or None for anything else (a bug: it keeps its traceback). Libraries report a
+    full disk in errors of their own: safetensors names it ("No space left on device"); torch.save
+    raises a RuntimeError ("unexpected pos"), so the disk itself is asked (before the caller removes
+    the partial files)."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    for code in (errno.ENOSPC, errno.EDQUOT):
+        if os.strerror(code) in str(error):
+            return os.strerror(code)
+    existing = next(p for p in [where, *where.parents] if p.exists())
+    return "No space left on device" if shutil.disk_usage(existing).free < FULL_BELOW else None
 
 
 def move_into_place(tmp: Path, final: Path) -> None:

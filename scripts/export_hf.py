@@ -7,7 +7,7 @@ python -c "from transformers import AutoModelForCausalLM; AutoModelForCausalLM.f
 import argparse
 import sys
 
-from llama_recipe.errors import OneLineErrorParser, UsageError
+from llama_recipe.errors import RECIPE_ERRORS, OneLineErrorParser
 from llama_recipe.export import export_hf
 
 
@@ -19,9 +19,9 @@ def main() -> None:
     args = p.parse_args()
     try:
         out = export_hf(args.checkpoint, args.out, args.tokenizer)
-    except UsageError as e:
+    except RECIPE_ERRORS as e:  # bad input (exit 2); a full disk (exit 1)
         sys.stderr.write(f"error: {e}\n")
-        sys.exit(2)
+        sys.exit(e.exit_code)
     print(f"exported {args.checkpoint} to {out}")
 
 

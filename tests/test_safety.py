@@ -235,7 +235,7 @@ def small_filesystem(tmp_path):
 
     yield make
     for where in mounts:
-        subprocess.run(["umount", str(where)], capture_output=True)
+        subprocess.run(["umount", "--lazy", str(where)], capture_output=True)  # also if a failed run left a file open
 
 
 def test_a_read_only_save_dir_is_refused_before_training(small_filesystem):
@@ -261,6 +261,24 @@ def test_a_full_disk_keeps_the_last_checkpoint(small_filesystem, keep_going):
     assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-1"]  # no partial step-2, no lock left
     assert (save_dir / "latest").read_text().strip() == "step-1"
     assert json.loads((save_dir / "step-1" / "running_states.json").read_text())["step"] == 1
+
+
+def test_a_disk_that_fills_during_a_save_or_an_export_leaves_nothing_behind(small_run, small_filesystem, tmp_path):
+    """The first save's room check knows only the weights (17 of its 52 MB), so on a 30 MB disk the
+    save fails while writing (torch.save's RuntimeError, not an OSError): one line, exit 1, no
+    temporary directory left. So does an export onto a disk without room for the weights, from
+    scripts/export_hf.py and from --export_hf (whose run keeps its checkpoint)."""
+    disk = small_filesystem(30)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1", "-o", str(disk / "ckpt"), "-t", ""]
+    expect_error_after_training(run_in_process("pretrain.py", args), "saving", "No space left", code=1)
+    assert list(disk.iterdir()) == []  # no .step-1.tmp (and the empty -o goes with the lock)
+    small = small_filesystem(8)
+    proc = run_in_process("scripts/export_hf.py", [str(small_run / "ckpt" / "step-2"), str(small / "hf")])
+    expect_one_line_error(proc, "exporting to", "No space left", "nothing was written", code=1)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1", "-o", str(tmp_path / "ckpt"), "-t", ""]
+    proc = run_in_process("pretrain.py", [*args, "--export_hf", str(small / "hf")])
+    expect_error_after_training(proc, "exporting to", "No space left", code=1)
+    assert list(small.iterdir()) == [] and (tmp_path / "ckpt" / "step-1" / "running_states.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
