@@ -7,7 +7,6 @@ The flags are pretrain.py's (the same parser), with the ColossalAI example's ben
 -s/--num_steps, -i/--ignore_steps, -w/--warmup_ratio (Gemini auto's warm-up), --mbs, --zero.
 """
 
-import json
 import statistics
 
 import torch
@@ -15,6 +14,7 @@ import torch
 from llama_recipe.cli import run_script
 from llama_recipe.config import TrainConfig
 from llama_recipe.distributed import is_main_process
+from llama_recipe.files import append_json_line
 from llama_recipe.memory import state_memory
 from llama_recipe.metrics import MFU_FORMULA, model_flops_utilization
 from llama_recipe.recipes import pretrain
@@ -62,8 +62,7 @@ def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
     if memory:
         report_memory(memory, cfg)
     if cfg.logging.results:
-        with open(cfg.logging.results, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_json_line(cfg.logging.results, row)
     return row
 
 

@@ -22,7 +22,7 @@ from .checkpoint import (
     run_layout,
 )
 from .compression import GRAD_COMPRESSIONS
-from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TrainConfig, flag_of, range_problems
+from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, flag_of, range_problems
 from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
@@ -263,9 +263,10 @@ def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str]
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError, DistNetworkError)
         if not any(words in str(e) for words in PEER_FAILURES):
             raise
+        again = "resume with -f latest" if script in TRAINING else "run it again"  # (eval.py, benchmark.py: no -f)
         fail(
             f"a collective operation failed ({str(e).strip().splitlines()[0][:160]}): a rank is dead, stuck or "
-            f"unreachable (--dist_timeout {cfg.parallel.dist_timeout:g} s); resume with -f latest once all ranks run",
+            f"unreachable (--dist_timeout {cfg.parallel.dist_timeout:g} s); {again} once all ranks run",
             EXIT_FAILURE,
         )
     shutdown()  # only after a clean finish (see distributed.shutdown)

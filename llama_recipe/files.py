@@ -30,6 +30,14 @@ def write_failure(error: Exception, where: Path) -> str | None:
     return "No space left on device" if shutil.disk_usage(existing).free < FULL_BELOW else None
 
 
+def append_json_line(path: str | Path, row: dict) -> None:
+    """--results: one JSON line appended to `path`, its folder made first if need be (validation
+    checked that it can be: cli._writable_problem)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def move_into_place(tmp: Path, final: Path) -> None:
     """Rename the finished directory `tmp` to `final`. Whatever `final` held (the caller checked it may
     be replaced) is set aside first and deleted only once `tmp` is in place, so a crash at any moment

@@ -381,8 +381,8 @@ class RunMetrics:
                 f"{tokens_per_s:,.0f} tokens/s, peak memory {summary['peak_memory_mb']:,.0f} MB on rank 0"
                 + (f", {self.bad_steps} bad steps skipped" if self.bad_steps else "")
                 + "\n"
-                f"checkpoint: {checkpoint or 'none (no -o/--save_dir)'}\n"
-                f"tensorboard: {tb or 'disabled'}{f'  (tensorboard --logdir {tb})' if tb else ''}"
+                f"checkpoint: {checkpoint or 'none'}\n"  # (benchmark.py has no -o or -t to name)
+                f"tensorboard: {tb or 'none'}{f'  (tensorboard --logdir {tb})' if tb else ''}"
                 + (f"\nloss curve: {loss_plot}" if loss_plot else "")
                 + (f"\nmixture (rank 0): {_shares(summary['slice_tokens'])}" if summary["slice_tokens"] else "")
             )

@@ -3,7 +3,6 @@ from, then hands them to the shared loop (`trainer.fit`)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 
@@ -20,6 +19,7 @@ from .data import (
 from .distributed import fewest_across_ranks, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
 from .evaluate import eval_documents, eval_scores, evaluate_documents
+from .files import append_json_line
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
 from .model import (
     check_tokenizer_fits,
@@ -216,8 +216,7 @@ def evaluate(cfg: TrainConfig) -> dict:
                   **eval_scores(sums))  # fmt: skip
     print_main(eval_report(result))
     if cfg.logging.results and is_main_process():
-        with open(cfg.logging.results, "a") as f:
-            f.write(json.dumps(result) + "\n")
+        append_json_line(cfg.logging.results, result)
     return result
 
 

@@ -205,7 +205,7 @@ class StepGuard:
         self.in_a_row += 1
         self.total += 1
         what = f"loss {result.loss}" if not math.isfinite(result.loss) else f"gradient norm {result.grad_norm}"
-        print_main(f"step {step}: {what}, update skipped ({self.in_a_row} in a row; --max_bad_steps {self.limit})")
+        print_main(f"step {step}: {what}, update skipped ({self.in_a_row} in a row; the run stops at {self.limit})")
         if self.in_a_row >= self.limit:
             raise TrainingDiverged(
                 f"{self.in_a_row} steps in a row (steps {step - self.in_a_row + 1}-{step}) had a non-finite loss or "

@@ -29,12 +29,13 @@ def test_flops_formula_against_parameter_count():
 @pytest.fixture(scope="module")
 def benchmark_rows(tmp_path_factory) -> dict[str, dict]:
     """benchmark.py under ddp and under -p none (plain PyTorch), 2 processes, one results file."""
-    results = tmp_path_factory.mktemp("benchmark") / "results.jsonl"
+    results = tmp_path_factory.mktemp("benchmark") / "new" / "results.jsonl"  # its folder is made
     for plugin in ("none", "ddp"):
         args = ["-c", "tiny", "-p", plugin, "-l", "128", "-b", "2", "-s", "4", "-i", "1", "--results", str(results)]
         proc = launch("benchmark.py", args, nproc=2)
         check_ok(proc)
         assert "MFU" in proc.stdout and "6*N_matmul" in proc.stdout
+        assert "-o/" not in proc.stdout and "checkpoint: none\n" in proc.stdout  # it has no -o to name
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     return {row["plugin"]: row for row in rows}
 

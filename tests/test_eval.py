@@ -100,7 +100,7 @@ def held_out_texts(n, chars=1000):
 
 
 def run_eval(args, tmp_path, name="r.jsonl"):
-    results = tmp_path / name
+    results = tmp_path / "results" / name  # a folder made for it
     proc = run_in_process("eval.py", [*args, "--results", str(results)])
     check_ok(proc)
     return json.loads(results.read_text().splitlines()[-1]), proc
