@@ -30,6 +30,10 @@ TRAINING = ("pretrain", "finetune")
 ALL_SCRIPTS = (*SCRIPTS, "eval")  # eval.py offers only the flags that name it
 # eval.py's default text: never trained on (tests/test_heldout.py)
 SHIPPED_HELD_OUT = REPO_ROOT / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
+# -t's default, which TrainConfig resolves to `tensorboard` inside the run's -o: each run its own
+# directory (two runs never mix event files or overwrite each other's loss.png), and a resume in the
+# same -o continues it. No -o, no default TensorBoard directory.
+TENSORBOARD_IN_SAVE_DIR = "<-o>/tensorboard"
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -610,10 +614,10 @@ class LoggingConfig:
     """What is measured and where it is written (read by metrics.RunMetrics and benchmark.py)."""
 
     tensorboard_dir: str | None = flag(
-        "tb_logs",
+        TENSORBOARD_IN_SAVE_DIR,
         "-t",
         "--tensorboard_dir",
-        help="TensorBoard log directory ('' to disable)",
+        help="TensorBoard log directory and loss.png (default: this run's own, tensorboard/ in -o; '' to disable)",
         scripts=TRAINING,
         per_script={"benchmark": {"default": None}, "eval": {"default": None}},
     )
@@ -707,6 +711,11 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.logging.tensorboard_dir == TENSORBOARD_IN_SAVE_DIR:
+            save_dir = self.checkpoint.save_dir
+            self.logging.tensorboard_dir = str(Path(save_dir) / "tensorboard") if save_dir else None
 
     @classmethod
     def for_script(cls, script: str = "pretrain", **values: Any) -> TrainConfig:

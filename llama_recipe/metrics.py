@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .checkpoint import read_running_states
 from .collage import edq_metrics
 from .compression import Communication
 from .config import TrainConfig
@@ -172,19 +173,41 @@ def read_scalars(tensorboard_dir: str | Path, tag: str = "train/loss") -> dict[i
     return {event.step: event.value for event in acc.Scalars(tag)}
 
 
+def earlier_losses(tensorboard_dir: str | None, up_to_step: int) -> list[tuple[int, float]]:
+    """The logged losses of steps 1..up_to_step in a run's TensorBoard directory, so that a resumed
+    run's loss.png shows the whole run. Later steps there are left out: the resumed run trains them
+    again. (Of a step logged twice, by a run resumed from an earlier step, the later event counts.)"""
+    if not tensorboard_dir or up_to_step <= 0 or not Path(tensorboard_dir).is_dir():
+        return []
+    try:
+        losses = read_scalars(tensorboard_dir)
+    except KeyError:  # no loss logged there (the run stopped before its first step)
+        return []
+    return sorted((step, loss) for step, loss in losses.items() if step <= up_to_step)
+
+
+def resumed_tensorboard_dir(cfg: TrainConfig) -> str | None:
+    """Where the run that saved -f's checkpoint logged (its recorded -t), else this run's directory."""
+    recorded = read_running_states(cfg.checkpoint.load).get("config", {})
+    return recorded.get("tensorboard_dir", cfg.logging.tensorboard_dir)
+
+
 def plot_loss_curve(history: list[tuple[int, float]], path: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
 
+    series = sorted(dict(history).items())  # a step trained again (a rollback) once, as last trained
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([s for s, _ in history], [loss for _, loss in history], marker="." if len(history) < 60 else None)
+    ax.plot([s for s, _ in series], [loss for _, loss in series], marker="." if len(series) < 60 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # what is drawn, readable without looking at pixels (PIL: Image.open(path).text["Description"])
+    description = f"training loss at {len(series)} steps, {series[0][0]} to {series[-1][0]}"
+    fig.savefig(path, dpi=100, metadata={"Description": description})
     plt.close(fig)
     return path
 
@@ -309,6 +332,9 @@ class RunMetrics:
         self.peak_flops, self.peak_source = peak_flops_per_device(cfg.logging.peak_tflops)
         print_main(f"MFU against {self.peak_flops / 1e12:,.3f} TFLOP/s per device ({self.peak_source}); {MFU_FORMULA}")
         self.logger = MetricsLogger(is_main_process(), cfg.logging.tensorboard_dir, total_steps, start_step, desc)
+        if self.logger.enabled and cfg.logging.tensorboard_dir and cfg.checkpoint.load and start_step:
+            # loss.png covers the whole run, not only the part since this resume
+            self.logger.history = earlier_losses(resumed_tensorboard_dir(cfg), start_step)
         self.steps: list[StepResult] = []
         self.evals: list[tuple[int, float]] = []
         self.bad_steps = 0  # skipped for a non-finite loss or gradient norm, this run

@@ -52,6 +52,18 @@ def test_training_logs_mfu_with_the_benchmark_formula(zero2_run):
 
 
 @pytest.mark.multiprocess
+def test_a_resumed_runs_loss_curve_covers_the_whole_run(zero2_run):
+    """The launch resumed from step 3 logs steps 4-6 to its own -t, yet its loss.png draws steps 1-6:
+    1-3 read back from the event files of the run that saved step 3 (its recorded -t)."""
+    from PIL import Image
+
+    assert sorted(read_scalars(zero2_run / "tb_resumed")) == list(range(4, STEPS + 1))
+    for tb in ("tb", "tb_resumed"):
+        described = Image.open(zero2_run / tb / "loss.png").text["Description"]
+        assert described == f"training loss at {STEPS} steps, 1 to {STEPS}", tb
+
+
+@pytest.mark.multiprocess
 def test_hf_export_round_trips_with_identical_logits(zero2_run, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

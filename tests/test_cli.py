@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import runpy
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -90,3 +91,20 @@ def test_plugin_names_outside_the_registry_are_one_line():
 
     with pytest.raises(UsageError, match="unknown plugin 'fsdp'; choose one of gemini, gemini_auto, zero2"):
         plugin_spec("fsdp")
+
+
+def test_each_run_has_its_own_tensorboard_directory_in_its_save_dir():
+    """-t defaults to tensorboard/ in -o: pretraining and finetuning (any two -o) never share one,
+    a resume in the same -o continues it; an explicit -t wins, -t '' (or no -o) writes none."""
+
+    def tensorboard(script: str, *args: str) -> str | None:
+        return parse_args(
+            script, [*args, *(["--model_path", "m"] if script == "finetune" else [])]
+        ).logging.tensorboard_dir
+
+    assert tensorboard("pretrain") == str(Path("checkpoint", "tensorboard"))
+    assert tensorboard("finetune") == str(Path("checkpoint-finetune", "tensorboard"))
+    assert tensorboard("pretrain", "-o", "runs/a") == str(Path("runs", "a", "tensorboard"))
+    assert tensorboard("pretrain", "-o", "runs/a", "-t", "tb") == "tb"
+    assert tensorboard("pretrain", "-o", "runs/a", "-t", "") is None
+    assert tensorboard("pretrain", "-o", "") is None

@@ -376,3 +376,26 @@ def test_the_tensorboard_writer_is_made_at_the_first_write(tmp_path):
     logger.log_scalars(1, {"eval/loss": 2.5})
     logger.close()
     assert read_scalars(tmp_path / "tb", "eval/loss") == {1: 2.5}
+
+
+def test_a_resumed_runs_loss_curve_is_the_whole_run_each_step_once(tmp_path):
+    """loss.png after a resume: the steps up to the checkpoint, read back from the event files (a
+    stretch trained twice as last logged, steps past the checkpoint left out), then this run's steps
+    (a rollback's second pass over a step drawn once)."""
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from llama_recipe.metrics import earlier_losses, plot_loss_curve
+
+    tb = tmp_path / "tb"
+    with SummaryWriter(tb) as first:  # steps 1-6, then a crash; the next run resumed from step 2 ...
+        for step in range(1, 7):
+            first.add_scalar("train/loss", float(step), step)
+    with SummaryWriter(tb) as second:  # ... trained steps 3-4 again, saved step 4 and stopped at step 5
+        for step in (3, 4, 5):
+            second.add_scalar("train/loss", 10.0 * step, step)
+    earlier = earlier_losses(str(tb), 4)  # the run resuming from step 4
+    assert earlier == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert earlier_losses(str(tmp_path / "never-written"), 4) == [] and earlier_losses(None, 4) == []
+    png = plot_loss_curve([*earlier, (5, 5.5), (6, 6.5), (5, 5.0), (6, 6.0)], str(tmp_path / "loss.png"))
+    assert Image.open(png).text["Description"] == "training loss at 6 steps, 1 to 6"
