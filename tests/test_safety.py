@@ -202,6 +202,19 @@ def test_damaged_state_in_a_checkpoint_is_refused_before_anything_is_written(sma
     assert not (tmp_path / "o").exists() and not (tmp_path / "tb").exists()
 
 
+def test_a_bug_while_loading_shows_its_traceback(small_run, tmp_path, monkeypatch):
+    """Only damaged files are reported as a damaged checkpoint: an error of ours while loading (here
+    planted where the generators' states are restored) is not turned into "it may be corrupt"."""
+
+    def bug(state):
+        raise ZeroDivisionError("a bug, not a damaged file")
+
+    monkeypatch.setattr("llama_recipe.checkpoint._set_rng_state", bug)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(small_run / "ckpt" / "step-1")]
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run_in_process("pretrain.py", [*args, "-o", str(tmp_path / "o"), "-t", ""])
+
+
 # ---------------------------------------------------------------------------------------------
 # Resumes that do not match
 
