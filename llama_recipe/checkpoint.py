@@ -33,21 +33,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .colossalai_patches import deferred_state_dict_writes
 from .config import TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, synchronize, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
-from .files import move_into_place, write_failure, write_safetensors
+from .files import move_into_place, safetensors_header, write_failure, write_safetensors
+from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
-from .zero_slices import holds_slices, load_slices, rank_file, rank_slices, write_small_files
+from .zero_slices import check_slices, holds_slices, load_slices, rank_file, rank_slices, write_small_files
 
 RUNNING_STATES = "running_states.json"
 DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
 LATEST = "latest"
 LOCK = ".lock"  # save_dir/.lock: the host and pid of the run writing there
+INT64_MAX = 2**63 - 1  # every count and position a checkpoint records must fit torch's and numpy's integers
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 SHAPE_FIELDS = (
     "hidden_size",
@@ -117,10 +120,16 @@ def read_running_states(path: str) -> dict:
         states = json.loads((p / RUNNING_STATES).read_text())
         assert isinstance(states, dict)
         for key in ("step", "consumed_samples", "consumed_tokens"):
-            assert type(states.get(key)) is int and states[key] >= 0, key
+            assert type(states.get(key)) is int, key
         assert isinstance(states.get("layout", {}), dict) and isinstance(states.get("config", {}), dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         raise UsageError(f"{p / RUNNING_STATES} is corrupt or incomplete; pass -f with another checkpoint") from None
+    for key in ("step", "consumed_samples", "consumed_tokens", "epoch"):
+        if key in states and not (type(states[key]) is int and 0 <= states[key] <= INT64_MAX):
+            raise UsageError(
+                f"{p / RUNNING_STATES}: {key} is {str(states[key])[:40]}, not a count from 0 to 2**63-1; it is "
+                "corrupt: pass -f with another checkpoint"
+            )
     for part in ("model", "optimizer", "lr_scheduler.pt"):
         if not (p / part).exists():
             raise UsageError(f"{path} is incomplete: {part} is missing; pass -f with another checkpoint")
@@ -128,9 +137,13 @@ def read_running_states(path: str) -> dict:
 
 
 def check_checkpoint_dir(path: str, model_config=None) -> None:
-    """Fail early on a missing, partial or corrupt checkpoint, or one of another model shape."""
+    """Fail early on a missing, partial or corrupt checkpoint, or one of another model shape: its
+    weights and ZeRO slices are checked against their headers, indexes and the model (files' headers
+    and sizes only, nothing loaded). Its JSON states are checked by `read_state_file`."""
     read_running_states(path)
-    if model_config is None:
+    if holds_slices(Path(path) / "optimizer"):
+        check_slices(Path(path) / "optimizer")
+    if not model_config:  # (False: the model config itself was refused)
         return
     try:
         saved = json.loads((Path(path) / "model" / "config.json").read_text())
@@ -145,6 +158,63 @@ def check_checkpoint_dir(path: str, model_config=None) -> None:
         raise UsageError(
             f"{path} holds a different model ({'; '.join(different)}, checkpoint vs -c); pass the -c it was trained with"
         )
+    check_weights(Path(path) / "model", model_config, "pass -f with another checkpoint")
+
+
+def _out_of_range(value, field: str = "") -> str | None:
+    """The first integer in a JSON state that is negative or too big (`field`: where it is, dotted),
+    or None. Positions and counts must fit int64; a random generator's own state (under "rng") may
+    use up to 128 bits (numpy's PCG64)."""
+    if isinstance(value, dict):
+        return next((f for k, v in value.items() if (f := _out_of_range(v, f"{field}.{k}".lstrip(".")))), None)
+    if isinstance(value, list):
+        return next((f for i, v in enumerate(value) if (f := _out_of_range(v, f"{field}[{i}]"))), None)
+    limit = 2**128 if "rng" in field.split(".") else INT64_MAX + 1
+    return field if type(value) is int and not 0 <= value < limit else None
+
+
+def _ints(values, n: int | None, limit: int) -> bool:
+    """`values` is a list of n integers (any number: None), each in [0, limit)."""
+    ok = isinstance(values, list) and (n is None or len(values) == n)
+    return ok and all(type(v) is int and 0 <= v < limit for v in values)
+
+
+def _rng_problem(state: dict) -> str | None:
+    """The field of an rng/rank-<R>.json that `_set_rng_state` could not restore, or None."""
+    python, numpy = state.get("python"), state.get("numpy")
+    python_ok = isinstance(python, list) and len(python) == 3 and python[0] == 3 and _ints(python[1], 625, 2**32)
+    python_ok = python_ok and (python[2] is None or type(python[2]) is float)  # (version, MT words, gauss)
+    numpy_ok = isinstance(numpy, list) and len(numpy) == 5 and numpy[0] == "MT19937"
+    numpy_ok = numpy_ok and _ints(numpy[1], 624, 2**32) and _ints(numpy[2:3], 1, 625) and _ints(numpy[3:4], 1, 2)
+    numpy_ok = numpy_ok and type(numpy[4]) in (int, float)  # (kind, MT words, position, has_gauss, cached)
+    checks = {
+        "torch": _ints(state.get("torch"), torch.get_rng_state().numel(), 256),
+        "python": python_ok,
+        "numpy": numpy_ok,
+        "cuda": "cuda" not in state or _ints(state["cuda"], None, 256),
+    }
+    return next((name for name, ok in checks.items() if not ok), None)
+
+
+def read_state_file(path: str | Path, part: str, rank: int) -> dict:
+    """A checkpoint's data/rank-<R>.json or rng/rank-<R>.json, with every number in range (a position
+    of 10**30 would end in a library traceback, or be silently skipped past). UsageError naming the
+    file and the field otherwise."""
+    file = Path(path) / part / f"rank-{rank}.json"
+    try:
+        state = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{file} is missing; pass -f with a complete checkpoint of this layout") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UsageError(f"{file} is not valid JSON; it is corrupt: pass -f with another checkpoint") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{file} is not a JSON object; it is corrupt: pass -f with another checkpoint")
+    field = _out_of_range(state) or (_rng_problem(state) if part == "rng" else None)
+    if field:
+        raise UsageError(
+            f"{file}: {field} is out of range or malformed; it is corrupt: pass -f with another checkpoint"
+        )
+    return state
 
 
 # What a resumed run must share with its checkpoint, by the flag that accepts a difference knowingly.
@@ -442,15 +512,14 @@ def load_checkpoint(
             load_slices(optimizer, p / "optimizer")
         elif optimizer_too and replicas_only:
             par.booster.load_optimizer(optimizer, str(p / "optimizer"))
+            _check_optimizer_state(optimizer, p / "optimizer")
         if data_too:  # under another layout only a prepared dataset's global position moves (validated)
-            data_state = json.loads((p / "data" / f"rank-{rank() if same_layout else 0}.json").read_text())
+            data_state = read_state_file(p, "data", data_rank(same_layout))
         if same_layout:
-            _set_rng_state(json.loads((p / "rng" / f"rank-{rank()}.json").read_text()))
+            _set_rng_state(read_state_file(p, "rng", rank()))
         if par.compresses:
             _load_compression(par, p, running_states["step"], same_layout, compression_too)
-    except (
-        Exception
-    ) as e:  # a truncated shard, a wrong dtype, a missing rank file: all mean this checkpoint is unusable
+    except (OSError, SafetensorError) as e:  # a file missing or unreadable (what the checks above cannot see)
         raise UsageError(
             f"could not load {path} ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}); "
             "it may be corrupt or from another layout: pass -f with another checkpoint"
@@ -458,11 +527,33 @@ def load_checkpoint(
     return running_states, data_state
 
 
+def data_rank(same_layout: bool) -> int:
+    """Whose data/rank-<R>.json this rank resumes from: its own, or under another layout rank 0's
+    (only a prepared dataset's one global position moves)."""
+    return rank() if same_layout else 0
+
+
+def _check_optimizer_state(optimizer, directory: Path) -> None:
+    """Every state tensor ColossalAI's own loader put in (AdamW's moments) has its parameter's shape:
+    torch's load_state_dict copies them in unchecked, and a foreign or damaged shard would then
+    fail at the first step, or broadcast silently."""
+    inner = getattr(optimizer, "optim", optimizer)
+    for group in inner.param_groups:
+        for param in group["params"]:
+            for name, value in inner.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and name != "step" and value.shape != param.shape:
+                    raise UsageError(
+                        f"{directory}: a parameter's {name} has shape {list(value.shape)}, the parameter "
+                        f"{list(param.shape)}; it is damaged or from another model: pass -f with another checkpoint"
+                    )
+
+
 def _load_compression(par: Parallelism, path: Path, step: int, same_layout: bool, wanted: bool) -> None:
     """This rank's compression state, when it was saved under this layout and flags; otherwise the
     state restarts (no error buffers, new factors), and the run says why."""
     file = path / "compression" / f"rank-{rank()}.safetensors"
     if same_layout and wanted and file.is_file():
+        safetensors_header(file, "pass -f with another checkpoint, or --reset_compression")  # whole, before reading
         par.load_compression_state(load_file(str(file)))
         return
     par.restart_compression(step)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
@@ -15,8 +16,10 @@ from pathlib import Path
 from .checkpoint import (
     SaveDirLock,
     check_checkpoint_dir,
+    data_rank,
     layout_problems,
     read_running_states,
+    read_state_file,
     resolve_load_path,
     resume_differences,
     run_layout,
@@ -24,13 +27,13 @@ from .checkpoint import (
 from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, flag_of, range_problems
 from .data import check_tokenizer_name, mixture_slices, parse_data_mix
-from .distributed import shutdown, world_size
+from .distributed import rank, shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .export import check_export_target
-from .model import get_model_config, resolve_pretrained
+from .model import check_weights, get_model_config, resolve_pretrained
 from .optim import OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES, check_layout, check_model_split
-from .prepared import check_prepared_files
+from .prepared import check_data_position, check_prepared_files, check_token_ids
 from .recompute import RECOMPUTE_MODES
 from .sources import check_dataset_source, dataset_kind, source_for
 
@@ -130,7 +133,11 @@ def _collect(problems: list[str], fn: Callable, *args):
 def _model_config(cfg: TrainConfig):
     pretrained = cfg.model.model_path or cfg.model.init_from
     if pretrained is not None:  # finetuning, evaluation, continued pretraining: the shape comes with the weights
-        return get_model_config(str(resolve_pretrained(pretrained)))
+        model_dir = resolve_pretrained(pretrained)
+        config = get_model_config(str(model_dir))
+        flag = "--model_path" if cfg.model.model_path else "--init_from"
+        check_weights(model_dir, config, f"pass {flag} with an undamaged model directory")
+        return config
     return get_model_config(cfg.model.config)
 
 
@@ -143,6 +150,8 @@ def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
         source = _collect(problems, source_for, data)
     elif kind == "prepared":
         source = _collect(problems, check_prepared_files, data.dataset)
+        if source is not False and model_config:
+            _collect(problems, check_token_ids, data.dataset, model_config.vocab_size)
     else:
         source = _collect(problems, check_dataset_source, data.dataset)
     if pretraining and not cfg.training.max_steps and kind == "hub":
@@ -226,8 +235,25 @@ def _resume_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     current = cfg.to_dict()
     problems = resume_differences(states.get("config", {}), current)
     prepared = dataset_kind(cfg.data.dataset) == "prepared"
-    problems += layout_problems(states, run_layout(cfg, world_size), current, prepared)
-    return [f"{cfg.checkpoint.load} was trained with other flags or layout: " + "; ".join(problems)] if problems else []
+    layout = run_layout(cfg, world_size)
+    problems += layout_problems(states, layout, current, prepared)
+    if problems:
+        return [f"{cfg.checkpoint.load} was trained with other flags or layout: " + "; ".join(problems)]
+    return _state_file_problems(cfg, states.get("layout", {}) == layout, prepared)
+
+
+def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) -> list[str]:
+    """The JSON states this rank will resume from, in range (and a prepared dataset's position
+    within its rows), checked now rather than when they are loaded."""
+    problems, load = [], cfg.checkpoint.load
+    if same_layout:
+        _collect(problems, read_state_file, load, "rng", rank())
+    if not cfg.checkpoint.reset_data:
+        data_state = _collect(problems, read_state_file, load, "data", data_rank(same_layout))
+        if data_state and prepared:
+            file = str(Path(load) / "data" / f"rank-{data_rank(same_layout)}.json")
+            _collect(problems, check_data_position, cfg.data.dataset, data_state, file)
+    return problems
 
 
 def quiet_libraries() -> None:
@@ -240,9 +266,13 @@ def quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
-def fail(message: str, code: int) -> None:
-    """One line on rank 0's stderr, then exit with `code`."""
+def fail(message: str, code: int, error: BaseException | None = None) -> None:
+    """One line on rank 0's stderr, then exit with `code`. LLAMA_RECIPE_DEBUG=1 shows the traceback
+    behind it first (with what the error was raised from)."""
     if int(os.environ.get("RANK", "0")) == 0:
+        if error is not None and os.environ.get("LLAMA_RECIPE_DEBUG") == "1":
+            error.__suppress_context__ = False  # `raise ... from None` hid the original
+            traceback.print_exception(error)
         sys.stderr.write(f"error: {message}\n")
         sys.stderr.flush()
     sys.exit(code)
@@ -259,7 +289,7 @@ def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str]
         with SaveDirLock(cfg.checkpoint.save_dir):
             result = main(cfg)
     except RECIPE_ERRORS as e:
-        fail(str(e), e.exit_code)
+        fail(str(e), e.exit_code, e)
     except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError, DistNetworkError)
         if not any(words in str(e) for words in PEER_FAILURES):
             raise

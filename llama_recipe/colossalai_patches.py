@@ -37,6 +37,7 @@ import datetime
 import functools
 import importlib
 import importlib.util
+import pickle
 import sys
 import types
 
@@ -72,15 +73,23 @@ class _CopyWithoutStateTensors:
 
 class _TorchLoadingWeightsOnly(types.ModuleType):
     """Stands in for `torch` inside ColossalAI's checkpoint modules: everything is torch's own, except
-    `load`, which never unpickles code (tensors, numbers, strings and containers only)."""
+    `load`, which never unpickles code (tensors, numbers, strings and containers only), and names the
+    file it could not read in one line (a truncated zip, a refused pickle), not as a traceback from
+    deep inside ColossalAI's loader."""
 
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
     @staticmethod
-    def load(*args, **kwargs):
+    def load(f, *args, **kwargs):
         kwargs["weights_only"] = True
-        return torch.load(*args, **kwargs)
+        try:
+            return torch.load(f, *args, **kwargs)
+        except (RuntimeError, pickle.UnpicklingError, EOFError) as e:  # what torch.load raises on a damaged file
+            detail = str(e).strip().splitlines()[0][:160] if str(e).strip() else "no detail"
+            raise UsageError(
+                f"could not load {f} ({type(e).__name__}: {detail}); it is damaged or not a checkpoint file"
+            ) from e
 
 
 # the colossalai 0.5.0 modules whose checkpoint loads call torch.load (grep "torch.load(" in its source)

@@ -14,6 +14,7 @@ from pathlib import Path
 from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint_arg
 from .errors import CheckpointError, UsageError
 from .files import move_into_place, write_failure
+from .model import check_weights, get_model_config
 
 EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
 
@@ -51,6 +52,7 @@ def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None, s
     read_running_states(checkpoint)  # a complete checkpoint, or a one-line error
     check_export_target(out_dir, save_dir)
     model_dir = Path(checkpoint) / "model"
+    check_weights(model_dir, get_model_config(str(model_dir)), "pass another checkpoint")  # headers only
     try:
         model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import struct
 from pathlib import Path
 
 import torch
+
+from .errors import UsageError
 
 FULL_BELOW = 2**20  # free bytes under which a filesystem counts as full
 
@@ -59,6 +62,9 @@ _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+# bytes per element of every dtype the safetensors format names
+_SAFETENSORS_ITEMSIZE = {name: dtype.itemsize for dtype, name in _SAFETENSORS_DTYPES.items()}
+_SAFETENSORS_ITEMSIZE |= {"U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}  # written by other tools
 
 
 def write_safetensors(
@@ -86,3 +92,40 @@ def write_safetensors(
         for t in tensors.values():
             if t.numel():
                 f.write(memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def safetensors_header(path: str | Path, fix: str) -> dict[str, list[int]]:
+    """Each tensor's shape in a safetensors file, read from its header alone (no tensor is loaded),
+    checked against the file: every tensor's byte range fits its dtype and shape, and the file holds
+    exactly the bytes the header describes (a copy cut short reads as zeros or fails deep inside the
+    loader otherwise). A damaged file is a UsageError naming the file and the field, then `fix`."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8)) if size >= 8 else (size,)
+            header = json.loads(f.read(length)) if 8 + length <= size else None
+    except FileNotFoundError:
+        raise UsageError(f"{path} is missing; {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if not isinstance(header, dict):
+        raise UsageError(f"{path} is not a safetensors file (its header is cut short or unreadable); {fix}")
+    shapes, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entry = entry if isinstance(entry, dict) else {}
+        shape, offsets = entry.get("shape"), entry.get("data_offsets")
+        valid = isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+        valid = valid and isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int for n in offsets)
+        itemsize = _SAFETENSORS_ITEMSIZE.get(entry.get("dtype")) if valid else None
+        if itemsize is None or offsets[1] - offsets[0] != math.prod(shape) * itemsize:
+            raise UsageError(f"{path}: the header's entry for {name!r} is malformed ({str(entry)[:120]}); {fix}")
+        shapes[name], end = shape, max(end, offsets[1])
+    if size != 8 + length + end:
+        raise UsageError(
+            f"{path} holds {size - 8 - length} bytes of tensor data but its header describes {end}: the file is "
+            f"damaged (cut short?); {fix}"
+        )
+    return shapes

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from .errors import UsageError
+from .files import safetensors_header
 from .loss import use_chunked_loss
 
 LLAMA_VOCAB_SIZE = 32000
@@ -200,14 +202,57 @@ def weights_location(model_dir: Path) -> str:
     raise UsageError(f"{model_dir} holds no model weights (*.safetensors or pytorch_model.bin)")
 
 
+def weight_shapes(config: LlamaConfig) -> dict[str, list[int]]:
+    """The name and shape of every weight `LlamaForCausalLM(config)` loads (tied ones once, as saved),
+    from a model built on the meta device: no memory, whatever its size."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return {name: list(p.shape) for name, p in model.named_parameters()}
+
+
+def check_weights(model_dir: Path | str, config: LlamaConfig, fix: str) -> None:
+    """The safetensors weights in `model_dir` (one file, or the shards its index names) hold every
+    weight the model needs, with its shape, in files that are whole: read from the headers and file
+    sizes only. A one-line UsageError naming the file and the tensor otherwise. (Loaders would
+    zero-fill, skip or randomly initialise what is missing, or fail deep inside.) A directory of
+    pickled weights (pytorch_model.bin) has no header to read: its load checks it."""
+    model_dir = Path(model_dir)
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+            assert isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
+            raise UsageError(f"{index_path} has no valid 'weight_map'; {fix}") from None
+    elif (model_dir / "model.safetensors").is_file():
+        weight_map = dict.fromkeys(safetensors_header(model_dir / "model.safetensors", fix), "model.safetensors")
+    else:
+        return
+    headers = {name: safetensors_header(model_dir / name, fix) for name in sorted(set(weight_map.values()))}
+    for tensor, file in weight_map.items():
+        if tensor not in headers[file]:
+            raise UsageError(
+                f"{index_path}: 'weight_map' puts {tensor} in {model_dir / file}, which does not hold it; {fix}"
+            )
+    for tensor, shape in weight_shapes(config).items():
+        if tensor not in weight_map:
+            raise UsageError(f"{model_dir} holds no tensor {tensor} (the model needs it, {shape}); {fix}")
+        if headers[weight_map[tensor]][tensor] != shape:
+            raise UsageError(
+                f"{model_dir / weight_map[tensor]}: {tensor} has shape {headers[weight_map[tensor]][tensor]}, the "
+                f"model (config.json) needs {shape}; {fix}"
+            )
+
+
 def load_pretrained_model(
     model_dir: Path | str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ):
     """A saved model (config.json + safetensors) for inference, in eval mode; damaged or missing
     weights are one line."""
+    check_weights(model_dir, get_model_config(str(model_dir)), "save or export the model again")
     try:
         model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=dtype, use_safetensors=True)
-    except Exception as e:  # truncated or missing weights
+    except (OSError, SafetensorError) as e:  # no weights file, or one that cannot be read
         detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
         raise UsageError(f"could not load the model in {model_dir} ({type(e).__name__}: {detail})") from None
     return model.to(device).eval()

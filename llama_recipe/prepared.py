@@ -9,7 +9,8 @@ the same way (BOS from the tokenizer, EOS appended) and writes into OUT_DIR:
     tokens.bin       every document's tokens, one after the other: raw little-endian uint16 (uint32 for
                      vocabularies over 65536 tokens), so it can be memory-mapped without parsing
     doc_offsets.npy  int64, where each document starts in tokens.bin, plus the total at the end
-    meta.json        dtype, counts, tokenizer identity and source; written last, so it marks a finished prepare
+    meta.json        dtype, counts, the largest token id, tokenizer identity and source; written last, so it
+                     marks a finished prepare
 
 `PreparedBatches` cuts tokens.bin into consecutive rows of `seq_len` tokens and deals them out to the
 data-parallel replicas. Its position is two integers (epoch and row), so resuming costs nothing and
@@ -40,6 +41,7 @@ OFFSETS_FILE = "doc_offsets.npy"
 FORMAT_VERSION = 1
 TOKENIZE_BATCH = 256  # documents per call of the fast tokenizer: big enough to amortise the call, small in memory
 _COPY_CHUNK = 1 << 20  # offsets copied per step when turning the raw offsets file into .npy
+_SCAN_CHUNK = 1 << 24  # tokens per step when a dataset without a recorded largest id is scanned for it
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}  # explicit byte order: the file is portable
 
 
@@ -105,6 +107,43 @@ def prepared_documents(path: str) -> Iterator[np.ndarray]:
         yield np.asarray(tokens[start:end], dtype=np.int64)
 
 
+def check_data_position(path: str, state: dict, where: str) -> int:
+    """A saved position (`PreparedBatches.state_dict`) within the rows of the prepared dataset at
+    `path`; returns the positions of its epoch's order already read. `where`: what the state was read
+    from, for the one-line UsageError that names the field otherwise."""
+    for key in ("epoch", "row", "dp_size", "seq_len"):
+        if type(state.get(key)) is not int or state[key] < (1 if key in ("dp_size", "seq_len") else 0):
+            raise UsageError(
+                f"{where}: {key} is {str(state.get(key))[:40]}; it is corrupt: resume from another checkpoint"
+            )
+    rows = read_meta(path)["num_tokens"] // state["seq_len"]
+    read = state["row"] * state["dp_size"]  # positions of this epoch's order already read, by every replica
+    if read > rows:
+        raise UsageError(
+            f"{where}: row {state['row']} x dp_size {state['dp_size']} is position {read}, past the {rows} rows of "
+            f"{path!r}; resume with the prepared dataset the run started with"
+        )
+    return read
+
+
+def check_token_ids(path: str, vocab_size: int) -> None:
+    """Every token id is below the model's vocabulary (an id at or above it fails inside the embedding,
+    mid-run). The largest id is recorded in meta.json when the dataset is prepared, so this costs
+    nothing; a dataset prepared before that (or written by other tools) is scanned once here, in
+    chunks, which reads all of tokens.bin."""
+    meta = read_meta(path)
+    largest = meta.get("max_token_id")
+    if type(largest) is not int:
+        tokens = np.memmap(os.path.join(path, TOKENS_FILE), dtype=_DTYPES[meta["dtype"]], mode="r")
+        largest = max((int(tokens[i : i + _SCAN_CHUNK].max()) for i in range(0, len(tokens), _SCAN_CHUNK)), default=0)
+    if largest >= vocab_size:
+        raise UsageError(
+            f"{os.path.join(path, TOKENS_FILE)} holds token id {largest}, but the model has {vocab_size} tokens: it was "
+            f"prepared with another tokenizer or vocabulary; prepare it again with the model's tokenizer "
+            f"(scripts/prepare_data.py), or train a model whose vocab_size covers it"
+        )
+
+
 def check_prepared_tokenizer(path: str, tokenizer) -> None:
     """Fail if the dataset was tokenized with another tokenizer: the ids would mean other words."""
     meta = read_meta(path)
@@ -159,14 +198,14 @@ def prepare_dataset(
     skipped_by_reader = sum(SKIPPED.values())  # a process-wide count: take the difference
     start = time.perf_counter()
     try:
-        num_docs, num_tokens, skipped = _write_tokens(source, tokenizer, tmp, dtype, max_tokens, progress)
+        num_docs, num_tokens, skipped, max_id = _write_tokens(source, tokenizer, tmp, dtype, max_tokens, progress)
         skipped += sum(SKIPPED.values()) - skipped_by_reader
         if num_docs == 0:
             raise UsageError(f"dataset {source.name!r} has no documents with non-empty text ({skipped} skipped)")
         _raw_to_npy(tmp / "doc_offsets.raw", tmp / OFFSETS_FILE, num_docs + 1)
         meta = {
             "format_version": FORMAT_VERSION, "dtype": dtype, "num_tokens": num_tokens, "num_docs": num_docs,
-            "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer), "max_token_id": max_id, "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id, "tokenizer": tokenizer.name_or_path, "source": source.name,
         }  # fmt: skip
         with open(tmp / PREPARED_META, "w") as f:  # last: its presence means the files above are complete
@@ -187,10 +226,11 @@ def prepare_dataset(
 
 def _write_tokens(
     source: Source, tokenizer, tmp: Path, dtype: str, max_tokens: int | None, progress: bool
-) -> tuple[int, int, int]:
+) -> tuple[int, int, int, int]:
     """Stream, tokenize and append every document to tmp/tokens.bin, its start to tmp/doc_offsets.raw
-    (the .npy needs its length up front). Returns (documents, tokens, documents skipped here)."""
-    num_docs = num_tokens = skipped = 0
+    (the .npy needs its length up front). Returns (documents, tokens, documents skipped here, the
+    largest token id)."""
+    num_docs = num_tokens = skipped = max_id = 0
     with (
         open(tmp / TOKENS_FILE, "wb") as tokens_file,
         open(tmp / "doc_offsets.raw", "wb") as offsets_file,
@@ -210,12 +250,14 @@ def _write_tokens(
                     break
             lengths = np.fromiter((len(doc) for doc in ids), dtype=np.int64, count=len(ids))
             (num_tokens + np.cumsum(lengths) - lengths).astype("<i8").tofile(offsets_file)
-            np.fromiter(chain.from_iterable(ids), _DTYPES[dtype], int(lengths.sum())).tofile(tokens_file)
+            tokens = np.fromiter(chain.from_iterable(ids), _DTYPES[dtype], int(lengths.sum()))
+            tokens.tofile(tokens_file)
+            max_id = max(max_id, int(tokens.max()))
             num_docs += len(ids)
             num_tokens += int(lengths.sum())
             bar.set_postfix(tokens=f"{num_tokens:,}", refresh=False)
         np.array([num_tokens], dtype="<i8").tofile(offsets_file)  # the final total closes the last document
-    return num_docs, num_tokens, skipped
+    return num_docs, num_tokens, skipped, max_id
 
 
 def _raw_to_npy(raw_path: Path, npy_path: Path, length: int) -> None:
@@ -356,11 +398,6 @@ class PreparedBatches:
                     f"the checkpoint's data position was saved with {key}={state[key]}, this run has {key}={current}; "
                     f"resume with the same {fix}"
                 )
-        read = int(state["row"]) * int(state["dp_size"])  # positions of this epoch's order already read
-        if not 0 <= read <= self.num_rows:
-            raise UsageError(
-                f"the checkpoint's data position (position {read}) is past the {self.num_rows} rows of {self.path!r}; "
-                "resume with the prepared dataset the run started with"
-            )
+        read = check_data_position(self.path, state, "the checkpoint's data position")
         self._epoch = int(state["epoch"])
         self.row = min(-(-(read - self.dp_rank) // self.dp_size), self.rows_per_replica)  # ceil((read - rank) / dp)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from safetensors import safe_open
 
 from .distributed import is_main_process
 from .errors import UsageError
-from .files import write_safetensors
+from .files import safetensors_header, write_safetensors
 
 INDEX = "zero-slices.json"
 PARAM_GROUPS = "pytorch_optim_group.bin"  # the name ColossalAI's own format gives this file
@@ -119,6 +120,48 @@ def reslice(entry: dict, index: int, files: list, old_world: int, rank: int, wor
     return state
 
 
+def _read_index(directory: Path) -> dict:
+    """zero-slices.json, with the fields the loader reads and of the types it reads them as."""
+    path = directory / INDEX
+    try:
+        index = json.loads(path.read_text())
+        assert isinstance(index, dict) and index.get("format") == FORMAT
+        assert type(index.get("world_size")) is int and index["world_size"] >= 1
+        for entry in index["params"]:
+            assert type(entry["numel"]) is int and entry["numel"] >= 0 and isinstance(entry["values"], dict)
+            for kind in ("sliced", "whole"):
+                assert isinstance(entry[kind], list) and all(isinstance(n, str) for n in entry[kind])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError, KeyError, TypeError):
+        raise UsageError(
+            f"{path} is missing or not a valid {FORMAT!r} index; pass -f with another checkpoint"
+        ) from None
+    return index
+
+
+def check_slices(directory: str | Path) -> dict:
+    """Every rank file the index names is whole and holds each state tensor at the size the index
+    implies (a slice cut short would be read as zeros: the padding), from the files' headers
+    alone. Returns the index; a UsageError names the file and the tensor otherwise."""
+    directory, fix = Path(directory), "pass -f with another checkpoint"
+    index = _read_index(directory)
+    world = index["world_size"]
+    for rank in range(world):
+        file = rank_file(directory, rank)
+        shapes = safetensors_header(file, fix)
+        for i, entry in enumerate(index["params"]):
+            slice_numel = -(-entry["numel"] // world)  # ceil: each rank's padded slice
+            for name, numel in [*((n, slice_numel) for n in entry["sliced"]), *((n, None) for n in entry["whole"])]:
+                shape = shapes.get(f"{i}.{name}")
+                if shape is None:
+                    raise UsageError(f"{file} holds no {i}.{name} ({INDEX} lists it); {fix}")
+                if numel is not None and math.prod(shape) != numel:
+                    raise UsageError(
+                        f"{file}: {i}.{name} holds {math.prod(shape)} elements, but {INDEX} gives parameter {i} "
+                        f"{entry['numel']} elements, so each of its {world} slices holds {numel}; {fix}"
+                    )
+    return index
+
+
 def load_slices(optimizer, directory: str | Path) -> None:
     """Load slices saved under any number of replicas into this run's optimizer (every rank)."""
     from colossalai.checkpoint_io.utils import (
@@ -128,9 +171,7 @@ def load_slices(optimizer, directory: str | Path) -> None:
     )
 
     directory = Path(directory)
-    index = json.loads((directory / INDEX).read_text())
-    if index.get("format") != FORMAT:
-        raise UsageError(f"{directory / INDEX} is not a {FORMAT!r} index; pass -f with another checkpoint")
+    index = check_slices(directory)
     params, rank, world = _slice_layout(optimizer)
     sizes = [optimizer.master_to_working_param[id(p)].numel() for p in params]
     if sizes != [entry["numel"] for entry in index["params"]]:

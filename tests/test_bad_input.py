@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -115,6 +116,19 @@ CASES = {
     "prepared_offsets_missing": (["-d", "{tmp}/prepared"], {}, ["doc_offsets.npy", "prepare it again"]),
     "prepared_offsets_truncated": (["-d", "{tmp}/prepared"], {}, ["doc_offsets.npy", "prepare it again"]),
     "prepared_tokens_truncated": (["-d", "{tmp}/prepared"], {}, ["tokens.bin", "prepare it again"]),
+    # ids the model's embedding does not have: found by a scan (prepared before meta.json recorded the
+    # largest id) or from meta.json's record
+    "prepared_ids_above_vocab": (
+        ["-d", "{tmp}/prepared"],
+        {},
+        ["tokens.bin", "id 40000", "32000", "another tokenizer"],
+    ),
+    "prepared_recorded_id_above_vocab": (["-d", "{tmp}/prepared"], {}, ["tokens.bin", "id 50000", "prepare it again"]),
+    "init_from_truncated_weights": (
+        ["--init_from", "{tmp}/tiny"],
+        {},
+        ["model.safetensors", "cut short", "--init_from"],
+    ),
     "parquet_without_text": (["-d", "{tmp}/data.parquet"], {}, ["no column 'text'", "content", "--text_field"]),
     # the readers take --text_field as one key (dotted paths are for --slice_field): refused before training
     "dotted_text_field": (
@@ -348,9 +362,26 @@ def _prepared(tmp, damage: str) -> None:
         meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "num_tokens"}))
     elif damage == "offsets missing":
         (tmp / "prepared" / "doc_offsets.npy").unlink()
+    elif damage == "ids above vocab":  # as a dataset prepared before the largest id was recorded
+        tokens = tmp / "prepared" / "tokens.bin"
+        ids = np.fromfile(tokens, dtype="<u2")
+        ids[len(ids) // 2] = 40000
+        ids.tofile(tokens)
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items() if k != "max_token_id"}))
+    elif damage == "recorded id above vocab":
+        meta.write_text(json.dumps({**json.loads(meta.read_text()), "max_token_id": 50000}))
     else:
         target = tmp / "prepared" / ("doc_offsets.npy" if damage == "offsets truncated" else "tokens.bin")
         target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+
+
+def _truncated_model(path) -> None:
+    """A tiny Hugging Face model directory whose model.safetensors lost its last 1000 bytes."""
+    from llama_recipe.model import build_model, get_model_config
+
+    build_model(get_model_config("tiny")).save_pretrained(path, safe_serialization=True)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
 
 
 def _checkpoint(tmp, states: dict) -> None:
@@ -376,6 +407,9 @@ SETUP = {
     "prepared_offsets_missing": lambda tmp: _prepared(tmp, "offsets missing"),
     "prepared_offsets_truncated": lambda tmp: _prepared(tmp, "offsets truncated"),
     "prepared_tokens_truncated": lambda tmp: _prepared(tmp, "tokens truncated"),
+    "prepared_ids_above_vocab": lambda tmp: _prepared(tmp, "ids above vocab"),
+    "prepared_recorded_id_above_vocab": lambda tmp: _prepared(tmp, "recorded id above vocab"),
+    "init_from_truncated_weights": lambda tmp: _truncated_model(tmp / "tiny"),
     "parquet_without_text": lambda tmp: __import__("pyarrow.parquet").parquet.write_table(
         __import__("pyarrow").table({"content": ["a document"] * 4}), tmp / "data.parquet"
     ),
@@ -450,3 +484,12 @@ def test_every_case_is_in_the_docs_table():
 
     table = (REPO / "docs" / "robustness.md").read_text()
     assert [case for case in CASES if f"| `{case}` |" not in table] == []
+
+
+def test_llama_recipe_debug_shows_the_traceback_behind_the_one_line(tmp_path):
+    """LLAMA_RECIPE_DEBUG=1: the same refusal, exit 2, with the traceback of where it was raised first."""
+    case = "running_states_wrong_types"
+    proc = run_in_process("pretrain.py", _arguments(case, tmp_path), env={"LLAMA_RECIPE_DEBUG": "1"})
+    assert proc.returncode == 2
+    assert "Traceback" in proc.stderr and "in validate" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:") and "running_states.json" in proc.stderr

@@ -320,5 +320,52 @@ def test_truncated_weights_are_one_line(zero2_run, tmp_path):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(bad), "-o", str(tmp_path / "o"), "-t", ""]
     args += ["--reset_data", "--reset_optimizer"]  # zero2 x2 -> ddp x1: all that may move, so the load is tried
-    expect_one_line_error(run_in_process("pretrain.py", args), "could not load", "corrupt")
+    expect_one_line_error(run_in_process("pretrain.py", args), shard.name, "damaged (cut short?)")
+    assert not (tmp_path / "o").exists()
+
+
+def _rewrite_safetensors(path: Path, change) -> None:
+    """Rewrite a safetensors file (a valid one) after `change(tensors)` edits its tensors."""
+    from safetensors.torch import load_file
+
+    from llama_recipe.files import write_safetensors
+
+    tensors = {name: t.clone() for name, t in load_file(str(path)).items()}  # copies: the file is rewritten
+    change(tensors)
+    write_safetensors(tensors, path)
+
+
+# damage: (what it does to a copy of step-4, words the one-line error must hold)
+DAMAGES = {
+    # the measured case: a valid safetensors file holding 1,000 of 2,048,000 elements of one exp_avg
+    "exp_avg_cut_short": (
+        lambda c: _rewrite_safetensors(
+            c / "optimizer" / "zero-rank-0.safetensors", lambda t: t.update({"0.exp_avg": t["0.exp_avg"][:1000]})
+        ),
+        ["zero-rank-0.safetensors", "0.exp_avg", "1000 elements", "zero-slices.json"],
+    ),
+    "weight_of_another_shape": (
+        lambda c: _rewrite_safetensors(
+            next((c / "model").glob("*.safetensors")),
+            lambda t: t.update({"model.norm.weight": t["model.norm.weight"][:32]}),
+        ),
+        ["model-", "model.norm.weight", "[32]", "[64]"],
+    ),
+    "weight_missing": (
+        lambda c: _rewrite_safetensors(next((c / "model").glob("*.safetensors")), lambda t: t.pop("model.norm.weight")),
+        ["model.norm.weight"],
+    ),
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_checkpoint_is_refused_before_anything_is_written(zero2_run, tmp_path, damage):
+    """A real resume (zero2, less one replica: the optimizer state is resliced) from a copy of step-4
+    with one tensor wrong: one line naming the file and the tensor, exit 2, no -o; never training
+    on zero-filled moments or a model that is not the checkpoint's."""
+    bad = _copy_checkpoint(zero2_run / "ckpt" / "step-4", tmp_path / "step-4")
+    DAMAGES[damage][0](bad)
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", str(STEPS), "-f", str(bad), "-o", str(tmp_path / "o"), "-t", ""]
+    expect_one_line_error(run_in_process("pretrain.py", [*args, "--reset_data"]), *DAMAGES[damage][1])
     assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -53,6 +54,19 @@ def test_model_dir_without_config_is_one_line_error(tmp_path):
     )
     expect_one_line_error(proc, "config.json")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_truncated_weights_in_model_path_are_one_line(pretrained_dir, tmp_path):
+    """An HF directory whose model.safetensors was cut short: its header and size disagree, found
+    before anything is written (no -o, no -t), in one line naming the file."""
+    damaged = tmp_path / "tiny"
+    shutil.copytree(pretrained_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 1000])
+    outputs = ["-o", str(tmp_path / "ckpt"), "-t", str(tmp_path / "tb")]
+    proc = run_in_process("finetune.py", ["--model_path", str(damaged), "-d", str(SHIPPED), *outputs])
+    expect_one_line_error(proc, str(weights), "cut short", "--model_path")
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "tb").exists()
 
 
 def test_missing_task_names_the_available_ones(tmp_path):
@@ -267,5 +281,5 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path, case):
     else:
         weights = tmp_path / "model" / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
-        words = ["could not load the model"]
+        words = ["model.safetensors", "cut short", "save or export the model again"]
     expect_one_line_error(run_in_process("scripts/generate.py", args), *words)

@@ -97,6 +97,7 @@ def test_prepare_writes_the_streaming_paths_token_stream(corpus, tokenizer):
         "num_tokens": len(stream),
         "num_docs": len(DOCUMENTS),
         "vocab_size": 32000,
+        "max_token_id": max(stream),
         "eos_token_id": tokenizer.eos_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "tokenizer": TOKENIZER,

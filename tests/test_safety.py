@@ -144,6 +144,78 @@ def test_latest_may_only_name_a_checkpoint_beside_it(small_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Damaged state: refused before anything is written
+
+
+def _edit_json(path: Path, change) -> None:
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+def _cut_exp_avg(shard: Path) -> None:
+    state = torch.load(shard, weights_only=True)
+    state[0]["exp_avg"] = state[0]["exp_avg"][:1000].clone()
+    torch.save(state, shard)
+
+
+# damage: (the file of step-1 it changes, how, words the one-line error must hold)
+STATE_DAMAGES = {
+    "step_beyond_int64": ("running_states.json", lambda s: s.update(step=10**30), ["running_states.json", "step"]),
+    "negative_consumed_tokens": (
+        "running_states.json",
+        lambda s: s.update(consumed_tokens=-5),
+        ["running_states.json", "consumed_tokens"],
+    ),
+    "data_position_beyond_int64": (
+        "data/rank-0.json",
+        lambda s: s["documents"].update(read=10**30),
+        ["data/rank-0.json", "documents.read"],
+    ),
+    "negative_data_position": ("data/rank-0.json", lambda s: s.update(next_position=-1), ["data/rank-0.json"]),
+    "rng_state_out_of_range": (
+        "rng/rank-0.json",
+        lambda s: s["numpy"][1].__setitem__(0, 2**40),
+        ["rng/rank-0.json", "numpy"],
+    ),
+    "optimizer_moment_of_another_shape": (
+        "optimizer/pytorch_optim-00001.bin",
+        None,  # ColossalAI's own format (ddp): checked as it is loaded, before training
+        ["optimizer", "exp_avg", "[1000, 64]", "[32000, 64]"],
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", STATE_DAMAGES)
+def test_damaged_state_in_a_checkpoint_is_refused_before_anything_is_written(small_run, tmp_path, damage):
+    """A resume from a copy of step-1 (same layout: every file is read) with one number out of range
+    or one optimizer tensor cut short: one line naming the file and the field, exit 2, no -o, no -t."""
+    copy = tmp_path / "step-1"
+    shutil.copytree(small_run / "ckpt" / "step-1", copy)
+    file, change, words = STATE_DAMAGES[damage]
+    if change is None:
+        _cut_exp_avg(copy / file)
+    else:
+        _edit_json(copy / file, change)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(copy), "-o", str(tmp_path / "o")]
+    expect_one_line_error(run_in_process("pretrain.py", [*args, "-t", str(tmp_path / "tb")]), *words)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "tb").exists()
+
+
+def test_a_bug_while_loading_shows_its_traceback(small_run, tmp_path, monkeypatch):
+    """Only damaged files are reported as a damaged checkpoint: an error of ours while loading (here
+    planted where the generators' states are restored) is not turned into "it may be corrupt"."""
+
+    def bug(state):
+        raise ZeroDivisionError("a bug, not a damaged file")
+
+    monkeypatch.setattr("llama_recipe.checkpoint._set_rng_state", bug)
+    args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(small_run / "ckpt" / "step-1")]
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        run_in_process("pretrain.py", [*args, "-o", str(tmp_path / "o"), "-t", ""])
+
+
+# ---------------------------------------------------------------------------------------------
 # Resumes that do not match
 
 
