@@ -1,5 +1,6 @@
 # The two commands a new user runs (see README.md):
 #   make demo   install into .venv if needed, then a short 2-process pretraining run on the shipped sample
+#               (again: it resumes with --auto_resume, finds the run finished and says so)
 #   make test   install into .venv if needed, then the test suite (real ColossalAI plugins on CPU)
 
 PYTHON ?= python3
@@ -25,7 +26,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/torchrun --standalone --nproc_per_node $(NPROC) pretrain.py \
 		-c tiny -p zero2 -d data/redpajama-sample -l 256 -b 4 --max_steps 40 -s 4 --lr 3e-3 \
-		-i 20 -o runs/demo/checkpoints -t runs/demo/tensorboard
+		-i 20 -o runs/demo/checkpoints -t runs/demo/tensorboard --auto_resume
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

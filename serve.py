@@ -17,7 +17,10 @@ from llama_recipe.errors import EXIT_USAGE, OneLineErrorParser, UsageError
 
 def main() -> None:
     p: argparse.ArgumentParser = OneLineErrorParser(prog="serve.py", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a step-<N> checkpoint, a `latest` file, an exported model directory or a hub name")
+    p.add_argument(
+        "model",
+        help="a step-<N> checkpoint, a run's directory or its `latest` file, an exported model directory or a hub name",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's own)")

@@ -34,10 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from .colossalai_patches import deferred_state_dict_writes
-from .config import TrainConfig, label_of
+from .config import CheckpointConfig, TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, synchronize, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .files import move_into_place, safetensors_header, write_failure, write_safetensors
@@ -51,6 +52,7 @@ DONE = ".done"  # in a checkpoint being written: one empty file per rank whose f
 LATEST = "latest"
 LOCK = ".lock"  # save_dir/.lock: the host and pid of the run writing there
 INT64_MAX = 2**63 - 1  # every count and position a checkpoint records must fit torch's and numpy's integers
+REPLACED = ".replaced-"  # save_dir/.replaced-<time>-<pid>/: checkpoints --replace_checkpoints moved aside
 # Model-shape fields that must agree between a checkpoint and the run that loads it.
 SHAPE_FIELDS = (
     "hidden_size",
@@ -87,15 +89,60 @@ def follow_latest(pointer: Path) -> Path:
     return pointer.parent / name
 
 
-def resolve_checkpoint_arg(path: str) -> str:
-    """A checkpoint given on a command line: a step-<N> directory, or a `latest` file (its target)."""
-    p = Path(path)
-    return str(follow_latest(p)) if p.name == LATEST and p.is_file() else path
+def resolve_checkpoint(name: str, flag: str, model_dir: bool = True) -> Path:
+    """Saved weights as any script's command line names them, resolved the same way everywhere: a
+    step-<N> checkpoint, a run's `latest` file, a run's root directory (meaning its `latest`), and
+    with `model_dir` also an exported Hugging Face directory or a hub name (downloaded once).
+    `flag`: what the messages tell the user to pass it to (`-f`, `--model_path`, `export_hf.py`).
+    Returns the step-<N> directory (`model_dir` False: resuming, exporting; read_running_states
+    checks that it is complete) or a directory with config.json that from_pretrained loads (for a
+    checkpoint, its model/)."""
+    path = Path(name).expanduser()
+    pointer = path if path.name == LATEST and path.is_file() else path / LATEST
+    if pointer.is_file() and not (path / RUNNING_STATES).is_file():
+        path = follow_latest(pointer)
+        if not path.is_dir():
+            raise UsageError(f"{pointer} names {path.name}, which does not exist; pass {flag} another checkpoint")
+    elif path.is_dir() and not (path / "config.json").is_file() and complete_checkpoints(str(path)):
+        newest = complete_checkpoints(str(path))[-1]
+        raise UsageError(f"{name} holds checkpoints but no `{LATEST}` file; pass {flag} {newest}")
+    if (path / RUNNING_STATES).is_file():
+        if not model_dir:
+            return path
+        path = path / "model"
+    elif not model_dir:
+        if (path / "config.json").is_file():
+            raise UsageError(
+                f"{name} is a model directory, not a step-<N> checkpoint (no {RUNNING_STATES}); "
+                f"pass {flag} a step-<N> directory, a run's directory or its `{LATEST}` file"
+            )
+        return path  # missing or incomplete: read_running_states says which part
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UsageError(f"{path} has no config.json; pass {flag} a model directory or a complete checkpoint")
+        return path
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise UsageError(
+            f"{name} does not exist; pass {flag} a step-<N> checkpoint, a run's directory or its `{LATEST}` file, "
+            "an exported model directory or a hub name"
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+    except Exception as e:
+        raise UsageError(
+            f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); "
+            f"pass {flag} a local directory (a checkpoint's step-<N>, a run's directory or an exported model)"
+        ) from None
 
 
 def resolve_load_path(load: str | None, save_dir: str, auto_resume: bool) -> str | None:
-    """`-f latest` (or --auto_resume) means the checkpoint save_dir/latest names."""
-    if load not in (None, LATEST) or not (load == LATEST or auto_resume):
+    """`-f latest` (or --auto_resume) means the checkpoint save_dir/latest names; any other -f is
+    resolved as every script resolves a checkpoint (resolve_checkpoint)."""
+    if load not in (None, LATEST):
+        return str(resolve_checkpoint(load, "-f", model_dir=False))
+    if not (load == LATEST or auto_resume):
         return load
     pointer = Path(save_dir) / LATEST
     if pointer.is_file():
@@ -107,15 +154,16 @@ def resolve_load_path(load: str | None, save_dir: str, auto_resume: bool) -> str
     return None  # --auto_resume with nothing to resume: start fresh
 
 
-def read_running_states(path: str) -> dict:
-    """The running states of a complete checkpoint; UsageError naming what is wrong otherwise."""
+def read_running_states(path: str, flag: str = "-f") -> dict:
+    """The running states of a complete checkpoint; UsageError naming what is wrong otherwise (and
+    `flag`, what to pass another checkpoint to)."""
     p = Path(path)
     if not p.is_dir():
         raise UsageError(
-            f"checkpoint {path} does not exist; pass -f with a step-<N> directory under your -o/--save_dir"
+            f"checkpoint {path} does not exist; pass {flag} a step-<N> directory, a run's directory or its `{LATEST}` file"
         )
     if not (p / RUNNING_STATES).is_file():
-        raise UsageError(f"{path} is not a complete checkpoint (no {RUNNING_STATES}); pass -f with a complete step-<N>")
+        raise UsageError(f"{path} is not a complete checkpoint (no {RUNNING_STATES}); pass {flag} a complete step-<N>")
     try:
         states = json.loads((p / RUNNING_STATES).read_text())
         assert isinstance(states, dict)
@@ -123,17 +171,88 @@ def read_running_states(path: str) -> dict:
             assert type(states.get(key)) is int, key
         assert isinstance(states.get("layout", {}), dict) and isinstance(states.get("config", {}), dict)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise UsageError(f"{p / RUNNING_STATES} is corrupt or incomplete; pass -f with another checkpoint") from None
+        raise UsageError(f"{p / RUNNING_STATES} is corrupt or incomplete; pass {flag} another checkpoint") from None
     for key in ("step", "consumed_samples", "consumed_tokens", "epoch"):
         if key in states and not (type(states[key]) is int and 0 <= states[key] <= INT64_MAX):
             raise UsageError(
                 f"{p / RUNNING_STATES}: {key} is {str(states[key])[:40]}, not a count from 0 to 2**63-1; it is "
-                "corrupt: pass -f with another checkpoint"
+                "corrupt: pass {flag} another checkpoint"
             )
     for part in ("model", "optimizer", "lr_scheduler.pt"):
         if not (p / part).exists():
-            raise UsageError(f"{path} is incomplete: {part} is missing; pass -f with another checkpoint")
+            raise UsageError(f"{path} is incomplete: {part} is missing; pass {flag} another checkpoint")
     return states
+
+
+def _newest_saved(save_dir: str) -> str | None:
+    """The checkpoint a run left in save_dir: what its `latest` names, else its newest complete
+    step-<N>; None where no run has saved."""
+    pointer = Path(save_dir) / LATEST
+    if pointer.is_file():
+        return str(pointer.parent / pointer.read_text().strip()[:80])
+    found = complete_checkpoints(save_dir)
+    return str(found[-1]) if found else None
+
+
+def save_dir_problems(ckpt: CheckpointConfig, weights: tuple[str, str] | None = None) -> list[str]:
+    """A run that starts afresh (no -f, nothing for --auto_resume to resume) never writes over another
+    run's checkpoints: an -o that holds any (a complete step-<N>, or a `latest`) is refused, unless
+    --replace_checkpoints moves them aside (set_aside). `weights`: (--init_from or --model_path, its
+    flag), which --replace_checkpoints must not move away."""
+    resuming = "--auto_resume" if ckpt.auto_resume else "-f"
+    if ckpt.replace_checkpoints and ckpt.load is not None:
+        return [f"--replace_checkpoints starts -o afresh but {resuming} resumes {ckpt.load}; pass one of them"]
+    newest = _newest_saved(ckpt.save_dir) if ckpt.save_dir and ckpt.load is None else None
+    if newest is None:
+        return []
+    if not ckpt.replace_checkpoints:
+        return [
+            f"-o {ckpt.save_dir} holds another run's checkpoints (the newest: {newest}); to go on with that run pass "
+            "-f latest or --auto_resume, to start another pass a new -o, or pass --replace_checkpoints to move them "
+            "aside (they are deleted once this run has saved its first checkpoint)"
+        ]
+    root = Path(ckpt.save_dir).expanduser().resolve()
+    if weights and root in Path(weights[0]).expanduser().resolve().parents:
+        return [
+            f"{weights[1]} {weights[0]} lies in -o {ckpt.save_dir}, whose checkpoints --replace_checkpoints moves "
+            f"aside; pass a new -o, or export or copy those weights elsewhere first"
+        ]
+    return []
+
+
+def set_aside(save_dir: str) -> Path | None:
+    """--replace_checkpoints (rank 0, under the save-directory lock): move save_dir's checkpoints and
+    its `latest` into save_dir/.replaced-<time>/, out of the view of `latest`, --auto_resume and
+    --keep_last; the Checkpointer deletes them once this run has saved. Returns that directory."""
+    root = Path(save_dir)
+    checkpoints = complete_checkpoints(save_dir)
+    pointer = [root / LATEST] if (root / LATEST).exists() else []
+    if not checkpoints and not pointer:
+        return None
+    aside = root / f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    aside.mkdir()
+    for path in [*pointer, *checkpoints]:  # `latest` first: it never names a checkpoint already moved
+        os.rename(path, aside / path.name)
+    print_main(
+        f"--replace_checkpoints: moved the earlier run's {len(checkpoints)} checkpoints and its "
+        f"`{LATEST}` to {aside}; they are deleted once this run has saved its first checkpoint (to keep them, stop "
+        f"this run before then and move them back: mv {aside}/* {root}/ && rmdir {aside})"
+    )
+    return aside
+
+
+def finished_message(load: str | None, max_steps: int | None) -> str | None:
+    """The one line a run says instead of training when the checkpoint it resumes is already at
+    --max_steps (a second `make demo`); None when there is training to do."""
+    if load is None or not max_steps:
+        return None
+    step = read_running_states(load)["step"]
+    if step < max_steps:
+        return None
+    return (
+        f"nothing to train: {load} is already at step {step} of --max_steps {max_steps}; to train on, pass a larger "
+        "--max_steps with --reset_schedule; to start another run, pass a new -o"
+    )
 
 
 def check_checkpoint_dir(path: str, model_config=None) -> None:
@@ -602,52 +721,78 @@ def _pid_alive(pid: int) -> bool:
 
 
 class SaveDirLock:
-    """One run per -o: while a run trains, rank 0 holds save_dir/.lock with its host and pid, so a
-    second run on the same directory is refused instead of overwriting the first one's checkpoints.
-    A lock left by a run that died (its pid is gone, on this host) is taken over, with a message."""
+    """One run per -o: while a run trains, rank 0 holds save_dir/.lock, a file lock (flock, through
+    `filelock`) whose file names its host, pid and start, so that a second run on the same directory
+    is refused in one line naming them instead of overwriting the first one's checkpoints. The kernel
+    releases the lock when its process dies: a lock file left by a run that died is taken over, with
+    a message. The holder writes its name while it acquires (filelock's on_acquired), and a refused
+    run waits for that name rather than taking an unnamed lock for a stale one."""
 
     def __init__(self, save_dir: str | None):
         self.path = Path(save_dir) / LOCK if save_dir and is_main_process() else None
         self.mine = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.made_dir = False  # a run that ends before saving anything leaves no empty directory behind
+        self.lock: FileLock | None = None
+        self.inode = -1  # the lock file this run holds (removed at the end only if it is still that one)
 
     def __enter__(self) -> SaveDirLock:
         if self.path is None:
             return self
         self.made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock = FileLock(self.path, blocking=False, on_acquired=self._claim)
+        deadline = time.monotonic() + 2.0  # the holder writes its name right after it took the lock
         while True:
             try:
-                with os.fdopen(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                    json.dump(self.mine, f)
+                self.lock.acquire()
                 return self
-            except FileExistsError:
-                self._take_over_if_stale()
+            except Timeout:  # held by a live process
+                holder = self._holder()
+                if holder is not None or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)  # its name is being written, or it was just released: look again
+        holder = holder or {}
+        raise UsageError(
+            f"another run (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}) "
+            f"is writing to {self.path.parent}; pass another -o, or wait for that run to end"
+        )
 
-    def _take_over_if_stale(self) -> None:
+    def _claim(self, fd: int) -> None:
+        """filelock's on_acquired (the lock is ours): a name still in the file is a dead run's; write ours."""
+        previous = os.pread(fd, 4096, 0)
+        if previous.strip():  # its run died without removing the file
+            try:
+                pid = json.loads(previous)["pid"]
+            except (ValueError, KeyError, TypeError):
+                pid = "?"
+            print_main(f"taking over {self.path}: the run that held it (pid {pid}) is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.mine).encode(), 0)
+        self.inode = os.fstat(fd).st_ino
+
+    def _holder(self) -> dict | None:
+        """The name the live holder wrote into the lock file; None while there is none yet (or only a
+        dead run's, which the run taking the lock over is replacing)."""
         try:
             holder = json.loads(self.path.read_text())
             host, pid = str(holder["host"]), int(holder["pid"])
         except (OSError, ValueError, KeyError, TypeError):
-            holder, host, pid = {}, "?", -1
-        if host == self.mine["host"] and not _pid_alive(pid) or not holder:
-            print_main(f"taking over {self.path}: the run that held it (pid {pid}) is no longer running")
-            self.path.unlink(missing_ok=True)
-            return
-        raise UsageError(
-            f"another run (pid {pid} on {host}, since {holder.get('since', '?')}) is writing to {self.path.parent}; "
-            f"pass another -o, wait for it, or delete {self.path} if that run is gone"
-        )
+            return None
+        return None if host == self.mine["host"] and not _pid_alive(pid) else holder
 
     def __exit__(self, *exc_info) -> None:
-        if self.path is not None:
-            try:
-                if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
-                    self.path.unlink()
-                if self.made_dir and not any(self.path.parent.iterdir()):
-                    self.path.parent.rmdir()
-            except (OSError, ValueError):
-                pass
+        if self.lock is None or not self.lock.is_locked:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.inode:
+                # Our own step: filelock leaves the file in place, but a finished run leaves -o as it found it
+                # (no lock file, no empty directory). Removed while still held: a run that opened it meanwhile
+                # finds it unlinked once it gets the lock (filelock checks) and takes a new one.
+                self.path.unlink()
+        self.lock.release()
+        if self.made_dir:
+            with contextlib.suppress(OSError):  # not empty: it holds what this run saved
+                self.path.parent.rmdir()
 
 
 @dataclass
@@ -677,6 +822,9 @@ class Checkpointer:
         self.last_size = 0  # its bytes: what the next save will need again
         self.pending: BackgroundSave | None = None  # --async_save: the checkpoint being written
         self.write_timeout = cfg.parallel.dist_timeout  # how long rank 0's writer waits for the other ranks' files
+        self.replaced = None  # --replace_checkpoints: where the earlier run's checkpoints wait until this run saved
+        if self.cfg.replace_checkpoints and self.cfg.save_dir and self.cfg.load is None and is_main_process():
+            self.replaced = set_aside(self.cfg.save_dir)
 
     def resume(self, model, optimizer, lr_scheduler, batches, initial_weights: str | None = None) -> TrainState:
         """Restore `-f`'s checkpoint (all of it, less what --reset_* leaves out; under another layout
@@ -787,7 +935,16 @@ class Checkpointer:
             print_main(f"warning: {e}; training on (--continue_on_save_error), the next save will try again")
             return
         print_main(f"saved checkpoint {path} ({size / 2**20:,.1f} MB) in {seconds:.1f}s")
+        self._saved(path, size)
+
+    def _saved(self, path: Path, size: int) -> None:
+        """A checkpoint of this run is complete: it is the last good one, and what --replace_checkpoints
+        set aside can go."""
         self.last, self.last_size = str(path), size
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced)
+            print_main(f"deleted the earlier run's checkpoints in {self.replaced}: this run saved {path}")
+            self.replaced = None
 
     def before_update(self) -> None:
         """Called before training changes the weights or the optimizer state: a checkpoint still
@@ -806,7 +963,7 @@ class Checkpointer:
                 f"saved checkpoint {pending.final}{size} in {pending.seconds:.1f}s, in the background (training "
                 f"waited {pending.waited:.2f}s for it before the next update)"
             )
-            self.last, self.last_size = str(pending.final), pending.size
+            self._saved(pending.final, pending.size)
             return
         reason = f"{type(pending.error).__name__}: {pending.error}" if pending.error else "on another rank"
         error = CheckpointError(

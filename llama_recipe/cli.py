@@ -17,20 +17,23 @@ from .checkpoint import (
     SaveDirLock,
     check_checkpoint_dir,
     data_rank,
+    finished_message,
     layout_problems,
     read_running_states,
     read_state_file,
+    resolve_checkpoint,
     resolve_load_path,
     resume_differences,
     run_layout,
+    save_dir_problems,
 )
 from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, flag_of, range_problems
 from .data import check_tokenizer_name, mixture_slices, parse_data_mix
-from .distributed import rank, shutdown, world_size
+from .distributed import print_main, rank, shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .export import check_export_target
-from .model import check_weights, get_model_config, resolve_pretrained
+from .model import check_weights, get_model_config
 from .optim import OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES, check_layout, check_model_split
 from .prepared import check_data_position, check_prepared_files, check_token_ids
@@ -114,6 +117,8 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
         problems += _compression_problems(cfg, model_config)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
+    if script in TRAINING:  # the scripts that save to -o: never over another run's checkpoints
+        problems += save_dir_problems(cfg.checkpoint, _pretrained(cfg))
     if cfg.checkpoint.load is not None:
         if _collect(problems, check_checkpoint_dir, cfg.checkpoint.load, model_config) is not False:
             problems += _resume_problems(cfg, world_size)
@@ -130,13 +135,21 @@ def _collect(problems: list[str], fn: Callable, *args):
         return False
 
 
+def _pretrained(cfg: TrainConfig) -> tuple[str, str] | None:
+    """The weights a run starts from and the flag that names them: finetuning's and evaluation's
+    --model_path, continued pretraining's --init_from; None for a model of -c's shape."""
+    if cfg.model.model_path is not None:
+        return cfg.model.model_path, "--model_path"
+    if cfg.model.init_from is not None:
+        return cfg.model.init_from, "--init_from"
+    return None
+
+
 def _model_config(cfg: TrainConfig):
-    pretrained = cfg.model.model_path or cfg.model.init_from
-    if pretrained is not None:  # finetuning, evaluation, continued pretraining: the shape comes with the weights
-        model_dir = resolve_pretrained(pretrained)
+    if pretrained := _pretrained(cfg):  # the shape comes with the weights
+        model_dir = resolve_checkpoint(*pretrained)
         config = get_model_config(str(model_dir))
-        flag = "--model_path" if cfg.model.model_path else "--init_from"
-        check_weights(model_dir, config, f"pass {flag} with an undamaged model directory")
+        check_weights(model_dir, config, f"pass {pretrained[1]} with an undamaged model directory")
         return config
     return get_model_config(cfg.model.config)
 
@@ -286,6 +299,9 @@ def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str]
         ckpt = cfg.checkpoint
         ckpt.load = resolve_load_path(ckpt.load, ckpt.save_dir, ckpt.auto_resume)
         validate(cfg, world_size(), script)
+        if (finished := finished_message(ckpt.load, cfg.training.max_steps)) is not None:
+            print_main(finished)  # e.g. a second `make demo`: exit 0, nothing loaded or written
+            return {"steps_this_run": 0, "checkpoint": ckpt.load}
         with SaveDirLock(cfg.checkpoint.save_dir):
             result = main(cfg)
     except RECIPE_ERRORS as e:

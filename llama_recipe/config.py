@@ -116,15 +116,15 @@ class ModelConfig:
     model_path: str | None = flag(
         None,
         "--model_path",
-        help="pretrained weights: a HF model directory, one of our step-<N> checkpoints, or a hub name",
+        help="pretrained weights: a HF model directory, a step-<N> checkpoint, a run's directory or its latest file, or a hub name",
         scripts=("finetune", "eval"),
         required=True,
     )
     init_from: str | None = flag(
         None,
         "--init_from",
-        help="continued pretraining: start from these weights (a HF model directory, a step-<N> checkpoint or a "
-        "hub name); the model shape comes with them, -c is not used",
+        help="continued pretraining: start from these weights (a HF model directory, a step-<N> checkpoint, a run's "
+        "directory or its latest file, or a hub name); the model shape comes with them, -c is not used",
         scripts=("pretrain",),
     )
     grad_checkpoint: bool = flag(
@@ -553,11 +553,18 @@ class CheckpointConfig:
         None,
         "-f",
         "--load",
-        help="checkpoint to resume from: a step-<N> directory, or 'latest' in -o",
+        help="checkpoint to resume from: a step-<N> directory, a run's directory or its latest file, or 'latest' in -o",
         scripts=TRAINING,
     )
     auto_resume: bool = flag(
         False, "--auto_resume", help="resume from the newest checkpoint in -o if there is one", scripts=TRAINING
+    )
+    replace_checkpoints: bool = flag(
+        False,
+        "--replace_checkpoints",
+        help="start afresh in an -o that holds another run's checkpoints: they are moved to -o/.replaced-<time>/ "
+        "and deleted once this run has saved its first checkpoint",
+        scripts=TRAINING,
     )
     keep_last: int = flag(
         0, "--keep_last", help="keep only the newest K checkpoints (0: all)", scripts=TRAINING, minimum=0

@@ -11,7 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint_arg
+from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint
 from .errors import CheckpointError, UsageError
 from .files import move_into_place, write_failure
 from .model import check_weights, get_model_config
@@ -43,13 +43,21 @@ def check_export_target(out_dir: str, save_dir: str | None = None) -> None:
             break
 
 
-def export_hf(checkpoint: str, out_dir: str, tokenizer_dir: str | None = None, save_dir: str | None = None) -> Path:
+def export_hf(
+    checkpoint: str,
+    out_dir: str,
+    tokenizer_dir: str | None = None,
+    save_dir: str | None = None,
+    flag: str = "export_hf.py",
+) -> Path:
     """Load the checkpoint's (possibly sharded) weights with transformers and save them as one clean
-    directory, in the dtype they were trained in. `checkpoint` may be a `latest` file."""
+    directory, in the dtype they were trained in. `checkpoint`: any name resolve_checkpoint takes
+    (a step-<N>, a run's directory or its `latest` file); `flag`: what its messages say to pass
+    another one to."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    checkpoint = resolve_checkpoint_arg(checkpoint)
-    read_running_states(checkpoint)  # a complete checkpoint, or a one-line error
+    checkpoint = str(resolve_checkpoint(checkpoint, flag, model_dir=False))
+    read_running_states(checkpoint, flag)  # a complete checkpoint, or a one-line error
     check_export_target(out_dir, save_dir)
     model_dir = Path(checkpoint) / "model"
     check_weights(model_dir, get_model_config(str(model_dir)), "pass another checkpoint")  # headers only

@@ -166,31 +166,6 @@ def count_parameters(config: LlamaConfig) -> int:
     return layers * per_layer + embeddings + h  # final norm
 
 
-def resolve_pretrained(model_path: str) -> Path:
-    """A local directory with config.json and weights, for `finetune.py --model_path`: a Hugging Face
-    model directory, one of our checkpoints (its model/ folder), or a hub name (downloaded once)."""
-    path = Path(model_path).expanduser()
-    if (path / "running_states.json").is_file():  # one of our step-<N> checkpoints
-        path = path / "model"
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UsageError(f"{model_path} has no config.json; pass --model_path with a Hugging Face model directory")
-        return path
-    if path.exists() or model_path.startswith((".", "/", "~")):
-        raise UsageError(
-            f"model path {model_path} does not exist; pass --model_path with a model directory or hub name"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model_path, allow_patterns=["*.json", "*.safetensors", "*.model"]))
-    except Exception as e:
-        raise UsageError(
-            f"could not download {model_path!r} from the Hugging Face hub ({type(e).__name__}); "
-            "pass --model_path with a local directory (a checkpoint's step-<N> or an exported model)"
-        ) from None
-
-
 def weights_location(model_dir: Path) -> str:
     """What `booster.load_model` takes: the directory of a sharded checkpoint (it has an index), or the one file."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):

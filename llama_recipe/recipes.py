@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+from .checkpoint import resolve_checkpoint
 from .config import SHIPPED_TOKENIZER, TrainConfig
 from .data import (
     Prefetcher,
@@ -27,7 +28,6 @@ from .model import (
     get_model_config,
     inference_placement,
     load_pretrained_model,
-    resolve_pretrained,
     weights_location,
 )
 from .parallel import Parallelism, build_parallelism
@@ -43,7 +43,7 @@ def pretrain(cfg: TrainConfig) -> dict:
     par = build_parallelism(cfg)
     initial_weights = None
     if cfg.model.init_from:
-        model_dir = resolve_pretrained(cfg.model.init_from)
+        model_dir = resolve_checkpoint(cfg.model.init_from, "--init_from")
         model_config, initial_weights = get_model_config(str(model_dir)), weights_location(model_dir)
         tokenizer = load_model_tokenizer(model_dir, cfg.data.tokenizer)
         print_main(f"continued pretraining from {model_dir} (its config.json sets the model's shape)")
@@ -130,7 +130,7 @@ def finetune(cfg: TrainConfig) -> dict:
     launch(cfg.training.seed, cfg.parallel.dist_timeout)
     par = build_parallelism(cfg)
     data, training = cfg.data, cfg.training
-    model_dir = resolve_pretrained(cfg.model.model_path)
+    model_dir = resolve_checkpoint(cfg.model.model_path, "--model_path")
     model_config = get_model_config(str(model_dir))
     tokenizer = load_model_tokenizer(model_dir, data.tokenizer)
     max_length = data.max_length or model_config.max_position_embeddings
@@ -188,7 +188,7 @@ def show_answers(cfg: TrainConfig, summary: dict, tokenizer, prompts: list[str])
 def evaluate(cfg: TrainConfig) -> dict:
     """eval.py: score a trained model on held-out text (perplexity or cloze; see evaluate.py)."""
     launch(cfg.training.seed, cfg.parallel.dist_timeout)
-    model_dir = resolve_pretrained(cfg.model.model_path)
+    model_dir = resolve_checkpoint(cfg.model.model_path, "--model_path")
     model_config = get_model_config(str(model_dir))
     tokenizer = load_model_tokenizer(model_dir, cfg.data.tokenizer)
     check_tokenizer_fits(tokenizer, model_config, str(model_dir))

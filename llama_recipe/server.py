@@ -27,7 +27,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import resolve_checkpoint_arg
+from .checkpoint import resolve_checkpoint
 from .data import load_model_tokenizer
 from .generation import Completion, Generator, Sampling
 from .model import (
@@ -35,7 +35,6 @@ from .model import (
     get_model_config,
     inference_placement,
     load_pretrained_model,
-    resolve_pretrained,
 )
 
 MAX_PROMPTS = 128  # per request, as Megatron's server allows
@@ -256,7 +255,7 @@ def _error(message: str) -> JSONResponse:
 def load_server(model: str, tokenizer: str | None = None, max_tokens_cap: int = 1024) -> CompletionServer:
     """A server for `model` (a step-<N> checkpoint, a `latest` file, a HF directory or a hub name),
     on the first GPU in bf16 if there is one, else on the CPU in fp32."""
-    model_dir = resolve_pretrained(resolve_checkpoint_arg(model))
+    model_dir = resolve_checkpoint(model, "serve.py")
     tok = load_model_tokenizer(model_dir, tokenizer)
     check_tokenizer_fits(tok, get_model_config(str(model_dir)), str(model_dir))
     weights = load_pretrained_model(model_dir, *inference_placement())

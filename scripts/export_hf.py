@@ -13,7 +13,7 @@ from llama_recipe.export import export_hf
 
 def main() -> None:
     p: argparse.ArgumentParser = OneLineErrorParser(prog="export_hf.py", description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help="a step-<N> checkpoint directory")
+    p.add_argument("checkpoint", help="a step-<N> checkpoint, a run's directory (its latest) or its `latest` file")
     p.add_argument("out", help="where to write the Hugging Face model directory")
     p.add_argument("--tokenizer", default=None, help="tokenizer to include (default: the one saved in the checkpoint)")
     args = p.parse_args()

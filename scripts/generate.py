@@ -19,7 +19,10 @@ from llama_recipe.errors import EXIT_USAGE, OneLineErrorParser, UsageError
 
 def main() -> None:
     p: argparse.ArgumentParser = OneLineErrorParser(prog="generate.py", description=__doc__.splitlines()[0])
-    p.add_argument("model", help="a step-<N> checkpoint, a `latest` file, an exported model directory or a hub name")
+    p.add_argument(
+        "model",
+        help="a step-<N> checkpoint, a run's directory or its `latest` file, an exported model directory or a hub name",
+    )
     p.add_argument("prompts", nargs="+", help="one or more prompts")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sample")
@@ -28,11 +31,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same sampled text")
     args = p.parse_args()
 
-    from llama_recipe.checkpoint import resolve_checkpoint_arg
+    from llama_recipe.checkpoint import resolve_checkpoint
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Sampling
     from llama_recipe.instruct import generate_answers
-    from llama_recipe.model import check_tokenizer_fits, get_model_config, resolve_pretrained
+    from llama_recipe.model import check_tokenizer_fits, get_model_config
 
     try:
         if args.max_new_tokens < 1:
@@ -40,7 +43,7 @@ def main() -> None:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         if sampling.problem():
             raise UsageError(f"--{sampling.problem()}")
-        model_dir = resolve_pretrained(resolve_checkpoint_arg(args.model))  # a `latest` file: its checkpoint
+        model_dir = resolve_checkpoint(args.model, "generate.py")
         tokenizer = load_model_tokenizer(model_dir)
         check_tokenizer_fits(tokenizer, get_model_config(str(model_dir)), str(model_dir))
         answers = generate_answers(str(model_dir), tokenizer, args.prompts, sampling)

@@ -139,6 +139,11 @@ CASES = {
     "running_states_missing_keys": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "running_states_wrong_types": (["-f", "{tmp}/step-3"], {}, ["running_states.json", "corrupt or incomplete"]),
     "latest_names_a_path_elsewhere": (["-f", "latest"], {}, ["latest", "not a step-<N> checkpoint beside it"]),
+    "save_dir_of_another_run": (
+        [],
+        {},
+        ["holds another run's checkpoints", "step-2", "-f latest", "--replace_checkpoints"],
+    ),
     # gradient compression: only where a torch DDP syncs whole gradients
     "powersgd_with_zero2": (["--grad_compression", "powersgd"], {}, ["--grad_compression", "zero2", "ZeRO", "-p ddp"]),
     "powersgd_with_hybrid_zero": (
@@ -430,6 +435,7 @@ SETUP = {
         (tmp / "ckpt").mkdir(),
         (tmp / "ckpt" / "latest").write_text("/etc\n"),
     ),
+    "save_dir_of_another_run": lambda tmp: ((tmp / "ckpt").mkdir(), (tmp / "ckpt" / "latest").write_text("step-2\n")),
 }
 TINY_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=4, intermediate_size=176, max_position_embeddings=1024)  # fmt: skip

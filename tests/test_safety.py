@@ -118,8 +118,8 @@ class _Planted:
 
 @pytest.mark.parametrize("victim", ["optimizer shard", "optimizer groups", "lr_scheduler.pt"])
 def test_a_planted_pickle_in_a_checkpoint_never_runs(small_run, tmp_path, victim):
-    copy = tmp_path / "step-2"
-    shutil.copytree(small_run / "ckpt" / "step-2", copy)
+    copy = tmp_path / "step-1"  # not the last step: a run already at --max_steps loads nothing
+    shutil.copytree(small_run / "ckpt" / "step-1", copy)
     files = {
         "optimizer shard": sorted(f for f in (copy / "optimizer").glob("*.bin") if "group" not in f.name)[0],
         "optimizer groups": next((copy / "optimizer").glob("*group*.bin")),
