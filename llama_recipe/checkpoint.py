@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .colossalai_patches import deferred_state_dict_writes
