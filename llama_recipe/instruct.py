@@ -191,8 +191,9 @@ def shown_answer(completion: Completion, eos_token_id: int) -> str:
             "(the model ended its answer at once: it generated the end-of-sequence token first; "
             "a model this small or finetuned this briefly often does)"
         )
+    blank = sum(step.token_id != eos_token_id for step in completion.steps)
     return (
-        f"(the model's answer is blank: {len(completion.steps)} tokens of spaces and line breaks only; "
+        f"(the model's answer is blank: {blank} token{'s' * (blank != 1)} of spaces and line breaks only; "
         "a model this small or finetuned this briefly often does this)"
     )
 

@@ -51,6 +51,8 @@ def test_a_blank_answer_says_why(tokenizer):
     assert ended.startswith("(the model ended its answer at once") and "end-of-sequence" in ended
     blank = shown_answer(Completion(" \n ", [Step(space, -0.1)] * 3, "length", [1]), eos)
     assert blank.startswith("(the model's answer is blank: 3 tokens")
+    late = shown_answer(Completion(" ", [Step(space, -0.1), Step(eos, -0.1)], "stop", [1]), eos)
+    assert late.startswith("(the model's answer is blank: 1 token of")  # it ended, but not at once
     assert shown_answer(Completion(" Red. ", [Step(space, -0.1)], "stop", [1]), eos) == "Red."
 
 
