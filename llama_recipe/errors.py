@@ -35,8 +35,25 @@ class TrainingDiverged(Exception):
 RECIPE_ERRORS = (UsageError, CheckpointError, TrainingDiverged)
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help with each flag's default, as `(default: 0.0003)`; none for a flag that is off or unset
+    (argparse's own ArgumentDefaultsHelpFormatter would print `(default: None)` and `(default: False)`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS  # (0 == False)
+        if unset or "%(default)" in help_text:
+            return help_text
+        return f"{help_text} (default: %(default)s)".lstrip()
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse prints the whole usage block on a bad flag; we print one line and exit 2."""
+    """argparse prints the whole usage block on a bad flag; we print one line and exit 2. --help
+    shows the defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         sys.stderr.write(f"error: {message} (run {self.prog} --help for the flags)\n")

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
-from .generation import Generator, Sampling
+from .generation import Completion, Generator, Sampling
 from .loss import IGNORE_INDEX
 from .model import load_pretrained_model
 from .sources import resolve_local_files
@@ -72,9 +72,14 @@ def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
     return usable
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A prompt as an example starts: BOS + the prompt's tokens."""
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
 def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int], bool]:
     """(input_ids, labels, truncated). BOS + prompt + completion + EOS; labels mask the prompt."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    prompt_ids = encode_prompt(tokenizer, prompt)
     answer_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     truncated = len(prompt_ids) + len(answer_ids) > max_length
     if truncated:
@@ -82,6 +87,22 @@ def encode_example(tokenizer, prompt: str, completion: str, max_length: int) -> 
         prompt_ids = prompt_ids[len(prompt_ids) - keep :] if keep else []
         answer_ids = answer_ids[:max_length]
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids, truncated
+
+
+def encode_chat(tokenizer, messages: list[tuple[str, str]]) -> list[int]:
+    """A conversation, (role, text) pairs ending with the user's, as the tokens finetune.py trains
+    on: each earlier exchange a finished example (`encode_example`: BOS + prompt + answer + EOS),
+    then BOS + the last prompt for the model to answer. The training rows have no roles: a system
+    message and the user's messages up to the next answer are one prompt, joined by a blank line
+    (as the shipped data puts an instruction before its input)."""
+    ids, prompt = [], []
+    for role, text in messages:
+        if role != "assistant":
+            prompt.append(text)
+            continue
+        ids += encode_example(tokenizer, "\n\n".join(prompt), text, max_length=sys.maxsize)[0]
+        prompt = []
+    return ids + encode_prompt(tokenizer, "\n\n".join(prompt))
 
 
 def padding_id(tokenizer) -> int:
@@ -152,10 +173,29 @@ def held_out_batches(
 
 def generate_answers(model_dir: str, tokenizer, prompts: list[str], sampling: Sampling | None = None) -> list[str]:
     """Answers of a saved model to some prompts (greedy unless `sampling` says otherwise), on one
-    process, from the checkpoint, so it works whatever the training layout was."""
+    process, from the checkpoint, so it works whatever the training layout was; an empty answer is
+    a note saying why (`shown_answer`)."""
     generator = Generator(load_pretrained_model(model_dir), tokenizer)
     sampling = sampling or Sampling()
-    return [generator.complete(prompt, sampling).text.strip() for prompt in prompts]
+    return [shown_answer(generator.complete(prompt, sampling), tokenizer.eos_token_id) for prompt in prompts]
+
+
+def shown_answer(completion: Completion, eos_token_id: int) -> str:
+    """The answer's text, stripped; if nothing is left, a note on why, so that a blank answer is not
+    taken for a broken script."""
+    text = completion.text.strip()
+    if text:
+        return text
+    if completion.steps and completion.steps[0].token_id == eos_token_id:
+        return (
+            "(the model ended its answer at once: it generated the end-of-sequence token first; "
+            "a model this small or finetuned this briefly often does)"
+        )
+    blank = sum(step.token_id != eos_token_id for step in completion.steps)
+    return (
+        f"(the model's answer is blank: {blank} token{'s' * (blank != 1)} of spaces and line breaks only; "
+        "a model this small or finetuned this briefly often does this)"
+    )
 
 
 class InstructionBatches:

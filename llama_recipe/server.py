@@ -4,6 +4,9 @@ OpenAI-compatible servers: pydantic validates every request, and streaming is a 
 - `POST /v1/completions`: OpenAI's completions API (prompt or list of prompts, max_tokens,
   temperature, top_p, stop, seed, logprobs, echo, stream as server-sent events; top_k as an
   extension), so the official `openai` client and what is built on it work unchanged.
+- `POST /v1/chat/completions`: OpenAI's chat API (messages, streamed or not; the same sampling
+  fields), each conversation rendered as the prompt/completion examples finetune.py trains on
+  (`instruct.encode_chat`); `GET /v1/models` lists the one model, as clients ask first.
 - `PUT /api`: Megatron-LM's text generation server API (prompts, tokens_to_generate, temperature,
   top_k or top_p, logprobs, random_seed) and its response shape, for its text_generation_cli.py.
 - `GET /health`.
@@ -21,6 +24,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .checkpoint import resolve_checkpoint
 from .data import load_model_tokenizer
 from .generation import Completion, Generator, Sampling
+from .instruct import encode_chat
 from .model import (
     check_tokenizer_fits,
     get_model_config,
@@ -81,6 +86,48 @@ class CompletionRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0)
 
 
+class TextPart(BaseModel):
+    """A message's content given as parts (OpenAI's `[{"type": "text", "text": ...}]`): text only."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a conversation; "developer" is OpenAI's newer name for "system"."""
+
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None  # accepted and ignored: the training rows name no speakers
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's chat completions request (the fields we honour, as CompletionRequest's; logprobs,
+    tools, response_format... are refused if set). Without max_tokens, the answer runs until EOS,
+    --max_tokens_cap or the model's positions, whichever comes first (OpenAI's default is no limit)."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)  # the newer name of max_tokens
+    temperature: float = Field(1.0, ge=0, le=100)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+    frequency_penalty: float = Field(0.0, ge=0, le=0)
+    presence_penalty: float = Field(0.0, ge=0, le=0)
+
+
 class MegatronRequest(BaseModel):
     """Megatron-LM's `PUT /api` request."""
 
@@ -112,6 +159,7 @@ class CompletionServer:
     def __init__(self, generator: Generator, model_name: str, max_tokens_cap: int = 1024):
         self.generator, self.model_name, self.max_tokens_cap = generator, model_name, max_tokens_cap
         self.lock = threading.Lock()
+        self.created = int(time.time())  # when the model was loaded: /v1/models' "created"
         self.app = self._build_app()
 
     def _build_app(self) -> FastAPI:
@@ -133,6 +181,15 @@ class CompletionServer:
         def completions(request: CompletionRequest):
             return self.completions(request)
 
+        @app.get("/v1/models")
+        def models() -> dict:
+            card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "llama_recipe"}
+            return {"object": "list", "data": [card]}
+
+        @app.post("/v1/chat/completions")
+        def chat(request: ChatRequest):
+            return self.chat(request)
+
         @app.put("/api")
         def megatron(request: MegatronRequest) -> dict:
             return self.megatron(request)
@@ -145,16 +202,21 @@ class CompletionServer:
             raise BadRequest("prompt: give at least one prompt")
         if len(prompts) > MAX_PROMPTS:
             raise BadRequest(f"prompt: at most {MAX_PROMPTS} prompts per request, got {len(prompts)}")
+        encoded = [self.generator.encode(p) for p in prompts]
+        return self._fitting(encoded, max_tokens, [f"prompt {i}" for i in range(len(prompts))])
+
+    def _fitting(self, encoded: list[list[int]], max_tokens: int, names: list[str]) -> list[list[int]]:
+        """`encoded` (prompts called `names` in errors), once max_tokens is within the cap and each
+        prompt with it fits the model's positions."""
         if max_tokens > self.max_tokens_cap:
             raise BadRequest(f"max_tokens: at most {self.max_tokens_cap} (serve.py --max_tokens_cap), got {max_tokens}")
-        encoded = [self.generator.encode(p) for p in prompts]
         positions = self.generator.max_positions
-        for i, ids in enumerate(encoded):
+        for name, ids in zip(names, encoded, strict=True):
             if not ids:  # (a tokenizer without BOS, and an empty prompt)
-                raise BadRequest(f"prompt {i}: empty; give some text to continue")
+                raise BadRequest(f"{name}: empty; give some text to continue")
             if len(ids) + max_tokens > positions:
                 raise BadRequest(
-                    f"prompt {i}: {len(ids)} tokens + max_tokens {max_tokens} exceed the model's {positions} positions"
+                    f"{name}: {len(ids)} tokens + max_tokens {max_tokens} exceed the model's {positions} positions"
                 )
         return encoded
 
@@ -209,6 +271,41 @@ class CompletionServer:
                         yield _event(head, index, text, finish_reason)
         yield "data: [DONE]\n\n"
 
+    def chat(self, r: ChatRequest):
+        if r.messages[-1].role == "assistant":
+            raise BadRequest("messages: the last one must be the user's, for the model to answer")
+        messages = [(m.role, m.text()) for m in r.messages]
+        ids = encode_chat(self.generator.tokenizer, messages)
+        asked = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
+        room = self.generator.max_positions - len(ids)
+        max_tokens = asked if asked is not None else max(0, min(self.max_tokens_cap, room))
+        self._fitting([ids], max_tokens, ["messages"])
+        stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
+        sampling = Sampling(max_tokens, r.temperature, r.top_k, r.top_p, r.seed, stop)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": r.model or self.model_name}
+        if r.stream:
+            return StreamingResponse(self._chat_stream(head, ids, sampling), media_type="text/event-stream")
+        with self.lock:
+            done = self.generator.complete(ids, sampling)
+        message = {"role": "assistant", "content": done.text}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done.finish_reason}
+        generated = len(done.steps)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+
+    def _chat_stream(self, head: dict, ids: list[int], sampling: Sampling) -> Iterator[str]:
+        """Server-sent chat chunks: the role first, then a delta per piece of text, the finish reason
+        in the last one, then [DONE] (OpenAI's order)."""
+        head = {**head, "object": "chat.completion.chunk"}
+        yield _chat_event(head, {"role": "assistant", "content": ""}, None)
+        with self.lock:
+            for text, _step, finish_reason in self.generator.stream(ids, sampling):
+                if text:
+                    yield _chat_event(head, {"content": text}, None)
+                if finish_reason:
+                    yield _chat_event(head, {}, finish_reason)
+        yield "data: [DONE]\n\n"
+
     def megatron(self, r: MegatronRequest) -> dict:
         if r.top_k and r.top_p:
             raise BadRequest("cannot set both top_k and top_p: choose one way of sampling")
@@ -243,6 +340,11 @@ def _offsets(tokens: list[str]) -> list[int]:
 
 def _event(head: dict, index: int, text: str, finish_reason: str | None) -> str:
     chunk = {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}]}
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _chat_event(head: dict, delta: dict, finish_reason: str | None) -> str:
+    chunk = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
     return f"data: {json.dumps(chunk)}\n\n"
 
 

@@ -24,8 +24,8 @@ def main() -> None:
         help="a step-<N> checkpoint, a run's directory or its `latest` file, an exported model directory or a hub name",
     )
     p.add_argument("prompts", nargs="+", help="one or more prompts")
-    p.add_argument("--max_new_tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: sample")
+    p.add_argument("--max_new_tokens", type=int, default=48, help="the most tokens of each answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sample")
     p.add_argument("--top_k", type=int, default=0, help="sample only among the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample only within this probability mass")
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same sampled text")

@@ -27,6 +27,21 @@ def test_the_flag_tables_are_the_parsers(page, everything):
     assert with_tables(text, everything) == text, "run: python scripts/flag_tables.py"
 
 
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "eval", "benchmark"])
+def test_help_shows_each_default(script, monkeypatch):
+    """--help appends `(default: X)` to every flag that has a value by default, and says nothing for
+    a flag that is off or unset (the flag tables keep their own default column: the test above)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag: argparse wraps at the terminal's width
+    parser = build_parser(script)
+    shown = parser.format_help()
+    assert "(default: None)" not in shown and "(default: False)" not in shown
+    for action in parser._actions:
+        if action.default is not None and action.default is not False and action.dest != "help":
+            assert f"{action.help.replace('%%', '%')} (default: {action.default})" in shown, action.dest
+    lr = {"pretrain": "0.0003", "finetune": "2e-05"}.get(script)
+    assert lr is None or f"peak learning rate (default: {lr})" in shown
+
+
 def test_readme_code_map_lists_every_module_below_what_it_imports():
     block = README.split("<!-- codemap -->", 1)[1].split("<!-- /codemap -->", 1)[0]
     listed = re.findall(r"^\| `(\w+)\.py` \|", block, re.M)

@@ -7,14 +7,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import DATA, check_ok, expect_one_line_error, launch, read_scalars, run_in_process
 from conftest import INSTRUCT_DATA as SHIPPED
+from conftest import check_ok, expect_one_line_error, launch, read_scalars, run_in_process
 
+from llama_recipe.generation import Completion, Step
 from llama_recipe.instruct import (
     IGNORE_INDEX,
     InstructionBatches,
+    encode_chat,
     encode_example,
     load_instruction_rows,
+    shown_answer,
     split_held_out,
 )
 
@@ -27,6 +30,31 @@ def test_prompt_tokens_never_get_labels(tokenizer):
     assert labels[:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(ids[prompt_len:-1]) == completion
+
+
+def test_a_chat_is_the_examples_finetuning_trains_on(tokenizer):
+    """Earlier exchanges are finished examples (BOS prompt answer EOS), the last prompt waits for its
+    answer (BOS prompt); a system message and the user's message before an answer are one prompt."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def words(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    chat = [("system", "Be brief."), ("user", "Name a colour."), ("assistant", " Red."), ("user", "Another?")]
+    first = [bos, *words("Be brief.\n\nName a colour."), *words(" Red."), eos]
+    assert encode_chat(tokenizer, chat) == [*first, bos, *words("Another?")]
+    assert encode_chat(tokenizer, [("user", "Hi")]) == [bos, *words("Hi")]
+
+
+def test_a_blank_answer_says_why(tokenizer):
+    eos, space = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("▁")
+    ended = shown_answer(Completion("", [Step(eos, -0.1)], "stop", [1]), eos)
+    assert ended.startswith("(the model ended its answer at once") and "end-of-sequence" in ended
+    blank = shown_answer(Completion(" \n ", [Step(space, -0.1)] * 3, "length", [1]), eos)
+    assert blank.startswith("(the model's answer is blank: 3 tokens")
+    late = shown_answer(Completion(" ", [Step(space, -0.1), Step(eos, -0.1)], "stop", [1]), eos)
+    assert late.startswith("(the model's answer is blank: 1 token of")  # it ended, but not at once
+    assert shown_answer(Completion(" Red. ", [Step(space, -0.1)], "stop", [1]), eos) == "Red."
 
 
 def test_long_examples_lose_prompt_not_answer(tokenizer):
@@ -163,37 +191,6 @@ def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
-
-
-def test_readme_path_pretrain_export_finetune_generate(tmp_path):
-    """The README's end-to-end path: pretrain, export a Hugging Face directory, finetune it (with
-    in-place SGD, one process; each script in this process), then answer a prompt with scripts/generate.py — which must give the
-    same greedy answer that finetune.py printed for that held-out prompt."""
-    pretrain = [
-        "-c", "tiny", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "5e-3", "--max_steps", "4",
-        "-p", "ddp", "-o", str(tmp_path / "pretrain"), "-t", "", "--export_hf", str(tmp_path / "exported"),
-    ]  # fmt: skip
-    check_ok(run_in_process("pretrain.py", pretrain))
-    assert (tmp_path / "exported" / "config.json").is_file() and (tmp_path / "exported" / "tokenizer.json").is_file()
-    finetune = [
-        "--model_path", str(tmp_path / "exported"), "-p", "ddp", "--optimizer", "inplace_sgd", "-d", str(SHIPPED),
-        "--task_name", "self_instruct", "-l", "128", "-b", "2", "--lr", "0.5", "--max_steps", "3",
-        "-o", str(tmp_path / "finetune"), "-t", "",
-    ]  # fmt: skip
-    finetuned = run_in_process("finetune.py", finetune)
-    check_ok(finetuned)
-    _, held_out = split_held_out(load_instruction_rows(str(SHIPPED), "self_instruct"), 0.05, seed=42)
-    prompt = held_out[0]["prompt"]
-    printed = finetuned.stdout.split("--- model answer:\n", 1)[1].split("\n--- held-out prompt:", 1)[0].strip()
-    generated = run_in_process("scripts/generate.py", [str(tmp_path / "finetune" / "latest"), prompt])
-    check_ok(generated)
-    assert generated.stdout.split("--- answer:\n", 1)[1].strip() == printed  # (a tiny model's answer may be blank)
-    # and the model generate.py read is the finetuned one, not the export it started from
-    from transformers import LlamaForCausalLM
-
-    before = LlamaForCausalLM.from_pretrained(tmp_path / "exported").state_dict()
-    after = LlamaForCausalLM.from_pretrained(tmp_path / "finetune" / "step-3" / "model").state_dict()
-    assert before.keys() == after.keys() and not torch.equal(before["lm_head.weight"], after["lm_head.weight"])
 
 
 def test_packed_examples_neither_see_nor_teach_each_other(tokenizer):

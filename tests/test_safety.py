@@ -31,7 +31,8 @@ STEPS = 2  # the small run's length; it saves every step
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Path:
-    """2 steps of ddp, one process, a checkpoint every step: root/ckpt/step-{1,2}, root/tb."""
+    """2 steps of ddp, one process, a checkpoint every step: root/ckpt/step-{1,2}, root/tb, and the
+    last checkpoint exported at the end (--export_hf root/hf)."""
     root = tmp_path_factory.mktemp("small")
     args = [
         *TINY_RUN,
@@ -45,8 +46,11 @@ def small_run(tmp_path_factory) -> Path:
         str(root / "ckpt"),
         "-t",
         str(root / "tb"),
+        "--export_hf",
+        str(root / "hf"),
     ]
     check_ok(run_in_process("pretrain.py", args))
+    assert (root / "hf" / "config.json").is_file() and (root / "hf" / "tokenizer.json").is_file()
     return root
 
 

@@ -1,17 +1,18 @@
-"""serve.py's server over real HTTP on loopback: the official `openai` client (completions, streamed
-and not), Megatron's PUT /api from a plain HTTP client, greedy text equal to scripts/generate.py's
+"""serve.py's server over real HTTP on loopback: the official `openai` client (completions and chat,
+streamed and not; the model list), Megatron's PUT /api from a plain HTTP client, greedy text equal to scripts/generate.py's
 and to `transformers`' generate, seeded sampling, log-probabilities, stop strings, concurrent
-clients, and bad requests answered with a 400 and a reason."""
+clients, bad requests answered with a 400 and a reason, and a busy port refused before loading."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 import torch
-from conftest import check_ok, run_in_process
+from conftest import check_ok, expect_one_line_error, run_in_process
 
 from llama_recipe.distributed import free_port
 from llama_recipe.generation import Sampling
@@ -95,6 +96,48 @@ def test_stop_strings_end_the_text(client):
     assert cut.choices[0].text == whole[: whole.index(stop)] and cut.choices[0].finish_reason == "stop"
 
 
+def test_models_list_names_the_served_model(server, client, pretrained_dir):
+    assert [m.id for m in client.models.list()] == [str(pretrained_dir)]
+
+
+def test_chat_is_the_prompt_format_finetuning_trains_on(client):
+    """A user's message is a finetuning prompt (BOS + prompt), so greedy chat continues it as a
+    completion does; a system message goes before it in the same prompt, after a blank line."""
+    alone = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0).choices[0].text
+    chat = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": PROMPT}], max_tokens=12, temperature=0
+    )
+    assert chat.object == "chat.completion" and chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].message.content == alone and chat.usage.completion_tokens == 12
+    system = "Answer briefly."
+    joined = client.completions.create(model="tiny", prompt=f"{system}\n\n{PROMPT}", max_tokens=12, temperature=0)
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": [{"type": "text", "text": PROMPT}]}]
+    with_system = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert with_system.choices[0].message.content == joined.choices[0].text != alone
+
+
+def test_streamed_chat_is_the_same_text(client):
+    earlier = [{"role": "user", "content": "Holmes said"}, {"role": "assistant", "content": "Watson!"}]
+    messages = [*earlier, {"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
+    chunks = list(
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True)
+    )
+    assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+
+
+def test_a_busy_port_is_refused_before_the_model_loads(pretrained_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = run_in_process("serve.py", [str(pretrained_dir), "--port", port])
+    expect_one_line_error(proc, f"127.0.0.1:{port}", "--port")
+    assert proc.stdout == ""  # no "serving on" line
+
+
 def test_megatron_api_greedy_and_logprobs(server, client):
     _, url = server
     whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0).choices[0].text
@@ -138,6 +181,12 @@ BAD_REQUESTS = [
     ("post", "/v1/completions", {"prompt": "x", "n": 2}, "n:"),
     ("post", "/v1/completions", {"prompt": "x", "logprobs": 9}, "logprobs"),
     ("post", "/v1/completions", {"prompt": "x", "best_of": 3}, "best_of: not supported"),
+    ("post", "/v1/chat/completions", {"messages": []}, "messages: List should have at least 1 item"),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0.content: Field required"),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, "the user's"),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 65}, "at most 64"),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs:"),
     ("put", "/api", {"prompts": "not a list"}, "prompts"),
     ("put", "/api", {"prompts": ["x"], "top_k": 5, "top_p": 0.5}, "both top_k and top_p"),
     ("put", "/api", {"prompts": ["x"], "tokens_to_generate": 0}, "set logprobs"),
