@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .colossalai_patches import deferred_state_dict_writes
-from .config import CheckpointConfig, TrainConfig, label_of
+from .config import TENSORBOARD_SUBDIR, CheckpointConfig, TrainConfig, label_of
 from .distributed import any_rank, barrier, is_main_process, print_main, rank, synchronize, world_size
 from .errors import CheckpointError, TrainingDiverged, UsageError
 from .files import move_into_place, safetensors_header, write_failure, write_safetensors
@@ -176,7 +176,7 @@ def read_running_states(path: str, flag: str = "-f") -> dict:
         if key in states and not (type(states[key]) is int and 0 <= states[key] <= INT64_MAX):
             raise UsageError(
                 f"{p / RUNNING_STATES}: {key} is {str(states[key])[:40]}, not a count from 0 to 2**63-1; it is "
-                "corrupt: pass {flag} another checkpoint"
+                f"corrupt: pass {flag} another checkpoint"
             )
     for part in ("model", "optimizer", "lr_scheduler.pt"):
         if not (p / part).exists():
@@ -221,9 +221,10 @@ def save_dir_problems(ckpt: CheckpointConfig, weights: tuple[str, str] | None = 
 
 
 def set_aside(save_dir: str) -> Path | None:
-    """--replace_checkpoints (rank 0, under the save-directory lock): move save_dir's checkpoints and
-    its `latest` into save_dir/.replaced-<time>/, out of the view of `latest`, --auto_resume and
-    --keep_last; the Checkpointer deletes them once this run has saved. Returns that directory."""
+    """--replace_checkpoints (rank 0, under the save-directory lock): move save_dir's checkpoints, its
+    `latest` and its default TensorBoard directory into save_dir/.replaced-<time>/, out of the view of
+    `latest`, --auto_resume, --keep_last and the new run's loss curve; the Checkpointer deletes them
+    once this run has saved. Returns that directory."""
     root = Path(save_dir)
     checkpoints = complete_checkpoints(save_dir)
     pointer = [root / LATEST] if (root / LATEST).exists() else []
@@ -231,7 +232,8 @@ def set_aside(save_dir: str) -> Path | None:
         return None
     aside = root / f"{REPLACED}{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     aside.mkdir()
-    for path in [*pointer, *checkpoints]:  # `latest` first: it never names a checkpoint already moved
+    events = [root / TENSORBOARD_SUBDIR] if (root / TENSORBOARD_SUBDIR).is_dir() else []  # else mixed with ours
+    for path in [*pointer, *checkpoints, *events]:  # `latest` first: it never names a checkpoint already moved
         os.rename(path, aside / path.name)
     print_main(
         f"--replace_checkpoints: moved the earlier run's {len(checkpoints)} checkpoints and its "

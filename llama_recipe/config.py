@@ -33,7 +33,8 @@ SHIPPED_HELD_OUT = REPO_ROOT / "data" / "heldout" / "sherlock_holmes_1661.jsonl"
 # -t's default, which TrainConfig resolves to `tensorboard` inside the run's -o: each run its own
 # directory (two runs never mix event files or overwrite each other's loss.png), and a resume in the
 # same -o continues it. No -o, no default TensorBoard directory.
-TENSORBOARD_IN_SAVE_DIR = "<-o>/tensorboard"
+TENSORBOARD_SUBDIR = "tensorboard"
+TENSORBOARD_IN_SAVE_DIR = f"<-o>/{TENSORBOARD_SUBDIR}"
 PRECISIONS = ["fp16", "bf16", "fp32", "pure_bf16"]
 
 
@@ -722,7 +723,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.logging.tensorboard_dir == TENSORBOARD_IN_SAVE_DIR:
             save_dir = self.checkpoint.save_dir
-            self.logging.tensorboard_dir = str(Path(save_dir) / "tensorboard") if save_dir else None
+            self.logging.tensorboard_dir = str(Path(save_dir) / TENSORBOARD_SUBDIR) if save_dir else None
 
     @classmethod
     def for_script(cls, script: str = "pretrain", **values: Any) -> TrainConfig:

@@ -479,14 +479,19 @@ class Prefetcher:
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        self._first: tuple | None = None  # the next item, once `start` has taken it from the queue
+        self._first: tuple | None = None  # the next item, read by `start` or taken from the queue
+
+    def _read(self) -> tuple:
+        """(the next batch, the source's state and epoch after it, None), or the error reading it
+        raised in the last place (e.g. an empty dataset), for the trainer to raise."""
+        try:
+            return self.source.next_batch(), self.source.state_dict(), self.source.epoch, None
+        except BaseException as e:
+            return None, None, None, e
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         while not stop.is_set():
-            try:
-                item = (self.source.next_batch(), self.source.state_dict(), self.source.epoch, None)
-            except BaseException as e:  # hand errors (e.g. an empty dataset) to the trainer
-                item = (None, None, None, e)
+            item = self._read()
             while not stop.is_set():
                 try:
                     out.put(item, timeout=0.1)
@@ -496,21 +501,30 @@ class Prefetcher:
             if item[3] is not None:
                 return
 
-    def start(self) -> None:
-        """Start reading ahead now and wait for the first batch: data that cannot give one (no
-        documents for this rank) is refused here, before the run writes anything."""
+    def _read_ahead(self) -> None:
         if self._queue is None:
             self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
             self._thread = threading.Thread(target=self._produce, args=(self._queue, self._stop), daemon=True)
             self._thread.start()
-        if self._first is None:
-            self._first = self._queue.get()
-        if self._first[3] is not None:
+
+    def start(self) -> None:
+        """Read the first batch now: data that cannot give one (no documents for this rank) is
+        refused here, before the run writes anything. It is read on this thread, and reading ahead
+        starts only at the first next_batch: a thread making tensors while the model is built would
+        make ColossalAI's lazy ones (LazyInitContext patches torch's constructors process-wide)."""
+        if self._first is None and self._queue is None:
+            self._first = self._read()
+        if self._first is not None and self._first[3] is not None:
             raise self._first[3]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        self.start()
-        (batch, state, epoch, _), self._first = self._first, None
+        if self._first is None:
+            self._read_ahead()
+            self._first = self._queue.get()
+        (batch, state, epoch, error), self._first = self._first, None
+        if error is not None:
+            raise error
+        self._read_ahead()  # the model exists now: prepare the next batches while it trains on this one
         self._state, self._epoch = state, epoch
         return batch
 
@@ -532,7 +546,7 @@ class Prefetcher:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=30)  # let it finish the batch in hand before the process moves on
-            self._queue, self._stop, self._thread, self._first = None, None, None, None
+        self._queue, self._stop, self._thread, self._first = None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ from .parallel import Parallelism
 from .prepared import prepared_documents
 from .sources import dataset_kind, load_text_stream, source_for
 
+# Scored positions whose logits are computed at once: 1,024 x a 32,000-token vocabulary is 131 MB of
+# fp32. A whole batch of windows at once (GBs) costs more in fresh pages than the arithmetic.
+LOGITS_CHUNK = 1024
+
 
 class Evaluator:
     """`evaluator(model)` -> the held-out loss. `batches` is this replica's share (every replica
@@ -102,9 +106,11 @@ def document_nll(model, stream: list[int], max_length: int, stride: int, batch_s
             positions += range(first - 1 - start, end - start)
             targets.append(ids[first : end + 1])
         hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
-        logits = model.lm_head(hidden[torch.tensor(rows), torch.tensor(positions)]).float()
-        losses = torch.nn.functional.cross_entropy(logits, torch.cat(targets), reduction="none")
-        nll += float(losses.double().sum())
+        scored, targets = hidden[torch.tensor(rows), torch.tensor(positions)], torch.cat(targets)
+        for chunk in range(0, len(targets), LOGITS_CHUNK):  # a few MB of logits at a time, not GBs
+            logits = model.lm_head(scored[chunk : chunk + LOGITS_CHUNK]).float()
+            losses = torch.nn.functional.cross_entropy(logits, targets[chunk : chunk + LOGITS_CHUNK], reduction="none")
+            nll += float(losses.double().sum())
     return nll, len(stream) - 1
 
 

@@ -164,13 +164,13 @@ def _check_answers(clone: Path, generate_command: str, answer: str, finetune_std
     shows them (a note where the answer is blank)."""
     import torch
 
-    from llama_recipe.checkpoint import resolve_checkpoint_arg
+    from llama_recipe.checkpoint import resolve_checkpoint
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Generator, Sampling
     from llama_recipe.instruct import load_instruction_rows, shown_answer, split_held_out
-    from llama_recipe.model import load_pretrained_model, resolve_pretrained
+    from llama_recipe.model import load_pretrained_model
 
-    model_dir = resolve_pretrained(resolve_checkpoint_arg(str(clone / "runs" / "finetune" / "latest")))
+    model_dir = resolve_checkpoint(str(clone / "runs" / "finetune" / "latest"), "generate.py")
     tokenizer = load_model_tokenizer(model_dir)
     generator = Generator(load_pretrained_model(model_dir), tokenizer)
     exported = load_pretrained_model(clone / "exported" / "llama-tiny")

@@ -45,18 +45,25 @@ def _wait_for(condition, job, seconds: float = 180) -> None:
 def test_a_used_save_dir_is_refused_and_replaced_only_once_the_new_run_saved(tmp_path, background_jobs):
     """Run 1 saves step-1 and step-2. A fresh run 2 on the same -o is refused before writing; resumed
     with --auto_resume at its --max_steps it says so and exits 0 (a second `make demo`); with
-    --replace_checkpoints (a real process) run 1's checkpoints wait intact in -o/.replaced-*/, out of
-    `latest`'s view, until run 2 has saved (here: on SIGTERM), then they are gone."""
+    --replace_checkpoints (a real process) run 1's checkpoints and TensorBoard events wait intact in
+    -o/.replaced-*/, out of `latest`'s view, until run 2 has saved (here: on SIGTERM), then they are gone."""
     save_dir = tmp_path / "ckpt"
-    first = [*TINY_RUN, "-p", "ddp", "-l", "64", "--seed", "1", "-o", str(save_dir), "-t", ""]
+    first = [*TINY_RUN, "-p", "ddp", "-l", "64", "--seed", "1", "-o", str(save_dir)]
     check_ok(run_in_process("pretrain.py", [*first, "--max_steps", "2", "-i", "1"]))
     before = _hashes(save_dir)
     assert (save_dir / "latest").read_text().strip() == "step-2"
 
-    second = [*TINY_RUN, "-p", "ddp", "-l", "64", "--seed", "2", "-o", str(save_dir), "-t", ""]
+    second = [*TINY_RUN, "-p", "ddp", "-l", "64", "--seed", "2", "-o", str(save_dir)]
     refused = run_in_process("pretrain.py", [*second, "--max_steps", "2"])
-    expect_one_line_error(refused, f"-o {save_dir} holds another run's checkpoints", str(save_dir / "step-2"),
-                          "-f latest", "--auto_resume", "new -o", "--replace_checkpoints")  # fmt: skip
+    expect_one_line_error(
+        refused,
+        f"-o {save_dir} holds another run's checkpoints",
+        str(save_dir / "step-2"),
+        "-f latest",
+        "--auto_resume",
+        "new -o",
+        "--replace_checkpoints",
+    )
     assert _hashes(save_dir) == before
 
     finished = run_in_process("pretrain.py", [*first, "--max_steps", "2", "--auto_resume"])
@@ -67,8 +74,9 @@ def test_a_used_save_dir_is_refused_and_replaced_only_once_the_new_run_saved(tmp
     )
     assert _hashes(save_dir) == before
 
-    job = launch("pretrain.py", [*second, "--max_steps", "500", "-i", "0", "--replace_checkpoints"],
-                 log=tmp_path / "log.txt")  # fmt: skip
+    job = launch(
+        "pretrain.py", [*second, "--max_steps", "500", "-i", "0", "--replace_checkpoints"], log=tmp_path / "log.txt"
+    )
     background_jobs.append(job)
     _wait_for(lambda: "--replace_checkpoints: moved" in (tmp_path / "log.txt").read_text(), job)
     (aside,) = save_dir.glob(".replaced-*")
@@ -81,7 +89,7 @@ def test_a_used_save_dir_is_refused_and_replaced_only_once_the_new_run_saved(tmp
     assert job.wait(timeout=120) == 0, (tmp_path / "log.txt").read_text()[-3000:]
     latest = save_dir / (save_dir / "latest").read_text().strip()
     assert json.loads((latest / "running_states.json").read_text())["config"]["seed"] == 2
-    assert not aside.exists() and sorted(p.name for p in save_dir.iterdir()) == ["latest", latest.name]
+    assert not aside.exists() and sorted(p.name for p in save_dir.iterdir()) == ["latest", latest.name, "tensorboard"]
     assert (
         f"deleted the earlier run's checkpoints in {aside}: this run saved {latest}"
         in (tmp_path / "log.txt").read_text()
@@ -137,8 +145,14 @@ def _names_case(script: str, spelling: str, name: Path, tmp: Path, step6: Path):
     return [str(name), str(tmp / "exported")], f"exported {name} to {tmp / 'exported'}"  # export_hf
 
 
-SCRIPTS = {"pretrain -f": "pretrain.py", "pretrain --init_from": "pretrain.py", "finetune": "finetune.py",
-           "eval": "eval.py", "generate": "scripts/generate.py", "export_hf": "scripts/export_hf.py"}  # fmt: skip
+SCRIPTS = {
+    "pretrain -f": "pretrain.py",
+    "pretrain --init_from": "pretrain.py",
+    "finetune": "finetune.py",
+    "eval": "eval.py",
+    "generate": "scripts/generate.py",
+    "export_hf": "scripts/export_hf.py",
+}
 REFUSED = {"pretrain -f": ("-f", "--model_path"), "export_hf": ("export_hf.py", "-f")}  # (named, never named)
 
 
@@ -187,7 +201,7 @@ work, rounds, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 (work / f"ready-{os.getpid()}").write_text("")
 for r in range(rounds):
     while not (work / f"go-{r}").exists():
-        pass  # spin, so that every worker asks for the lock at the same instant
+        time.sleep(0.0002)  # every worker asks for the lock within a fraction of a millisecond of the others
     try:
         with SaveDirLock(str(work / "ckpt")):
             outcome, held = "won", time.time()
@@ -204,14 +218,15 @@ for r in range(rounds):
 def test_the_save_dir_lock_has_one_holder_when_runs_start_at_the_same_instant(tmp_path):
     """4 processes take the real SaveDirLock on one -o at the same instant, 5 rounds: each round
     exactly one holds it, the others are refused naming it (pid, host, since), and it is released
-    (no lock file, no directory) before the next round."""
+    (no lock file) before the next round. (-o itself may stay, empty, when a refused run was the one
+    that made it: a run removes only a directory it made.)"""
     n, rounds = 4, 5
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", LOCK_WORKER, str(tmp_path), str(rounds), str(n)],
             cwd=REPO,
             env=script_env(PYTHONPATH=str(REPO)),
-        )  # fmt: skip
+        )
         for _ in range(n)
     ]
     try:
@@ -229,7 +244,8 @@ def test_the_save_dir_lock_has_one_holder_when_runs_start_at_the_same_instant(tm
             assert len(winners) == 1, (r, outcomes)
             for outcome in outcomes.values():
                 assert outcome == "won" or f"another run (pid {winners[0]} on " in outcome and ", since 20" in outcome
-            while (tmp_path / "ckpt").exists():  # the winner leaves nothing behind
+            while (tmp_path / "ckpt" / ".lock").exists():  # the winner leaves no lock behind
+                assert time.time() < deadline + 60
                 time.sleep(0.01)
         assert [w.wait(timeout=60) for w in workers] == [0] * n
     finally:
@@ -257,8 +273,9 @@ def test_a_lock_whose_holder_has_not_written_its_name_yet_is_never_taken_over(tm
     from llama_recipe.errors import UsageError
 
     (tmp_path / "ckpt").mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HALFWAY_HOLDER, str(tmp_path / "ckpt" / ".lock")],
-                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HALFWAY_HOLDER, str(tmp_path / "ckpt" / ".lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UsageError, match=f"another run \\(pid {holder.pid} on .*, since 2030-01-01T00:00:00\\)"):

@@ -264,9 +264,15 @@ def test_hub_names_are_checked_before_anything_is_written(tmp_path, hub):
 
 @pytest.mark.parametrize(
     "name, local",
-    [("data/redpajama-sampel", True), ("./corpus", True), ("~/corpus", True), ("a/b/c", True),
-     ("someorg/some-corpus", False), ("c4", False)],
-)  # fmt: skip
+    [
+        ("data/redpajama-sampel", True),
+        ("./corpus", True),
+        ("~/corpus", True),
+        ("a/b/c", True),
+        ("someorg/some-corpus", False),
+        ("c4", False),
+    ],
+)
 def test_what_reads_as_a_local_path(monkeypatch, name, local):
     from conftest import REPO
 
