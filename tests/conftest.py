@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import runpy
+import shlex
 import signal
 import subprocess
 import sys
@@ -253,10 +254,21 @@ EVAL_DURING = [
 ]  # ddp's run goes through `colossalai run`, the cluster launcher
 
 
+def launch_runs(runs: dict[str, list[str]], root: Path, launcher: str = "torchrun"):
+    """Several `pretrain.py` runs one after another in ONE 2-process launch (tests/layouts_probe.py),
+    each from its own flags alone (a fresh model, optimizer and data stream; a resume reads only its
+    checkpoint): the interpreter's and ColossalAI's start-up is paid once. Returns the CompletedProcess."""
+    listed = root / "runs.json"  # a file: `colossalai run` splits arguments at spaces
+    listed.write_text(json.dumps([item for name, args in runs.items() for item in (name, shlex.join(args))]))
+    return launch("tests/layouts_probe.py", [str(root / "probe"), str(listed)], nproc=2, launcher=launcher)
+
+
 @pytest.fixture(scope="session")
 def layout_runs(tmp_path_factory):
     """`layout_runs(name)`: 6 steps of `pretrain.py` on 2 processes with a checkpoint at step 3, then
-    a second launch resuming from step 3 to step 6. Runs once per layout, when first asked for."""
+    a second run resuming from step 3 to step 6, both in one launch (tests/layouts_probe.py: the
+    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream). Runs
+    once per layout, when first asked for."""
     cache = {}
 
     def get(layout: str) -> dict:
@@ -264,20 +276,16 @@ def layout_runs(tmp_path_factory):
             root = tmp_path_factory.mktemp(layout)
             common = [*TINY_RUN, *LAYOUTS[layout], "-o", str(root / "ckpt"), "--max_steps", str(STEPS), *EVAL_DURING]
             saves = SAVES.get(layout, ["-i", str(RESUME_FROM)])
-            full = launch(
-                "pretrain.py",
-                [*common, *saves, "-t", str(root / "tb")],
-                nproc=2,
-                launcher=LAUNCHER.get(layout, "torchrun"),
-            )
-            check_ok(full)
             resume = ["-i", "0", "-t", str(root / "tb_resumed"), "-f", str(root / "ckpt" / f"step-{RESUME_FROM}")]
-            resumed = launch("pretrain.py", [*common, *resume], nproc=2)
-            check_ok(resumed)
+            full_run, resumed_run = [*common, *saves, "-t", str(root / "tb")], [*common, *resume]
+            job = launch_runs(
+                {"full": full_run, "resumed": resumed_run}, root, launcher=LAUNCHER.get(layout, "torchrun")
+            )
+            check_ok(job)
             cache[layout] = dict(
                 root=root,
                 launcher=LAUNCHER.get(layout, "torchrun"),
-                stdout=full.stdout + resumed.stdout,
+                stdout=job.stdout,
                 losses=read_scalars(root / "tb"),
                 resumed_losses=read_scalars(root / "tb_resumed"),
                 evals=read_scalars(root / "tb", "eval/loss"),

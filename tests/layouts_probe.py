@@ -1,6 +1,8 @@
 """Run under torchrun by test_parallelism.py: trains several layouts one after another in one job.
 
     layouts_probe.py OUT_DIR NAME "ARGS" [NAME "ARGS" ...]
+    layouts_probe.py OUT_DIR RUNS.json          (the same pairs as a JSON list: `colossalai run`
+                                                 splits arguments at spaces)
 
 Each NAME trains `pretrain.py ARGS` (the real parser, checks, plugin and loop) in this process
 group; ARGS may name {out}, which becomes OUT_DIR/NAME. One launch pays the interpreter's and
@@ -39,7 +41,7 @@ InplaceSGD.attach_hooks = attach_counting_hooks
 out = Path(sys.argv[1])
 quiet_libraries()
 launch(seed=0)
-pairs = sys.argv[2:]
+pairs = json.loads(Path(sys.argv[2]).read_text()) if sys.argv[2].endswith(".json") else sys.argv[2:]
 for name, args in zip(pairs[::2], pairs[1::2], strict=True):
     cfg = parse_args("pretrain", shlex.split(args.format(out=out / name)))
     validate(cfg, world_size())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import TINY_RUN, check_ok, launch, one_rank_process_group, read_scalars, run_in_process
+from conftest import TINY_RUN, check_ok, launch, launch_runs, one_rank_process_group, read_scalars, run_in_process
 from memory_probe import measure
 
 # (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
@@ -110,14 +110,18 @@ def test_collage_resume_is_bit_identical(tmp_path, layout):
         "-o", str(tmp_path / "ckpt"), "--max_steps", str(STEPS), "--log_edq",
     ]  # fmt: skip
 
-    def run(args):
-        return launch("pretrain.py", args, nproc=2) if nproc == 2 else run_in_process("pretrain.py", args)
-
-    full = run([*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")])
-    check_ok(full)
-    assert "pure_bf16" in full.stdout and "collage_plus" in full.stdout
-    resumed = run([*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")])
-    check_ok(resumed)
+    full = [*common, "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")]
+    resumed = [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / f"step-{SAVE_AT}")]
+    if nproc == 2:  # both runs in one launch, the second from the checkpoint alone
+        job = launch_runs({"full": full, "resumed": resumed}, tmp_path)
+        check_ok(job)
+        stdout = job.stdout
+    else:
+        first = run_in_process("pretrain.py", full)
+        check_ok(first)
+        check_ok(run_in_process("pretrain.py", resumed))
+        stdout = first.stdout
+    assert "pure_bf16" in stdout and "collage_plus" in stdout
     losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
     assert sorted(resumed_losses) == list(range(SAVE_AT + 1, STEPS + 1))
     for step, loss in resumed_losses.items():
