@@ -247,15 +247,16 @@ def _transient(error: Exception) -> bool:
     return isinstance(error, HfHubHTTPError) and status in TRANSIENT_STATUS
 
 
-def with_hub_retries(call: Callable, repo: str, attempts: int = HUB_ATTEMPTS, backoff_s: float = HUB_BACKOFF_S):
-    """`call()`, tried again after transient hub errors (1 s, 2 s, 4 s, ...); then one line."""
-    for attempt in range(attempts):
+def with_hub_retries(call: Callable, repo: str):
+    """`call()`, tried again after transient hub errors (1 s, 2 s, 4 s, ...); then one line.
+    (HUB_ATTEMPTS and HUB_BACKOFF_S are read at each call, so a test can shorten the waits.)"""
+    for attempt in range(HUB_ATTEMPTS):
         try:
             return call()
         except Exception as e:  # the hub's errors come as several libraries' types
-            if attempt + 1 == attempts or not _transient(e):
+            if attempt + 1 == HUB_ATTEMPTS or not _transient(e):
                 raise _hub_error(repo, e) from None
-            time.sleep(backoff_s * 2**attempt)
+            time.sleep(HUB_BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
 

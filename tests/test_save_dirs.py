@@ -216,11 +216,11 @@ for r in range(rounds):
 
 @pytest.mark.multiprocess
 def test_the_save_dir_lock_has_one_holder_when_runs_start_at_the_same_instant(tmp_path):
-    """4 processes take the real SaveDirLock on one -o at the same instant, 5 rounds: each round
+    """4 processes take the real SaveDirLock on one -o at the same instant, 3 rounds: each round
     exactly one holds it, the others are refused naming it (pid, host, since), and it is released
     (no lock file) before the next round. (-o itself may stay, empty, when a refused run was the one
     that made it: a run removes only a directory it made.)"""
-    n, rounds = 4, 5
+    n, rounds = 4, 3
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", LOCK_WORKER, str(tmp_path), str(rounds), str(n)],
