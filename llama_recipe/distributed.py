@@ -33,8 +33,12 @@ def launch(seed: int, dist_timeout: float = 600.0) -> None:
     """Join the process group that torchrun / `colossalai run` set up, or make a 1-process one so
     that `python pretrain.py` works without a launcher (through a file: no port is opened). Applies
     our ColossalAI patches first; every group gets `dist_timeout` seconds. A process that already
-    joined (a probe training several layouts in one job) stays in its group."""
+    joined (a probe training several layouts in one job) stays in its group, and its generators
+    start again from `seed`, as a fresh process's would."""
     if dist.is_initialized():
+        from colossalai.utils import set_seed
+
+        set_seed(seed)
         return
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(key, value)

@@ -254,13 +254,21 @@ EVAL_DURING = [
 ]  # ddp's run goes through `colossalai run`, the cluster launcher
 
 
-def launch_runs(runs: dict[str, list[str]], root: Path, launcher: str = "torchrun"):
-    """Several `pretrain.py` runs one after another in ONE 2-process launch (tests/layouts_probe.py),
-    each from its own flags alone (a fresh model, optimizer and data stream; a resume reads only its
-    checkpoint): the interpreter's and ColossalAI's start-up is paid once. Returns the CompletedProcess."""
+def launch_runs(runs: dict[str, list[str]], root: Path, launcher: str = "torchrun", script: str = "pretrain"):
+    """Several `pretrain.py` (or `finetune.py`) runs one after another in ONE 2-process launch
+    (tests/layouts_probe.py), each from its own flags alone (a fresh model, optimizer and data stream;
+    a resume reads only its checkpoint): the interpreter's and ColossalAI's start-up is paid once.
+    Returns the CompletedProcess; `run_outputs` splits its stdout by run."""
     listed = root / "runs.json"  # a file: `colossalai run` splits arguments at spaces
-    listed.write_text(json.dumps([item for name, args in runs.items() for item in (name, shlex.join(args))]))
+    pairs = [item for name, args in runs.items() for item in (name, shlex.join(args))]
+    listed.write_text(json.dumps({"script": script, "runs": pairs}))
     return launch("tests/layouts_probe.py", [str(root / "probe"), str(listed)], nproc=2, launcher=launcher)
+
+
+def run_outputs(job) -> dict[str, str]:
+    """launch_runs' stdout, by run name (each run's part starts at the probe's marker line)."""
+    parts = job.stdout.split("=== run ")[1:]
+    return dict(part.split("\n", 1) for part in parts)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Run under torchrun by test_parallelism.py: trains several layouts one after another in one job.
 
     layouts_probe.py OUT_DIR NAME "ARGS" [NAME "ARGS" ...]
-    layouts_probe.py OUT_DIR RUNS.json          (the same pairs as a JSON list: `colossalai run`
-                                                 splits arguments at spaces)
+    layouts_probe.py OUT_DIR RUNS.json          ({"script": "pretrain" or "finetune", "runs": [NAME,
+                                                 "ARGS", ...]}: `colossalai run` splits arguments at spaces)
 
 Each NAME trains `pretrain.py ARGS` (the real parser, checks, plugin and loop) in this process
 group; ARGS may name {out}, which becomes OUT_DIR/NAME. One launch pays the interpreter's and
@@ -23,7 +23,10 @@ import torch.distributed as dist
 from llama_recipe.cli import parse_args, quiet_libraries, validate
 from llama_recipe.distributed import launch, world_size
 from llama_recipe.inplace_sgd import InplaceSGD
-from llama_recipe.recipes import pretrain
+from llama_recipe.recipes import finetune, pretrain
+
+RECIPES = {"pretrain": pretrain, "finetune": finetune}
+RUN_MARKER = "=== run "
 
 live_counts: list[int] = []
 attach_hooks = InplaceSGD.attach_hooks
@@ -41,13 +44,17 @@ InplaceSGD.attach_hooks = attach_counting_hooks
 out = Path(sys.argv[1])
 quiet_libraries()
 launch(seed=0)
-pairs = json.loads(Path(sys.argv[2]).read_text()) if sys.argv[2].endswith(".json") else sys.argv[2:]
+spec = json.loads(Path(sys.argv[2]).read_text()) if sys.argv[2].endswith(".json") else {"runs": sys.argv[2:]}
+script, pairs = spec.get("script", "pretrain"), spec["runs"]
 for name, args in zip(pairs[::2], pairs[1::2], strict=True):
-    cfg = parse_args("pretrain", shlex.split(args.format(out=out / name)))
-    validate(cfg, world_size())
+    if dist.get_rank() == 0:
+        print(f"{RUN_MARKER}{name}", flush=True)  # where this run's output starts (conftest.run_outputs)
+    cfg = parse_args(script, shlex.split(args.format(out=out / name)))
+    validate(cfg, world_size(), script)
     live_counts.clear()
-    pretrain(cfg)
+    RECIPES[script](cfg)
     if live_counts:
+        (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / f"live_grads-rank{dist.get_rank()}.json").write_text(json.dumps(max(live_counts)))
     dist.barrier()
 dist.barrier()

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import INSTRUCT_DATA as SHIPPED
-from conftest import check_ok, expect_one_line_error, launch, read_scalars, run_in_process
+from conftest import check_ok, expect_one_line_error, launch_runs, read_scalars, run_in_process, run_outputs
 
 from llama_recipe.generation import Completion, Step
 from llama_recipe.instruct import (
@@ -116,15 +116,13 @@ def test_missing_task_names_the_available_ones(tmp_path):
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "tb").exists()
 
 
-def resume_from_step_3(common: list[str], tmp_path) -> tuple[dict, dict]:
-    """Relaunch a 2-process run from its step-3 checkpoint; (first run's losses, resumed run's losses)."""
-    resumed = launch(
-        "finetune.py",
-        [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")],
-        nproc=2,
-    )
-    check_ok(resumed)
-    return read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+def train_then_resume(common: list[str], first: list[str], tmp_path) -> tuple[str, dict, dict]:
+    """A 2-process run of 6 steps (`first`: its save and eval flags), then a run resumed from its step-3
+    checkpoint, in one launch: (the first run's stdout, its losses, the resumed run's losses)."""
+    resumed = [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")]
+    job = launch_runs({"full": [*common, *first], "resumed": resumed}, tmp_path, script="finetune")
+    check_ok(job)
+    return run_outputs(job)["full"], read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
 
 
 @pytest.mark.multiprocess
@@ -140,13 +138,13 @@ def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
         "--model_path", str(tmp_path / "pretrained"), "-p", "zero2", "-d", str(SHIPPED), "--task_name", "self_instruct",
         "-l", "128", "-b", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
     ]  # fmt: skip
-    full = launch("finetune.py", [*common, "-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], nproc=2)
-    check_ok(full)
+    full, losses, resumed_losses = train_then_resume(
+        common, ["-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], tmp_path
+    )
     held_out = read_scalars(tmp_path / "tb", "eval/loss")
     assert sorted(held_out) == [0, 3, 6]
     assert held_out[6] < held_out[0] - 0.1, held_out  # finetuning lowers the loss on examples it never saw
-    assert full.stdout.count("--- model answer:") == 3  # and shows its answers to held-out prompts
-    losses, resumed_losses = resume_from_step_3(common, tmp_path)
+    assert full.count("--- model answer:") == 3  # and shows its answers to held-out prompts
 
     # Step 1's loss is the pretrained model's loss on each replica's first batch: the weights were loaded.
     model = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
@@ -180,14 +178,12 @@ def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
         "--task_name", "self_instruct", "-l", "256", "-b", "2", "--lr", "0.5", "--warmup_ratio", "0", "--pack_examples",
         "--grad_clip", "1.0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
     ]  # fmt: skip
-    full = launch("finetune.py", [*common, "-i", "3", "-t", str(tmp_path / "tb")], nproc=2)
-    check_ok(full)
-    assert "optimizer inplace_sgd" in full.stdout
+    full, losses, resumed_losses = train_then_resume(common, ["-i", "3", "-t", str(tmp_path / "tb")], tmp_path)
+    assert "optimizer inplace_sgd" in full
     held_out = read_scalars(tmp_path / "tb", "eval/loss")
     assert held_out[6] < held_out[0] - 0.1, held_out
     grad_norms = read_scalars(tmp_path / "tb", "train/grad_norm")
     assert sorted(grad_norms) == list(range(1, 7)) and all(n > 0 for n in grad_norms.values())
-    losses, resumed_losses = resume_from_step_3(common, tmp_path)
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
