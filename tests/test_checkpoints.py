@@ -19,8 +19,10 @@ from conftest import (
     expect_error_after_training,
     expect_one_line_error,
     launch,
+    launch_runs,
     read_scalars,
     run_in_process,
+    run_outputs,
     signal_job,
     trainer_batches,
 )
@@ -184,19 +186,20 @@ def test_async_save_writes_what_a_synchronous_save_writes_and_resumes_the_same(z
     uninterrupted run's losses bit for bit."""
     save_dir, sync_dir = tmp_path / "ckpt", zero2_run / "ckpt"
     common = [*TINY_RUN, "-p", "zero2", "--max_steps", str(STEPS), "--async_save", "-o", str(save_dir)]
-    run = launch("pretrain.py", [*common, "-i", "1", "--keep_last", "4", "-t", str(tmp_path / "tb")], nproc=2)
-    check_ok(run)
-    assert "to the background writer, which writes it while the next step computes" in run.stdout
+    resume = ["-i", "2", "-f", str(save_dir / "step-3"), "-t", str(tmp_path / "tb_resumed")]
+    runs = {
+        "async": [*common, "-i", "1", "--keep_last", "4", "-t", str(tmp_path / "tb")],
+        "resumed": [*common, *resume],
+    }
+    job = launch_runs(runs, tmp_path)  # one launch: the resume starts from step-3 alone
+    check_ok(job)
+    assert "to the background writer, which writes it while the next step computes" in run_outputs(job)["async"]
     sync_losses = read_scalars(zero2_run / "tb")
     assert read_scalars(tmp_path / "tb") == sync_losses
     assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-3", "step-4", "step-5", "step-6"]
     assert (save_dir / "latest").read_text().strip() == f"step-{STEPS}"
-    for step in range(3, STEPS):  # (the synchronous step-6 is the one its resumed run wrote again)
+    for step in (3, 5):  # (step-4 and -6: the resumed run wrote them again; the synchronous step-6 too)
         assert_same_checkpoint(save_dir / f"step-{step}", sync_dir / f"step-{step}")
-
-    resume = ["-i", "2", "-f", str(save_dir / "step-3"), "-t", str(tmp_path / "tb_resumed")]
-    resumed = launch("pretrain.py", [*common, *resume], nproc=2)
-    check_ok(resumed)
     assert read_scalars(tmp_path / "tb_resumed") == {step: sync_losses[step] for step in range(4, STEPS + 1)}
 
 
