@@ -6,7 +6,7 @@ run's (same rows per step; only the order of the sums differs). What cannot move
 from __future__ import annotations
 
 import pytest
-from conftest import TINY_RUN, check_ok, expect_one_line_error, launch, read_scalars, run_in_process
+from conftest import TINY_RUN, check_ok, expect_one_line_error, launch_runs, read_scalars, run_in_process, run_outputs
 
 pytestmark = pytest.mark.multiprocess
 STEPS, SAVE_AT = 4, 2
@@ -23,12 +23,12 @@ def prepared(tmp_path_factory, tokenizer) -> str:
     return str(out)
 
 
-def _run(args: list[str], nproc: int):
-    return launch("pretrain.py", args, nproc=2) if nproc == 2 else run_in_process("pretrain.py", args)
+CASES = [("zero2", 2, 1), ("zero2", 1, 2), ("ddp", 2, 1)]  # (plugin, replicas before, replicas after)
+ROWS = 4  # rows per step, whatever the number of replicas: -b x replicas
 
 
-@pytest.mark.parametrize("plugin,before,after", [("zero2", 2, 1), ("zero2", 1, 2), ("ddp", 2, 1)])
-def test_resume_under_another_number_of_replicas(tmp_path, prepared, plugin, before, after):
+def _flags(plugin: str, replicas: int, root, phase: str, prepared: str) -> list[str]:
+    """Case `root`'s run: "full" saves at SAVE_AT, "resumed" resumes from there with `replicas`."""
     common = [
         "-c",
         "tiny",
@@ -45,26 +45,49 @@ def test_resume_under_another_number_of_replicas(tmp_path, prepared, plugin, bef
         "--max_steps",
         str(STEPS),
         "-o",
-        str(tmp_path / "ckpt"),
-    ]
-    rows = 4  # rows per step, whatever the number of replicas: -b x replicas
-    full = _run([*common, "-b", str(rows // before), "-i", str(SAVE_AT), "-t", str(tmp_path / "tb")], before)
-    check_ok(full)
-    resume = [
+        str(root / "ckpt"),
         "-b",
-        str(rows // after),
-        "-i",
-        "0",
-        "-t",
-        str(tmp_path / "tb2"),
-        "-f",
-        str(tmp_path / "ckpt" / f"step-{SAVE_AT}"),
+        str(ROWS // replicas),
     ]
-    resumed = _run([*common, *resume], after)
-    check_ok(resumed)
-    assert f"was saved with {plugin}, {before} processes" in resumed.stdout
-    assert "optimizer state and data position (prepared: one global position) moved" in resumed.stdout
-    losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+    if phase == "full":
+        return [*common, "-i", str(SAVE_AT), "-t", str(root / "tb")]
+    return [*common, "-i", "0", "-t", str(root / "tb2"), "-f", str(root / "ckpt" / f"step-{SAVE_AT}")]
+
+
+@pytest.fixture(scope="module")
+def elastic_runs(tmp_path_factory, prepared) -> dict:
+    """Every case's full run and resume; the 2-process runs of all cases in ONE launch (each from its
+    own flags: a resume reads only its checkpoint), the 1-process ones in this process, in the order
+    each case needs. {case: (root, the resumed run's stdout)}."""
+    roots = {case: tmp_path_factory.mktemp("-".join(map(str, case))) for case in CASES}
+    for (plugin, before, _), root in roots.items():  # 1-process full runs first (zero2 1 -> 2 resumes from one)
+        if before == 1:
+            check_ok(run_in_process("pretrain.py", _flags(plugin, 1, root, "full", prepared)))
+    two = {}
+    for (plugin, before, after), root in roots.items():
+        if before == 2:
+            two[f"{plugin}-{before}-{after}-full"] = _flags(plugin, 2, root, "full", prepared)
+        if after == 2:
+            two[f"{plugin}-{before}-{after}-resumed"] = _flags(plugin, 2, root, "resumed", prepared)
+    job = launch_runs(two, tmp_path_factory.mktemp("elastic"))
+    check_ok(job)
+    outputs, resumed = run_outputs(job), {}
+    for (plugin, before, after), root in roots.items():
+        if after == 1:
+            proc = run_in_process("pretrain.py", _flags(plugin, 1, root, "resumed", prepared))
+            check_ok(proc)
+            resumed[(plugin, before, after)] = (root, proc.stdout)
+        else:
+            resumed[(plugin, before, after)] = (root, outputs[f"{plugin}-{before}-{after}-resumed"])
+    return resumed
+
+
+@pytest.mark.parametrize("plugin,before,after", CASES)
+def test_resume_under_another_number_of_replicas(elastic_runs, plugin, before, after):
+    root, stdout = elastic_runs[(plugin, before, after)]
+    assert f"was saved with {plugin}, {before} processes" in stdout
+    assert "optimizer state and data position (prepared: one global position) moved" in stdout
+    losses, resumed_losses = read_scalars(root / "tb"), read_scalars(root / "tb2")
     assert sorted(resumed_losses) == [3, 4]
     for step in (3, 4):  # the same rows and the same optimizer state: the same losses, but for rounding
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-4), (step, resumed_losses, losses)
