@@ -1,7 +1,7 @@
 """Every CPU-capable booster plugin really trains, saves, resumes and continues, 2 processes on CPU.
 
-Each layout runs `pretrain.py` twice (conftest's `layout_runs`): 6 steps with a checkpoint at step 3,
-then a second launch that resumes from step 3 and runs to step 6. The resumed steps must reproduce
+Each layout runs `pretrain.py` twice (conftest's `layout_runs`, one launch): 6 steps with a checkpoint
+at step 3, then a second run that resumes from step 3 alone and runs to step 6. The resumed steps must reproduce
 the uninterrupted run's losses, and the losses must match a plain `transformers` forward of the
 saved weights.
 """
