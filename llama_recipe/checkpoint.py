@@ -45,6 +45,7 @@ from .files import move_into_place, safetensors_header, write_failure, write_saf
 from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
+from .sources import looks_like_a_path
 from .zero_slices import check_slices, holds_slices, load_slices, rank_file, rank_slices, write_small_files
 
 RUNNING_STATES = "running_states.json"
@@ -121,7 +122,7 @@ def resolve_checkpoint(name: str, flag: str, model_dir: bool = True) -> Path:
         if not (path / "config.json").is_file():
             raise UsageError(f"{path} has no config.json; pass {flag} a model directory or a complete checkpoint")
         return path
-    if path.exists() or name.startswith((".", "/", "~")):
+    if path.exists() or looks_like_a_path(name):  # a mistyped local path is said so at once, not looked up
         raise UsageError(
             f"{name} does not exist; pass {flag} a step-<N> checkpoint, a run's directory or its `{LATEST}` file, "
             "an exported model directory or a hub name"
