@@ -57,8 +57,17 @@ def pretrain(cfg: TrainConfig) -> dict:
     try:
         if not cfg.checkpoint.load or cfg.checkpoint.reset_data:  # (a resumed stream is the one its run read)
             batches.start()  # the first batch now: data with none for this rank is refused before any file
-        plan = RunPlan(model_config, batches, total_steps, cfg.optim.warmup_steps, tokenizer, seq_len, "pretraining",
-                       initial_weights=initial_weights, held_out=pretrain_held_out(cfg, par, tokenizer, seq_len))  # fmt: skip
+        plan = RunPlan(
+            model_config,
+            batches,
+            total_steps,
+            cfg.optim.warmup_steps,
+            tokenizer,
+            seq_len,
+            "pretraining",
+            initial_weights=initial_weights,
+            held_out=pretrain_held_out(cfg, par, tokenizer, seq_len),
+        )
         summary = fit(cfg, par, plan)
     finally:
         batches.close()
@@ -76,17 +85,24 @@ def pretrain_held_out(cfg: TrainConfig, par: Parallelism, tokenizer, seq_len: in
     if not cfg.evaluation.eval_data:
         return None
     batches, tokens = held_out_text_batches(
-        source_for(cfg.held_out_data()), tokenizer, seq_len, cfg.training.batch_size, par.dp_rank, par.dp_size,
+        source_for(cfg.held_out_data()),
+        tokenizer,
+        seq_len,
+        cfg.training.batch_size,
+        par.dp_rank,
+        par.dp_size,
         cfg.evaluation.eval_tokens,
-    )  # fmt: skip
+    )
     short = (
         f" (all it holds; fewer than --eval_tokens {cfg.evaluation.eval_tokens:,})"
         if tokens < cfg.evaluation.eval_tokens
         else ""
     )
     when = f"every {cfg.training.eval_interval} steps, " if cfg.training.eval_interval else ""
-    print_main(f"held-out: {tokens:,} tokens of {cfg.evaluation.eval_data}{short}, evaluated before training, {when}"
-               "and at the end")  # fmt: skip
+    print_main(
+        f"held-out: {tokens:,} tokens of {cfg.evaluation.eval_data}{short}, evaluated before training, {when}"
+        "and at the end"
+    )
     return batches
 
 
@@ -109,9 +125,16 @@ def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: 
         steps_per_epoch = batches.rows_per_replica // rows_per_step
     else:
         batches = build_pretrain_batches(
-            source_for(data), tokenizer, seq_len, training.batch_size, par.dp_rank, par.dp_size, data.data_mix,
-            seed=training.seed, shuffle_buffer=data.shuffle_buffer,
-        )  # fmt: skip
+            source_for(data),
+            tokenizer,
+            seq_len,
+            training.batch_size,
+            par.dp_rank,
+            par.dp_size,
+            data.data_mix,
+            seed=training.seed,
+            shuffle_buffer=data.shuffle_buffer,
+        )
     if training.max_steps:
         return batches, training.max_steps
     if steps_per_epoch is None:  # a token count of this replica's stream (the replica with the least data decides)
@@ -138,9 +161,16 @@ def finetune(cfg: TrainConfig) -> dict:
         load_instruction_rows(data.dataset, data.task_name), data.eval_split, training.seed
     )
     batches = InstructionBatches(
-        rows, tokenizer, max_length, training.batch_size, par.dp_rank, par.dp_size, training.seed,
-        pad_to_max_length=par.pipeline, pack=data.pack_examples,
-    )  # fmt: skip
+        rows,
+        tokenizer,
+        max_length,
+        training.batch_size,
+        par.dp_rank,
+        par.dp_size,
+        training.seed,
+        pad_to_max_length=par.pipeline,
+        pack=data.pack_examples,
+    )
     held_out = held_out_batches(
         held_out_rows, tokenizer, max_length, training.batch_size, par.dp_rank, par.dp_size, par.pipeline
     )
@@ -156,9 +186,16 @@ def finetune(cfg: TrainConfig) -> dict:
     )
     warmup_steps = math.ceil(cfg.optim.warmup_ratio * total_steps)
     plan = RunPlan(
-        model_config, batches, total_steps, warmup_steps, tokenizer, max_length, "finetuning",
-        initial_weights=weights_location(model_dir), held_out=held_out,
-    )  # fmt: skip
+        model_config,
+        batches,
+        total_steps,
+        warmup_steps,
+        tokenizer,
+        max_length,
+        "finetuning",
+        initial_weights=weights_location(model_dir),
+        held_out=held_out,
+    )
     summary = fit(cfg, par, plan)
     if is_main_process() and summary["checkpoint"] and held_out_rows:
         summary["generations"] = show_answers(cfg, summary, tokenizer, [r["prompt"] for r in held_out_rows[:3]])
@@ -202,18 +239,30 @@ def evaluate(cfg: TrainConfig) -> dict:
     print_main(
         f"evaluating {model_dir} ({count_parameters(model_config) / 1e6:,.1f}M parameters, {str(dtype)[6:]}) on "
         f"{cfg.data.dataset}, {world_size()} processes: "
-        + ("the last word of each document, greedily (cloze)" if task == "cloze" else
-           f"windows of {max_length} tokens, {stride} newly scored each after the first, one BOS per document")
-    )  # fmt: skip
+        + (
+            "the last word of each document, greedily (cloze)"
+            if task == "cloze"
+            else f"windows of {max_length} tokens, {stride} newly scored each after the first, one BOS per document"
+        )
+    )
     started = time.perf_counter()
     documents = eval_documents(cfg.data, tokenizer, cfg.evaluation.limit)
     sums = evaluate_documents(model, tokenizer, documents, task, max_length, stride, cfg.training.batch_size)
     seconds = time.perf_counter() - started
     if not sums["documents"] or not (sums["tokens"] or sums["cloze_documents"]):
         raise UsageError(f"-d {cfg.data.dataset} holds no text to evaluate (empty documents only); pass other data")
-    result = dict(model=str(model_dir), data=cfg.data.dataset, task=task, max_length=max_length, stride=stride,
-                  processes=world_size(), seconds=seconds, tokens_per_s=sums["tokens"] / seconds, **sums,
-                  **eval_scores(sums))  # fmt: skip
+    result = dict(
+        model=str(model_dir),
+        data=cfg.data.dataset,
+        task=task,
+        max_length=max_length,
+        stride=stride,
+        processes=world_size(),
+        seconds=seconds,
+        tokens_per_s=sums["tokens"] / seconds,
+        **sums,
+        **eval_scores(sums),
+    )
     print_main(eval_report(result))
     if cfg.logging.results and is_main_process():
         append_json_line(cfg.logging.results, result)
@@ -223,8 +272,10 @@ def evaluate(cfg: TrainConfig) -> dict:
 def eval_report(r: dict) -> str:
     """What eval.py prints: the numbers in words."""
     if r["task"] == "cloze":
-        return (f"cloze accuracy {r['cloze_accuracy']:.4f} ({r['cloze_correct']:.0f} of {r['cloze_documents']:.0f} "
-                f"documents' last words predicted greedily), cloze perplexity {r['cloze_perplexity']:,.3f}")  # fmt: skip
+        return (
+            f"cloze accuracy {r['cloze_accuracy']:.4f} ({r['cloze_correct']:.0f} of {r['cloze_documents']:.0f} "
+            f"documents' last words predicted greedily), cloze perplexity {r['cloze_perplexity']:,.3f}"
+        )
     return (
         f"token perplexity {r['token_perplexity']:,.4f} ({r['tokens']:,.0f} tokens of {r['documents']:.0f} documents), "
         f"bits per byte {r['bits_per_byte']:.4f}, word perplexity {r['word_perplexity']:,.3f}; "

@@ -225,8 +225,12 @@ class CompletionServer:
         encoded = self._checked(prompts, r.max_tokens)
         stop = (r.stop,) if isinstance(r.stop, str) else tuple(r.stop or ())
         sampling = Sampling(r.max_tokens, r.temperature, r.top_k, r.top_p, r.seed, stop, r.logprobs or 0)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                "model": r.model or self.model_name}  # fmt: skip
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": r.model or self.model_name,
+        }
         if r.stream:
             return StreamingResponse(self._stream(head, prompts, encoded, sampling, r), media_type="text/event-stream")
         choices, generated = [], 0
@@ -256,8 +260,12 @@ class CompletionServer:
                 prompt_values = [None, *self.generator.prompt_logprobs(ids)] if len(ids) > 1 else [None]
                 tokens = tok.convert_ids_to_tokens(ids) + tokens
                 values, tops = prompt_values + values, [None] * len(ids) + tops
-            logprobs = {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops if r.logprobs else None,
-                        "text_offset": _offsets(tokens)}  # fmt: skip
+            logprobs = {
+                "tokens": tokens,
+                "token_logprobs": values,
+                "top_logprobs": tops if r.logprobs else None,
+                "text_offset": _offsets(tokens),
+            }
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": done.finish_reason}
 
     def _stream(self, head, prompts, encoded, sampling, r: CompletionRequest) -> Iterator[str]:

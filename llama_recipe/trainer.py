@@ -109,9 +109,16 @@ def _tokens_in(batch: dict) -> int:
 
 
 def train_step(
-    par: Parallelism, model, optimizer, lr_scheduler, batches, cfg: TrainConfig, inputs, guard: StepGuard | None = None,
+    par: Parallelism,
+    model,
+    optimizer,
+    lr_scheduler,
+    batches,
+    cfg: TrainConfig,
+    inputs,
+    guard: StepGuard | None = None,
     before_update=lambda: None,
-) -> StepResult:  # fmt: skip
+) -> StepResult:
     """One optimizer step: forward/backward, clip and step, advance the schedule. A non-finite loss
     or gradient norm skips the update: no weight, optimizer or schedule change (`bad`); so does a
     loss spike when --on_spike says so (`guard`). `before_update` runs before the weights or the
@@ -191,8 +198,10 @@ class StepGuard:
         """Count and report; raise TrainingDiverged to stop; True: roll back to the last checkpoint."""
         if result.loss_z is not None and result.loss_z > self.spike_z:
             self.spikes += 1
-            print_main(f"step {step}: loss spike, {result.loss:.4f} is {result.loss_z:.1f} standard deviations above "
-                       f"the last {len(self.history)} steps' ({self.on_spike_words()})")  # fmt: skip
+            print_main(
+                f"step {step}: loss spike, {result.loss:.4f} is {result.loss_z:.1f} standard deviations above "
+                f"the last {len(self.history)} steps' ({self.on_spike_words()})"
+            )
             if self.on_spike == "stop":
                 raise TrainingDiverged(
                     f"a loss spike at step {step} (z = {result.loss_z:.1f} > --spike_z {self.spike_z:g}) stopped the "
@@ -215,8 +224,9 @@ class StepGuard:
         return False
 
     def on_spike_words(self) -> str:
-        return {"log": "logged only", "skip": "update skipped", "stop": "stopping",
-                "rollback": "rolling back"}[self.on_spike]  # fmt: skip
+        return {"log": "logged only", "skip": "update skipped", "stop": "stopping", "rollback": "rolling back"}[
+            self.on_spike
+        ]
 
 
 def build_boosted(
@@ -233,11 +243,19 @@ def build_boosted(
         compile_decoder_layers(model)
     opt = cfg.optim
     optimizer = build_optimizer(
-        par.optimizer, model, opt.lr, opt.weight_decay, beta2=opt.beta2, max_norm=par.max_norm,
-        fp16_loss_scaling=par.precision == "fp16", process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,
-        tensor_parallel_group=par.tp_group, is_sharded=par.is_sharded,
-        reference_multiply=opt.collage_reference_multiply, monitor=cfg.logging.log_edq,
-    )  # fmt: skip
+        par.optimizer,
+        model,
+        opt.lr,
+        opt.weight_decay,
+        beta2=opt.beta2,
+        max_norm=par.max_norm,
+        fp16_loss_scaling=par.precision == "fp16",
+        process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,
+        tensor_parallel_group=par.tp_group,
+        is_sharded=par.is_sharded,
+        reference_multiply=opt.collage_reference_multiply,
+        monitor=cfg.logging.log_edq,
+    )
     lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
     return par.boost(model, optimizer, lr_scheduler, total_steps, cfg.training.seed)
 
