@@ -87,18 +87,6 @@ def compressed_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
     return r if r * (n + m) * MIN_COMPRESSION_RATE <= n * m else 0
 
 
-def payload_elements(shapes: list[tuple[int, ...]], rank: int) -> tuple[int, int]:
-    """(elements sent by one compressed step, elements an exact all-reduce sends) for these gradient
-    shapes: the analytic count the hook's counters must match."""
-    sent = exact = 0
-    for shape in shapes:
-        numel = int(torch.Size(shape).numel())
-        r = compressed_rank(shape, rank)
-        sent += r * (shape[0] + numel // shape[0]) if r else numel
-        exact += numel
-    return sent, exact
-
-
 def orthonormalize(p: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of p's columns (reduced QR, in fp32: no division by a zero column norm,
     unlike Gram-Schmidt, when a gradient is zero)."""

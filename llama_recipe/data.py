@@ -181,11 +181,6 @@ class DocumentStream:
         self._stream, self._resume_from = None, state["stream"]
 
 
-def tokenized_documents(source: Source | str, tokenizer, dp_rank: int, dp_size: int) -> DocumentStream:
-    """This replica's share of one epoch of the stream, tokenized, in the files' own order."""
-    return DocumentStream(source, tokenizer, dp_rank, dp_size)
-
-
 # ---------------------------------------------------------------------------------------------
 # Mixtures
 
@@ -589,7 +584,7 @@ def build_pretrain_batches(
 
 def count_tokens(dataset: Source | str, tokenizer, dp_rank: int, dp_size: int, progress: bool) -> int:
     """Tokens (with BOS/EOS) in this replica's share of one epoch; sizes the LR schedule."""
-    documents = tokenized_documents(dataset, tokenizer, dp_rank, dp_size)
+    documents = DocumentStream(dataset, tokenizer, dp_rank, dp_size)  # one epoch, in the files' own order
     total = 0
     for example in tqdm(documents, desc="counting tokens to size the LR schedule", unit=" docs", disable=not progress):
         total += len(example["input_ids"])
