@@ -13,9 +13,9 @@ row carries position ids that restart at every document, for attention that resp
 cc, github, stackexchange, wikipedia: the file names' prefix) so that each slice's share of the
 trained tokens tracks its weight.
 
-The position in the stream (the `datasets` iterator states, the shuffle buffer and its generator,
-the leftover tokens, the mixture's token counts and the epoch) is saved with every checkpoint, so a resumed run sees exactly the rows
-the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
+The position in the stream (the `datasets` iterator states, the document and row shuffle buffers and
+their generators, the leftover tokens, the mixture's token counts and the epoch) is saved with every
+checkpoint, so a resumed run sees exactly the rows the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
 """
 
 from __future__ import annotations
@@ -364,8 +364,8 @@ class PackedRows:
             self.epoch += 1
 
     def state_dict(self) -> dict:
-        # Taken between rows: the datasets iterator has consumed exactly the documents whose tokens
-        # were either yielded or sit in the buffer.
+        # Taken between rows: the documents have delivered exactly the tokens that were yielded or
+        # wait in the token buffer or (packed) in the row buffer.
         return {
             "documents": self.documents.state_dict(),
             "buffer": list(self.buffer),

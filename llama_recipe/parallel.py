@@ -42,6 +42,9 @@ class Parallelism:
     compressor: PowerSGD | None = None  # its DDP communication hook, once the model is boosted
     sequence_parallel: bool = False  # --sp_mode: shardformer computes attention itself
     tp_group: object | None = None  # None: no tensor parallelism
+    backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
+    backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
+    backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
 
     @staticmethod
     def is_sharded(param: torch.Tensor) -> bool:
@@ -57,10 +60,6 @@ class Parallelism:
         the causal mask out when nothing is padded (SDPA would apply it), so every token would see the
         future. With "eager" transformers builds the causal mask that path needs."""
         return "eager" if self.sequence_parallel and chosen == "sdpa" else chosen
-
-    backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
-    backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
-    backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
 
     @property
     def pipeline(self) -> bool:
@@ -102,8 +101,9 @@ class Parallelism:
         return contextlib.nullcontext()
 
     def boost(self, model: torch.nn.Module, optimizer, lr_scheduler, total_steps: int = 0, seed: int = 0):
-        """Wrap model, optimizer and schedule in the plugin's machinery (and, with --grad_compression,
-        register the compression hook on the DDP inside; `total_steps` sizes its warm-up)."""
+        """Wrap model, optimizer and schedule in the plugin's machinery; with --grad_compression, register
+        the compression hook on the DDP inside (`total_steps` sizes its warm-up); with --compress_backprop,
+        wrap its codec around the pipeline schedule; for inplace_sgd, attach the optimizer's hooks."""
         if self.fused_update:
             _keep_ddp_buckets_small(model)
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
@@ -212,8 +212,9 @@ class Parallelism:
 
     def mean_across_replicas(self, *values: torch.Tensor | float | None) -> list[float]:
         """Average per-rank numbers over data-parallel replicas, in one all-reduce, so every rank sees
-        the same numbers. With a pipeline only the last stage's numbers count (the others have no loss;
-        pass None): they are zeroed elsewhere, and the sum over the pipeline group copies them to every stage."""
+        the same numbers. With a pipeline only the numbers of the stage that computes the loss count
+        (`is_last_pipeline_stage`; the others have no loss: pass None): they are zeroed elsewhere, and the
+        sum over the pipeline group copies them to every stage."""
         t = torch.stack(
             [
                 torch.as_tensor(0.0 if v is None else v, dtype=torch.float32).detach().to(device()).reshape(())
@@ -256,7 +257,7 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
 
 
 def unwrap_optimizer(optimizer):
-    """Our optimizer inside the booster's wrapper (ColossalAI wrappers keep it as `.optim`)."""
+    """Our optimizer inside the booster's wrapper (ColossalAI's wrappers hand it back from `unwrap()`)."""
     return optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
 
 

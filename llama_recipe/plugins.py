@@ -1,8 +1,9 @@
 """The booster plugins as data: `PLUGINS` maps each `-p` name to a `PluginSpec` that says how to
 build the plugin and what the training loop must know about it (GPU-only, clips inside its
 optimizer step, bf16 through autocast, lazy init, ...). The loop reads these attributes; it never
-compares plugin names. Which optimizer and precision a plugin defaults to, needs or refuses is
-data here too, and `check_layout` turns every impossible combination into one line.
+compares plugin names. Its default optimizer and what it refuses (pure bf16, --compile, gradient
+compression, an optimizer that updates inside backward) are read from it too, with its own layout
+rules (`check`); `check_layout` turns every impossible combination into one line.
 """
 
 from __future__ import annotations
@@ -625,7 +626,7 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
 
 def check_layout(cfg: TrainConfig, world_size: int) -> None:
     """Raise UsageError if the plugin cannot run this layout, optimizer and precision here.
-    Runs before any process group exists."""
+    Needs no process group (the world size is passed in), so cli.validate runs it before one exists."""
     spec = plugin_spec(cfg.parallel.plugin)
     optimizer, precision = resolve_optimizer(cfg), resolve_precision(cfg)
     _check_optimizer(cfg, spec, optimizer, precision)
