@@ -104,8 +104,18 @@ class DocumentStream:
     (`datasets`' own shuffle buffer is lost on resume, so it is not used).
     """
 
-    def __init__(self, source: Source | str, tokenizer, dp_rank: int, dp_size: int, files: list[str] | None = None,
-                 seed: int = 0, shuffle_buffer: int = 0, stream_id: int = 0, only_slice: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: Source | str,
+        tokenizer,
+        dp_rank: int,
+        dp_size: int,
+        files: list[str] | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        stream_id: int = 0,
+        only_slice: str | None = None,
+    ):
         self.source = resolve_source(source) if isinstance(source, str) else source
         self.tokenizer, self.dp_rank, self.dp_size = tokenizer, dp_rank, dp_size
         self.files = list(files if files is not None else self.source.files or []) or None
@@ -172,8 +182,13 @@ class DocumentStream:
     def state_dict(self) -> dict:
         # Taken between documents: the stream has delivered exactly the texts handed out, in the buffer or skipped.
         stream = self._stream.state_dict() if self._stream is not None else self._resume_from
-        return {"epoch": self.epoch, "read": self.read, "stream": stream, "buffer": list(self.buffer),
-                "rng": self.rng.bit_generator.state}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "read": self.read,
+            "stream": stream,
+            "buffer": list(self.buffer),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.read, self.buffer = state["epoch"], state["read"], list(state["buffer"])

@@ -148,8 +148,9 @@ class Parallelism:
         if self.compressor is not None:
             self.compressor.load_state_dict({k: v for k, v in state.items() if not k.startswith("backprop/")})
         if self.backprop is not None:
-            self.backprop.load_state_dict({k.removeprefix("backprop/"): v for k, v in state.items()
-                                           if k.startswith("backprop/")})  # fmt: skip
+            self.backprop.load_state_dict(
+                {k.removeprefix("backprop/"): v for k, v in state.items() if k.startswith("backprop/")}
+            )
 
     def restart_compression(self, step: int) -> None:
         if self.compressor is not None:
@@ -243,17 +244,23 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
         booster = plugin
     dp_group = plugin.dp_group if spec.model_parallel else None
     pp_group = plugin.pp_group if spec.model_parallel and cfg.parallel.pp > 1 else None
-    dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
-    max_norm = cfg.optim.grad_clip
-    compression = cfg.compression if cfg.compression.grad_compression != "none" else None
-    sequence_parallel = spec.model_parallel and cfg.parallel.sp_mode is not None
-    tp_group = plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None
     return Parallelism(
-        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group,
-        compression=compression, sequence_parallel=sequence_parallel, tp_group=tp_group,
+        booster=booster,
+        plugin=plugin,
+        spec=spec,
+        precision=precision,
+        optimizer=optimizer,
+        dp_rank=dist.get_rank(dp_group),
+        dp_size=dist.get_world_size(dp_group),
+        max_norm=cfg.optim.grad_clip,
+        dp_group=dp_group,
+        pp_group=pp_group,
+        compression=cfg.compression if cfg.compression.grad_compression != "none" else None,
+        sequence_parallel=spec.model_parallel and cfg.parallel.sp_mode is not None,
+        tp_group=plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None,
         backprop_rank=cfg.compression.compress_backprop,
         backprop_epilogue_only=cfg.compression.compress_backprop_epilogue_only,
-    )  # fmt: skip
+    )
 
 
 def unwrap_optimizer(optimizer):
@@ -281,9 +288,12 @@ def _register_powersgd(par: Parallelism, model, total_steps: int, seed: int) -> 
     stage = par.plugin.stage_manager.stage if par.pipeline else 0
     exact_stage = bool(cfg.compress_stages) and stage >= cfg.compress_stages  # --compress_stages: counted, exact
     settings = CompressionSettings(
-        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed,
-        cfg.powersgd_log_cosine,
-    )  # fmt: skip
+        rank=cfg.powersgd_rank,
+        warmup_steps=sys.maxsize if exact_stage else warmup,
+        error_feedback=not cfg.powersgd_no_error_feedback,
+        seed=seed,
+        log_cosine=cfg.powersgd_log_cosine,
+    )
     ddp = getattr(model, "module", None)
     inner = ddp.module if isinstance(ddp, DistributedDataParallel) else model.module
     params = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]

@@ -196,8 +196,17 @@ def _zero_bubble_schedule(stages: int, microbatches: int) -> list:
     and the weight-gradient passes. Memory: a forward keeps activations (2 units) that its two backward passes free."""
     from colossalai.pipeline.schedule.v_schedule import PipelineGraph
 
-    graph = PipelineGraph(n_stage=stages, n_micro=microbatches, f_cost=1000, b_cost=1000, w_cost=1000, c_cost=1,
-                          f_mem=2, b_mem=-1, w_mem=-1)  # fmt: skip
+    graph = PipelineGraph(
+        n_stage=stages,
+        n_micro=microbatches,
+        f_cost=1000,
+        b_cost=1000,
+        w_cost=1000,
+        c_cost=1,
+        f_mem=2,
+        b_mem=-1,
+        w_mem=-1,
+    )
     return graph.get_v_schedule()
 
 

@@ -51,7 +51,7 @@ KEPT_OPS |= {
         "alltoall_",
         "alltoall_base_",
         "broadcast_",
-    ]  # fmt: skip
+    ]
 }
 
 
