@@ -87,18 +87,6 @@ def compressed_rank(shape: torch.Size | tuple[int, ...], rank: int) -> int:
     return r if r * (n + m) * MIN_COMPRESSION_RATE <= n * m else 0
 
 
-def payload_elements(shapes: list[tuple[int, ...]], rank: int) -> tuple[int, int]:
-    """(elements sent by one compressed step, elements an exact all-reduce sends) for these gradient
-    shapes: the analytic count the hook's counters must match."""
-    sent = exact = 0
-    for shape in shapes:
-        numel = int(torch.Size(shape).numel())
-        r = compressed_rank(shape, rank)
-        sent += r * (shape[0] + numel // shape[0]) if r else numel
-        exact += numel
-    return sent, exact
-
-
 def orthonormalize(p: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of p's columns (reduced QR, in fp32: no division by a zero column norm,
     unlike Gram-Schmidt, when a gradient is zero)."""
@@ -220,8 +208,10 @@ class PowerSGD:
     def _exact_means(self, matrices: list[tuple[str, torch.Tensor, int]], world: int) -> list[torch.Tensor]:
         """The exact mean of this step's gradients (without error feedback's residuals), for the
         cosine diagnostic; its all-reduce is not counted as sent."""
-        local = [m - self.errors[name] if self.settings.error_feedback and name in self.errors else m.clone()
-                 for name, m, _ in matrices]  # fmt: skip
+        local = [
+            m - self.errors[name] if self.settings.error_feedback and name in self.errors else m.clone()
+            for name, m, _ in matrices
+        ]
         flat = torch.cat([t.reshape(-1) for t in local])
         dist.all_reduce(flat, group=self.group)
         return [t.div_(world) for t in _split(flat, local)]
@@ -314,8 +304,10 @@ class BackpropCompression:
         if received is None:
             return None
         started = time.perf_counter()
-        out = {k: _rebuild(v) if isinstance(v, dict) and set(v) == set(BACKPROP_FACTORS) else v
-               for k, v in received.items()}  # fmt: skip
+        out = {
+            k: _rebuild(v) if isinstance(v, dict) and set(v) == set(BACKPROP_FACTORS) else v
+            for k, v in received.items()
+        }
         self.counts.seconds += time.perf_counter() - started
         return out
 

@@ -13,9 +13,9 @@ row carries position ids that restart at every document, for attention that resp
 cc, github, stackexchange, wikipedia: the file names' prefix) so that each slice's share of the
 trained tokens tracks its weight.
 
-The position in the stream (the `datasets` iterator states, the shuffle buffer and its generator,
-the leftover tokens, the mixture's token counts and the epoch) is saved with every checkpoint, so a resumed run sees exactly the rows
-the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
+The position in the stream (the `datasets` iterator states, the document and row shuffle buffers and
+their generators, the leftover tokens, the mixture's token counts and the epoch) is saved with every
+checkpoint, so a resumed run sees exactly the rows the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
 """
 
 from __future__ import annotations
@@ -104,8 +104,18 @@ class DocumentStream:
     (`datasets`' own shuffle buffer is lost on resume, so it is not used).
     """
 
-    def __init__(self, source: Source | str, tokenizer, dp_rank: int, dp_size: int, files: list[str] | None = None,
-                 seed: int = 0, shuffle_buffer: int = 0, stream_id: int = 0, only_slice: str | None = None):  # fmt: skip
+    def __init__(
+        self,
+        source: Source | str,
+        tokenizer,
+        dp_rank: int,
+        dp_size: int,
+        files: list[str] | None = None,
+        seed: int = 0,
+        shuffle_buffer: int = 0,
+        stream_id: int = 0,
+        only_slice: str | None = None,
+    ):
         self.source = resolve_source(source) if isinstance(source, str) else source
         self.tokenizer, self.dp_rank, self.dp_size = tokenizer, dp_rank, dp_size
         self.files = list(files if files is not None else self.source.files or []) or None
@@ -172,18 +182,18 @@ class DocumentStream:
     def state_dict(self) -> dict:
         # Taken between documents: the stream has delivered exactly the texts handed out, in the buffer or skipped.
         stream = self._stream.state_dict() if self._stream is not None else self._resume_from
-        return {"epoch": self.epoch, "read": self.read, "stream": stream, "buffer": list(self.buffer),
-                "rng": self.rng.bit_generator.state}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "read": self.read,
+            "stream": stream,
+            "buffer": list(self.buffer),
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.read, self.buffer = state["epoch"], state["read"], list(state["buffer"])
         self.rng.bit_generator.state = state["rng"]
         self._stream, self._resume_from = None, state["stream"]
-
-
-def tokenized_documents(source: Source | str, tokenizer, dp_rank: int, dp_size: int) -> DocumentStream:
-    """This replica's share of one epoch of the stream, tokenized, in the files' own order."""
-    return DocumentStream(source, tokenizer, dp_rank, dp_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,8 +379,8 @@ class PackedRows:
             self.epoch += 1
 
     def state_dict(self) -> dict:
-        # Taken between rows: the datasets iterator has consumed exactly the documents whose tokens
-        # were either yielded or sit in the buffer.
+        # Taken between rows: the documents have delivered exactly the tokens that were yielded or
+        # wait in the token buffer or (packed) in the row buffer.
         return {
             "documents": self.documents.state_dict(),
             "buffer": list(self.buffer),
@@ -589,7 +599,7 @@ def build_pretrain_batches(
 
 def count_tokens(dataset: Source | str, tokenizer, dp_rank: int, dp_size: int, progress: bool) -> int:
     """Tokens (with BOS/EOS) in this replica's share of one epoch; sizes the LR schedule."""
-    documents = tokenized_documents(dataset, tokenizer, dp_rank, dp_size)
+    documents = DocumentStream(dataset, tokenizer, dp_rank, dp_size)  # one epoch, in the files' own order
     total = 0
     for example in tqdm(documents, desc="counting tokens to size the LR schedule", unit=" docs", disable=not progress):
         total += len(example["input_ids"])

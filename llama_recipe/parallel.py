@@ -42,6 +42,9 @@ class Parallelism:
     compressor: PowerSGD | None = None  # its DDP communication hook, once the model is boosted
     sequence_parallel: bool = False  # --sp_mode: shardformer computes attention itself
     tp_group: object | None = None  # None: no tensor parallelism
+    backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
+    backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
+    backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
 
     @staticmethod
     def is_sharded(param: torch.Tensor) -> bool:
@@ -57,10 +60,6 @@ class Parallelism:
         the causal mask out when nothing is padded (SDPA would apply it), so every token would see the
         future. With "eager" transformers builds the causal mask that path needs."""
         return "eager" if self.sequence_parallel and chosen == "sdpa" else chosen
-
-    backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
-    backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
-    backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
 
     @property
     def pipeline(self) -> bool:
@@ -102,8 +101,9 @@ class Parallelism:
         return contextlib.nullcontext()
 
     def boost(self, model: torch.nn.Module, optimizer, lr_scheduler, total_steps: int = 0, seed: int = 0):
-        """Wrap model, optimizer and schedule in the plugin's machinery (and, with --grad_compression,
-        register the compression hook on the DDP inside; `total_steps` sizes its warm-up)."""
+        """Wrap model, optimizer and schedule in the plugin's machinery; with --grad_compression, register
+        the compression hook on the DDP inside (`total_steps` sizes its warm-up); with --compress_backprop,
+        wrap its codec around the pipeline schedule; for inplace_sgd, attach the optimizer's hooks."""
         if self.fused_update:
             _keep_ddp_buckets_small(model)
         model, optimizer, _, _, lr_scheduler = self.booster.boost(model, optimizer, lr_scheduler=lr_scheduler)
@@ -148,8 +148,9 @@ class Parallelism:
         if self.compressor is not None:
             self.compressor.load_state_dict({k: v for k, v in state.items() if not k.startswith("backprop/")})
         if self.backprop is not None:
-            self.backprop.load_state_dict({k.removeprefix("backprop/"): v for k, v in state.items()
-                                           if k.startswith("backprop/")})  # fmt: skip
+            self.backprop.load_state_dict(
+                {k.removeprefix("backprop/"): v for k, v in state.items() if k.startswith("backprop/")}
+            )
 
     def restart_compression(self, step: int) -> None:
         if self.compressor is not None:
@@ -212,8 +213,9 @@ class Parallelism:
 
     def mean_across_replicas(self, *values: torch.Tensor | float | None) -> list[float]:
         """Average per-rank numbers over data-parallel replicas, in one all-reduce, so every rank sees
-        the same numbers. With a pipeline only the last stage's numbers count (the others have no loss;
-        pass None): they are zeroed elsewhere, and the sum over the pipeline group copies them to every stage."""
+        the same numbers. With a pipeline only the numbers of the stage that computes the loss count
+        (`is_last_pipeline_stage`; the others have no loss: pass None): they are zeroed elsewhere, and the
+        sum over the pipeline group copies them to every stage."""
         t = torch.stack(
             [
                 torch.as_tensor(0.0 if v is None else v, dtype=torch.float32).detach().to(device()).reshape(())
@@ -242,21 +244,27 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
         booster = plugin
     dp_group = plugin.dp_group if spec.model_parallel else None
     pp_group = plugin.pp_group if spec.model_parallel and cfg.parallel.pp > 1 else None
-    dp_rank, dp_size = dist.get_rank(dp_group), dist.get_world_size(dp_group)
-    max_norm = cfg.optim.grad_clip
-    compression = cfg.compression if cfg.compression.grad_compression != "none" else None
-    sequence_parallel = spec.model_parallel and cfg.parallel.sp_mode is not None
-    tp_group = plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None
     return Parallelism(
-        booster, plugin, spec, precision, optimizer, dp_rank, dp_size, max_norm, dp_group, pp_group,
-        compression=compression, sequence_parallel=sequence_parallel, tp_group=tp_group,
+        booster=booster,
+        plugin=plugin,
+        spec=spec,
+        precision=precision,
+        optimizer=optimizer,
+        dp_rank=dist.get_rank(dp_group),
+        dp_size=dist.get_world_size(dp_group),
+        max_norm=cfg.optim.grad_clip,
+        dp_group=dp_group,
+        pp_group=pp_group,
+        compression=cfg.compression if cfg.compression.grad_compression != "none" else None,
+        sequence_parallel=spec.model_parallel and cfg.parallel.sp_mode is not None,
+        tp_group=plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None,
         backprop_rank=cfg.compression.compress_backprop,
         backprop_epilogue_only=cfg.compression.compress_backprop_epilogue_only,
-    )  # fmt: skip
+    )
 
 
 def unwrap_optimizer(optimizer):
-    """Our optimizer inside the booster's wrapper (ColossalAI wrappers keep it as `.optim`)."""
+    """Our optimizer inside the booster's wrapper (ColossalAI's wrappers hand it back from `unwrap()`)."""
     return optimizer.unwrap() if hasattr(optimizer, "unwrap") else optimizer
 
 
@@ -280,9 +288,12 @@ def _register_powersgd(par: Parallelism, model, total_steps: int, seed: int) -> 
     stage = par.plugin.stage_manager.stage if par.pipeline else 0
     exact_stage = bool(cfg.compress_stages) and stage >= cfg.compress_stages  # --compress_stages: counted, exact
     settings = CompressionSettings(
-        cfg.powersgd_rank, sys.maxsize if exact_stage else warmup, not cfg.powersgd_no_error_feedback, seed,
-        cfg.powersgd_log_cosine,
-    )  # fmt: skip
+        rank=cfg.powersgd_rank,
+        warmup_steps=sys.maxsize if exact_stage else warmup,
+        error_feedback=not cfg.powersgd_no_error_feedback,
+        seed=seed,
+        log_cosine=cfg.powersgd_log_cosine,
+    )
     ddp = getattr(model, "module", None)
     inner = ddp.module if isinstance(ddp, DistributedDataParallel) else model.module
     params = [(name, p) for name, p in inner.named_parameters() if p.requires_grad]

@@ -1,8 +1,9 @@
 """The booster plugins as data: `PLUGINS` maps each `-p` name to a `PluginSpec` that says how to
 build the plugin and what the training loop must know about it (GPU-only, clips inside its
 optimizer step, bf16 through autocast, lazy init, ...). The loop reads these attributes; it never
-compares plugin names. Which optimizer and precision a plugin defaults to, needs or refuses is
-data here too, and `check_layout` turns every impossible combination into one line.
+compares plugin names. Its default optimizer and what it refuses (pure bf16, --compile, gradient
+compression, an optimizer that updates inside backward) are read from it too, with its own layout
+rules (`check`); `check_layout` turns every impossible combination into one line.
 """
 
 from __future__ import annotations
@@ -26,17 +27,10 @@ SP_ON_TP_GROUP = ("split_gather", "ring")  # these shard the sequence over the t
 PP_STYLES = ["1f1b", "interleaved", "zbv"]
 
 
-def _no_extra_checks(cfg: TrainConfig, precision: str, world_size: int) -> None:
-    pass
-
-
-def _compresses(cfg: TrainConfig) -> str | None:
-    return None
-
-
-def _zero_refuses_compression(cfg: TrainConfig, layout: str | None = None) -> str:
+def _zero_refuses_compression(layout: str) -> str:
+    """Why a ZeRO layout (`layout`: what follows -p) cannot take --grad_compression."""
     return (
-        f"--grad_compression compresses the gradient all-reduce of torch DDP, but -p {layout or cfg.parallel.plugin} "
+        f"--grad_compression compresses the gradient all-reduce of torch DDP, but -p {layout} "
         "reduce-scatters flat ZeRO buckets (each rank keeps a shard, so there is no matrix to factor); use -p ddp, "
         "or -p hybrid_parallel with --zero_stage 0"
     )
@@ -68,10 +62,6 @@ def _hybrid_fused_update_refusal(cfg: TrainConfig, optimizer: str) -> str | None
     return None
 
 
-def _hosts_fused_update(cfg: TrainConfig, optimizer: str) -> None:
-    return None
-
-
 @dataclass(frozen=True)
 class PluginSpec:
     name: str
@@ -91,11 +81,14 @@ class PluginSpec:
     uses_booster: bool = True  # False: the plugin object itself stands in for ColossalAI's Booster
     offered: bool = True  # on pretrain.py/finetune.py's -p (False: benchmark.py only)
     pure_bf16_refusal: str | None = None  # why it cannot train -x pure_bf16 (None: it can)
-    check: Callable[[TrainConfig, str, int], None] = _no_extra_checks  # its own layout rules
-    # why it cannot host an optimizer that updates inside backward (inplace_sgd; None: it can)
-    fused_update_refusal: Callable[[TrainConfig, str], str | None] = _needs_whole_gradients
-    # why it cannot take --grad_compression (None: it can); its gradients must be synced by a torch DDP
-    compression_refusal: Callable[[TrainConfig], str | None] = _zero_refuses_compression
+    # why it cannot take --grad_compression, which needs gradients synced by a torch DDP (None: it can)
+    compression_refusal: str | None = None
+    # (cfg, optimizer) -> why this run cannot use an optimizer that updates inside backward (inplace_sgd), or
+    # None; a function because the message names the optimizer and hybrid_parallel's answer depends on the
+    # layout. None: the plugin hosts one in any layout.
+    fused_update_refusal: Callable[[TrainConfig, str], str | None] | None = None
+    # (cfg, precision, world size): raises UsageError where the run breaks this plugin's own rules
+    check: Callable[[TrainConfig, str, int], None] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,8 +196,17 @@ def _zero_bubble_schedule(stages: int, microbatches: int) -> list:
     and the weight-gradient passes. Memory: a forward keeps activations (2 units) that its two backward passes free."""
     from colossalai.pipeline.schedule.v_schedule import PipelineGraph
 
-    graph = PipelineGraph(n_stage=stages, n_micro=microbatches, f_cost=1000, b_cost=1000, w_cost=1000, c_cost=1,
-                          f_mem=2, b_mem=-1, w_mem=-1)  # fmt: skip
+    graph = PipelineGraph(
+        n_stage=stages,
+        n_micro=microbatches,
+        f_cost=1000,
+        b_cost=1000,
+        w_cost=1000,
+        c_cost=1,
+        f_mem=2,
+        b_mem=-1,
+        w_mem=-1,
+    )
     return graph.get_v_schedule()
 
 
@@ -304,7 +306,7 @@ def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) ->
     if par.pp > 1:
         _check_pipeline(cfg)
     else:
-        given = [name for name, value in _PIPELINE_ONLY(cfg).items() if value]
+        given = _pipeline_flags_given(cfg)
         if given == ["--recompute_layers_per_stage"]:
             raise UsageError(
                 "--recompute_layers_per_stage needs --pp > 1 (ColossalAI 0.5.0 crashes on it without a pipeline); "
@@ -312,17 +314,21 @@ def _check_hybrid_parallel(cfg: TrainConfig, precision: str, world_size: int) ->
             )
         if given:
             raise UsageError(f"{', '.join(given)} shape(s) a pipeline: pass --pp 2 or more, or drop them")
+    if cfg.compression.grad_compression != "none" and par.zero_stage > 0:
+        raise UsageError(_zero_refuses_compression(f"hybrid_parallel --zero_stage {par.zero_stage}"))
 
 
-def _PIPELINE_ONLY(cfg: TrainConfig) -> dict:  # noqa: N802 - a table, read like a constant
+def _pipeline_flags_given(cfg: TrainConfig) -> list[str]:
+    """The flags that only shape a pipeline which this run sets away from their defaults."""
     par = cfg.parallel
-    return {
+    given = {
         "--pp_style": par.pp_style != "1f1b",
         "--num_model_chunks": par.num_model_chunks not in (None, 1),
         "--num_layers_per_stage": par.num_layers_per_stage,
         "--num_microbatches": par.num_microbatches,
         "--recompute_layers_per_stage": cfg.model.recompute_layers_per_stage,
     }
+    return [flag for flag, value in given.items() if value]
 
 
 def _check_sequence_parallel(par) -> None:
@@ -456,12 +462,6 @@ def _even_split(layers: int, stages: int) -> list[int]:
     return per_stage
 
 
-def _hybrid_compression_refusal(cfg: TrainConfig) -> str | None:
-    if cfg.parallel.zero_stage > 0:
-        return _zero_refuses_compression(cfg, f"hybrid_parallel --zero_stage {cfg.parallel.zero_stage}")
-    return None
-
-
 def _check_ddp(cfg: TrainConfig, precision: str, world_size: int) -> None:
     if _fp16_through_booster(cfg, precision) and not has_cuda():
         raise UsageError(
@@ -484,11 +484,15 @@ def _gemini_refuses_pure_bf16(name: str) -> str:
 
 # Gemini: chunked loss off until it has run on a GPU (Gemini gathers each weight through hooks on its use).
 _GEMINI = dict(
-    gpu_only=True, default_optimizer="hybrid_adam", lazy_init=True, chunked_loss=False, check=_check_gemini,
-    fused_update_refusal=_gemini_refuses_fused_update,
+    gpu_only=True,
+    default_optimizer="hybrid_adam",
+    lazy_init=True,
+    chunked_loss=False,
     compile_refusal="--compile is not available with -p gemini/gemini_auto (Gemini fetches each weight through "
     "parameter hooks that torch.compile does not trace); drop --compile, or use -p zero2 or ddp",
-)  # fmt: skip
+    fused_update_refusal=_gemini_refuses_fused_update,
+    check=_check_gemini,
+)
 PLUGINS: dict[str, PluginSpec] = {
     spec.name: spec
     for spec in [
@@ -497,6 +501,7 @@ PLUGINS: dict[str, PluginSpec] = {
             'ZeRO-3-like chunked sharding, all on GPU (`GeminiPlugin(placement_policy="static")`)',
             _gemini("static"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini"),
+            compression_refusal=_zero_refuses_compression("gemini"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -504,6 +509,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "Gemini with automatic CPU/GPU placement",
             _gemini("auto"),
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini_auto"),
+            compression_refusal=_zero_refuses_compression("gemini_auto"),
             **_GEMINI,
         ),
         PluginSpec(
@@ -512,6 +518,8 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=False),
             syncs_every_micro_step=True,
             zero_slices=True,
+            compression_refusal=_zero_refuses_compression("zero2"),
+            fused_update_refusal=_needs_whole_gradients,
         ),
         PluginSpec(
             "zero2_cpu",
@@ -519,6 +527,8 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=True),
             syncs_every_micro_step=True,
             zero_slices=True,
+            compression_refusal=_zero_refuses_compression("zero2_cpu"),
+            fused_update_refusal=_needs_whole_gradients,
         ),
         PluginSpec(
             "hybrid_parallel",
@@ -531,9 +541,8 @@ PLUGINS: dict[str, PluginSpec] = {
             compile_refusal="--compile is not available with -p hybrid_parallel (shardformer replaces the layers' "
             "forward with ColossalAI's, whose tensor/pipeline collectives are not verified under torch.compile); "
             "drop --compile, or use -p zero2 or ddp",
-            check=_check_hybrid_parallel,
             fused_update_refusal=_hybrid_fused_update_refusal,
-            compression_refusal=_hybrid_compression_refusal,
+            check=_check_hybrid_parallel,  # refuses --grad_compression under ZeRO (--zero_stage > 0)
         ),
         PluginSpec(
             "ddp",
@@ -541,9 +550,7 @@ PLUGINS: dict[str, PluginSpec] = {
             _ddp,
             clips_in_step=False,
             autocast_bf16=True,
-            fused_update_refusal=_hosts_fused_update,
             check=_check_ddp,
-            compression_refusal=_compresses,
         ),
         PluginSpec(
             "none",
@@ -551,11 +558,10 @@ PLUGINS: dict[str, PluginSpec] = {
             lambda cfg, precision: (PlainTorch(), None),
             clips_in_step=False,
             autocast_bf16=True,
-            fused_update_refusal=_hosts_fused_update,
             uses_booster=False,
             offered=False,
+            compression_refusal="-p none is the plain-PyTorch baseline; --grad_compression needs -p ddp",
             check=_check_plain_torch,
-            compression_refusal=lambda cfg: "-p none is the plain-PyTorch baseline; --grad_compression needs -p ddp",
         ),
     ]
 }
@@ -614,7 +620,7 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"--optimizer {optimizer} all-reduces each gradient itself inside the backward pass, outside DDP's "
                 "communication hook; drop --grad_compression or use --optimizer adamw"
             )
-        if refusal := spec.fused_update_refusal(cfg, optimizer):
+        if spec.fused_update_refusal and (refusal := spec.fused_update_refusal(cfg, optimizer)):
             raise UsageError(refusal)
         if cfg.training.accumulation_steps > 1:
             raise UsageError(
@@ -629,7 +635,7 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
 
 def check_layout(cfg: TrainConfig, world_size: int) -> None:
     """Raise UsageError if the plugin cannot run this layout, optimizer and precision here.
-    Runs before any process group exists."""
+    Needs no process group (the world size is passed in), so cli.validate runs it before one exists."""
     spec = plugin_spec(cfg.parallel.plugin)
     optimizer, precision = resolve_optimizer(cfg), resolve_precision(cfg)
     _check_optimizer(cfg, spec, optimizer, precision)
@@ -648,15 +654,15 @@ def check_layout(cfg: TrainConfig, world_size: int) -> None:
     if not spec.model_parallel and (cfg.parallel.tp > 1 or cfg.parallel.pp > 1):
         model_parallel = [n for n in PLUGIN_NAMES if PLUGINS[n].model_parallel]
         raise UsageError(f"--tp/--pp need -p {' or '.join(model_parallel)} (got -p {spec.name})")
-    spec.check(cfg, precision, world_size)
+    if spec.check:
+        spec.check(cfg, precision, world_size)
     _check_compression(cfg, spec)
 
 
 def _check_compression(cfg: TrainConfig, spec: PluginSpec) -> None:
     comp, pp = cfg.compression, cfg.parallel.pp
-    refusal = comp.grad_compression != "none" and spec.compression_refusal(cfg)
-    if refusal:
-        raise UsageError(refusal)
+    if comp.grad_compression != "none" and spec.compression_refusal:
+        raise UsageError(spec.compression_refusal)
     if comp.compress_stages and comp.grad_compression == "none":
         raise UsageError("--compress_stages selects which pipeline stages compress; add --grad_compression powersgd")
     if comp.compress_stages and not (spec.model_parallel and comp.compress_stages <= pp and pp > 1):

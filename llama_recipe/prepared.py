@@ -204,10 +204,17 @@ def prepare_dataset(
             raise UsageError(f"dataset {source.name!r} has no documents with non-empty text ({skipped} skipped)")
         _raw_to_npy(tmp / "doc_offsets.raw", tmp / OFFSETS_FILE, num_docs + 1)
         meta = {
-            "format_version": FORMAT_VERSION, "dtype": dtype, "num_tokens": num_tokens, "num_docs": num_docs,
-            "vocab_size": len(tokenizer), "max_token_id": max_id, "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id, "tokenizer": tokenizer.name_or_path, "source": source.name,
-        }  # fmt: skip
+            "format_version": FORMAT_VERSION,
+            "dtype": dtype,
+            "num_tokens": num_tokens,
+            "num_docs": num_docs,
+            "vocab_size": len(tokenizer),
+            "max_token_id": max_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "tokenizer": tokenizer.name_or_path,
+            "source": source.name,
+        }
         with open(tmp / PREPARED_META, "w") as f:  # last: its presence means the files above are complete
             json.dump(meta, f, indent=2)
         move_into_place(tmp, out)  # an old prepared OUT_DIR (--overwrite) is set aside first
@@ -383,8 +390,14 @@ class PreparedBatches:
 
     def state_dict(self) -> dict:
         # The layout and order travel with the position: the same index means other tokens under another one.
-        return {"epoch": self._epoch, "row": self.row, "dp_size": self.dp_size, "seq_len": self.seq_len,
-                "shuffle": self.shuffle, "seed": self.seed}  # fmt: skip
+        return {
+            "epoch": self._epoch,
+            "row": self.row,
+            "dp_size": self.dp_size,
+            "seq_len": self.seq_len,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position, also one saved under another number of replicas: the epoch's

@@ -6,8 +6,9 @@
   them (RMSNorm, rotary embeddings, SiLU and the gating product, reshapes). Megatron's
   `--recompute-granularity selective` instead recomputes only the attention core (QK^T, softmax,
   dropout, x V), which pays off where those seq^2 tensors are stored; SDPA and flash attention never
-  store them. Measured on `small` (2 layers, -l 1024, CPU, SDPA): core-attention recompute keeps 80
-  of the 84 MiB of layer activations, this policy 46 MiB, full recompute none (docs/benchmarks.md).
+  store them. Measured on `small` cut from its 8 layers to 2 (-l 1024, CPU, SDPA): core-attention
+  recompute keeps 80 of the 84 MiB of layer activations, this policy 46 MiB, full recompute none
+  (docs/benchmarks.md).
   It also runs under shardformer, which replaces the attention forward (an attention-level wrapper
   would be bypassed there): ColossalAI's LLaMA forward calls the checkpoint function we give HF.
 - `none`.
@@ -50,7 +51,7 @@ KEPT_OPS |= {
         "alltoall_",
         "alltoall_base_",
         "broadcast_",
-    ]  # fmt: skip
+    ]
 }
 
 

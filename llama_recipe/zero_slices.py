@@ -31,7 +31,7 @@ from safetensors import safe_open
 
 from .distributed import is_main_process
 from .errors import UsageError
-from .files import safetensors_header, write_safetensors
+from .files import safetensors_header
 
 INDEX = "zero-slices.json"
 PARAM_GROUPS = "pytorch_optim_group.bin"  # the name ColossalAI's own format gives this file
@@ -85,14 +85,6 @@ def write_small_files(optimizer, directory: Path, index: dict) -> None:
     if is_main_process():
         (directory / INDEX).write_text(json.dumps(index))
         save_param_groups(optimizer.optim.state_dict(), str(directory / PARAM_GROUPS))
-
-
-def save_slices(optimizer, directory: Path) -> None:
-    """Every rank writes its own slices (collective only in that every rank calls it)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors, index, rank = rank_slices(optimizer)
-    write_small_files(optimizer, directory, index)
-    write_safetensors({k: v.cpu() for k, v in tensors.items()}, rank_file(directory, rank))
 
 
 def _read_range(files: list, name: str, old_slice: int, start: int, stop: int) -> torch.Tensor:

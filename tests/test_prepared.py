@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import TOKENIZER, run_in_process, write_jsonl
 
-from llama_recipe.data import tokenized_documents
+from llama_recipe.data import DocumentStream
 from llama_recipe.errors import UsageError
 from llama_recipe.prepared import (
     PREPARED_META,
@@ -77,7 +77,7 @@ def _reference_positions(stream, eos) -> list[int]:
 
 def test_prepare_writes_the_streaming_paths_token_stream(corpus, tokenizer):
     raw, prepared, stats, stream = corpus
-    streamed = [t for doc in tokenized_documents(str(raw), tokenizer, 0, 1) for t in doc["input_ids"]]
+    streamed = [t for doc in DocumentStream(str(raw), tokenizer, 0, 1) for t in doc["input_ids"]]
     assert streamed == stream  # the reference is the streaming path's own output
     tokens = np.fromfile(prepared / "tokens.bin", dtype="<u2")
     assert tokens.tolist() == stream
