@@ -6,7 +6,7 @@ the range a value must lie in. `cli.build_parser` generates every script's parse
 fields, so a flag is defined exactly once. Flags stay flat (`--tp`, not `--parallel.tp`) because
 that is how the reference recipe spells them; field names are therefore unique across sections.
 
-This module imports nothing of ours but the error types.
+This module imports nothing of ours.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-from .errors import UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TOKENIZER = REPO_ROOT / "data" / "llama-tokenizer"
@@ -766,8 +764,3 @@ def range_problems(cfg: TrainConfig, script: str = "pretrain") -> list[str]:
                 problems.append(problem)
     return problems
 
-
-def check_known(value: str, choices: list[str], what: str) -> None:
-    """A one-line error naming the choices when `value` is not one of them."""
-    if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
