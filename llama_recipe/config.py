@@ -12,9 +12,11 @@ This module imports nothing of ours.
 from __future__ import annotations
 
 import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TOKENIZER = REPO_ROOT / "data" / "llama-tokenizer"
@@ -45,6 +47,7 @@ class Flag:
     scripts: tuple[str, ...] = SCRIPTS  # the scripts that offer it (the others use its default silently)
     per_script: dict[str, dict] = field(default_factory=dict)  # script -> {"names"|"help"|"default": ...}
     required: bool = False
+    type: Callable[[str], Any] | None = None  # parses the flag's text, where the field's type cannot (a tuple)
     advanced: bool = False  # listed in docs/flags.md only, not in the README's tables
     minimum: float | None = None  # value >= minimum
     above: float | None = None  # value > above
@@ -90,6 +93,14 @@ def setting(default: Any, **per_script_default: Any) -> Any:
 
 def flag_of(f) -> Flag | None:
     return f.metadata.get("flag")
+
+
+def declared_type(section: type, name: str) -> Any:
+    """The type `section` declares for its field `name`; `X` for `X | None` (None: unset)."""
+    hint = get_type_hints(section)[name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = (arg for arg in get_args(hint) if arg is not type(None))
+    return hint
 
 
 def default_for(f, script: str) -> Any:
