@@ -11,6 +11,7 @@ This module imports nothing of ours.
 
 from __future__ import annotations
 
+import argparse
 import math
 import types
 from collections.abc import Callable
@@ -86,6 +87,17 @@ def flag(default: Any, *names: str, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"flag": Flag(names=names, help=help, **spec)})
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """A *_layers_per_stage flag's value: '19,20,20,21' -> (19, 20, 20, 21), checked as it is parsed."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"takes comma-separated layer counts such as 2,2; got {text!r}")
+    return counts
+
+
 def setting(default: Any, **per_script_default: Any) -> Any:
     """A dataclass field that is no flag, with per-script defaults (e.g. benchmark.py's)."""
     return field(default=default, metadata={"per_script_default": per_script_default})
@@ -150,11 +162,12 @@ class ModelConfig:
         help="activation recompute: full (each decoder layer), selective (keep matmul and attention outputs, "
         "recompute the cheap ops between them), none. Default: full with -g, else none",
     )
-    recompute_layers_per_stage: str | None = flag(
+    recompute_layers_per_stage: tuple[int, ...] | None = flag(
         None,
         "--recompute_layers_per_stage",
         help="with --pp > 1: how many decoder layers of each pipeline stage (and model chunk) recompute, "
         "comma-separated, e.g. 19,19,19,13",
+        type=layer_counts,
         advanced=True,
     )
     flash_attention: bool = flag(
@@ -213,11 +226,12 @@ class ParallelConfig:
         minimum=1,
         advanced=True,
     )
-    num_layers_per_stage: str | None = flag(
+    num_layers_per_stage: tuple[int, ...] | None = flag(
         None,
         "--num_layers_per_stage",
         help="decoder layers of each pipeline stage (each chunk, stage-major, with several), comma-separated, "
         "e.g. 19,20,20,21; default: as even as possible",
+        type=layer_counts,
         advanced=True,
     )
     sp_mode: str | None = flag(
@@ -750,8 +764,10 @@ class TrainConfig:
         return replace(self.data, dataset=self.evaluation.eval_data, data_dir=None, data_config=None)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat {field: value}, as recorded in every checkpoint's running_states.json."""
-        return {f.name: getattr(getattr(self, name), f.name) for name in SECTIONS for f in fields(SECTIONS[name])}
+        """Flat {field: value}, as recorded in every checkpoint's running_states.json: a tuple as the
+        list it reads back as, so a resume compares its flags with the checkpoint's like for like."""
+        values = {f.name: getattr(getattr(self, name), f.name) for name in SECTIONS for f in fields(SECTIONS[name])}
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
 def label_of(name: str) -> str:
@@ -774,4 +790,3 @@ def range_problems(cfg: TrainConfig, script: str = "pretrain") -> list[str]:
             if problem:
                 problems.append(problem)
     return problems
-
