@@ -1,10 +1,12 @@
 """Measure training throughput, MFU and memory of a booster plugin on synthetic tokens.
 
-torchrun --standalone --nproc_per_node 2 benchmark.py -c small -p zero2 -l 256 -b 2 -s 8 -i 2
+torchrun --standalone --nproc_per_node 2 benchmark.py -c small -p zero2 -l 256 -b 2 --max_steps 8 --ignore_steps 2
 colossalai run --nproc_per_node 8 --hostfile hosts.txt benchmark.py -c llama2-7b -p gemini -g -a -b 16
 
-The flags are pretrain.py's (the same parser), with the ColossalAI example's benchmark spellings:
--s/--num_steps, -i/--ignore_steps, -w/--warmup_ratio (Gemini auto's warm-up), --mbs, --zero.
+The flags are pretrain.py's (the same parser), and its own: --ignore_steps (steps left out of the timing) and
+--results. Of the ColossalAI benchmark's spellings it keeps --num_steps (= --max_steps), --mbs and --zero; its
+-s, -i, -w and --warmup_ratio mean other flags in pretrain.py and finetune.py, so here they are spelled
+--max_steps, --ignore_steps and --gemini_warmup_ratio.
 """
 
 import statistics

@@ -1,10 +1,13 @@
 """The run configuration: one dataclass per concern, each field also the definition of its flag.
 
 A field's metadata holds everything about its command-line flag: the spellings (the ColossalAI
-example's, short forms included), the help text, which scripts offer it, per-script defaults and
-the range a value must lie in. `cli.build_parser` generates every script's parser from these
-fields, so a flag is defined exactly once. Flags stay flat (`--tp`, not `--parallel.tp`) because
-that is how the reference recipe spells them; field names are therefore unique across sections.
+example's, short forms included), the help text, which scripts offer it, per-script defaults, the
+range a value must lie in, and its own parser (`type=`) where the field's type cannot read the text.
+`cli.build_parser` generates every script's parser from these fields, so a flag is defined exactly
+once. Flags stay flat (`--tp`, not `--parallel.tp`) because that is how the reference recipe spells
+them; field names are therefore unique across sections. A spelling means one flag in every script:
+benchmark.py keeps the ColossalAI benchmark's `--num_steps`, `--mbs` and `--zero`, but not its `-s`,
+`-i`, `-w` and `--warmup_ratio`, which pretrain.py and finetune.py spell other flags with.
 
 This module imports nothing of ours.
 """
@@ -276,7 +279,6 @@ class ParallelConfig:
         "--gemini_warmup_ratio",
         help="gemini_auto: the non-model-data warm-up ratio",
         minimum=0.0,
-        per_script={"benchmark": {"names": ("-w", "--warmup_ratio", "--gemini_warmup_ratio")}},
         advanced=True,
     )
 
@@ -523,7 +525,7 @@ class TrainingConfig:
         "--max_steps",
         help="stop after this many optimizer steps",
         minimum=1,
-        per_script={"benchmark": {"names": ("-s", "--num_steps", "--max_steps"), "default": 8}},
+        per_script={"benchmark": {"names": ("--max_steps", "--num_steps"), "default": 8}},
     )
     seed: int = flag(42, "--seed", help="random seed (model init and data order)", minimum=0)
     max_bad_steps: int = flag(
@@ -668,7 +670,7 @@ class LoggingConfig:
         advanced=True,
     )
     ignore_steps: int = flag(
-        2, "-i", "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
+        2, "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
     )
     results: str | None = flag(
         None, "--results", help="append one JSON line per run to this file", scripts=("benchmark", "eval")
