@@ -403,8 +403,8 @@ class DataConfig:
     shuffle_buffer: int = flag(
         1000,
         "--shuffle_buffer",
-        help="pretraining: documents drawn at random from a buffer of this many (files reordered every epoch, "
-        "prepared rows permuted); 0: read in file order",
+        help="pretraining: documents drawn at random from a buffer of this many, then the packed rows from a buffer "
+        "of this many rows (files reordered every epoch; a prepared dataset's rows permuted); 0: read in file order",
         scripts=("pretrain",),
         minimum=0,
         advanced=True,
