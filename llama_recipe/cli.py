@@ -50,8 +50,15 @@ from .recompute import RECOMPUTE_MODES
 from .sources import check_dataset_source, dataset_kind, source_for
 
 # What torch.distributed says when a peer is gone or never answers
-PEER_FAILURES = ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset by peer",
-                 "Broken pipe", "Socket closed")  # fmt: skip
+PEER_FAILURES = (
+    "Timed out",
+    "timed out",
+    "Timeout",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Socket closed",
+)
 DESCRIPTIONS = {
     "pretrain": "Pretrain a LLaMA model with a ColossalAI booster plugin.",
     "finetune": "Finetune a LLaMA model on prompt/completion pairs.",

@@ -294,8 +294,12 @@ class CompressionConfig:
         "with --zero_stage 0); none: exact all-reduce",
     )
     powersgd_rank: int = flag(
-        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True,
-    )  # fmt: skip
+        4,
+        "--powersgd_rank",
+        help="PowerSGD: rank of each gradient's factors",
+        minimum=1,
+        advanced=True,
+    )
     powersgd_warmup: float = flag(
         0.1,
         "--powersgd_warmup",
@@ -545,8 +549,13 @@ class TrainingConfig:
         advanced=True,
     )
     spike_z: float = flag(
-        6.0, "--spike_z", help="a loss this many standard deviations above the last 100 is a spike", above=0.0,
-        scripts=TRAINING, advanced=True)  # fmt: skip
+        6.0,
+        "--spike_z",
+        help="a loss this many standard deviations above the last 100 is a spike",
+        above=0.0,
+        scripts=TRAINING,
+        advanced=True,
+    )
     eval_interval: int = flag(
         0,
         "--eval_interval",
@@ -698,9 +707,13 @@ class EvalConfig:
         scripts=("pretrain",),
     )
     eval_tokens: int = flag(
-        65536, "--eval_tokens", help="tokens of --eval_data to evaluate on (a fixed set)", scripts=("pretrain",),
-        minimum=1, advanced=True,
-    )  # fmt: skip
+        65536,
+        "--eval_tokens",
+        help="tokens of --eval_data to evaluate on (a fixed set)",
+        scripts=("pretrain",),
+        minimum=1,
+        advanced=True,
+    )
     task: str = flag(
         "perplexity",
         "--task",
