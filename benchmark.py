@@ -1,10 +1,12 @@
 """Measure training throughput, MFU and memory of a booster plugin on synthetic tokens.
 
-torchrun --standalone --nproc_per_node 2 benchmark.py -c small -p zero2 -l 256 -b 2 -s 8 -i 2
+torchrun --standalone --nproc_per_node 2 benchmark.py -c small -p zero2 -l 256 -b 2 --max_steps 8 --ignore_steps 2
 colossalai run --nproc_per_node 8 --hostfile hosts.txt benchmark.py -c llama2-7b -p gemini -g -a -b 16
 
-The flags are pretrain.py's (the same parser), with the ColossalAI example's benchmark spellings:
--s/--num_steps, -i/--ignore_steps, -w/--warmup_ratio (Gemini auto's warm-up), --mbs, --zero.
+The flags are pretrain.py's (the same parser), and its own: --ignore_steps (steps left out of the timing) and
+--results. Of the ColossalAI benchmark's spellings it keeps --num_steps (= --max_steps), --mbs and --zero; its
+-s, -i, -w and --warmup_ratio mean other flags in pretrain.py and finetune.py, so here they are spelled
+--max_steps, --ignore_steps and --gemini_warmup_ratio.
 """
 
 import statistics
@@ -38,16 +40,32 @@ def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
     outside = (parts["data"] + parts["other"]) / sum(seconds)
     par = cfg.parallel
     row = dict(
-        plugin=par.plugin, config=cfg.model.config, world_size=world, dp_size=summary["dp_size"], tp=par.tp,
-        pp=par.pp, precision=summary["precision"], optimizer=summary["optimizer"],
-        batch_size=cfg.training.batch_size, seq_len=seq_len, tokens_per_s=tokens_per_s, tgs=tokens_per_s / world,
-        samples_per_s=tokens_per_s / seq_len, step_s_median=median, step_s_spread=max(seconds) - min(seconds),
-        tflops_per_device=tokens_per_s * flops / world / 1e12, mfu=mfu, peak_tflops=peak / 1e12,
-        peak_source=summary["peak_source"], peak_memory_mb=summary["peak_memory_mb"],
-        step_parts_s={k: v / len(seconds) for k, v in parts.items()}, outside_model_fraction=outside,
-        losses=summary["losses"], compile_seconds=summary["compile_seconds"],
+        plugin=par.plugin,
+        config=cfg.model.config,
+        world_size=world,
+        dp_size=summary["dp_size"],
+        tp=par.tp,
+        pp=par.pp,
+        precision=summary["precision"],
+        optimizer=summary["optimizer"],
+        batch_size=cfg.training.batch_size,
+        seq_len=seq_len,
+        tokens_per_s=tokens_per_s,
+        tgs=tokens_per_s / world,
+        samples_per_s=tokens_per_s / seq_len,
+        step_s_median=median,
+        step_s_spread=max(seconds) - min(seconds),
+        tflops_per_device=tokens_per_s * flops / world / 1e12,
+        mfu=mfu,
+        peak_tflops=peak / 1e12,
+        peak_source=summary["peak_source"],
+        peak_memory_mb=summary["peak_memory_mb"],
+        step_parts_s={k: v / len(seconds) for k, v in parts.items()},
+        outside_model_fraction=outside,
+        losses=summary["losses"],
+        compile_seconds=summary["compile_seconds"],
         **({"memory": memory, "zero_stage": par.zero_stage} if memory else {}),
-    )  # fmt: skip
+    )
     split = ", ".join(f"{k.replace('_', '+')} {v:.3f}s" for k, v in row["step_parts_s"].items())
     print(
         f"\n{par.plugin} {cfg.model.config} x{world} ({row['precision']}), {cfg.training.batch_size}x{seq_len} "
@@ -79,8 +97,10 @@ def report_memory(memory: dict, cfg: TrainConfig) -> None:
     parts = ", ".join(f"{role} {value:.2f}" for role, value in memory["bytes_per_parameter"].items())
     megatron = ""
     if memory["megatron_distributed_optimizer"] is not None:
-        megatron = (f"; Megatron: {memory['megatron_without_distributed_optimizer']} without its distributed "
-                    f"optimizer, {memory['megatron_distributed_optimizer']:.2f} with it")  # fmt: skip
+        megatron = (
+            f"; Megatron: {memory['megatron_without_distributed_optimizer']} without its distributed "
+            f"optimizer, {memory['megatron_distributed_optimizer']:.2f} with it"
+        )
     print(
         f"  state per parameter on rank 0 (zero_stage {cfg.parallel.zero_stage}, dp {memory['dp_size']}): {parts} = "
         f"{memory['total_bytes_per_parameter']:.2f} bytes{megatron}"

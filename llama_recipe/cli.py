@@ -28,7 +28,16 @@ from .checkpoint import (
     save_dir_problems,
 )
 from .compression import GRAD_COMPRESSIONS
-from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, flag_of, range_problems
+from .config import (
+    PRECISIONS,
+    SECTIONS,
+    SHIPPED_HELD_OUT,
+    TRAINING,
+    TrainConfig,
+    declared_type,
+    flag_of,
+    range_problems,
+)
 from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import print_main, rank, shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
@@ -41,8 +50,15 @@ from .recompute import RECOMPUTE_MODES
 from .sources import check_dataset_source, dataset_kind, source_for
 
 # What torch.distributed says when a peer is gone or never answers
-PEER_FAILURES = ("Timed out", "timed out", "Timeout", "Connection closed by peer", "Connection reset by peer",
-                 "Broken pipe", "Socket closed")  # fmt: skip
+PEER_FAILURES = (
+    "Timed out",
+    "timed out",
+    "Timeout",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Socket closed",
+)
 DESCRIPTIONS = {
     "pretrain": "Pretrain a LLaMA model with a ColossalAI booster plugin.",
     "finetune": "Finetune a LLaMA model on prompt/completion pairs.",
@@ -62,7 +78,6 @@ CHOICES = {
     "task": ["perplexity", "cloze"],
     "grad_compression": GRAD_COMPRESSIONS,
 }
-_TYPES = {"int": int, "float": float, "str": str}
 
 
 def _choices(name: str, script: str) -> list | None:
@@ -81,12 +96,15 @@ def build_parser(script: str) -> OneLineErrorParser:
         for f in offered:
             spec = flag_of(f)
             names, help_text, default = spec.for_script(script, f.default)
-            kind = str(f.type).split(" |")[0]
             kwargs = dict(dest=f.name, help=help_text, default=default)
-            if kind == "bool":
+            value_type = declared_type(section, f.name)
+            if value_type is bool:
                 kwargs["action"] = "store_true"
             else:
-                kwargs.update(type=_TYPES[kind], choices=_choices(f.name, script), required=spec.required)
+                parse = spec.type or value_type
+                if parse not in (int, float, str) and spec.type is None:  # e.g. a tuple: the flag says how
+                    raise TypeError(f"config field {f.name}: give its flag(...) a type= that parses {value_type}")
+                kwargs.update(type=parse, choices=_choices(f.name, script), required=spec.required)
             group.add_argument(*names, **kwargs)
     return parser
 

@@ -1,22 +1,26 @@
 """The run configuration: one dataclass per concern, each field also the definition of its flag.
 
 A field's metadata holds everything about its command-line flag: the spellings (the ColossalAI
-example's, short forms included), the help text, which scripts offer it, per-script defaults and
-the range a value must lie in. `cli.build_parser` generates every script's parser from these
-fields, so a flag is defined exactly once. Flags stay flat (`--tp`, not `--parallel.tp`) because
-that is how the reference recipe spells them; field names are therefore unique across sections.
+example's, short forms included), the help text, which scripts offer it, per-script defaults, the
+range a value must lie in, and its own parser (`type=`) where the field's type cannot read the text.
+`cli.build_parser` generates every script's parser from these fields, so a flag is defined exactly
+once. Flags stay flat (`--tp`, not `--parallel.tp`) because that is how the reference recipe spells
+them; field names are therefore unique across sections. A spelling means one flag in every script:
+benchmark.py keeps the ColossalAI benchmark's `--num_steps`, `--mbs` and `--zero`, but not its `-s`,
+`-i`, `-w` and `--warmup_ratio`, which pretrain.py and finetune.py spell other flags with.
 
-This module imports nothing of ours but the error types.
+This module imports nothing of ours.
 """
 
 from __future__ import annotations
 
+import argparse
 import math
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
-
-from .errors import UsageError
+from typing import Any, get_args, get_type_hints
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_TOKENIZER = REPO_ROOT / "data" / "llama-tokenizer"
@@ -47,6 +51,7 @@ class Flag:
     scripts: tuple[str, ...] = SCRIPTS  # the scripts that offer it (the others use its default silently)
     per_script: dict[str, dict] = field(default_factory=dict)  # script -> {"names"|"help"|"default": ...}
     required: bool = False
+    type: Callable[[str], Any] | None = None  # parses the flag's text, where the field's type cannot (a tuple)
     advanced: bool = False  # listed in docs/flags.md only, not in the README's tables
     minimum: float | None = None  # value >= minimum
     above: float | None = None  # value > above
@@ -85,6 +90,17 @@ def flag(default: Any, *names: str, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"flag": Flag(names=names, help=help, **spec)})
 
 
+def layer_counts(text: str) -> tuple[int, ...]:
+    """A *_layers_per_stage flag's value: '19,20,20,21' -> (19, 20, 20, 21), checked as it is parsed."""
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or any(count < 0 for count in counts):
+        raise argparse.ArgumentTypeError(f"takes comma-separated layer counts such as 2,2; got {text!r}")
+    return counts
+
+
 def setting(default: Any, **per_script_default: Any) -> Any:
     """A dataclass field that is no flag, with per-script defaults (e.g. benchmark.py's)."""
     return field(default=default, metadata={"per_script_default": per_script_default})
@@ -92,6 +108,14 @@ def setting(default: Any, **per_script_default: Any) -> Any:
 
 def flag_of(f) -> Flag | None:
     return f.metadata.get("flag")
+
+
+def declared_type(section: type, name: str) -> Any:
+    """The type `section` declares for its field `name`; `X` for `X | None` (None: unset)."""
+    hint = get_type_hints(section)[name]
+    if isinstance(hint, types.UnionType):
+        (hint,) = (arg for arg in get_args(hint) if arg is not type(None))
+    return hint
 
 
 def default_for(f, script: str) -> Any:
@@ -141,11 +165,12 @@ class ModelConfig:
         help="activation recompute: full (each decoder layer), selective (keep matmul and attention outputs, "
         "recompute the cheap ops between them), none. Default: full with -g, else none",
     )
-    recompute_layers_per_stage: str | None = flag(
+    recompute_layers_per_stage: tuple[int, ...] | None = flag(
         None,
         "--recompute_layers_per_stage",
         help="with --pp > 1: how many decoder layers of each pipeline stage (and model chunk) recompute, "
         "comma-separated, e.g. 19,19,19,13",
+        type=layer_counts,
         advanced=True,
     )
     flash_attention: bool = flag(
@@ -204,11 +229,12 @@ class ParallelConfig:
         minimum=1,
         advanced=True,
     )
-    num_layers_per_stage: str | None = flag(
+    num_layers_per_stage: tuple[int, ...] | None = flag(
         None,
         "--num_layers_per_stage",
         help="decoder layers of each pipeline stage (each chunk, stage-major, with several), comma-separated, "
         "e.g. 19,20,20,21; default: as even as possible",
+        type=layer_counts,
         advanced=True,
     )
     sp_mode: str | None = flag(
@@ -253,7 +279,6 @@ class ParallelConfig:
         "--gemini_warmup_ratio",
         help="gemini_auto: the non-model-data warm-up ratio",
         minimum=0.0,
-        per_script={"benchmark": {"names": ("-w", "--warmup_ratio", "--gemini_warmup_ratio")}},
         advanced=True,
     )
 
@@ -269,8 +294,12 @@ class CompressionConfig:
         "with --zero_stage 0); none: exact all-reduce",
     )
     powersgd_rank: int = flag(
-        4, "--powersgd_rank", help="PowerSGD: rank of each gradient's factors", minimum=1, advanced=True,
-    )  # fmt: skip
+        4,
+        "--powersgd_rank",
+        help="PowerSGD: rank of each gradient's factors",
+        minimum=1,
+        advanced=True,
+    )
     powersgd_warmup: float = flag(
         0.1,
         "--powersgd_warmup",
@@ -378,8 +407,8 @@ class DataConfig:
     shuffle_buffer: int = flag(
         1000,
         "--shuffle_buffer",
-        help="pretraining: documents drawn at random from a buffer of this many (files reordered every epoch, "
-        "prepared rows permuted); 0: read in file order",
+        help="pretraining: documents drawn at random from a buffer of this many, then the packed rows from a buffer "
+        "of this many rows (files reordered every epoch; a prepared dataset's rows permuted); 0: read in file order",
         scripts=("pretrain",),
         minimum=0,
         advanced=True,
@@ -500,7 +529,7 @@ class TrainingConfig:
         "--max_steps",
         help="stop after this many optimizer steps",
         minimum=1,
-        per_script={"benchmark": {"names": ("-s", "--num_steps", "--max_steps"), "default": 8}},
+        per_script={"benchmark": {"names": ("--max_steps", "--num_steps"), "default": 8}},
     )
     seed: int = flag(42, "--seed", help="random seed (model init and data order)", minimum=0)
     max_bad_steps: int = flag(
@@ -520,8 +549,13 @@ class TrainingConfig:
         advanced=True,
     )
     spike_z: float = flag(
-        6.0, "--spike_z", help="a loss this many standard deviations above the last 100 is a spike", above=0.0,
-        scripts=TRAINING, advanced=True)  # fmt: skip
+        6.0,
+        "--spike_z",
+        help="a loss this many standard deviations above the last 100 is a spike",
+        above=0.0,
+        scripts=TRAINING,
+        advanced=True,
+    )
     eval_interval: int = flag(
         0,
         "--eval_interval",
@@ -645,7 +679,7 @@ class LoggingConfig:
         advanced=True,
     )
     ignore_steps: int = flag(
-        2, "-i", "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
+        2, "--ignore_steps", help="warm-up steps left out of the timing", scripts=("benchmark",), minimum=0
     )
     results: str | None = flag(
         None, "--results", help="append one JSON line per run to this file", scripts=("benchmark", "eval")
@@ -673,9 +707,13 @@ class EvalConfig:
         scripts=("pretrain",),
     )
     eval_tokens: int = flag(
-        65536, "--eval_tokens", help="tokens of --eval_data to evaluate on (a fixed set)", scripts=("pretrain",),
-        minimum=1, advanced=True,
-    )  # fmt: skip
+        65536,
+        "--eval_tokens",
+        help="tokens of --eval_data to evaluate on (a fixed set)",
+        scripts=("pretrain",),
+        minimum=1,
+        advanced=True,
+    )
     task: str = flag(
         "perplexity",
         "--task",
@@ -741,8 +779,10 @@ class TrainConfig:
         return replace(self.data, dataset=self.evaluation.eval_data, data_dir=None, data_config=None)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat {field: value}, as recorded in every checkpoint's running_states.json."""
-        return {f.name: getattr(getattr(self, name), f.name) for name in SECTIONS for f in fields(SECTIONS[name])}
+        """Flat {field: value}, as recorded in every checkpoint's running_states.json: a tuple as the
+        list it reads back as, so a resume compares its flags with the checkpoint's like for like."""
+        values = {f.name: getattr(getattr(self, name), f.name) for name in SECTIONS for f in fields(SECTIONS[name])}
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
 
 
 def label_of(name: str) -> str:
@@ -765,9 +805,3 @@ def range_problems(cfg: TrainConfig, script: str = "pretrain") -> list[str]:
             if problem:
                 problems.append(problem)
     return problems
-
-
-def check_known(value: str, choices: list[str], what: str) -> None:
-    """A one-line error naming the choices when `value` is not one of them."""
-    if value not in choices:
-        raise UsageError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")

@@ -184,9 +184,9 @@ def _pipeline(cfg: TrainConfig) -> dict:
             par.pp, par.num_microbatches or cfg.training.batch_size // par.microbatch_size
         )
     if par.num_layers_per_stage:
-        options["num_layers_per_stage"] = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+        options["num_layers_per_stage"] = list(par.num_layers_per_stage)
     if cfg.model.recompute_layers_per_stage:
-        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        counts = list(cfg.model.recompute_layers_per_stage)
         options["gradient_checkpoint_config"] = PipelineGradientCheckpointConfig(num_ckpt_layers_per_stage=counts)
     return options
 
@@ -224,17 +224,6 @@ def model_parallel_size(par) -> int:
 def model_chunks(par) -> int:
     """Model chunks per pipeline stage: --num_model_chunks, or what the schedule needs."""
     return par.num_model_chunks or (1 if par.pp_style == "1f1b" else 2)
-
-
-def parse_counts(text: str, flag_name: str) -> list[int]:
-    """'19,20,20,21' -> [19, 20, 20, 21]; a one-line error for anything else."""
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or any(c < 0 for c in counts):
-        raise UsageError(f"{flag_name} takes comma-separated layer counts such as 2,2; got {text!r}")
-    return counts
 
 
 def _fp16_through_booster(cfg: TrainConfig, precision: str) -> str | None:
@@ -395,7 +384,7 @@ def _check_pipeline(cfg: TrainConfig) -> None:
             "(-b / --microbatch_size, or --num_microbatches)"
         )
     if par.num_layers_per_stage:
-        counts = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+        counts = par.num_layers_per_stage
         if style != "1f1b":
             raise UsageError(
                 "--num_layers_per_stage works with --pp_style 1f1b only: ColossalAI 0.5.0 takes one count per stage "
@@ -404,7 +393,7 @@ def _check_pipeline(cfg: TrainConfig) -> None:
         if len(counts) != par.pp:
             raise UsageError(f"--num_layers_per_stage needs one count per pipeline stage ({par.pp}); got {len(counts)}")
     if cfg.model.recompute_layers_per_stage:
-        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        counts = cfg.model.recompute_layers_per_stage
         if len(counts) != par.pp * chunks:
             raise UsageError(
                 f"--recompute_layers_per_stage needs one count per stage and model chunk ({par.pp} x {chunks}); "
@@ -434,10 +423,10 @@ def check_model_split(cfg: TrainConfig, model_config) -> None:
         return
     stages = par.pp * model_chunks(par)
     if par.num_layers_per_stage:
-        per_stage = parse_counts(par.num_layers_per_stage, "--num_layers_per_stage")
+        per_stage = list(par.num_layers_per_stage)
         if sum(per_stage) != layers or 0 in per_stage:
             raise UsageError(
-                f"--num_layers_per_stage {par.num_layers_per_stage} must give every stage at least one layer and add "
+                f"--num_layers_per_stage {','.join(map(str, per_stage))} must give every stage at least one layer and add "
                 f"up to the model's {layers} layers"
             )
     elif layers < stages:
@@ -445,10 +434,10 @@ def check_model_split(cfg: TrainConfig, model_config) -> None:
     else:
         per_stage = _even_split(layers, stages)
     if cfg.model.recompute_layers_per_stage:
-        counts = parse_counts(cfg.model.recompute_layers_per_stage, "--recompute_layers_per_stage")
+        counts = cfg.model.recompute_layers_per_stage
         if any(c > n for c, n in zip(counts, per_stage, strict=False)):
             raise UsageError(
-                f"--recompute_layers_per_stage {cfg.model.recompute_layers_per_stage} asks more layers than the stages "
+                f"--recompute_layers_per_stage {','.join(map(str, counts))} asks more layers than the stages "
                 f"hold ({','.join(map(str, per_stage))})"
             )
 

@@ -46,7 +46,7 @@ def training_rate(seq_len: int) -> float:
         results = Path(tmp) / "results.jsonl"
         cmd = [
             str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2", "benchmark.py",
-            "-c", "small", "-p", "zero2", "-l", str(seq_len), "-b", "2", "-s", "5", "-i", "1", "--results", str(results),
+            "-c", "small", "-p", "zero2", "-l", str(seq_len), "-b", "2", "--max_steps", "5", "--ignore_steps", "1", "--results", str(results),
         ]  # fmt: skip
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=env)

@@ -128,11 +128,11 @@ throughput() {  # throughput "PLUGINS" STEPS WARMUP: small and 1b under each plu
   section "benchmark.py, bf16, flash attention (tokens/s per GPU, MFU, peak memory)"
   for config in small 1b; do
     for plugin in $1; do
-      $TORCHRUN benchmark.py -c "$config" -p "$plugin" -x bf16 -a -l 2048 -b 4 -s "$2" -i "$3" --results "$RESULTS" \
+      $TORCHRUN benchmark.py -c "$config" -p "$plugin" -x bf16 -a -l 2048 -b 4 --max_steps "$2" --ignore_steps "$3" --results "$RESULTS" \
         >/dev/null 2>&1 || echo "$config $plugin: FAILED" >>"$REPORT"
     done
     if [ "$QUICK" = 0 ] && [ "$NGPU" -ge 2 ]; then
-      $TORCHRUN benchmark.py -c "$config" -p hybrid_parallel --tp 2 -x bf16 -a -l 2048 -b 4 -s 12 -i 3 \
+      $TORCHRUN benchmark.py -c "$config" -p hybrid_parallel --tp 2 -x bf16 -a -l 2048 -b 4 --max_steps 12 --ignore_steps 3 \
         --results "$RESULTS" >/dev/null 2>&1 || echo "$config hybrid_parallel: FAILED" >>"$REPORT"
     fi
   done
@@ -158,7 +158,7 @@ section "Collage on GPU: pure bf16 throughput and memory vs fp32-master bf16 Ada
 RESULTS_COLLAGE=$(mktemp -d)/collage.jsonl
 for variant in "-x bf16 --optimizer adamw" "-x pure_bf16 --optimizer adamw" "--optimizer collage_light" "--optimizer collage_plus"; do
   # shellcheck disable=SC2086
-  $TORCHRUN benchmark.py -c 1b -p zero2 $variant -a -l 2048 -b 4 -s 12 -i 3 --results "$RESULTS_COLLAGE" \
+  $TORCHRUN benchmark.py -c 1b -p zero2 $variant -a -l 2048 -b 4 --max_steps 12 --ignore_steps 3 --results "$RESULTS_COLLAGE" \
     >/dev/null 2>&1 || echo "collage $variant: FAILED" >>"$REPORT"
 done
 results_table "$RESULTS_COLLAGE"
@@ -168,7 +168,7 @@ section "1b, zero2, bf16: default (chunked loss), --unfused_loss, --compile (row
 RESULTS_SPEED=$(mktemp -d)/speed.jsonl
 for variant in "" "--unfused_loss" "--compile"; do
   # shellcheck disable=SC2086
-  $TORCHRUN benchmark.py -c 1b -p zero2 -x bf16 -a -l 2048 -b 4 -s 12 -i 3 $variant --results "$RESULTS_SPEED" \
+  $TORCHRUN benchmark.py -c 1b -p zero2 -x bf16 -a -l 2048 -b 4 --max_steps 12 --ignore_steps 3 $variant --results "$RESULTS_SPEED" \
     >/dev/null 2>&1 || echo "1b zero2 $variant: FAILED" >>"$REPORT"
 done
 results_table "$RESULTS_SPEED"

@@ -10,7 +10,7 @@ mkdir -p "$(dirname "$RESULTS")"
 for layout in "-p none" "-p ddp" "-p zero2" "-p zero2_cpu" "-p hybrid_parallel --tp 2 -b 4"; do
   echo "== $layout"
   # shellcheck disable=SC2086
-  .venv/bin/torchrun --standalone --nproc_per_node 2 benchmark.py -c small -l 256 -b 2 -s 8 -i 2 $layout \
+  .venv/bin/torchrun --standalone --nproc_per_node 2 benchmark.py -c small -l 256 -b 2 --max_steps 8 --ignore_steps 2 $layout \
     --results "$RESULTS" "$@" | tail -6
 done
 .venv/bin/python scripts/plot_benchmarks.py "$RESULTS" -o runs/benchmarks_cpu.png
