@@ -4,10 +4,11 @@ The stream comes from `datasets` in streaming mode: a Hugging Face dataset name,
 JSONL.gz / Parquet files with a `text` field. Each data-parallel replica reads its own part of the
 stream (tensor- and pipeline-parallel ranks of one replica read the same part). The order is
 shuffled (`DocumentStream`): the files in a new order every epoch, the documents drawn at random
-from a buffer of `--shuffle_buffer` texts. Documents are
-concatenated, each followed by EOS, and cut into rows of exactly `seq_len` tokens, so no compute is
-spent on padding; leftover tokens wait in a buffer for the next row, so no token is dropped. Each
-row carries position ids that restart at every document, for attention that respects documents.
+from a buffer of `--shuffle_buffer` texts. Documents are concatenated, each followed by EOS, and cut
+into rows of exactly `seq_len` tokens, so no compute is spent on padding; leftover tokens wait in a
+buffer for the next row, so no token is dropped. The rows are drawn at random from a second buffer of
+`--shuffle_buffer` rows (`PackedRows`), so a book's hundreds of rows do not fill batches in a row.
+Each row carries position ids that restart at every document, for attention that respects documents.
 
 `--data_mix arxiv=0.1,book=0.2,...` draws from the corpus's slices (RedPajama's arxiv, book, c4,
 cc, github, stackexchange, wikipedia: the file names' prefix) so that each slice's share of the
@@ -15,7 +16,8 @@ trained tokens tracks its weight.
 
 The position in the stream (the `datasets` iterator states, the document and row shuffle buffers and
 their generators, the leftover tokens, the mixture's token counts and the epoch) is saved with every
-checkpoint, so a resumed run sees exactly the rows the uninterrupted run would have seen. A background thread prepares batches ahead of the step.
+checkpoint, so a resumed run sees exactly the rows the uninterrupted run would have seen. A background
+thread prepares batches ahead of the step.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def test_recompute_mode_from_flags():
     assert mode() == "none"
     assert mode(grad_checkpoint=True) == "full"
     assert mode(recompute="selective") == "selective"
-    assert mode(recompute_layers_per_stage="1,1") == "full"
+    assert mode(recompute_layers_per_stage=(1, 1)) == "full"
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
