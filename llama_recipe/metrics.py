@@ -49,10 +49,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# Where gradients live outside a parameter's .grad: ColossalAI 0.5.0's low-level ZeRO optimizer
+# (zero2, zero2_cpu, hybrid_parallel's --zero_stage) keeps them in its bookkeeping stores
+# (colossalai/zero/low_level/bookkeeping). Neither torch nor ColossalAI says what a tensor holds
+# (torch.cuda.memory's snapshots do, on CUDA only), so the walker names these stores and attributes.
+# Gemini, as plugins.py builds it (master weights, no gradient accumulation), writes gradients into
+# the 16-bit chunks that hold the weights: no store of their own to find.
+GRADIENT_ATTRIBUTES = {  # qualified type name -> its attributes that hold only gradients
+    "colossalai.zero.low_level.bookkeeping.gradient_store.GradientStore": {"_grads_of_params"},
+    "colossalai.zero.low_level.bookkeeping.bucket_store.BucketStore": {"_grad_in_bucket"},  # waiting to be reduced
+}
+WALKED_MODULES = ("colossalai", "torch.optim", "llama_recipe")  # whose objects' attributes the walker follows
+
+
 def reachable_tensors(*roots: tuple[object, str]) -> Iterator[tuple[torch.Tensor, str]]:
     """Every tensor reachable from the (object, role) roots (models, optimizers and the plugins'
     optimizer wrappers with their gradient stores), each storage once, with its role: the root's,
-    or "gradients" for a .grad and for what is kept under a name with "grad" in it (ZeRO's stores)."""
+    or "gradients" for a .grad and for what ZeRO's stores hold (GRADIENT_ATTRIBUTES)."""
     seen_objects, seen_storages = set(), set()
 
     def visit(obj, role: str) -> Iterator[tuple[torch.Tensor, str]]:
@@ -70,15 +83,14 @@ def reachable_tensors(*roots: tuple[object, str]) -> Iterator[tuple[torch.Tensor
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 yield from visit(k, role)
-                yield from visit(v, "gradients" if isinstance(k, str) and "grad" in k else role)
+                yield from visit(v, role)
         elif isinstance(obj, (list, tuple, set)):
             for v in obj:
                 yield from visit(v, role)
-        elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
-            obj, "__dict__"
-        ):
+        elif type(obj).__module__.startswith(WALKED_MODULES) and hasattr(obj, "__dict__"):
+            gradients = GRADIENT_ATTRIBUTES.get(f"{type(obj).__module__}.{type(obj).__qualname__}", set())
             for name, v in vars(obj).items():
-                yield from visit(v, "gradients" if "grad" in name else role)
+                yield from visit(v, "gradients" if name in gradients else role)
 
     for root, role in roots:
         yield from visit(root, role)
