@@ -204,10 +204,16 @@ def eval_scores(sums: dict) -> dict:
     out = {}
     if sums["tokens"]:
         nats = sums["nats"]
-        out.update(token_perplexity=math.exp(nats / sums["tokens"]), bits_per_byte=nats / math.log(2) / sums["bytes"],
-                   byte_perplexity=math.exp(nats / sums["bytes"]), word_perplexity=math.exp(nats / sums["words"]),
-                   nll_per_token=nats / sums["tokens"])  # fmt: skip
+        out.update(
+            token_perplexity=math.exp(nats / sums["tokens"]),
+            bits_per_byte=nats / math.log(2) / sums["bytes"],
+            byte_perplexity=math.exp(nats / sums["bytes"]),
+            word_perplexity=math.exp(nats / sums["words"]),
+            nll_per_token=nats / sums["tokens"],
+        )
     if sums["cloze_documents"]:
-        out.update(cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
-                   cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]))  # fmt: skip
+        out.update(
+            cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
+            cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]),
+        )
     return out

@@ -231,8 +231,10 @@ def _hub_error(repo: str, error: Exception) -> UsageError:
     if isinstance(error, OfflineModeIsEnabled):
         return UsageError(f"-d {repo} is on the Hugging Face hub, but HF_HUB_OFFLINE is set; {local}")
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    return UsageError(f"could not reach the Hugging Face hub for {repo!r} ({type(error).__name__}: {detail}); "
-                      f"if this machine is offline, {local}")  # fmt: skip
+    return UsageError(
+        f"could not reach the Hugging Face hub for {repo!r} ({type(error).__name__}: {detail}); "
+        f"if this machine is offline, {local}"
+    )
 
 
 def _transient(error: Exception) -> bool:
@@ -273,10 +275,15 @@ def hub_file_url(repo: str, path: str) -> str:
     return f"hf://datasets/{repo}/{path}"
 
 
-def resolve_source(dataset: str, data_dir: str | None = None, data_config: str | None = None,
-                   text_field: str = "text", slice_field: str | None = None,
-                   list_files: Callable[[str], list[str]] = list_hub_files,
-                   file_url: Callable[[str, str], str] = hub_file_url) -> Source:  # fmt: skip
+def resolve_source(
+    dataset: str,
+    data_dir: str | None = None,
+    data_config: str | None = None,
+    text_field: str = "text",
+    slice_field: str | None = None,
+    list_files: Callable[[str], list[str]] = list_hub_files,
+    file_url: Callable[[str, str], str] = hub_file_url,
+) -> Source:
     """What a run reads for `-d`. For a hub dataset this lists its files (one request, retried);
     `list_files` and `file_url` are where a repository's files are listed and read from (the hub,
     or a local copy laid out as the repository is)."""
@@ -397,8 +404,9 @@ def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
-def read_jsonl_documents(files: list[str], text_field: str = "text", slice_field: str | None = None,
-                         slice_names: dict | None = None) -> Iterator[dict]:  # fmt: skip
+def read_jsonl_documents(
+    files: list[str], text_field: str = "text", slice_field: str | None = None, slice_names: dict | None = None
+) -> Iterator[dict]:
     """Rows {"text", "slice"} of JSON-lines files: local or hf:// URLs, plain, .gz or .zst. Lines
     that are not valid UTF-8 JSON objects with a non-empty string text are skipped and counted:
     one bad line in a terabyte must not stop a run."""
