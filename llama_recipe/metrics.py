@@ -227,7 +227,7 @@ def plot_loss_curve(history: list[tuple[int, float]], path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # FLOPs and MFU
 
-# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets (H100/H800: the SXM parts').
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
 MFU_FORMULA = "6*N_matmul + 6*L*S*H per token (model FLOPs: attention's 12*L*S*H halved for causal masking; recompute not counted)"
 

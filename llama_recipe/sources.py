@@ -240,7 +240,7 @@ def _hub_error(repo: str, error: Exception) -> UsageError:
 
 
 def _transient(error: Exception) -> bool:
-    """Worth another try: a timeout, or a 429/5xx answer. Refused or unresolvable connections are not
+    """Worth another try: a timeout, or a 429, 500, 502, 503 or 504 answer. Refused or unresolvable connections are not
     (an offline machine would wait for nothing)."""
     import requests
     from huggingface_hub.errors import HfHubHTTPError
@@ -290,7 +290,7 @@ def resolve_source(
     list_files: Callable[[str], list[str]] = list_hub_files,
     file_url: Callable[[str, str], str] = hub_file_url,
 ) -> Source:
-    """What a run reads for `-d`. For a hub dataset this lists its files (one request, retried);
+    """What a run reads for `-d`. For a hub dataset this lists its files (one listing, retried whole);
     `list_files` and `file_url` are where a repository's files are listed and read from (the hub,
     or a local copy laid out as the repository is)."""
     corpus = KNOWN_CORPORA.get(dataset)
@@ -312,8 +312,9 @@ def resolve_source(
 
 
 def check_text_field(source: Source) -> None:
-    """For local files: the first file has the text column (Parquet: its schema; JSON: its first
-    row), so a wrong --text_field fails before training instead of at the first batch."""
+    """For local files: the first file has the text column (Parquet: its schema; plain JSON lines: its
+    first row), so a wrong --text_field fails before training instead of at the first batch. Compressed
+    JSON lines are checked as they are read (a row without the field is skipped and counted)."""
     if not source.files or not Path(source.files[0]).is_file():
         return  # a hub dataset's files are checked when read
     first = source.files[0]
