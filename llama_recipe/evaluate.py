@@ -12,11 +12,12 @@ the conventions of lm-evaluation-harness so the numbers compare with its:
   lm-eval's `loglikelihood_rolling` windows; a smaller stride gives each token more context (as the
   Hugging Face perplexity guide's stride of 512) at more compute. Only the document's first window
   starts with BOS. Reported: token perplexity exp(nll / tokens), bits per byte nll / ln 2 / UTF-8
-  bytes (independent of the tokenizer), and word perplexity exp(nll / words), words counted as
-  lm-eval does (`re.split(r"\s+", text)`).
+  bytes and byte perplexity exp(nll / bytes) (both independent of the tokenizer), and word
+  perplexity exp(nll / words), words counted as lm-eval does (`re.split(r"\s+", text)`).
 - Cloze (LAMBADA's rule): the document's last word, after its last run of whitespace, must be
   predicted whole: every token of it the model's most likely next token (greedy), given the text
-  before it. Also the mean negative log-likelihood of that word per document.
+  before it. Reported: that accuracy, and the perplexity exp(mean negative log-likelihood of the
+  word per document).
 
 Documents are dealt to the processes in turn (document i to rank i % world); each document's
 windows are batched only with each other, so its numbers do not depend on the process count, and
@@ -107,7 +108,7 @@ def document_nll(model, stream: list[int], max_length: int, stride: int, batch_s
             targets.append(ids[first : end + 1])
         hidden = model.model(input_ids=inputs, use_cache=False).last_hidden_state
         scored, targets = hidden[torch.tensor(rows), torch.tensor(positions)], torch.cat(targets)
-        for chunk in range(0, len(targets), LOGITS_CHUNK):  # a few MB of logits at a time, not GBs
+        for chunk in range(0, len(targets), LOGITS_CHUNK):  # LOGITS_CHUNK positions' logits at a time, not GBs
             logits = model.lm_head(scored[chunk : chunk + LOGITS_CHUNK]).float()
             losses = torch.nn.functional.cross_entropy(logits, targets[chunk : chunk + LOGITS_CHUNK], reduction="none")
             nll += float(losses.double().sum())
@@ -204,10 +205,16 @@ def eval_scores(sums: dict) -> dict:
     out = {}
     if sums["tokens"]:
         nats = sums["nats"]
-        out.update(token_perplexity=math.exp(nats / sums["tokens"]), bits_per_byte=nats / math.log(2) / sums["bytes"],
-                   byte_perplexity=math.exp(nats / sums["bytes"]), word_perplexity=math.exp(nats / sums["words"]),
-                   nll_per_token=nats / sums["tokens"])  # fmt: skip
+        out.update(
+            token_perplexity=math.exp(nats / sums["tokens"]),
+            bits_per_byte=nats / math.log(2) / sums["bytes"],
+            byte_perplexity=math.exp(nats / sums["bytes"]),
+            word_perplexity=math.exp(nats / sums["words"]),
+            nll_per_token=nats / sums["tokens"],
+        )
     if sums["cloze_documents"]:
-        out.update(cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
-                   cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]))  # fmt: skip
+        out.update(
+            cloze_accuracy=sums["cloze_correct"] / sums["cloze_documents"],
+            cloze_perplexity=math.exp(sums["cloze_nats"] / sums["cloze_documents"]),
+        )
     return out

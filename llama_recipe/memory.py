@@ -33,9 +33,9 @@ MEGATRON_BYTES = {  # precision -> (bytes per parameter without, (constant, shar
 
 
 def bytes_by_role(model: torch.nn.Module, optimizer) -> dict[str, int]:
-    """Bytes of the model's weights and buffers, of every gradient (the parameters' .grad and any tensor the
-    optimizer wrappers keep under a name with "grad" in it: ZeRO's gradient stores), and of the rest the
-    optimizer reaches (master weights, moments). Each storage counted once."""
+    """Bytes of the model's weights and buffers, of every gradient (the parameters' .grad and what ZeRO's
+    gradient stores hold: metrics.GRADIENT_ATTRIBUTES), and of the rest the optimizer reaches (master
+    weights, moments, loss scale). Each storage counted once."""
     totals = {"weights": 0, "gradients": 0, "optimizer": 0}
     for t, role in reachable_tensors((model, "weights"), (optimizer, "optimizer")):
         totals[role] += t.untyped_storage().nbytes()

@@ -49,10 +49,23 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+# Where gradients live outside a parameter's .grad: ColossalAI 0.5.0's low-level ZeRO optimizer
+# (zero2, zero2_cpu, hybrid_parallel's --zero_stage) keeps them in its bookkeeping stores
+# (colossalai/zero/low_level/bookkeeping). Neither torch nor ColossalAI says what a tensor holds
+# (torch.cuda.memory's snapshots do, on CUDA only), so the walker names these stores and attributes.
+# Gemini, as plugins.py builds it (master weights, no gradient accumulation), writes gradients into
+# the 16-bit chunks that hold the weights: no store of their own to find.
+GRADIENT_ATTRIBUTES = {  # qualified type name -> its attributes that hold only gradients
+    "colossalai.zero.low_level.bookkeeping.gradient_store.GradientStore": {"_grads_of_params"},
+    "colossalai.zero.low_level.bookkeeping.bucket_store.BucketStore": {"_grad_in_bucket"},  # waiting to be reduced
+}
+WALKED_MODULES = ("colossalai", "torch.optim", "llama_recipe")  # whose objects' attributes the walker follows
+
+
 def reachable_tensors(*roots: tuple[object, str]) -> Iterator[tuple[torch.Tensor, str]]:
     """Every tensor reachable from the (object, role) roots (models, optimizers and the plugins'
     optimizer wrappers with their gradient stores), each storage once, with its role: the root's,
-    or "gradients" for a .grad and for what is kept under a name with "grad" in it (ZeRO's stores)."""
+    or "gradients" for a .grad and for what ZeRO's stores hold (GRADIENT_ATTRIBUTES)."""
     seen_objects, seen_storages = set(), set()
 
     def visit(obj, role: str) -> Iterator[tuple[torch.Tensor, str]]:
@@ -70,15 +83,14 @@ def reachable_tensors(*roots: tuple[object, str]) -> Iterator[tuple[torch.Tensor
         elif isinstance(obj, dict):
             for k, v in obj.items():
                 yield from visit(k, role)
-                yield from visit(v, "gradients" if isinstance(k, str) and "grad" in k else role)
+                yield from visit(v, role)
         elif isinstance(obj, (list, tuple, set)):
             for v in obj:
                 yield from visit(v, role)
-        elif type(obj).__module__.startswith(("colossalai", "torch.optim", "llama_recipe")) and hasattr(
-            obj, "__dict__"
-        ):
+        elif type(obj).__module__.startswith(WALKED_MODULES) and hasattr(obj, "__dict__"):
+            gradients = GRADIENT_ATTRIBUTES.get(f"{type(obj).__module__}.{type(obj).__qualname__}", set())
             for name, v in vars(obj).items():
-                yield from visit(v, "gradients" if "grad" in name else role)
+                yield from visit(v, "gradients" if name in gradients else role)
 
     for root, role in roots:
         yield from visit(root, role)
@@ -215,9 +227,9 @@ def plot_loss_curve(history: list[tuple[int, float]], path: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # FLOPs and MFU
 
-# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets (H100/H800: the SXM parts').
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0}
-MFU_FORMULA = "6*N_matmul + 6*L*S*H per token (Megatron model FLOPs, causal attention half-counted, no recompute)"
+MFU_FORMULA = "6*N_matmul + 6*L*S*H per token (model FLOPs: attention's 12*L*S*H halved for causal masking; recompute not counted)"
 
 
 def training_flops_per_token(config, seq_len: int) -> float:
@@ -225,7 +237,8 @@ def training_flops_per_token(config, seq_len: int) -> float:
 
     N_matmul counts every weight that takes part in a matrix product (attention and SwiGLU projections,
     which covers GQA through the k/v sizes, and the LM head), not the input embedding lookup or norms.
-    Attention scores and values add 2*2*S*H per token per layer forward; causal masking halves it.
+    Attention scores and values add 2*2*S*H per token per layer forward, 12*L*S*H per trained token;
+    causal masking halves that (each token attends to the S/2 before it on average): 6*L*S*H.
     """
     h, layers, v = config.hidden_size, config.num_hidden_layers, config.vocab_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
@@ -289,17 +302,22 @@ def _communication_scalars(comm: Communication) -> dict[str, float]:
     scalars = {}
     if comm.bytes_uncompressed:  # --grad_compression
         scalars |= {
-            "comm/dp_bytes_sent": comm.bytes_sent, "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
-            "comm/compression_ratio": comm.ratio, "comm/compress_seconds": comm.compress_seconds,
+            "comm/dp_bytes_sent": comm.bytes_sent,
+            "comm/dp_bytes_uncompressed": comm.bytes_uncompressed,
+            "comm/compression_ratio": comm.ratio,
+            "comm/compress_seconds": comm.compress_seconds,
             "comm/wait_seconds": comm.wait_seconds,
-        } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine})  # fmt: skip
+        } | ({} if comm.cosine is None else {"comm/cosine": comm.cosine})
     if comm.pipeline_backward is not None:  # --compress_backprop
         sent, exact, messages, compressed, seconds = comm.pipeline_backward
         scalars |= {
-            "comm/pp_backward_bytes_sent": sent, "comm/pp_backward_bytes_uncompressed": exact,
-            "comm/pp_backward_ratio": exact / sent if sent else 1.0, "comm/pp_backward_messages": messages,
-            "comm/pp_backward_compressed_messages": compressed, "comm/pp_backward_compress_seconds": seconds,
-        }  # fmt: skip
+            "comm/pp_backward_bytes_sent": sent,
+            "comm/pp_backward_bytes_uncompressed": exact,
+            "comm/pp_backward_ratio": exact / sent if sent else 1.0,
+            "comm/pp_backward_messages": messages,
+            "comm/pp_backward_compressed_messages": compressed,
+            "comm/pp_backward_compress_seconds": seconds,
+        }
     return scalars
 
 
@@ -389,15 +407,32 @@ class RunMetrics:
             compile_seconds = self.steps[0].seconds - statistics.median(s.seconds for s in timed)
             print_main(f"torch.compile: about {compile_seconds:.1f}s of the first step was compiling (not in tokens/s)")
         summary = dict(
-            steps=step, steps_this_run=len(losses), first_loss=losses[0] if losses else None,
-            final_loss=losses[-1] if losses else None, tokens_per_s=tokens_per_s,
-            step_tokens=[s.tokens for s in self.steps], step_seconds=[s.seconds for s in self.steps],
-            step_parts=[s.parts for s in self.steps], flops_per_token=self.flops_per_token,
-            peak_flops=self.peak_flops, peak_source=self.peak_source, losses=losses, peak_memory_mb=peak_memory_mb(),
-            world_size=world_size(), dp_size=self.par.dp_size, precision=self.par.precision,
-            optimizer=self.par.optimizer, checkpoint=checkpoint, tensorboard_dir=self.cfg.tensorboard_dir,
-            evals=self.evals, seq_len=self.seq_len, communication=[vars(s.communication) for s in self.steps if s.communication], compile_seconds=compile_seconds, bad_steps=self.bad_steps, slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
-        )  # fmt: skip
+            steps=step,
+            steps_this_run=len(losses),
+            first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None,
+            tokens_per_s=tokens_per_s,
+            step_tokens=[s.tokens for s in self.steps],
+            step_seconds=[s.seconds for s in self.steps],
+            step_parts=[s.parts for s in self.steps],
+            flops_per_token=self.flops_per_token,
+            peak_flops=self.peak_flops,
+            peak_source=self.peak_source,
+            losses=losses,
+            peak_memory_mb=peak_memory_mb(),
+            world_size=world_size(),
+            dp_size=self.par.dp_size,
+            precision=self.par.precision,
+            optimizer=self.par.optimizer,
+            checkpoint=checkpoint,
+            tensorboard_dir=self.cfg.tensorboard_dir,
+            evals=self.evals,
+            seq_len=self.seq_len,
+            communication=[vars(s.communication) for s in self.steps if s.communication],
+            compile_seconds=compile_seconds,
+            bad_steps=self.bad_steps,
+            slice_tokens=self.steps[-1].slice_tokens if self.steps else None,
+        )
         if losses:
             last = [x for x in losses[-10:] if math.isfinite(x)] or losses[-1:]
             tb = self.cfg.tensorboard_dir

@@ -1,5 +1,8 @@
-"""Optimizers and the learning-rate schedule: AdamW as LLaMA was trained, with linear warmup and
-cosine decay to 10% of the peak learning rate.
+"""Optimizers and the learning-rate schedule: AdamW with LLaMA's betas (0.9, 0.95) and its schedule's
+shape, linear warmup then cosine decay to 10% of the peak learning rate (weight decay 0.1 and clipping
+at 1.0 are config.py's defaults, as in the paper). Epsilon is not LLaMA's: ours is the Adam
+optimizers' default, 1e-8, where Llama 2 states 1e-5 (LLaMA 1 gives none); kept so that earlier
+runs, and the losses the tests compare with, stay as they were.
 
 Besides AdamW: ColossalAI's HybridAdam (Gemini needs it), Collage (bf16 AdamW without fp32 master
 weights, collage.py), plain SGD, and in-place SGD (LOMO: the update fused into the backward pass,
@@ -104,8 +107,11 @@ def build_optimizer(
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 
+# Not transformers' get_cosine_with_min_lr_schedule_with_warmup: its warmup starts at factor 0 (a wasted first
+# update) and its floor comes after the last update; shifted a step, it holds the peak for one update, ours two.
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr for the update numbered `step` (0-based)."""
+    """Multiplier of the peak lr for the update numbered `step` (0-based): (step + 1) / warmup_steps
+    during warmup, then a cosine from 1 down to FINAL_LR_FRACTION, which the last update gets."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps - 1)  # the last update (total_steps - 1) gets the floor

@@ -24,10 +24,12 @@ import difflib
 import fnmatch
 import functools
 import glob
+import importlib
 import json
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,12 +233,14 @@ def _hub_error(repo: str, error: Exception) -> UsageError:
     if isinstance(error, OfflineModeIsEnabled):
         return UsageError(f"-d {repo} is on the Hugging Face hub, but HF_HUB_OFFLINE is set; {local}")
     detail = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
-    return UsageError(f"could not reach the Hugging Face hub for {repo!r} ({type(error).__name__}: {detail}); "
-                      f"if this machine is offline, {local}")  # fmt: skip
+    return UsageError(
+        f"could not reach the Hugging Face hub for {repo!r} ({type(error).__name__}: {detail}); "
+        f"if this machine is offline, {local}"
+    )
 
 
 def _transient(error: Exception) -> bool:
-    """Worth another try: a timeout, or a 429/5xx answer. Refused or unresolvable connections are not
+    """Worth another try: a timeout, or a 429, 500, 502, 503 or 504 answer. Refused or unresolvable connections are not
     (an offline machine would wait for nothing)."""
     import requests
     from huggingface_hub.errors import HfHubHTTPError
@@ -247,13 +251,17 @@ def _transient(error: Exception) -> bool:
     return isinstance(error, HfHubHTTPError) and status in TRANSIENT_STATUS
 
 
+# Not huggingface_hub's http_backoff: it wraps one request, not an HfApi call, and retries refused connections too.
 def with_hub_retries(call: Callable, repo: str):
     """`call()`, tried again after transient hub errors (1 s, 2 s, 4 s, ...); then one line.
     (HUB_ATTEMPTS and HUB_BACKOFF_S are read at each call, so a test can shorten the waits.)"""
+    import requests
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     for attempt in range(HUB_ATTEMPTS):
         try:
             return call()
-        except Exception as e:  # the hub's errors come as several libraries' types
+        except (requests.RequestException, OfflineModeIsEnabled) as e:  # HfHubHTTPError is a requests.HTTPError
             if attempt + 1 == HUB_ATTEMPTS or not _transient(e):
                 raise _hub_error(repo, e) from None
             time.sleep(HUB_BACKOFF_S * 2**attempt)
@@ -273,11 +281,16 @@ def hub_file_url(repo: str, path: str) -> str:
     return f"hf://datasets/{repo}/{path}"
 
 
-def resolve_source(dataset: str, data_dir: str | None = None, data_config: str | None = None,
-                   text_field: str = "text", slice_field: str | None = None,
-                   list_files: Callable[[str], list[str]] = list_hub_files,
-                   file_url: Callable[[str, str], str] = hub_file_url) -> Source:  # fmt: skip
-    """What a run reads for `-d`. For a hub dataset this lists its files (one request, retried);
+def resolve_source(
+    dataset: str,
+    data_dir: str | None = None,
+    data_config: str | None = None,
+    text_field: str = "text",
+    slice_field: str | None = None,
+    list_files: Callable[[str], list[str]] = list_hub_files,
+    file_url: Callable[[str, str], str] = hub_file_url,
+) -> Source:
+    """What a run reads for `-d`. For a hub dataset this lists its files (one listing, retried whole);
     `list_files` and `file_url` are where a repository's files are listed and read from (the hub,
     or a local copy laid out as the repository is)."""
     corpus = KNOWN_CORPORA.get(dataset)
@@ -299,8 +312,9 @@ def resolve_source(dataset: str, data_dir: str | None = None, data_config: str |
 
 
 def check_text_field(source: Source) -> None:
-    """For local files: the first file has the text column (Parquet: its schema; JSON: its first
-    row), so a wrong --text_field fails before training instead of at the first batch."""
+    """For local files: the first file has the text column (Parquet: its schema; plain JSON lines: its
+    first row), so a wrong --text_field fails before training instead of at the first batch. Compressed
+    JSON lines are checked as they are read (a row without the field is skipped and counted)."""
     if not source.files or not Path(source.files[0]).is_file():
         return  # a hub dataset's files are checked when read
     first = source.files[0]
@@ -317,11 +331,12 @@ def check_text_field(source: Source) -> None:
                 "pass --text_field with the one holding the text"
             )
     if first.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
         try:
             columns = pq.read_schema(first).names
-        except Exception as e:  # not a Parquet file, truncated
+        except (pyarrow.ArrowException, OSError) as e:  # not a Parquet file (ArrowInvalid), truncated, unreadable
             raise UsageError(f"{first} is not a readable Parquet file ({type(e).__name__}); fix or remove it") from None
         if source.text_field not in columns:
             raise UsageError(
@@ -377,6 +392,20 @@ def slice_of(row: dict, slice_field: str | None, slice_names: dict[str, str]) ->
     return slice_names.get(value, str(value).lower()) if value is not None else ""
 
 
+@functools.cache
+def _damaged_file_errors() -> tuple[type[Exception], ...]:
+    """What reading a damaged or cut-short file raises: gzip's EOFError, BadGzipFile (an OSError) and
+    zlib.error; the ZstdError of the module fsspec decompresses .zst with (zstandard, pinned, unless
+    backports.zstd or Python 3.14's compression.zstd is there); OSError for a dropped hf:// connection."""
+    errors = [EOFError, OSError, zlib.error]
+    for name in ("compression.zstd", "backports.zstd", "zstandard"):
+        try:
+            errors.append(importlib.import_module(name).ZstdError)
+        except ImportError:
+            pass
+    return tuple(errors)
+
+
 def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
     """The lines of a binary file object, read in blocks (zstd readers cannot iterate lines). A file
     cut short (a truncated .gz or .zst, a dropped download) ends where it can no longer be read,
@@ -385,7 +414,7 @@ def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
     while True:
         try:
             chunk = f.read(block)
-        except Exception as e:  # EOFError, zlib/zstd errors: each decompressor has its own
+        except _damaged_file_errors() as e:
             _skip(file, count + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest of it")
             return
         if not chunk:
@@ -397,8 +426,9 @@ def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
-def read_jsonl_documents(files: list[str], text_field: str = "text", slice_field: str | None = None,
-                         slice_names: dict | None = None) -> Iterator[dict]:  # fmt: skip
+def read_jsonl_documents(
+    files: list[str], text_field: str = "text", slice_field: str | None = None, slice_names: dict | None = None
+) -> Iterator[dict]:
     """Rows {"text", "slice"} of JSON-lines files: local or hf:// URLs, plain, .gz or .zst. Lines
     that are not valid UTF-8 JSON objects with a non-empty string text are skipped and counted:
     one bad line in a terabyte must not stop a run."""
@@ -454,7 +484,9 @@ def load_text_stream(source: Source, files: list[str] | None = None):
             stream = load_dataset(source.name, source.data_config, split="train", streaming=True)
         top = [source.text_field, *([source.slice_field.split(".")[0]] if source.slice_field else [])]
         stream = stream.select_columns(top)
-    except Exception as e:  # offline, unknown name, gated repo, a loading script, no such column
+    except Exception as e:  # offline, unknown name, gated repo, a loading script, no such column, a bad file:
+        # datasets raises its own types and those of whatever it calls (OSError, ValueError, RuntimeError,
+        # KeyError, pyarrow's), which differ by builder and release: no fixed set to name
         detail = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
         if files:
             raise UsageError(
