@@ -11,7 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint
+from .checkpoint_io import read_running_states
+from .checkpoint_paths import LATEST, RUNNING_STATES, resolve_checkpoint
 from .errors import CheckpointError, UsageError
 from .files import move_into_place, write_failure
 from .model import check_weights, get_model_config

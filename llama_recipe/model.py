@@ -89,8 +89,14 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
     )
 
 
-POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "max_position_embeddings")  # fmt: skip
+POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 
 
 def check_model_fields(fields, path: str) -> None:
