@@ -12,6 +12,7 @@ from pathlib import Path
 from .checkpoint_io import DONE, complete_checkpoint, save_failed, temporary_dir, write_states
 from .checkpoint_paths import checkpoint_path
 from .distributed import any_rank, is_main_process, rank, synchronize, world_size
+from .files import WRITE_ERRORS
 from .parallel import Parallelism
 
 
@@ -53,8 +54,8 @@ class BackgroundSave:
                 self._wait_for_every_rank()
                 shutil.rmtree(self.tmp / DONE)
                 self.size = self.finish()
-        except Exception as e:  # reported by `wait`; the previous checkpoints stay untouched
-            self.error = e
+        except Exception as e:  # every error, bugs too: a thread's is lost unless handed to `wait`
+            self.error = e  # every rank learns of it alike; finish_background raises it as the cause
             if self.finish is not None:
                 shutil.rmtree(self.tmp, ignore_errors=True)
         self.seconds = time.perf_counter() - self.started
@@ -98,7 +99,7 @@ def start_background_save(
         tmp = temporary_dir(final, par)
         write_states(par, model, optimizer, lr_scheduler, tmp, data_state, deferred)
         synchronize()  # the device-to-host copies `to_host` queued have landed
-    except Exception as e:
+    except WRITE_ERRORS as e:  # a full disk while writing the small files (see save_checkpoint)
         raise save_failed(final, tmp, e) from None
     finish = None
     if is_main_process():

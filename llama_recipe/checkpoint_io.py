@@ -28,7 +28,7 @@ from .colossalai_patches import deferred_state_dict_writes
 from .config import TrainConfig
 from .distributed import barrier, is_main_process, print_main, rank
 from .errors import CheckpointError, UsageError
-from .files import move_into_place, safetensors_header, write_failure, write_safetensors
+from .files import WRITE_ERRORS, move_into_place, safetensors_header, write_failure, write_safetensors
 from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
@@ -45,6 +45,10 @@ SHAPE_FIELDS = (
     "intermediate_size",
     "vocab_size",
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking a checkpoint's states
 
 
 def read_running_states(path: str, flag: str = "-f") -> dict:
@@ -188,11 +192,7 @@ def data_rank(same_layout: bool) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Saving
-
-
-def _directory_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+# The random generators' states, as JSON
 
 
 def _rng_state() -> dict:
@@ -216,6 +216,14 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def to_host(x: torch.Tensor) -> torch.Tensor:
@@ -319,7 +327,7 @@ def save_checkpoint(
             shutil.rmtree(tmp / DONE)  # only background saves use the done-markers
             size = complete_checkpoint(tmp, final, running_states, tokenizer, keep_last)
         barrier()
-    except Exception as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
+    except WRITE_ERRORS as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
         raise save_failed(final, tmp, e) from None
     return final, time.perf_counter() - started, size
 

@@ -96,10 +96,13 @@ def resolve_checkpoint(name: str, flag: str, model_dir: bool = True) -> Path:
             "an exported model directory or a hub name"
         )
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model"]))
-    except Exception as e:
+    # The hub's answers (not found, gated, offline and not cached), a name it refuses as a repo id, and
+    # no network or no room in the cache (requests' errors are OSErrors); anything else is a bug.
+    except (HfHubHTTPError, HFValidationError, OSError) as e:
         raise UsageError(
             f"could not download {name!r} from the Hugging Face hub ({type(e).__name__}); "
             f"pass {flag} a local directory (a checkpoint's step-<N>, a run's directory or an exported model)"

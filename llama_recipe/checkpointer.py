@@ -224,7 +224,7 @@ class Checkpointer:
             f"{self.cfg.save_dir} are intact"
         )
         if not self.cfg.continue_on_save_error:
-            raise error
+            raise error from pending.error  # (LLAMA_RECIPE_DEBUG=1 shows its traceback)
         print_main(f"warning: {error}; training on (--continue_on_save_error), the next save will try again")
 
     def _check_room(self, model) -> None:
