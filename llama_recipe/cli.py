@@ -1,6 +1,6 @@
 """The command-line layer: every script's parser, generated from the config fields (config.py);
-the checks that need several modules at once; and what every script does around its main
-function (bad input as one line with its exit code, a clean exit from the process group)."""
+and what every script does around its main function (validation.py's checks first, bad input as
+one line with its exit code, a clean exit from the process group)."""
 
 from __future__ import annotations
 
@@ -11,43 +11,17 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
-from pathlib import Path
 
-from .checkpoint import (
-    SaveDirLock,
-    check_checkpoint_dir,
-    data_rank,
-    finished_message,
-    layout_problems,
-    read_running_states,
-    read_state_file,
-    resolve_checkpoint,
-    resolve_load_path,
-    resume_differences,
-    run_layout,
-    save_dir_problems,
-)
+from .checkpoint_paths import resolve_load_path
 from .compression import GRAD_COMPRESSIONS
-from .config import (
-    PRECISIONS,
-    SECTIONS,
-    SHIPPED_HELD_OUT,
-    TRAINING,
-    TrainConfig,
-    declared_type,
-    flag_of,
-    range_problems,
-)
-from .data import check_tokenizer_name, mixture_slices, parse_data_mix
-from .distributed import print_main, rank, shutdown, world_size
-from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
-from .export import check_export_target
-from .model import check_weights, get_model_config
+from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, declared_type, flag_of
+from .distributed import print_main, shutdown, world_size
+from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser
 from .optim import OPTIMIZER_NAMES
-from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES, check_layout, check_model_split
-from .prepared import check_data_position, check_prepared_files, check_token_ids
+from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES
 from .recompute import RECOMPUTE_MODES
-from .sources import check_dataset_source, dataset_kind, source_for
+from .save_lock import SaveDirLock
+from .validation import finished_message, validate
 
 # What torch.distributed says when a peer is gone or never answers
 PEER_FAILURES = (
@@ -119,172 +93,6 @@ def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
     if script == "eval" and values["dataset"] is None:  # (an absolute path: not in the flag tables)
         values["dataset"] = str(SHIPPED_HELD_OUT)
     return TrainConfig.for_script(script, **values)
-
-
-def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> None:
-    """Check everything that can be checked before training starts; one UsageError listing all problems."""
-    problems = range_problems(cfg, script)
-    if problems:  # the checks below assume sane numbers (no division by --tp 0)
-        raise UsageError("; ".join(problems))
-    model_config = _collect(problems, _model_config, cfg)
-    if script != "eval":  # eval.py trains nothing: no plugin, no layout, no compression
-        if _collect(problems, check_layout, cfg, world_size) is not False and model_config:
-            _collect(problems, check_model_split, cfg, model_config)
-        if cfg.model.grad_checkpoint and cfg.model.recompute not in (None, "full"):
-            problems.append(f"-g means --recompute full; drop -g or --recompute {cfg.model.recompute}")
-        problems += _compression_problems(cfg, model_config)
-    problems += _data_problems(cfg, model_config, script)
-    problems += _path_problems(cfg, script)
-    if script in TRAINING:  # the scripts that save to -o: never over another run's checkpoints
-        problems += save_dir_problems(cfg.checkpoint, _pretrained(cfg))
-    if cfg.checkpoint.load is not None:
-        if _collect(problems, check_checkpoint_dir, cfg.checkpoint.load, model_config) is not False:
-            problems += _resume_problems(cfg, world_size)
-    if problems:
-        raise UsageError("; ".join(problems))
-
-
-def _collect(problems: list[str], fn: Callable, *args):
-    """fn(*args), with a UsageError added to `problems` (and False returned) instead of raised."""
-    try:
-        return fn(*args)
-    except UsageError as e:
-        problems.append(str(e))
-        return False
-
-
-def _pretrained(cfg: TrainConfig) -> tuple[str, str] | None:
-    """The weights a run starts from and the flag that names them: finetuning's and evaluation's
-    --model_path, continued pretraining's --init_from; None for a model of -c's shape."""
-    if cfg.model.model_path is not None:
-        return cfg.model.model_path, "--model_path"
-    if cfg.model.init_from is not None:
-        return cfg.model.init_from, "--init_from"
-    return None
-
-
-def _model_config(cfg: TrainConfig):
-    if pretrained := _pretrained(cfg):  # the shape comes with the weights
-        model_dir = resolve_checkpoint(*pretrained)
-        config = get_model_config(str(model_dir))
-        check_weights(model_dir, config, f"pass {pretrained[1]} with an undamaged model directory")
-        return config
-    return get_model_config(cfg.model.config)
-
-
-def _data_problems(cfg: TrainConfig, model_config, script: str) -> list[str]:
-    problems, data = [], cfg.data
-    kind = dataset_kind(data.dataset)
-    pretraining = cfg.model.model_path is None  # (pretrain.py and benchmark.py)
-    # pretraining or evaluation data: local files or a hub dataset's (listed now, so a gated or missing one fails here)
-    if (pretraining or script == "eval") and kind in ("local", "hub"):
-        source = _collect(problems, source_for, data)
-    elif kind == "prepared":
-        source = _collect(problems, check_prepared_files, data.dataset)
-        if source is not False and model_config:
-            _collect(problems, check_token_ids, data.dataset, model_config.vocab_size)
-    else:
-        source = _collect(problems, check_dataset_source, data.dataset)
-    if pretraining and not cfg.training.max_steps and kind == "hub":
-        problems.append(
-            f"-d {data.dataset} is streamed from the Hugging Face hub, so sizing -e epochs would first read all of it; "
-            "pass --max_steps, or prepare it locally (scripts/prepare_data.py) to train by epochs"
-        )
-    if data.data_mix:
-        weights = _collect(problems, parse_data_mix, data.data_mix)
-        if kind == "prepared":
-            problems.append(
-                "--data_mix weights the slices of JSONL/Parquet files, not a prepared dataset; mix before preparing"
-            )
-        elif weights and source:
-            _collect(problems, mixture_slices, source, weights)
-        if not cfg.training.max_steps:
-            problems.append("--data_mix draws from the slices without end; pass --max_steps to set the run's length")
-    if data.tokenizer:
-        _collect(problems, check_tokenizer_name, data.tokenizer)
-    if model_config and (data.max_length or 0) > model_config.max_position_embeddings:
-        limit = model_config.max_position_embeddings
-        problems.append(
-            f"-l/--max_length {data.max_length} exceeds the model's {limit} positions; pass -l {limit} or less"
-        )
-    stride, max_length = (
-        cfg.evaluation.stride,
-        data.max_length or (model_config and model_config.max_position_embeddings),
-    )
-    if stride and max_length and stride > max_length:
-        problems.append(
-            f"--stride {stride} is larger than -l/--max_length {max_length}; pass --stride {max_length} or less"
-        )
-    if cfg.evaluation.eval_data:  # the held-out text, checked as -d is
-        _collect(problems, source_for, cfg.held_out_data())
-    return problems
-
-
-def _compression_problems(cfg: TrainConfig, model_config) -> list[str]:
-    """Tied embeddings in a pipeline are all-reduced between its first and last stages on their own,
-    which Optimus-CC fuses with the data-parallel sync (FE); we do not (LLaMA's are untied)."""
-    tied = model_config and getattr(model_config, "tie_word_embeddings", False)
-    if tied and cfg.compression.grad_compression != "none" and cfg.parallel.pp > 1:
-        return [
-            "--grad_compression with --pp > 1 and tie_word_embeddings in the model config: the tied embeddings' sync "
-            "between the first and last stages (Optimus-CC's fused embedding sync) is not implemented; untie them "
-            "or use --pp 1"
-        ]
-    return []
-
-
-def _writable_problem(path: str, flag: str, is_file: bool = False) -> str | None:
-    """Why `path` (a directory, or a file with is_file) cannot be written, or None."""
-    p = Path(path).expanduser()
-    if p.exists():
-        if is_file != p.is_file():
-            return f"{flag} {path} is a {'directory' if p.is_dir() else 'file'}; pass a {'file' if is_file else 'directory'} path"
-        return None if os.access(p, os.W_OK) else f"{flag} {path} is not writable; pass another path"
-    parent = next(q for q in p.parents if q.exists())  # the nearest existing ancestor
-    if not parent.is_dir():
-        return f"{flag} {path} cannot be created: {parent} is a file; pass another path"
-    return None if os.access(parent, os.W_OK) else f"{flag} {path} cannot be created in {parent} (not writable)"
-
-
-def _path_problems(cfg: TrainConfig, script: str) -> list[str]:
-    """Every path the run will write, checked before it starts (not at its first save)."""
-    ckpt, log = cfg.checkpoint, cfg.logging
-    checks = [(ckpt.save_dir, "-o/--save_dir", False), (log.tensorboard_dir, "-t/--tensorboard_dir", False),
-              (log.results, "--results", True)]  # fmt: skip
-    problems = [
-        problem for path, flag, is_file in checks if path and (problem := _writable_problem(path, flag, is_file))
-    ]
-    if ckpt.export_hf:
-        problems += [problem] if (problem := _writable_problem(ckpt.export_hf, "--export_hf")) else []
-        _collect(problems, check_export_target, ckpt.export_hf, ckpt.save_dir)
-    return problems
-
-
-def _resume_problems(cfg: TrainConfig, world_size: int) -> list[str]:
-    """A checkpoint trained with other data, optimizer or schedule flags, unless --reset_* accepts it."""
-    states = read_running_states(cfg.checkpoint.load)
-    current = cfg.to_dict()
-    problems = resume_differences(states.get("config", {}), current)
-    prepared = dataset_kind(cfg.data.dataset) == "prepared"
-    layout = run_layout(cfg, world_size)
-    problems += layout_problems(states, layout, current, prepared)
-    if problems:
-        return [f"{cfg.checkpoint.load} was trained with other flags or layout: " + "; ".join(problems)]
-    return _state_file_problems(cfg, states.get("layout", {}) == layout, prepared)
-
-
-def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) -> list[str]:
-    """The JSON states this rank will resume from, in range (and a prepared dataset's position
-    within its rows), checked now rather than when they are loaded."""
-    problems, load = [], cfg.checkpoint.load
-    if same_layout:
-        _collect(problems, read_state_file, load, "rng", rank())
-    if not cfg.checkpoint.reset_data:
-        data_state = _collect(problems, read_state_file, load, "data", data_rank(same_layout))
-        if data_state and prepared:
-            file = str(Path(load) / "data" / f"rank-{data_rank(same_layout)}.json")
-            _collect(problems, check_data_position, cfg.data.dataset, data_state, file)
-    return problems
 
 
 def quiet_libraries() -> None:

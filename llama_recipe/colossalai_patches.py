@@ -22,7 +22,7 @@ version only (`apply_patches` refuses another, in one line).
    data-parallel gradient sync goes through our compressor instead of one all-reduce per parameter.
 4. Only while a checkpoint is saved with --async_save (`deferred_state_dict_writes`): every
    state-dict file ColossalAI's checkpoint code writes is handed to our background writer
-   (checkpoint.BackgroundSave) instead, device tensors copied to host memory first. Its own
+   (background_save.BackgroundSave) instead, device tensors copied to host memory first. Its own
    asynchronous path (`use_async`) needs the tensornvme package and pinned memory, which CPU-only
    machines and most clusters lack.
 5. Per plugin, with --compress_backprop (`compress_pipeline_backward`): the activation gradients

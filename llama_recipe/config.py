@@ -567,7 +567,7 @@ class TrainingConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Where and how often to save, what to resume from (read by checkpoint.Checkpointer)."""
+    """Where and how often to save, what to resume from (read by checkpointer.Checkpointer)."""
 
     save_interval: int = flag(
         1000, "-i", "--save_interval", help="checkpoint every N steps (<=0: only at the end)", scripts=TRAINING

@@ -11,9 +11,12 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import LATEST, RUNNING_STATES, read_running_states, resolve_checkpoint
+from safetensors import SafetensorError
+
+from .checkpoint_io import read_running_states
+from .checkpoint_paths import LATEST, RUNNING_STATES, resolve_checkpoint
 from .errors import CheckpointError, UsageError
-from .files import move_into_place, write_failure
+from .files import WRITE_ERRORS, move_into_place, write_failure
 from .model import check_weights, get_model_config
 
 EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
@@ -64,11 +67,14 @@ def export_hf(
     try:
         model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
-    except Exception as e:  # truncated safetensors, a missing shard: the checkpoint is unusable
-        detail = str(e).splitlines()[0][:200] if str(e) else "no detail"
-        raise UsageError(
-            f"could not read {model_dir} ({type(e).__name__}: {detail}); pass another checkpoint"
-        ) from None
+    # A file missing, cut short or not what it claims to be (ValueError: bad JSON, a tokenizer that
+    # cannot be converted); the weights' headers and shapes were checked above.
+    except (OSError, SafetensorError, ValueError) as e:
+        raise _unreadable(model_dir, e) from None
+    except Exception as e:  # the tokenizers library reports a malformed tokenizer.json as a bare Exception
+        if type(e) is not Exception:
+            raise  # anything else is a bug: its traceback shows
+        raise _unreadable(model_dir, e) from None
     out = Path(out_dir).expanduser()
     tmp = out.with_name(f".{out.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)  # only ever our own temporary directory
@@ -76,7 +82,7 @@ def export_hf(
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"checkpoint": str(Path(checkpoint).resolve())}) + "\n")
-    except Exception as e:  # a full disk: no partial export is left behind
+    except WRITE_ERRORS as e:  # a full disk: no partial export is left behind
         reason = write_failure(e, out)
         shutil.rmtree(tmp, ignore_errors=True)
         if reason is None:
@@ -84,3 +90,8 @@ def export_hf(
         raise CheckpointError(f"exporting to {out_dir} failed ({reason}); nothing was written there") from None
     move_into_place(tmp, out)  # over nothing, an empty directory or an earlier export (check_export_target)
     return out
+
+
+def _unreadable(model_dir: Path, error: Exception) -> UsageError:
+    detail = str(error).splitlines()[0][:200] if str(error) else "no detail"
+    return UsageError(f"could not read {model_dir} ({type(error).__name__}: {detail}); pass another checkpoint")

@@ -12,10 +12,15 @@ import struct
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import UsageError
 
 FULL_BELOW = 2**20  # free bytes under which a filesystem counts as full
+# What a write that runs out of room raises: OSError from plain writes, RuntimeError from torch.save
+# ("unexpected pos"), SafetensorError from safetensors; `write_failure` tells a full disk from a bug
+# among them. Any other error while saving is a bug and keeps its traceback.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 def write_failure(error: Exception, where: Path) -> str | None:
@@ -35,7 +40,7 @@ def write_failure(error: Exception, where: Path) -> str | None:
 
 def append_json_line(path: str | Path, row: dict) -> None:
     """--results: one JSON line appended to `path`, its folder made first if need be (validation
-    checked that it can be: cli._writable_problem)."""
+    checked that it can be: validation._writable_problem)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")

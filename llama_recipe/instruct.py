@@ -25,6 +25,7 @@ def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
     """Rows from a local JSONL file, a directory laid out like the hub dataset (one sub-directory
     per task), or a Hugging Face dataset name with `task_name` as its configuration."""
     from datasets import disable_progress_bars, load_dataset
+    from datasets.exceptions import DatasetsError
 
     disable_progress_bars()  # "Generating train split" bars on stderr say nothing about the run
     path = Path(dataset).expanduser()
@@ -36,18 +37,21 @@ def load_instruction_rows(dataset: str, task_name: str) -> list[dict]:
             )
         path = path / task_name
     if path.exists() or dataset.endswith((".jsonl", ".json")):
+        files = resolve_local_files(str(path))
         try:
-            rows = load_dataset("json", data_files=resolve_local_files(str(path)), split="train")
-        except UsageError:
-            raise
-        except Exception as e:  # an empty file, lines that are not JSON objects
+            rows = load_dataset("json", data_files=files, split="train")
+        # Lines that are not JSON objects (datasets wraps pyarrow's ArrowInvalid in DatasetGenerationError),
+        # an unreadable file; datasets 5.0 raises StopIteration on an empty file.
+        except (DatasetsError, OSError, ValueError, StopIteration) as e:
             raise UsageError(
                 f"could not read {dataset} as JSON lines of prompt/completion ({type(e).__name__}); fix the file"
             ) from None
     else:
         try:
             rows = load_dataset(dataset, task_name, split="train")
-        except Exception as e:
+        # Not found, gated or unreachable (OSErrors: ConnectionError, DatasetNotFoundError, the hub's
+        # HTTP errors), a name or configuration it refuses (ValueError), a dataset that fails to build.
+        except (OSError, ValueError, DatasetsError) as e:
             raise UsageError(
                 f"could not open Hugging Face dataset {dataset!r}/{task_name} ({type(e).__name__}); if this machine is "
                 "offline, pass -d data/self_instruct with --task_name self_instruct, human_eval or prompt_source "

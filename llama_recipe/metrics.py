@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import read_running_states
+from .checkpoint_io import read_running_states
 from .collage import edq_metrics
 from .compression import Communication
 from .config import TrainConfig

@@ -81,7 +81,9 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
         check_model_fields(fields, str(path))
         try:
             return LlamaConfig(**{k: v for k, v in fields.items() if k != "model_type"})
-        except Exception as e:  # transformers' own checks (rope_scaling, ...)
+        # transformers' own checks of the fields (rope_scaling, ...) raise these on a value of the wrong
+        # kind or out of range; check_model_fields covered the fields we rely on.
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise UsageError(f"model config {path}: {str(e).splitlines()[0][:200]}; fix the config.json") from None
     raise UsageError(
         f"unknown model config {name_or_path!r}; pass one of {', '.join(model_config_names())} "
@@ -89,8 +91,14 @@ def get_model_config(name_or_path: str) -> LlamaConfig:
     )
 
 
-POSITIVE_INT_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                       "max_position_embeddings")  # fmt: skip
+POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+)
 
 
 def check_model_fields(fields, path: str) -> None:

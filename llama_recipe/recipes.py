@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import time
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint_paths import resolve_checkpoint
 from .config import SHIPPED_TOKENIZER, TrainConfig
 from .data import (
     Prefetcher,

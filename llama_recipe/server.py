@@ -31,7 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkpoint import resolve_checkpoint
+from .checkpoint_paths import resolve_checkpoint
 from .data import load_model_tokenizer
 from .generation import Completion, Generator, Sampling
 from .instruct import encode_chat

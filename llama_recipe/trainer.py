@@ -3,7 +3,7 @@ starting weights and the batches come from).
 
 `fit` reads as the algorithm: build and boost; resume; then per step: train step, non-finite
 guard, log, maybe checkpoint, maybe evaluate, stop request; finally save and report. Each piece
-has one owner: `Checkpointer` (checkpoint.py), `RunMetrics` (metrics.py), `Evaluator`
+has one owner: `Checkpointer` (checkpointer.py), `RunMetrics` (metrics.py), `Evaluator`
 (evaluate.py), `StopRequest` (here).
 """
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .attention import ModelInputs, select_attention
-from .checkpoint import Checkpointer, TrainState
+from .checkpointer import Checkpointer, TrainState
 from .config import TrainConfig
 from .data import mixture_tokens
 from .distributed import any_rank, is_main_process, print_main, synchronize, world_size

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from llama_recipe.checkpoint import save_checkpoint, start_background_save
+from llama_recipe.background_save import start_background_save
+from llama_recipe.checkpoint_io import save_checkpoint
 from llama_recipe.config import TrainConfig
 from llama_recipe.data import SyntheticBatches
 from llama_recipe.distributed import barrier, device, is_main_process, launch, rank

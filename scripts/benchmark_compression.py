@@ -93,7 +93,8 @@ def stage_probe(out: Path, config: str, flags: list[str]) -> None:
     import torch.distributed as dist
 
     import llama_recipe.recipes as recipes
-    from llama_recipe.cli import parse_args, validate
+    from llama_recipe.cli import parse_args
+    from llama_recipe.validation import validate
 
     cfg = parse_args("pretrain", ["-c", config, "-d", str(REPO / "data" / "redpajama-sample"), *flags])
     validate(cfg, 4)

@@ -31,7 +31,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=None, help="the same seed gives the same sampled text")
     args = p.parse_args()
 
-    from llama_recipe.checkpoint import resolve_checkpoint
+    from llama_recipe.checkpoint_paths import resolve_checkpoint
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Sampling
     from llama_recipe.instruct import generate_answers

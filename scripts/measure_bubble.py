@@ -22,9 +22,10 @@ from collections import defaultdict
 import torch.distributed as dist
 
 from llama_recipe import recipes
-from llama_recipe.cli import parse_args, quiet_libraries, validate
+from llama_recipe.cli import parse_args, quiet_libraries
 from llama_recipe.config import SHIPPED_PRETRAIN_DATA
 from llama_recipe.distributed import launch, world_size
+from llama_recipe.validation import validate
 
 SCHEDULES = {
     "1f1b": [],

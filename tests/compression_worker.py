@@ -18,9 +18,10 @@ import torch.distributed as dist
 from conftest import TINY_RUN
 
 import llama_recipe.recipes as recipes
-from llama_recipe.cli import parse_args, validate
+from llama_recipe.cli import parse_args
 from llama_recipe.compression import CompressionSettings, PowerSGD
 from llama_recipe.distributed import launch
+from llama_recipe.validation import validate
 
 STEPS, SAVE_AT = 5, 3
 WIDTH = 16

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from llama_recipe.cli import parse_args, quiet_libraries, validate
+from llama_recipe.cli import parse_args, quiet_libraries
 from llama_recipe.distributed import launch, world_size
 from llama_recipe.inplace_sgd import InplaceSGD
 from llama_recipe.recipes import finetune, pretrain
+from llama_recipe.validation import validate
 
 RECIPES = {"pretrain": pretrain, "finetune": finetune}
 RUN_MARKER = "=== run "

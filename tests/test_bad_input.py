@@ -24,8 +24,9 @@ from conftest import (
     write_jsonl,
 )
 
-from llama_recipe.cli import parse_args, validate
+from llama_recipe.cli import parse_args
 from llama_recipe.plugins import CPU_PLUGINS, PLUGIN_NAMES
+from llama_recipe.validation import validate
 
 VALID = ["-c", "tiny", "-p", "zero2", "-d", str(DATA), "-l", "128", "-b", "2", "--max_steps", "2"]
 

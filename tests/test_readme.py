@@ -164,7 +164,7 @@ def _check_answers(clone: Path, generate_command: str, answer: str, finetune_std
     shows them (a note where the answer is blank)."""
     import torch
 
-    from llama_recipe.checkpoint import resolve_checkpoint
+    from llama_recipe.checkpoint_paths import resolve_checkpoint
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Generator, Sampling
     from llama_recipe.instruct import load_instruction_rows, shown_answer, split_held_out

@@ -213,7 +213,7 @@ def test_a_bug_while_loading_shows_its_traceback(small_run, tmp_path, monkeypatc
     def bug(state):
         raise ZeroDivisionError("a bug, not a damaged file")
 
-    monkeypatch.setattr("llama_recipe.checkpoint._set_rng_state", bug)
+    monkeypatch.setattr("llama_recipe.checkpoint_io._set_rng_state", bug)
     args = [*TINY_RUN, "-p", "ddp", "--max_steps", str(STEPS), "-f", str(small_run / "ckpt" / "step-1")]
     with pytest.raises(ZeroDivisionError, match="a bug"):
         run_in_process("pretrain.py", [*args, "-o", str(tmp_path / "o"), "-t", ""])
@@ -453,7 +453,7 @@ def test_a_loss_spike_is_logged_skipped_stopped_or_rolled_back(tmp_path, tokeniz
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
     """A save first checks every rank's weights: NaN weights stop the run (exit 3) instead of becoming
     a checkpoint, and the directory keeps only the good checkpoints it had."""
-    from llama_recipe.checkpoint import Checkpointer, TrainState
+    from llama_recipe.checkpointer import Checkpointer, TrainState
     from llama_recipe.cli import parse_args
     from llama_recipe.errors import TrainingDiverged
     from llama_recipe.model import get_model_config

@@ -194,7 +194,7 @@ def test_serve_takes_every_name_of_a_checkpoint(layout_runs, pretrained_dir, spe
 LOCK_WORKER = """
 import os, sys, time
 from pathlib import Path
-from llama_recipe.checkpoint import SaveDirLock
+from llama_recipe.save_lock import SaveDirLock
 from llama_recipe.errors import UsageError
 
 work, rounds, n = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -269,8 +269,8 @@ def test_a_lock_whose_holder_has_not_written_its_name_yet_is_never_taken_over(tm
     """The moment between taking the lock and writing the holder's name, held open: a second run
     waits for the name and is refused naming it (before the fix it took the empty file for a stale
     lock and took it over)."""
-    from llama_recipe.checkpoint import SaveDirLock
     from llama_recipe.errors import UsageError
+    from llama_recipe.save_lock import SaveDirLock
 
     (tmp_path / "ckpt").mkdir()
     holder = subprocess.Popen(
