@@ -11,17 +11,9 @@ NPROC ?= 2
 
 .PHONY: install demo test test-fast lint format clean
 
-$(STAMP): requirements.txt requirements-colossalai.txt pyproject.toml
-	@echo "Installing into $(VENV) (first time: about 2-3 minutes)..."
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --no-compile -r requirements.txt
-	@# colossalai pins torch<=2.5.1 and ~100 packages; install it alone so pip keeps our pinned stack.
-	$(BIN)/pip install --quiet --no-compile --no-deps -r requirements-colossalai.txt
-	@# Byte-compiled once here on every core (pip compiles its 15,000 files one by one on one core). As pip
-	@# does, a file that does not compile (a package's Python 2 test data) is left to import as source.
-	-@$(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null
-	@# llama_recipe itself, editable as a plain path entry (compat): scripts and tests import it from this checkout.
-	$(BIN)/pip install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
+$(STAMP): requirements.txt requirements-colossalai.txt pyproject.toml scripts/install.sh
+	@echo "Installing into $(VENV) (first time: about 1-2 minutes)..."
+	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 	@touch $(STAMP)
 
 install: $(STAMP)
