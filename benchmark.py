@@ -34,7 +34,8 @@ def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
     tokens_per_s = summary["step_tokens"][-1] / median  # synthetic batches: every step has the same tokens
     world, peak, flops = summary["world_size"], summary["peak_flops"], summary["flops_per_token"]
     seq_len = summary["seq_len"]
-    mfu = model_flops_utilization(tokens_per_s, flops, world, peak)
+    mfu = model_flops_utilization(tokens_per_s, flops, world, peak)  # None where the peak is unknown
+    mfu_full = model_flops_utilization(tokens_per_s, summary["flops_per_token_full_attention"], world, peak)
     # Where a step's time goes, summed over the timed steps (the split the trainer measures).
     parts = {k: sum(p[k] for p in summary["step_parts"][timed]) for k in PARTS}
     outside = (parts["data"] + parts["other"]) / sum(seconds)
@@ -56,8 +57,10 @@ def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
         step_s_median=median,
         step_s_spread=max(seconds) - min(seconds),
         tflops_per_device=tokens_per_s * flops / world / 1e12,
-        mfu=mfu,
-        peak_tflops=peak / 1e12,
+        mfu=mfu,  # causal attention halved (MFU_FORMULA)
+        mfu_full_attention=mfu_full,  # attention counted whole, as PaLM, nanoGPT and torchtitan count
+        flops_convention=MFU_FORMULA,
+        peak_tflops=peak / 1e12 if peak else None,
         peak_source=summary["peak_source"],
         peak_memory_mb=summary["peak_memory_mb"],
         step_parts_s={k: v / len(seconds) for k, v in parts.items()},
@@ -67,14 +70,18 @@ def report(summary: dict, cfg: TrainConfig, memory: dict | None = None) -> dict:
         **({"memory": memory, "zero_stage": par.zero_stage} if memory else {}),
     )
     split = ", ".join(f"{k.replace('_', '+')} {v:.3f}s" for k, v in row["step_parts_s"].items())
+    utilization = (
+        f"MFU {100 * mfu:.1f}% (attention counted whole: {100 * mfu_full:.1f}%) of {row['peak_tflops']:.3f} TFLOP/s"
+        if peak
+        else "MFU: none"
+    )
     print(
         f"\n{par.plugin} {cfg.model.config} x{world} ({row['precision']}), {cfg.training.batch_size}x{seq_len} "
         f"per replica, {len(seconds)} timed steps\n"
         f"  tokens/s {tokens_per_s:,.0f}   per device (TGS) {row['tgs']:,.0f}   samples/s {row['samples_per_s']:.2f}\n"
         f"  step {median:.3f}s median (spread {row['step_s_spread']:.3f}s)   peak memory {row['peak_memory_mb']:,.0f} MB\n"
         f"  per step: {split}; outside forward/backward/optimizer {100 * outside:.1f}%\n"
-        f"  model TFLOP/s per device {row['tflops_per_device']:.3f}   MFU {100 * mfu:.1f}% "
-        f"of {row['peak_tflops']:.3f} TFLOP/s ({row['peak_source']})\n"
+        f"  model TFLOP/s per device {row['tflops_per_device']:.3f}   {utilization} ({row['peak_source']})\n"
         f"  FLOPs: {MFU_FORMULA}"
     )
     if memory:

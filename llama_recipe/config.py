@@ -472,6 +472,13 @@ class OptimConfig:
         per_script={"finetune": {"default": 0.0}},
     )
     beta2: float = flag(0.95, "--beta2", help="Adam second-moment decay (LLaMA used 0.95)", above=0.0, below=1.0)
+    adam_eps: float = flag(
+        1e-5,
+        "--adam_eps",
+        help="Adam epsilon (adamw, hybrid_adam, collage_*): Llama 2's 1e-5 for pretraining, torch's 1e-8 for finetuning",
+        above=0.0,  # 0 would divide 0 by 0 where a weight's gradients have all been zero (unseen tokens' embeddings)
+        per_script={"finetune": {"default": 1e-8}},
+    )
     warmup_steps: int = flag(
         2000,
         "-s",

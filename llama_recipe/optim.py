@@ -1,8 +1,7 @@
 """Optimizers and the learning-rate schedule: AdamW with LLaMA's betas (0.9, 0.95) and its schedule's
 shape, linear warmup then cosine decay to 10% of the peak learning rate (weight decay 0.1 and clipping
-at 1.0 are config.py's defaults, as in the paper). Epsilon is not LLaMA's: ours is the Adam
-optimizers' default, 1e-8, where Llama 2 states 1e-5 (LLaMA 1 gives none); kept so that earlier
-runs, and the losses the tests compare with, stay as they were.
+at 1.0 are config.py's defaults, as in the paper). Epsilon is --adam_eps: Llama 2's 1e-5 for
+pretraining (LLaMA 1 gives none); finetuning keeps the Adam optimizers' own default, 1e-8.
 
 Besides AdamW: ColossalAI's HybridAdam (Gemini needs it), Collage (bf16 AdamW without fp32 master
 weights, collage.py), plain SGD, and in-place SGD (LOMO: the update fused into the backward pass,
@@ -65,6 +64,7 @@ def build_optimizer(
     weight_decay: float,
     *,
     beta2: float = 0.95,
+    eps: float = 1e-8,
     max_norm: float = 0.0,
     fp16_loss_scaling: bool = False,
     process_group=None,
@@ -75,12 +75,13 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The optimizer named by --optimizer. The keyword arguments matter only to some: inplace_sgd clips
     (`max_norm`), scales an fp16 loss and all-reduces gradients (`process_group`) itself, because it
-    updates during backward where no plugin can step in; Collage takes `reference_multiply` and `monitor`."""
+    updates during backward where no plugin can step in; Collage takes `reference_multiply` and `monitor`.
+    `eps` goes to every Adam variant (SGD has none); its default is theirs, the recipe passes --adam_eps."""
     groups, betas = parameter_groups(model, weight_decay), (BETA1, beta2)
     if name in ("collage_light", "collage_plus"):
         mode = COLLAGE_MODES[name]
         return CollageAdamW(
-            groups, lr=lr, betas=betas, mode=mode, reference_multiply=reference_multiply, monitor=monitor
+            groups, lr=lr, betas=betas, eps=eps, mode=mode, reference_multiply=reference_multiply, monitor=monitor
         )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr)
@@ -97,13 +98,13 @@ def build_optimizer(
             hooks_now=False,
         )
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
     if name == "hybrid_adam":
         # ColossalAI's fused Adam (CUDA kernel on GPU, CPU kernel for offloaded states); adamw_mode=True
         # makes it decoupled-weight-decay AdamW. On a CPU-only machine it JIT-compiles once (~2.5 min).
         from colossalai.nn.optimizer import HybridAdam
 
-        return HybridAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+        return HybridAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
 
 

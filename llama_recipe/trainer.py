@@ -248,6 +248,7 @@ def build_boosted(
         opt.lr,
         opt.weight_decay,
         beta2=opt.beta2,
+        eps=opt.adam_eps,
         max_norm=par.max_norm,
         fp16_loss_scaling=par.precision == "fp16",
         process_group=(par.dp_group or dist.group.WORLD) if par.dp_size > 1 else None,

@@ -206,7 +206,7 @@ def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) ->
 MUST_MATCH_ON_RESUME = {
     "--reset_data": ("dataset", "data_dir", "data_config", "text_field", "slice_field", "data_mix", "shuffle_buffer",
                      "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
-    "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "mixed_precision", "collage_reference_multiply"),
+    "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "adam_eps", "mixed_precision", "collage_reference_multiply"),
     "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
     "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback",
                             "compress_stages", "compress_backprop", "compress_backprop_epilogue_only"),

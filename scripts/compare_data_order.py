@@ -5,7 +5,8 @@
 
 Every run trains the `tiny` preset from the same initial weights (seed 42) on the shipped sample
 (data/redpajama-sample), rows of 512 tokens, 2,048 tokens per step, AdamW (lr 3e-3, betas 0.9/0.95,
-weight decay 0.1 on matrices, clipping at 1.0), 30 warmup steps then cosine decay to 10%:
+epsilon pretrain.py's --adam_eps default, weight decay 0.1 on matrices, clipping at 1.0), 30 warmup
+steps then cosine decay to 10%:
 
 - plain loop: the PyTorch loop below, independent of the recipe: every document tokenized as
   BOS + text + EOS, all of them concatenated, cut into rows, the rows shuffled, 4 rows per step;
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llama_recipe.config import REPO_ROOT, SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER
+from llama_recipe.config import REPO_ROOT, SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER, TrainConfig
 from llama_recipe.data import load_tokenizer
 from llama_recipe.evaluate import eval_scores, evaluate_documents
 from llama_recipe.model import MODEL_PRESETS
@@ -58,7 +59,8 @@ def plain_loop(steps: int, tokenizer) -> LlamaForCausalLM:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95))
+    eps = TrainConfig.for_script("pretrain").optim.adam_eps  # the recipe runs' epsilon
+    optimizer = torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), eps=eps)
 
     def factor(step: int) -> float:
         if step < WARMUP:

@@ -49,8 +49,24 @@ def test_keep_last_keeps_exactly_k_and_latest_points_to_the_newest(zero2_run):
 
 @pytest.mark.multiprocess
 def test_training_logs_mfu_with_the_benchmark_formula(zero2_run):
+    """Both conventions (metrics.MFU_FORMULA) at every step: attention halved for the causal mask, and
+    counted whole as PaLM, nanoGPT and torchtitan count, higher by exactly the ratio of their FLOPs."""
+    from llama_recipe.metrics import training_flops_per_token
+    from llama_recipe.model import get_model_config
+
     mfu = read_scalars(zero2_run / "tb", "train/mfu")
     assert sorted(mfu) == list(range(1, STEPS + 1)) and all(0 < v < 1 for v in mfu.values())
+    full = read_scalars(zero2_run / "tb", "train/mfu_full_attention")
+    config = get_model_config("tiny")
+    ratio = training_flops_per_token(config, 128, causal=False) / training_flops_per_token(config, 128)
+    assert sorted(full) == sorted(mfu) and all(full[s] == pytest.approx(mfu[s] * ratio, rel=1e-6) for s in mfu)
+
+
+@pytest.mark.multiprocess
+def test_pretraining_trains_with_llama2s_adam_epsilon(zero2_run):
+    """The optimizer the run saved took --adam_eps's pretraining default, Llama 2's 1e-5."""
+    groups = torch.load(zero2_run / "ckpt" / f"step-{STEPS}" / "optimizer" / "pytorch_optim_group.bin")
+    assert [group["eps"] for group in groups] == [1e-5, 1e-5]  # the decayed and the undecayed group
 
 
 @pytest.mark.multiprocess

@@ -210,6 +210,32 @@ def test_weight_decay_only_on_matrices():
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
 
 
+def test_adam_eps_defaults_to_llama2s_for_pretraining_and_reaches_the_optimizers():
+    """--adam_eps: Llama 2's 1e-5 for pretraining (and benchmarks), 1e-8 for finetuning, in every
+    Adam variant build_optimizer makes (hybrid_adam takes it the same way; not built here: on CPU its
+    kernel compiles for minutes). Changing it on resume is refused unless --reset_optimizer."""
+    from llama_recipe.cli import parse_args
+    from llama_recipe.config import TrainConfig, range_problems
+    from llama_recipe.optim import build_optimizer
+    from llama_recipe.validation import resume_differences
+
+    defaults = {
+        script: TrainConfig.for_script(script).optim.adam_eps for script in ("pretrain", "benchmark", "finetune")
+    }
+    assert defaults == {"pretrain": 1e-5, "benchmark": 1e-5, "finetune": 1e-8}
+    assert parse_args("pretrain", ["--adam_eps", "1e-6"]).optim.adam_eps == 1e-6
+    assert range_problems(parse_args("pretrain", ["--adam_eps", "0"])) == ["--adam_eps must be above 0, got 0"]
+
+    for name, dtype in [("adamw", torch.float32), ("collage_light", torch.bfloat16), ("collage_plus", torch.bfloat16)]:
+        model = torch.nn.Linear(4, 4).to(dtype)
+        optimizer = build_optimizer(name, model, lr=1e-3, weight_decay=0.1, eps=1e-3)
+        assert [group["eps"] for group in optimizer.param_groups] == [1e-3, 1e-3], name
+
+    saved, current = {"adam_eps": 1e-8}, {"adam_eps": 1e-5, "reset_optimizer": False}
+    assert resume_differences(saved, current) == ["--adam_eps 1e-08 -> 1e-05 (pass --reset_optimizer to accept)"]
+    assert resume_differences(saved, current | {"reset_optimizer": True}) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
