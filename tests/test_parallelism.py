@@ -72,8 +72,8 @@ def runs(tmp_path_factory):
         probe_args += [name, " ".join(args)]
     check_ok(launch("tests/layouts_probe.py", probe_args, nproc=2, timeout=600))
     # the reference: one process, no model parallelism, the plain (unfused) loss and torch's clip_grad_norm_
-    single = run_in_process("pretrain.py", [*run, "-p", "ddp", "--unfused_loss", "-i", "0", "-o", str(root / "single"),
-                                            "-t", str(root / "single_tb")])  # fmt: skip
+    reference = ["-p", "ddp", "--unfused_loss", "-i", "0", "-o", str(root / "single"), "-t", str(root / "single_tb")]
+    single = run_in_process("pretrain.py", [*run, *reference])
     assert single.returncode == 0, single.stderr[-3000:]
     logged = {name: scalars(root / name / "tb") for name in LAYOUTS}
     logged["single_process"] = scalars(root / "single_tb")
@@ -84,8 +84,8 @@ def assert_agree(layout: dict, reference: dict, steps, what: str, norm_tolerance
     for name, tolerance in [("loss", TOLERANCE), ("grad_norm", norm_tolerance)]:
         assert sorted(layout[name]) == list(steps), (what, name, layout[name])
         for step in steps:
-            assert layout[name][step] == pytest.approx(reference[name][step], rel=tolerance, abs=0), (
-                what, name, step, layout[name], reference[name])  # fmt: skip
+            expected = pytest.approx(reference[name][step], rel=tolerance, abs=0)
+            assert layout[name][step] == expected, (what, name, step, layout[name], reference[name])
 
 
 @pytest.mark.parametrize("layout", FROM_SCRATCH)
