@@ -7,7 +7,9 @@ Nothing here knows about parallelism; `plugins.py` and `parallel.py` do that.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -128,15 +130,20 @@ def check_model_fields(fields, path: str) -> None:
 
 
 def build_model(
-    config: LlamaConfig, attn_implementation: str = "sdpa", dtype: torch.dtype | None = None, chunked_loss: bool = False
+    config: LlamaConfig,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype | None = None,
+    chunked_loss: bool = False,
+    init: WeightInit | None = None,
 ) -> LlamaForCausalLM:
-    """A randomly initialised LLaMA. Call under a fixed seed so every rank builds the same weights.
+    """A randomly initialised LLaMA: with `init`, each weight drawn from (its seed, the weight's name)
+    (`init_weights`); without, transformers' draw from torch's global generator (call under a fixed seed).
 
     `chunked_loss`: given labels, it computes the loss chunk by chunk without the full logits (loss.py).
 
     `dtype` builds the weights directly in that dtype, so no fp32 copy ever exists (and lazy
-    initialisation, which ignores a later `.to()`, gets it too). The values equal building in fp32
-    and casting. The rotary frequencies stay fp32, as transformers computes them explicitly.
+    initialisation, which ignores a later `.to()`, gets it too). With `init` the values equal building
+    in fp32 and casting. The rotary frequencies stay fp32, as transformers computes them explicitly.
     """
     config._attn_implementation = attn_implementation
     previous = torch.get_default_dtype()
@@ -145,7 +152,59 @@ def build_model(
         model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+    if init is not None:
+        init_weights(model, init)
     return use_chunked_loss(model) if chunked_loss else model
+
+
+@dataclass(frozen=True)
+class WeightInit:
+    """How `init_weights` draws: from `seed`, on `device`'s generator (the run's accelerator: CPU and CUDA
+    generators give different numbers). `lazy`: the model was built under ColossalAI's LazyInitContext
+    with `device` as its default device, so each draw is recorded and runs where the weight materialises."""
+
+    seed: int
+    device: torch.device = torch.device("cpu")
+    lazy: bool = False
+
+
+def weight_seed(seed: int, name: str) -> int:
+    """The seed of one weight's draw: a stable hash (not Python's salted `hash`) of the run's seed and the
+    weight's full name, 63 bits (torch.Generator takes a signed 64-bit seed)."""
+    digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def init_weights(model: LlamaForCausalLM, init: WeightInit) -> None:
+    """Draw every random weight of `model` again, each from its own generator seeded by `weight_seed(seed,
+    name)`, with transformers' distribution (LlamaPreTrainedModel._init_weights: linear and embedding
+    weights normal(0, initializer_range), biases and the embedding's padding row zero; the RMSNorm gains
+    keep their constructor's ones).
+
+    Why not one generator for the whole model: its numbers go to the weights in the order they are drawn,
+    and that order changes with the layout. ColossalAI's lazy initialisation draws each weight when it
+    materialises it, shard by shard, stage by stage; a pipeline stage never draws the layers it does not
+    hold. Per-name draws give every weight the same values under every plugin, layout and process count,
+    one process included, and under lazy initialisation still no process ever holds the whole model.
+    """
+    std = model.config.initializer_range
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # tied weights once
+            owner = model.get_submodule(name.rpartition(".")[0])
+            if not isinstance(owner, torch.nn.Linear | torch.nn.Embedding):
+                continue  # RMSNorm gains: ones, no draw
+            if name.endswith(".bias"):
+                param.zero_()
+                continue
+            generator = torch.Generator(init.device).manual_seed(weight_seed(init.seed, name))
+            if init.lazy:
+                # recorded on the lazy tensor and replayed where it materialises (on init.device); a copy_ from
+                # a second lazy tensor would recurse in ColossalAI 0.5.0's replay
+                param.normal_(0.0, std, generator=generator)
+            else:  # drawn in fp32 on init.device whatever the weight's dtype and device: the same numbers as lazily
+                param.copy_(torch.empty(param.shape, device=init.device).normal_(0.0, std, generator=generator))
+            if isinstance(owner, torch.nn.Embedding) and owner.padding_idx is not None:
+                param[owner.padding_idx].zero_()
 
 
 def compile_decoder_layers(model: LlamaForCausalLM) -> LlamaForCausalLM:

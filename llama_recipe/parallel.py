@@ -89,12 +89,18 @@ class Parallelism:
             return torch.float16
         return None
 
-    def model_init_context(self):
+    @property
+    def builds_lazily(self) -> bool:
         """Gemini and hybrid_parallel can materialise weights lazily, shard by shard, so a 70B model
         never sits whole in one process. (LazyInit with LowLevelZero hits a RecursionError in 0.5.0.)
         Not for 16-bit weights without masters: lazy tensors materialise in fp32 whatever dtype they
         were built in, so those models are built whole, directly in bf16/fp16, then sharded."""
-        if self.spec.lazy_init and self.weight_dtype is None:
+        return self.spec.lazy_init and self.weight_dtype is None
+
+    def model_init_context(self):
+        """Where the model is built: lazily (`builds_lazily`) with this rank's device as the one its weights
+        materialise on, else eagerly on the CPU (the plugin moves it)."""
+        if self.builds_lazily:
             from colossalai.lazy import LazyInitContext
 
             return LazyInitContext(default_device=device())

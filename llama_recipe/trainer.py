@@ -21,12 +21,12 @@ from .attention import ModelInputs, select_attention
 from .checkpointer import Checkpointer, TrainState
 from .config import TrainConfig
 from .data import mixture_tokens
-from .distributed import any_rank, is_main_process, print_main, synchronize, world_size
+from .distributed import any_rank, device, is_main_process, print_main, synchronize, world_size
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
 from .metrics import RunMetrics, StepResult, reset_peak_memory
-from .model import build_model, compile_decoder_layers, count_parameters
+from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
 from .parallel import Parallelism, unwrap_optimizer
 from .recompute import enable_recompute, recompute_mode
@@ -233,11 +233,13 @@ def build_boosted(
     cfg: TrainConfig, par: Parallelism, model_config, attn_implementation: str, warmup_steps: int, total_steps: int
 ):
     """The model, optimizer and lr schedule, boosted by the plugin. Returns (model, optimizer, lr_scheduler)."""
-    torch.manual_seed(cfg.training.seed)  # identical initial weights on every rank
+    torch.manual_seed(cfg.training.seed)
+    # each weight drawn from (seed, its name): the same initial weights on every rank, plugin and layout
+    init = WeightInit(cfg.training.seed, device(), lazy=par.builds_lazily)
     with par.model_init_context():
         # par.weight_dtype: no fp32 master copy may exist, so the weights themselves are 16-bit
         chunked_loss = par.spec.chunked_loss and not cfg.model.unfused_loss
-        model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss)
+        model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss, init)
     enable_recompute(model, recompute_mode(cfg.model))
     if cfg.model.compile:
         compile_decoder_layers(model)
