@@ -176,22 +176,10 @@ def finetune_runs(tmp_path_factory):
     torch.manual_seed(123)
     build_model(get_model_config("tiny"), "sdpa").save_pretrained(root / "pretrained")  # a plain HF directory
     pretrained = ["--model_path", str(root / "pretrained")]
-    zero2 = [
-        *pretrained,
-        "-p",
-        "zero2",
-        *COMMON,
-        "-b",
-        "2",
-        "--lr",
-        "3e-3",
-        "--max_steps",
-        "6",
-        "-o",
-        str(root / "zero2"),
-    ]
-    inplace = [*pretrained, *INPLACE, *COMMON, "-l", "256", "-b", "2", "--pack_examples", "--max_steps", "6",
-               "-o", str(root / "inplace")]  # fmt: skip
+    steps = ["--max_steps", "6"]
+    zero2 = [*pretrained, "-p", "zero2", *COMMON, "-b", "2", "--lr", "3e-3", *steps, "-o", str(root / "zero2")]
+    packed = ["-l", "256", "-b", "2", "--pack_examples"]
+    inplace = [*pretrained, *INPLACE, *COMMON, *packed, *steps, "-o", str(root / "inplace")]
 
     def resumed(common: list[str], name: str) -> list[str]:
         return [*common, "-i", "0", "-t", str(root / f"{name}_tb2"), "-f", str(root / name / "step-3")]

@@ -103,7 +103,9 @@ def test_token_weighted_micro_batches_give_the_token_mean_of_their_batch():
     parts = [(hidden[i : i + 1], labels[i : i + 1]) for i in range(4)]
     total = target_tokens(labels)
     assert total == sum(target_tokens(lab) for _, lab in parts) == int((labels[:, 1:] != IGNORE_INDEX).sum())
-    weighted = sum(token_weighted(chunked_causal_lm_loss(h, weight, lab), target_tokens(lab), total) for h, lab in parts)
+    weighted = sum(
+        token_weighted(chunked_causal_lm_loss(h, weight, lab), target_tokens(lab), total) for h, lab in parts
+    )
     (grad_weighted,) = torch.autograd.grad(weighted, hidden)
     torch.testing.assert_close(weighted, whole, rtol=1e-6, atol=0)  # fp32
     torch.testing.assert_close(grad_weighted, grad_whole, rtol=1e-5, atol=1e-8)

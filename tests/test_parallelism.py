@@ -46,8 +46,22 @@ def runs(tmp_path_factory):
     # all_to_all's weights are built as by one process without model parallelism: its reference is that run
     single = run_in_process("pretrain.py", [*RUN, "-i", "0", "-o", str(root / "single"), "-t", str(root / "single_tb")])
     assert single.returncode == 0, single.stderr[-3000:]
+    accumulated = [
+        "-b",
+        "1",
+        "--accumulation_steps",
+        "4",
+        "-i",
+        "0",
+        "-o",
+        str(root / "acc"),
+        "-t",
+        str(root / "acc_tb"),
+    ]
+    single = run_in_process("pretrain.py", [*RUN, *accumulated])
+    assert single.returncode == 0, single.stderr[-3000:]
     losses = {name: read_scalars(root / name / "tb") for name in LAYOUTS}
-    losses["single_process"] = read_scalars(root / "single_tb")
+    losses["single_process"], losses["accumulated"] = read_scalars(root / "single_tb"), read_scalars(root / "acc_tb")
     return root, losses
 
 
@@ -61,6 +75,15 @@ def test_sequence_parallel_losses_equal_the_layout_without_it(runs):
         states = json.loads((root / sp / "ckpt" / "step-4" / "running_states.json").read_text())
         # one replica: the SP ranks read the same batches, and the tokens are counted once, not per SP rank
         assert states["layout"]["dp_size"] == 1 and states["consumed_tokens"] == 4 * 4 * 128
+
+
+def test_accumulation_takes_the_step_of_the_batch_it_stands_for(runs):
+    """Pretraining, one process: -b 1 --accumulation_steps 4 reads -b 4's rows and takes its steps. Every packed
+    row has as many target tokens, so each micro-step's token weight is exactly 1/4, as before it was token-weighted."""
+    _, losses = runs
+    assert sorted(losses["accumulated"]) == [1, 2, 3, 4]
+    for step, loss in losses["accumulated"].items():
+        assert loss == pytest.approx(losses["single_process"][step], rel=1e-6), (losses["accumulated"], losses)
 
 
 def test_sequence_parallel_resumes_bit_identically(runs):
