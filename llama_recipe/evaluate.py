@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from .config import DataConfig
 from .distributed import device, is_main_process, rank, sum_across_ranks, world_size
-from .loss import IGNORE_INDEX
+from .loss import target_tokens
 from .parallel import Parallelism
 from .prepared import prepared_documents
 from .sources import dataset_kind, load_text_stream, source_for
@@ -59,7 +59,7 @@ class Evaluator:
         tokens = 0
         with torch.no_grad():
             for batch in self.batches:
-                n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the tokens the loss averages over
+                n = target_tokens(batch["labels"])  # the tokens the loss averages over
                 if self.par.pipeline:
                     loss = self.par.run_pipeline(model, None, self.inputs(batch))
                 else:

@@ -3,8 +3,8 @@
 Each example is `prompt + completion + EOS`. Prompt tokens and padding get label -100, so the
 model is trained only to produce the answer (the ColossalAI example trained on the prompt and the
 padding, with no EOS). An example longer than the row is cut from the prompt's start, keeping the
-answer. The data is small and map-style: it is shuffled per epoch from the seed, split evenly
-across data-parallel replicas, and its position is (epoch, index) — exactly resumable.
+answer. The data is small and map-style: it is shuffled per epoch from the seed, dealt evenly
+to the data-parallel replicas in turn, and its position is (epoch, index) — exactly resumable.
 """
 
 from __future__ import annotations
@@ -266,7 +266,9 @@ class InstructionBatches:
     def _epoch_order(self) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.rows), generator=generator).tolist()
-        return order[self.dp_rank * self.per_replica : (self.dp_rank + 1) * self.per_replica]
+        # dealt in turn (replica r takes positions r, r + dp_size, ...), as prepared data is: without packing,
+        # a step's global batch is then the same examples whatever -b x --accumulation_steps x replicas make it
+        return order[self.dp_rank :: self.dp_size][: self.per_replica]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.pack:

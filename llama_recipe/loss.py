@@ -16,6 +16,13 @@ gradients to rounding (tests/test_loss.py).
 (generation, tests reading logits) the model's own forward runs. Which plugins allow it is data in
 plugins.py (`PluginSpec.chunked_loss`): shardformer (hybrid_parallel) replaces the forward with its
 own, which has its own vocabulary-parallel cross-entropy.
+
+Every one of those losses is the mean over its own batch's target tokens. A training step may run
+several of them (accumulation micro-steps, pipeline micro-batches, data-parallel replicas), and
+averaging their means would weigh a token of a short finetuning completion more than one of a long
+completion, by an amount that depends on -b, --accumulation_steps and the replica count.
+`token_weighted` turns each micro-batch's mean into its share of the mean over every target token
+of the step, as the held-out evaluation (evaluate.py) already counts them.
 """
 
 from __future__ import annotations
@@ -89,6 +96,26 @@ def chunked_causal_lm_loss(
         return ChunkedLinearCrossEntropy.apply(
             hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1).to(hidden.device), chunk_tokens
         )
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """The tokens a causal LM loss over `labels` (batch, seq) averages over: position t predicts label
+    t + 1, so the first label is never a target; `-100` labels are none."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_weighted(mean_loss: torch.Tensor, tokens: int, tokens_per_replica: float) -> torch.Tensor:
+    """A micro-batch's mean loss over its `tokens` target tokens, as its share of the step's loss:
+    the sum of its token losses over `tokens_per_replica`, the step's target tokens over all its
+    micro-batches and replicas divided by the replica count (the plugins average gradients over
+    replicas, so each replica's gradient must be dp_size times its share of the global mean).
+
+    Written as a division by `tokens_per_replica / tokens`, which is exactly the number of
+    micro-batches when they all hold as many target tokens (packed pretraining rows): the loss is
+    then bit for bit the old `loss / accumulation_steps`. (`tokens` is never 0: every finetuning
+    example keeps at least one completion token to predict, and a pretraining row of -l >= 2 tokens
+    predicts all but its first.)"""
+    return mean_loss / (tokens_per_replica / tokens)
 
 
 def _forward_with_chunked_loss(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, **kwargs):

@@ -20,6 +20,7 @@ from .colossalai_patches import compress_pipeline_backward, route_pipeline_dp_gr
 from .compression import BackpropCompression, Communication, CompressionSettings, PowerSGD
 from .config import CompressionConfig, TrainConfig
 from .distributed import device, print_main
+from .loss import target_tokens, token_weighted
 from .optim import OPTIMIZERS
 from .plugins import PluginSpec, check_layout, create_plugin, plugin_spec, resolve_optimizer, resolve_precision
 
@@ -209,13 +210,37 @@ class Parallelism:
         norm = optimizer.get_grad_norm()
         return None if norm is None else float(norm)
 
-    def run_pipeline(self, model, optimizer, batch: dict) -> torch.Tensor | None:
+    def run_pipeline(
+        self, model, optimizer, batch: dict, tokens_per_replica: float | None = None
+    ) -> torch.Tensor | None:
         """One forward (and, with an optimizer, backward) of a pipelined batch: the loss on the last
-        stage, None elsewhere."""
+        stage, None elsewhere. Without `tokens_per_replica`, the mean of the micro-batches' mean losses
+        (ColossalAI's schedule divides each by their number); with it (training), each micro-batch's
+        loss is first weighted by its target tokens (`token_weighted`), so the step's loss is the mean
+        over every target token of the batch, whatever the micro-batch size."""
+
+        def criterion(out, micro_batch: dict) -> torch.Tensor:
+            if tokens_per_replica is None:
+                return out.loss
+            # every schedule divides what this returns by the number of micro-batches (-b must divide by it)
+            microbatches = len(batch["labels"]) // len(micro_batch["labels"])
+            return token_weighted(out.loss, target_tokens(micro_batch["labels"]), tokens_per_replica / microbatches)
+
         outputs = self.booster.execute_pipeline(
-            iter([batch]), model, criterion=lambda out, _inputs: out.loss, optimizer=optimizer, return_loss=True
+            iter([batch]), model, criterion=criterion, optimizer=optimizer, return_loss=True
         )
         return outputs["loss"] if self.is_last_pipeline_stage else None
+
+    def tokens_per_replica(self, local_tokens: int) -> float:
+        """The target tokens of this step over all replicas (one all-reduce over the data-parallel
+        group), divided by the replica count: what `token_weighted` divides each micro-batch's token
+        losses by, so that the plugin's average of the replicas' gradients is the gradient of the
+        mean over every target token of the global batch. Summed in float64: exact to 2^53."""
+        if self.dp_size == 1:
+            return float(local_tokens)
+        count = torch.tensor(float(local_tokens), dtype=torch.float64, device=device())
+        dist.all_reduce(count, group=self.dp_group)
+        return float(count) / self.dp_size
 
     def mean_across_replicas(self, *values: torch.Tensor | float | None) -> list[float]:
         """Average per-rank numbers over data-parallel replicas, in one all-reduce, so every rank sees

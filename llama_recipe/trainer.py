@@ -25,6 +25,7 @@ from .distributed import any_rank, device, is_main_process, print_main, synchron
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
+from .loss import target_tokens, token_weighted
 from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
 from .optim import build_lr_scheduler, build_optimizer
@@ -81,23 +82,27 @@ class StopRequest:
 
 
 def forward_backward(par: Parallelism, model, optimizer, batches, accumulation_steps: int, inputs: ModelInputs):
-    """Forward and backward over `accumulation_steps` micro-batches. Returns (this rank's mean loss,
-    or None on pipeline stages other than the last; the tokens it trained on; seconds spent
-    waiting for data)."""
+    """Forward and backward over `accumulation_steps` micro-batches (a pipeline: one batch, which its
+    schedule splits). Returns (this rank's share of the step's loss, or None on pipeline stages other
+    than the last; the tokens it trained on; seconds spent waiting for data).
+
+    The step's gradient is that of the mean loss over every target token of the global batch (all
+    micro-steps, all replicas), so accumulation and replicas give what one batch of that size would:
+    the step's target tokens are counted first, over all its micro-batches and (one all-reduce) all
+    replicas, and each micro-batch's loss is weighted by its own (`token_weighted`). Summed over the
+    micro-batches and averaged over replicas, those losses are that token mean."""
+    waited = time.perf_counter()
+    micro_batches = [batches.next_batch() for _ in range(1 if par.pipeline else accumulation_steps)]
+    data_seconds = time.perf_counter() - waited
+    tokens = sum(_tokens_in(batch) for batch in micro_batches)
+    per_replica = par.tokens_per_replica(sum(target_tokens(batch["labels"]) for batch in micro_batches))
     if par.pipeline:
-        waited = time.perf_counter()
-        batch = batches.next_batch()
-        waited = time.perf_counter() - waited
-        return par.run_pipeline(model, optimizer, inputs(batch)), _tokens_in(batch), waited
-    total_loss, tokens, data_seconds = None, 0, 0.0
-    for micro_step in range(accumulation_steps):
-        waited = time.perf_counter()
-        batch = batches.next_batch()
-        data_seconds += time.perf_counter() - waited
-        tokens += _tokens_in(batch)
+        return par.run_pipeline(model, optimizer, inputs(micro_batches[0]), per_replica), tokens, data_seconds
+    total_loss = None
+    for micro_step, batch in enumerate(micro_batches):
         with par.no_sync(model, optimizer, is_last_micro_step=micro_step == accumulation_steps - 1):
             with par.forward_context():
-                loss = model(**inputs(batch)).loss / accumulation_steps
+                loss = token_weighted(model(**inputs(batch)).loss, target_tokens(batch["labels"]), per_replica)
             par.backward(loss, optimizer)
         total_loss = loss.detach() if total_loss is None else total_loss + loss.detach()
     return total_loss, tokens, data_seconds
@@ -130,7 +135,8 @@ def train_step(
     local_loss, local_tokens, data_seconds = forward_backward(
         par, model, optimizer, batches, cfg.training.accumulation_steps, inputs
     )
-    # one all-reduce, and a sync point: every rank knows the step's loss before anything is updated
+    # one all-reduce, and a sync point: every rank knows the step's loss (the replicas' shares averaged: the
+    # token mean over the global batch) before anything is updated
     loss, tokens_mean = par.mean_across_replicas(local_loss, local_tokens)
     if cfg.logging.time_breakdown:  # so the clock measures work done, not work queued on a GPU
         synchronize()

@@ -76,6 +76,28 @@ def test_batches_mask_padding_and_split_replicas(tokenizer):
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0
 
 
+def test_a_step_reads_the_same_examples_whatever_the_layout(tokenizer):
+    """Examples are dealt to the replicas in turn, so the examples of a step (all replicas, all micro-steps) are
+    the same for 1 x -b 4, 2 replicas x -b 2, -b 1 --accumulation_steps 4 and 2 replicas x -b 1 x 2 micro-steps."""
+    rows = load_instruction_rows(str(SHIPPED), "self_instruct")
+
+    def steps(batch_size: int, accumulation: int, replicas: int) -> list[set]:
+        shares = [InstructionBatches(rows, tokenizer, 128, batch_size, r, replicas, seed=0) for r in range(replicas)]
+        examples = []
+        for _ in range(3):
+            batches = [share.next_batch() for share in shares for _ in range(accumulation)]
+            rows_read = [
+                (ids, mask) for b in batches for ids, mask in zip(b["input_ids"], b["attention_mask"], strict=True)
+            ]
+            examples.append({tuple(ids[mask == 1].tolist()) for ids, mask in rows_read})
+        return examples
+
+    one_batch = steps(4, 1, 1)
+    assert all(len(step) == 4 for step in one_batch)
+    for layout in [(2, 1, 2), (1, 4, 1), (1, 2, 2)]:
+        assert steps(*layout) == one_batch, layout
+
+
 def test_model_dir_without_config_is_one_line_error(tmp_path):
     proc = run_in_process(
         "finetune.py", ["--model_path", str(tmp_path), "-d", str(SHIPPED), "-o", str(tmp_path / "ckpt")]
@@ -116,77 +138,150 @@ def test_missing_task_names_the_available_ones(tmp_path):
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "tb").exists()
 
 
-def train_then_resume(common: list[str], first: list[str], tmp_path) -> tuple[str, dict, dict]:
-    """A 2-process run of 6 steps (`first`: its save and eval flags), then a run resumed from its step-3
-    checkpoint, in one launch: (the first run's stdout, its losses, the resumed run's losses)."""
-    resumed = [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-3")]
-    job = launch_runs({"full": [*common, *first], "resumed": resumed}, tmp_path, script="finetune")
+# The 2-process finetune.py runs of this module, in ONE launch (conftest.launch_runs): a zero2 run of 6 steps and
+# its resume from step 3; an in-place SGD run and its resume; and 3 steps under each layout of the token-weighting
+# check, each a global batch of 4 examples (replicas x -b x --accumulation_steps) compared with one process's -b 4.
+COMMON = ["-d", str(SHIPPED), "--task_name", "self_instruct", "-l", "128", "--warmup_ratio", "0"]
+INPLACE = ["-p", "ddp", "--optimizer", "inplace_sgd", "--lr", "0.5", "--grad_clip", "1.0"]
+GLOBAL_BATCH_OF_4 = {  # name: (flags, its one-process reference)
+    "ddp_2x2": (["-p", "ddp", "-b", "2"], "adamw"),
+    "zero2_2x1x2": (["-p", "zero2", "-b", "1", "--accumulation_steps", "2"], "adamw"),
+    "zero2_cpu_2x2": (["-p", "zero2_cpu", "-b", "2"], "adamw"),
+    "tp2_1x4": (["-p", "hybrid_parallel", "--tp", "2", "-b", "1", "--accumulation_steps", "4"], "adamw"),
+    "pp2_4_microbatches": (["-p", "hybrid_parallel", "--pp", "2", "-b", "4"], "adamw"),
+    "inplace_sgd_2x2": ([*INPLACE, "-b", "2"], "inplace_sgd"),
+}
+ONE_PROCESS = {  # name: flags, run in this process
+    "adamw": ["-b", "4"],
+    "adamw_1x4": ["-b", "1", "--accumulation_steps", "4"],  # the same step: its reference is "adamw"
+    "inplace_sgd": [*INPLACE, "-b", "4"],
+}
+
+
+THREE_STEPS = ["-x", "fp32", "--lr", "3e-3", "--max_steps", "3", "--eval_split", "0", "-i", "3"]  # nothing held out
+
+
+def token_weighting_args(root, name: str, flags: list[str]) -> list[str]:
+    """3 steps from `root`/pretrained (--lr 3e-3 unless `flags` say otherwise), a checkpoint at step 3."""
+    where = ["-o", str(root / name / "ckpt"), "-t", str(root / name / "tb")]
+    return ["--model_path", str(root / "pretrained"), *COMMON, *THREE_STEPS, *where, *flags]
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory):
+    """{run name: (its stdout, or None for a one-process run; its losses by step)} and the root of their files."""
+    from llama_recipe.model import build_model, get_model_config
+
+    root = tmp_path_factory.mktemp("finetune")
+    torch.manual_seed(123)
+    build_model(get_model_config("tiny"), "sdpa").save_pretrained(root / "pretrained")  # a plain HF directory
+    pretrained = ["--model_path", str(root / "pretrained")]
+    steps = ["--max_steps", "6"]
+    zero2 = [*pretrained, "-p", "zero2", *COMMON, "-b", "2", "--lr", "3e-3", *steps, "-o", str(root / "zero2")]
+    packed = ["-l", "256", "-b", "2", "--pack_examples"]
+    inplace = [*pretrained, *INPLACE, *COMMON, *packed, *steps, "-o", str(root / "inplace")]
+
+    def resumed(common: list[str], name: str) -> list[str]:
+        return [*common, "-i", "0", "-t", str(root / f"{name}_tb2"), "-f", str(root / name / "step-3")]
+
+    runs = {
+        "zero2": [*zero2, "-i", "3", "--eval_interval", "3", "-t", str(root / "zero2_tb")],
+        "zero2_resumed": resumed(zero2, "zero2"),
+        "inplace": [*inplace, "-i", "3", "-t", str(root / "inplace_tb")],
+        "inplace_resumed": resumed(inplace, "inplace"),
+        **{name: token_weighting_args(root, name, flags) for name, (flags, _) in GLOBAL_BATCH_OF_4.items()},
+    }
+    job = launch_runs(runs, root, script="finetune")
     check_ok(job)
-    return run_outputs(job)["full"], read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
+    outputs = run_outputs(job)
+    for name, flags in ONE_PROCESS.items():
+        single = run_in_process("finetune.py", token_weighting_args(root, name, flags))
+        assert single.returncode == 0, single.stderr[-3000:]
+    tb = {"zero2": "zero2_tb", "zero2_resumed": "zero2_tb2", "inplace": "inplace_tb", "inplace_resumed": "inplace_tb2"}
+    found = {
+        name: (outputs.get(name), read_scalars(root / tb.get(name, f"{name}/tb"))) for name in [*runs, *ONE_PROCESS]
+    }
+    return root, found
 
 
 @pytest.mark.multiprocess
-def test_finetune_loads_weights_trains_and_resumes(tmp_path, tokenizer):
+def test_finetune_loads_weights_trains_and_resumes(finetune_runs, tokenizer):
     from transformers import LlamaForCausalLM
 
-    from llama_recipe.model import build_model, get_model_config
+    from llama_recipe.loss import target_tokens
 
-    torch.manual_seed(123)
-    pretrained = build_model(get_model_config("tiny"), "sdpa")
-    pretrained.save_pretrained(tmp_path / "pretrained")  # a plain Hugging Face directory, one safetensors file
-    common = [
-        "--model_path", str(tmp_path / "pretrained"), "-p", "zero2", "-d", str(SHIPPED), "--task_name", "self_instruct",
-        "-l", "128", "-b", "2", "--lr", "3e-3", "--warmup_ratio", "0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
-    ]  # fmt: skip
-    full, losses, resumed_losses = train_then_resume(
-        common, ["-i", "3", "--eval_interval", "3", "-t", str(tmp_path / "tb")], tmp_path
-    )
-    held_out = read_scalars(tmp_path / "tb", "eval/loss")
+    root, runs = finetune_runs
+    (full, losses), (_, resumed_losses) = runs["zero2"], runs["zero2_resumed"]
+    held_out = read_scalars(root / "zero2_tb", "eval/loss")
     assert sorted(held_out) == [0, 3, 6]
     assert held_out[6] < held_out[0] - 0.1, held_out  # finetuning lowers the loss on examples it never saw
     assert full.count("--- model answer:") == 3  # and shows its answers to held-out prompts
 
-    # Step 1's loss is the pretrained model's loss on each replica's first batch: the weights were loaded.
-    model = LlamaForCausalLM.from_pretrained(tmp_path / "pretrained").eval()
+    # Step 1's loss is the pretrained model's loss on the replicas' first batches, over all their completion
+    # tokens: the weights were loaded.
+    model = LlamaForCausalLM.from_pretrained(root / "pretrained").eval()
     rows, _ = split_held_out(load_instruction_rows(str(SHIPPED), "self_instruct"), 0.05, seed=42)  # what it trains on
+    first = [InstructionBatches(rows, tokenizer, 128, 2, r, 2, seed=42).next_batch() for r in range(2)]
     with torch.no_grad():
-        first = [
-            model(**InstructionBatches(rows, tokenizer, 128, 2, r, 2, seed=42).next_batch()).loss.item()
-            for r in range(2)
-        ]
-    assert losses[1] == pytest.approx(sum(first) / 2, abs=1e-4)
+        token_losses = [model(**batch).loss.item() * target_tokens(batch["labels"]) for batch in first]
+    assert losses[1] == pytest.approx(sum(token_losses) / sum(target_tokens(b["labels"]) for b in first), abs=1e-4)
 
     assert min(losses[5], losses[6]) < losses[1]
     assert sorted(resumed_losses) == [4, 5, 6]  # the step count continues after resume
     for step in (4, 5, 6):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-6)
-    states = json.loads((tmp_path / "ckpt" / "step-6" / "running_states.json").read_text())
+    states = json.loads((root / "zero2" / "step-6" / "running_states.json").read_text())
     assert states["step"] == 6 and states["config"]["task_name"] == "self_instruct"
 
 
 @pytest.mark.multiprocess
-def test_inplace_sgd_finetunes_data_parallel_and_resumes(tmp_path):
+def test_inplace_sgd_finetunes_data_parallel_and_resumes(finetune_runs):
     """LOMO-style in-place SGD through finetune.py, 2 data-parallel processes (the gradient all-reduce
     happens in its hooks): the held-out loss falls, the gradient norm is logged, and a resume
     reproduces the uninterrupted run."""
-    from llama_recipe.model import build_model, get_model_config
-
-    torch.manual_seed(123)
-    build_model(get_model_config("tiny"), "sdpa").save_pretrained(tmp_path / "pretrained")
-    common = [
-        "--model_path", str(tmp_path / "pretrained"), "-p", "ddp", "--optimizer", "inplace_sgd", "-d", str(SHIPPED),
-        "--task_name", "self_instruct", "-l", "256", "-b", "2", "--lr", "0.5", "--warmup_ratio", "0", "--pack_examples",
-        "--grad_clip", "1.0", "--max_steps", "6", "-o", str(tmp_path / "ckpt"),
-    ]  # fmt: skip
-    full, losses, resumed_losses = train_then_resume(common, ["-i", "3", "-t", str(tmp_path / "tb")], tmp_path)
+    root, runs = finetune_runs
+    (full, losses), (_, resumed_losses) = runs["inplace"], runs["inplace_resumed"]
     assert "optimizer inplace_sgd" in full
-    held_out = read_scalars(tmp_path / "tb", "eval/loss")
+    held_out = read_scalars(root / "inplace_tb", "eval/loss")
     assert held_out[6] < held_out[0] - 0.1, held_out
-    grad_norms = read_scalars(tmp_path / "tb", "train/grad_norm")
+    grad_norms = read_scalars(root / "inplace_tb", "train/grad_norm")
     assert sorted(grad_norms) == list(range(1, 7)) and all(n > 0 for n in grad_norms.values())
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
+
+
+def relative_difference(root, name: str, reference: str) -> float:
+    """|weights - reference's| / |reference's| over the whole model, at step 3."""
+    from safetensors.torch import load_file
+
+    def weights(run: str) -> dict:
+        tensors = {}
+        for shard in (root / run / "ckpt" / "step-3" / "model").glob("*.safetensors"):
+            tensors.update(load_file(shard))
+        return tensors
+
+    mine, theirs = weights(name), weights(reference)
+    assert mine.keys() == theirs.keys()
+    difference = sum((mine[k] - theirs[k]).double().square().sum() for k in theirs) ** 0.5
+    return float(difference / sum(t.double().square().sum() for t in theirs.values()) ** 0.5)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", ["adamw_1x4", *GLOBAL_BATCH_OF_4])
+def test_a_global_batch_of_4_takes_the_step_of_one_batch_of_4(finetune_runs, name):
+    """Completions differ in length, so a mean of micro-batch means would weigh a token by the length
+    of its completion and by the layout (losses up to ~2e-3 relative apart, weights ~7e-2 after 3 steps):
+    with the loss weighted by tokens, -b 1 --accumulation_steps 4, 2 replicas x -b 2 (ddp, zero2_cpu),
+    2 replicas x -b 1 x 2 micro-steps (zero2), tp2 with 4 micro-steps, pp2 with 4 micro-batches and
+    in-place SGD on 2 replicas take one process's -b 4 step: losses and weights within 1e-6 relative."""
+    root, runs = finetune_runs
+    reference = GLOBAL_BATCH_OF_4[name][1] if name in GLOBAL_BATCH_OF_4 else "adamw"
+    losses, expected = runs[name][1], runs[reference][1]
+    assert sorted(losses) == [1, 2, 3]
+    for step, loss in losses.items():
+        assert loss == pytest.approx(expected[step], rel=1e-6), (step, losses, expected)
+    assert relative_difference(root, name, reference) <= 1e-6
 
 
 def test_packed_examples_neither_see_nor_teach_each_other(tokenizer):

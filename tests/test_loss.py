@@ -84,3 +84,33 @@ def test_the_model_trains_with_it_as_with_the_plain_loss(tmp_path):
     chunked.save_pretrained(tmp_path)
     assert type(LlamaForCausalLM.from_pretrained(tmp_path)) is LlamaForCausalLM
     assert '"LlamaForCausalLM"' in (tmp_path / "config.json").read_text()
+
+
+def test_token_weighted_micro_batches_give_the_token_mean_of_their_batch():
+    """Micro-batches whose target tokens differ in number (masked prompts, padding): their token-weighted
+    losses add up to the loss of the whole batch, and so do their gradients; the plain mean of their means
+    (the old accumulation) does not. With as many target tokens in each, the weight is exactly 1 / count."""
+    from llama_recipe.loss import target_tokens, token_weighted
+
+    torch.manual_seed(0)
+    hidden = torch.randn(4, 64, 16, requires_grad=True)
+    weight = torch.randn(50, 16)
+    labels = labels_with_holes(4, 64, 50)
+    labels[2, :60] = IGNORE_INDEX  # a short completion
+    whole = chunked_causal_lm_loss(hidden, weight, labels)
+    (grad_whole,) = torch.autograd.grad(whole, hidden)
+
+    parts = [(hidden[i : i + 1], labels[i : i + 1]) for i in range(4)]
+    total = target_tokens(labels)
+    assert total == sum(target_tokens(lab) for _, lab in parts) == int((labels[:, 1:] != IGNORE_INDEX).sum())
+    weighted = sum(
+        token_weighted(chunked_causal_lm_loss(h, weight, lab), target_tokens(lab), total) for h, lab in parts
+    )
+    (grad_weighted,) = torch.autograd.grad(weighted, hidden)
+    torch.testing.assert_close(weighted, whole, rtol=1e-6, atol=0)  # fp32
+    torch.testing.assert_close(grad_weighted, grad_whole, rtol=1e-5, atol=1e-8)
+    mean_of_means = sum(chunked_causal_lm_loss(h, weight, lab) for h, lab in parts) / 4
+    assert abs(mean_of_means.item() - whole.item()) > 1e-3
+
+    loss = torch.tensor(10.391477584838867)
+    assert token_weighted(loss, 254, 3 * 254).item() == (loss / 3).item()  # packed rows: the old loss / 3

@@ -75,8 +75,12 @@ def runs(tmp_path_factory):
     reference = ["-p", "ddp", "--unfused_loss", "-i", "0", "-o", str(root / "single"), "-t", str(root / "single_tb")]
     single = run_in_process("pretrain.py", [*run, *reference])
     assert single.returncode == 0, single.stderr[-3000:]
+    # -b 1 --accumulation_steps 4 in one process: the reference's rows, a quarter at a time
+    accumulated = ["-p", "ddp", "--unfused_loss", "-b", "1", "--accumulation_steps", "4", "-i", "0"]
+    single = run_in_process("pretrain.py", [*run, *accumulated, "-o", str(root / "acc"), "-t", str(root / "acc_tb")])
+    assert single.returncode == 0, single.stderr[-3000:]
     logged = {name: scalars(root / name / "tb") for name in LAYOUTS}
-    logged["single_process"] = scalars(root / "single_tb")
+    logged["single_process"], logged["accumulated"] = scalars(root / "single_tb"), scalars(root / "acc_tb")
     return root, {name: values["loss"] for name, values in logged.items()}, logged
 
 
@@ -130,6 +134,15 @@ def test_sequence_parallel_ranks_form_one_replica(runs):
         states = json.loads((root / sp / "ckpt" / "step-4" / "running_states.json").read_text())
         # one replica: the SP ranks read the same batches, and the tokens are counted once, not per SP rank
         assert states["layout"]["dp_size"] == 1 and states["consumed_tokens"] == 4 * 4 * 128
+
+
+def test_accumulation_takes_the_step_of_the_batch_it_stands_for(runs):
+    """Pretraining, one process: -b 1 --accumulation_steps 4 reads -b 4's rows and takes its steps. Every packed
+    row has as many target tokens, so each micro-step's token weight is exactly 1/4, as before it was token-weighted."""
+    _, losses, _ = runs
+    assert sorted(losses["accumulated"]) == [1, 2, 3, 4]
+    for step, loss in losses["accumulated"].items():
+        assert loss == pytest.approx(losses["single_process"][step], rel=1e-6), (losses["accumulated"], losses)
 
 
 def test_sequence_parallel_resumes_bit_identically(runs):
