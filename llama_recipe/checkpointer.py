@@ -150,38 +150,19 @@ class Checkpointer:
             layout=self.layout,
             config=self.run_config,
         )
+        what = (self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict())
+        what += (self.tokenizer, self.cfg.keep_last)  # the same arguments for either writer
         try:
             self._check_room(model)
             if background:
                 started = time.perf_counter()
-                self.pending = start_background_save(
-                    self.par,
-                    model,
-                    optimizer,
-                    lr_scheduler,
-                    self.cfg.save_dir,
-                    running_states,
-                    batches.state_dict(),
-                    self.tokenizer,
-                    self.cfg.keep_last,
-                    self.write_timeout,
-                )
+                self.pending = start_background_save(*what, timeout=self.write_timeout)
                 print_main(
                     f"checkpoint {self.pending.final}: training stalled {time.perf_counter() - started:.2f}s to hand it "
                     "to the background writer, which writes it while the next step computes"
                 )
                 return
-            path, seconds, size = save_checkpoint(
-                self.par,
-                model,
-                optimizer,
-                lr_scheduler,
-                self.cfg.save_dir,
-                running_states,
-                batches.state_dict(),
-                self.tokenizer,
-                self.cfg.keep_last,
-            )
+            path, seconds, size = save_checkpoint(*what)
         except CheckpointError as e:
             if not self.cfg.continue_on_save_error:
                 raise
