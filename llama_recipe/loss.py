@@ -112,9 +112,11 @@ def token_weighted(mean_loss: torch.Tensor, tokens: int, tokens_per_replica: flo
 
     Written as a division by `tokens_per_replica / tokens`, which is exactly the number of
     micro-batches when they all hold as many target tokens (packed pretraining rows): the loss is
-    then bit for bit the old `loss / accumulation_steps`. (`tokens` is never 0: every finetuning
-    example keeps at least one completion token to predict, and a pretraining row of -l >= 2 tokens
-    predicts all but its first.)"""
+    then bit for bit the old `loss / accumulation_steps`. A micro-batch with nothing to predict (no
+    finetuning or pretraining data makes one; a damaged batch can) keeps its NaN mean (0/0), so the
+    step's loss is not finite and the non-finite guard skips the update."""
+    if tokens == 0:
+        return mean_loss
     return mean_loss / (tokens_per_replica / tokens)
 
 
