@@ -254,15 +254,16 @@ EVAL_DURING = [
 ]  # ddp's run goes through `colossalai run`, the cluster launcher
 
 
-def launch_runs(runs: dict[str, list[str]], root: Path, launcher: str = "torchrun", script: str = "pretrain"):
-    """Several `pretrain.py` (or `finetune.py`) runs one after another in ONE 2-process launch
-    (tests/layouts_probe.py), each from its own flags alone (a fresh model, optimizer and data stream;
-    a resume reads only its checkpoint): the interpreter's and ColossalAI's start-up is paid once.
-    Returns the CompletedProcess; `run_outputs` splits its stdout by run."""
+def launch_runs(runs: dict[str, list[str]], root: Path, script: str = "pretrain", nproc: int = 2, **launch_args):
+    """Several `pretrain.py` (or `finetune.py`) runs one after another in ONE launch (2 processes
+    unless said; tests/layouts_probe.py), each from its own flags alone (a fresh model, optimizer and
+    data stream; a resume reads only its checkpoint): the interpreter's and ColossalAI's start-up is
+    paid once. `launch_args` go to `launch` (launcher, env, launcher_args). Returns the
+    CompletedProcess; `run_outputs` splits its stdout by run."""
     listed = root / "runs.json"  # a file: `colossalai run` splits arguments at spaces
     pairs = [item for name, args in runs.items() for item in (name, shlex.join(args))]
     listed.write_text(json.dumps({"script": script, "runs": pairs}))
-    return launch("tests/layouts_probe.py", [str(root / "probe"), str(listed)], nproc=2, launcher=launcher)
+    return launch("tests/layouts_probe.py", [str(root / "probe"), str(listed)], nproc=nproc, **launch_args)
 
 
 def run_outputs(job) -> dict[str, str]:

@@ -133,6 +133,15 @@ def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, t
     assert losses[STEPS + 1] == pytest.approx(_first_batch_loss(checkpoint / "model", 1, tokenizer), abs=1e-4)
 
 
+def resume_in_one_process(args: list[str]):
+    """A 2-process run's checkpoint resumed in this process, on one replica: what the fault tests need
+    to show is that it loads and trains on (weights and optimizer resharded; the stream restarts,
+    --reset_data, as it cannot move to another layout). Cheaper than a second 2-process launch."""
+    resumed = run_in_process("pretrain.py", [*args, "--reset_data"])
+    check_ok(resumed)
+    return resumed
+
+
 @pytest.mark.multiprocess
 def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, background_jobs):
     save_dir = tmp_path / "ckpt"
@@ -156,9 +165,8 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
     assert states["step"] in (killed_step - 1, killed_step)  # the rename may just have happened; never a partial one
     assert not (save_dir / f"step-{killed_step}").exists() or states["step"] == killed_step
 
-    resumed = launch("pretrain.py", [*TINY_RUN, "-p", "zero2", "--max_steps", str(killed_step + 1), "-i", "1",
-                                     "-f", "latest", "-o", str(save_dir), "-t", "", "--reset_schedule"], nproc=2)  # fmt: skip
-    check_ok(resumed)
+    resume = ["--max_steps", str(killed_step + 1), "-i", "1", "-f", "latest", "-o", str(save_dir), "-t", ""]
+    resumed = resume_in_one_process([*TINY_RUN, "-p", "zero2", *resume, "--reset_schedule"])
     assert f"resumed from {latest} at step {states['step']}" in resumed.stdout
     assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
 
@@ -244,9 +252,7 @@ def test_kill_9_during_a_background_write_keeps_the_previous_checkpoint(tmp_path
     step = json.loads((latest / "running_states.json").read_text())["step"]
     assert step in (killed_step - 1, killed_step)  # it may just have completed; never a partial one
     assert not (save_dir / f"step-{killed_step}").exists() or step == killed_step
-    resume = ["--max_steps", str(killed_step + 1), "-f", "latest", "--reset_schedule"]
-    resumed = launch("pretrain.py", [*common, *resume], nproc=2)
-    check_ok(resumed)
+    resumed = resume_in_one_process([*common, "--max_steps", str(killed_step + 1), "-f", "latest", "--reset_schedule"])
     assert f"resumed from {latest} at step {step}" in resumed.stdout
     assert not list(save_dir.glob(".step-*.tmp"))
     assert (save_dir / "latest").read_text().strip() == f"step-{killed_step + 1}"
@@ -280,8 +286,7 @@ def test_sigterm_saves_a_loadable_checkpoint_and_exits(tmp_path, background_jobs
     assert re.search(rf"SIGTERM received: stopping at the end of step {step}\b", log), log[-3000:]
     assert not list(save_dir.glob(".step-*.tmp"))
     resume = ["--max_steps", str(step + 1), "--reset_schedule", "-f", "latest", "-t", str(tmp_path / "tb2")]
-    resumed = launch("pretrain.py", [*common, *resume], nproc=2)
-    check_ok(resumed)
+    resume_in_one_process([*common, *resume])
     assert list(read_scalars(tmp_path / "tb2")) == [step + 1]
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, check_ok, launch, read_scalars, script_env
+from conftest import TINY_RUN, check_ok, launch_runs, read_scalars, run_outputs, script_env
 
 from llama_recipe.distributed import free_port
 
@@ -66,15 +66,17 @@ def test_hostfile_launch_over_ssh_trains_saves_and_resumes(tmp_path, two_ssh_hos
     hostfile, port, env = two_ssh_hosts
     cluster = ["--hostfile", str(hostfile), "--ssh-port", str(port)]
     common = [*TINY_RUN, "-p", "ddp", "--max_steps", "4", "-o", str(tmp_path / "ckpt")]
-    full = launch("pretrain.py", [*common, "-i", "2", "-t", str(tmp_path / "tb")], nproc=1, env=env,
-                  launcher="colossalai", launcher_args=cluster)  # fmt: skip
-    check_ok(full)
-    assert "127.0.0.2: success" in full.stdout and "127.0.0.3: success" in full.stdout
-    assert "2 processes, 2 data-parallel replicas" in full.stdout  # one process on each "host"
+    runs = {  # one launch: the resume starts from the step-2 checkpoint alone (a fresh model, optimizer, stream)
+        "full": [*common, "-i", "2", "-t", str(tmp_path / "tb")],
+        "resumed": [*common, "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-2")],
+    }
+    job = launch_runs(runs, tmp_path, nproc=1, env=env, launcher="colossalai", launcher_args=cluster)
+    check_ok(job)
+    assert "127.0.0.2: success" in job.stdout and "127.0.0.3: success" in job.stdout
+    full = run_outputs(job)["full"]
+    assert "2 processes, 2 data-parallel replicas" in full  # one process on each "host"
     assert "Accepted publickey" in (hostfile.parent / "ssh" / "sshd.log").read_text()  # really over SSH
-    resume = ["-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-2")]
-    resumed = launch("pretrain.py", [*common, *resume], nproc=1, env=env, launcher="colossalai", launcher_args=cluster)
-    check_ok(resumed)
+    assert f"resumed from {tmp_path / 'ckpt' / 'step-2'} at step 2" in run_outputs(job)["resumed"]
     losses, resumed_losses = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb2")
     assert sorted(resumed_losses) == [3, 4]
     assert all(resumed_losses[s] == losses[s] for s in (3, 4))  # bit for bit, as on one machine
