@@ -68,8 +68,10 @@ import json, sys
 print(f"{'config':8} {'plugin':16} {'precision':10} {'optimizer':14} {'tok/s/GPU':>10} {'MFU':>6} {'TFLOP/s':>8} {'peak MB':>9}")
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    mfu = r.get("mfu")  # none on a device the peak table does not name (a MIG slice, a new GPU)
+    mfu = f"{100 * mfu:>5.1f}%" if isinstance(mfu, float) and mfu == mfu else "   n/a"
     print(f"{r['config']:8} {r['plugin']:16} {r['precision']:10} {r['optimizer']:14} {r['tgs']:>10,.0f} "
-          f"{100 * r['mfu']:>5.1f}% {r['tflops_per_device']:>8.1f} {r['peak_memory_mb']:>9,.0f}")
+          f"{mfu} {r['tflops_per_device']:>8.1f} {r['peak_memory_mb']:>9,.0f}")
 PY
 }
 
