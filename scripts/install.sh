@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 
 test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/pip" install --quiet uv==0.13.9
+"$VENV/bin/pip" install -qq uv==0.13.9  # -qq: not the warnings about indexes that lack uv
 
 # uv reads no pip configuration: hand it the index settings pip has on this machine (pip.conf, PIP_*).
 uv_flags=()
@@ -33,6 +33,6 @@ uv_install -r requirements.txt
 uv_install --no-deps -r requirements-colossalai.txt
 # Byte-compiled once here on every core. A file that does not compile (a package's Python 2 test data)
 # is left to import as source, as pip leaves it.
-"$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" > /dev/null || true
+"$VENV/bin/python" -m compileall -q -j 0 "$VENV/lib" > /dev/null 2>&1 || true
 # llama_recipe itself, editable as a plain path entry (compat): scripts and tests import this checkout.
 "$VENV/bin/pip" install --quiet --no-deps --no-build-isolation --config-settings editable_mode=compat -e .
