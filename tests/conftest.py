@@ -276,8 +276,8 @@ def run_outputs(job) -> dict[str, str]:
 def layout_runs(tmp_path_factory):
     """`layout_runs(name)`: 6 steps of `pretrain.py` on 2 processes with a checkpoint at step 3, then
     a second run resuming from step 3 to step 6, both in one launch (tests/layouts_probe.py: the
-    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream). Runs
-    once per layout, when first asked for."""
+    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream), and
+    `tied_runs`' two. Runs once per layout, when first asked for."""
     cache = {}
 
     def get(layout: str) -> dict:
