@@ -74,8 +74,9 @@ MODEL_PRESETS: dict[str, dict] = {
     "llama2-7b": _llama(4096, 32, 32, 11008, 4096, 1e-5),
     "llama2-13b": _llama(5120, 40, 40, 13824, 4096, 1e-5),
     "llama2-70b": _llama(8192, 80, 64, 28672, 4096, 1e-5, kv_heads=8),
-    # Llama 3: the shapes of Meta's params.json (the FFN size is transformers' compute_intermediate_size of their
-    # ffn_dim_multiplier and multiple_of), positions and RoPE as transformers' convert_llama_weights_to_hf.py writes.
+    # Llama 3: the shapes of Meta's params.json (the FFN size is transformers' convert_llama_weights_to_hf.py rule
+    # applied to their ffn_dim_multiplier and multiple_of; its positions: 8192 for 3, 131072 for 3.1), the RoPE
+    # scaling of Meta's config.json (transformers' _compute_llama3_parameters names 8, 1, 4 and 8192 as the original).
     "llama3-8b": _llama3(4096, 32, 32, 14336, "3"),
     "llama3-70b": _llama3(8192, 80, 64, 28672, "3"),
     "llama3.1-8b": _llama3(4096, 32, 32, 14336, "3.1"),
