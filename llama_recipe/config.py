@@ -134,7 +134,7 @@ class ModelConfig:
         "tiny",
         "-c",
         "--config",
-        help="model: a preset (tiny, small, 1b, llama-7b ... llama2-70b, 7b/13b/30b/65b/70b) or a HF config.json",
+        help="model: a preset (tiny, small, 1b, llama-7b ... llama3.2-3b, 7b/13b/30b/65b/70b) or a HF config.json",
         scripts=("pretrain", "benchmark"),
         per_script={"benchmark": {"default": "small"}},
     )

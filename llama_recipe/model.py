@@ -23,7 +23,10 @@ from .loss import use_chunked_loss
 LLAMA_VOCAB_SIZE = 32000
 
 
-def _llama(hidden, layers, heads, intermediate, max_positions, rms_norm_eps, kv_heads=None) -> dict:
+LLAMA3_VOCAB_SIZE = 128256  # tiktoken's 128,000 tokens and 256 special ones
+
+
+def _llama(hidden, layers, heads, intermediate, max_positions, rms_norm_eps, kv_heads=None, **llama3) -> dict:
     return dict(
         vocab_size=LLAMA_VOCAB_SIZE,
         hidden_size=hidden,
@@ -33,7 +36,32 @@ def _llama(hidden, layers, heads, intermediate, max_positions, rms_norm_eps, kv_
         intermediate_size=intermediate,
         max_position_embeddings=max_positions,
         rms_norm_eps=rms_norm_eps,
+        **llama3,
     )
+
+
+def _llama3(hidden, layers, heads, intermediate, version: str, tied: bool = False) -> dict:
+    """Meta's Llama 3 family: the 128,256-token vocabulary, GQA with 8 kv heads, rope_theta 500,000, eps 1e-5.
+    3.1 and 3.2 stretch 8192 trained positions to 131,072 with the "llama3" RoPE scaling (factor 8, and 32
+    for 3.2's small models, which also tie the output layer to the embeddings)."""
+    long_context = {
+        "max_position_embeddings": 131072,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0 if version == "3.2" else 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    }
+    return {
+        **_llama(hidden, layers, heads, intermediate, 8192, 1e-5, kv_heads=8, rope_theta=500000.0),
+        "vocab_size": LLAMA3_VOCAB_SIZE,
+        "tie_word_embeddings": tied,
+        "bos_token_id": 128000,  # <|begin_of_text|>
+        "eos_token_id": 128001,  # <|end_of_text|>
+        **(long_context if version != "3" else {}),
+    }
 
 
 # Meta's published shapes. LLaMA-1 uses rms_norm_eps 1e-6 and 2048 positions; LLaMA-2 uses 1e-5 and
@@ -46,6 +74,16 @@ MODEL_PRESETS: dict[str, dict] = {
     "llama2-7b": _llama(4096, 32, 32, 11008, 4096, 1e-5),
     "llama2-13b": _llama(5120, 40, 40, 13824, 4096, 1e-5),
     "llama2-70b": _llama(8192, 80, 64, 28672, 4096, 1e-5, kv_heads=8),
+    # Llama 3: the shapes of Meta's params.json (the FFN size is transformers' convert_llama_weights_to_hf.py rule
+    # applied to their ffn_dim_multiplier and multiple_of; its positions: 8192 for 3, 131072 for 3.1), the RoPE
+    # scaling of Meta's config.json (transformers' _compute_llama3_parameters names 8, 1, 4 and 8192 as the original).
+    "llama3-8b": _llama3(4096, 32, 32, 14336, "3"),
+    "llama3-70b": _llama3(8192, 80, 64, 28672, "3"),
+    "llama3.1-8b": _llama3(4096, 32, 32, 14336, "3.1"),
+    "llama3.1-70b": _llama3(8192, 80, 64, 28672, "3.1"),
+    "llama3.1-405b": _llama3(16384, 126, 128, 53248, "3.1"),
+    "llama3.2-1b": _llama3(2048, 16, 32, 8192, "3.2", tied=True),  # head_dim 64
+    "llama3.2-3b": _llama3(3072, 28, 24, 8192, "3.2", tied=True),  # head_dim 128
     # Small presets for laptops, CI and quick GPU checks.
     "tiny": _llama(64, 2, 4, 176, 1024, 1e-5),  # ~4.2M params, mostly the 32000-token embeddings
     "tiny4": _llama(64, 4, 4, 176, 1024, 1e-5),  # tiny with 4 layers: enough to split over pipeline stages and chunks

@@ -276,8 +276,8 @@ def run_outputs(job) -> dict[str, str]:
 def layout_runs(tmp_path_factory):
     """`layout_runs(name)`: 6 steps of `pretrain.py` on 2 processes with a checkpoint at step 3, then
     a second run resuming from step 3 to step 6, both in one launch (tests/layouts_probe.py: the
-    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream). Runs
-    once per layout, when first asked for."""
+    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream), and
+    `tied_runs`' two. Runs once per layout, when first asked for."""
     cache = {}
 
     def get(layout: str) -> dict:
@@ -288,7 +288,9 @@ def layout_runs(tmp_path_factory):
             resume = ["-i", "0", "-t", str(root / "tb_resumed"), "-f", str(root / "ckpt" / f"step-{RESUME_FROM}")]
             full_run, resumed_run = [*common, *saves, "-t", str(root / "tb")], [*common, *resume]
             job = launch_runs(
-                {"full": full_run, "resumed": resumed_run}, root, launcher=LAUNCHER.get(layout, "torchrun")
+                {"full": full_run, "resumed": resumed_run, **tied_runs(root, LAYOUTS[layout])},
+                root,
+                launcher=LAUNCHER.get(layout, "torchrun"),
             )
             check_ok(job)
             cache[layout] = dict(
@@ -299,10 +301,32 @@ def layout_runs(tmp_path_factory):
                 resumed_losses=read_scalars(root / "tb_resumed"),
                 evals=read_scalars(root / "tb", "eval/loss"),
                 resumed_evals=read_scalars(root / "tb_resumed", "eval/loss"),
+                tied_losses=read_scalars(root / "tied" / "tb"),
+                tied_resumed_losses=read_scalars(root / "tied" / "tb_resumed"),
             )
         return cache[layout]
 
     return get
+
+
+TIED_STEPS, TIED_RESUME_FROM = 3, 2
+
+
+def tied_runs(root: Path, layout: list[str]) -> dict[str, list[str]]:
+    """`tiny` with its output layer tied to the embeddings (as Llama 3.2 1B/3B), given as a config.json: 3 steps
+    saving at step 2, and a run resuming from step 2 (test_tied_embeddings.py). They ride in the layout's launch."""
+    from llama_recipe.model import MODEL_PRESETS
+
+    tied = root / "tied"
+    tied.mkdir()
+    (tied / "config.json").write_text(json.dumps({**MODEL_PRESETS["tiny"], "tie_word_embeddings": True}))
+    common = [*TINY_RUN, *layout, "-c", str(tied / "config.json"), "-o", str(tied / "ckpt")]
+    common += ["--max_steps", str(TIED_STEPS)]
+    resume = ["-f", str(tied / "ckpt" / f"step-{TIED_RESUME_FROM}"), "-i", "0", "-t", str(tied / "tb_resumed")]
+    return {
+        "tied": [*common, "-i", str(TIED_RESUME_FROM), "-t", str(tied / "tb")],
+        "tied_resumed": [*common, *resume],
+    }
 
 
 def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, batch_size: int = 2):

@@ -109,6 +109,18 @@ CASES = {
     "config_heads_do_not_divide": (["-c", "{tmp}/config.json"], {}, ["hidden_size 64", "num_attention_heads 5"]),
     "config_negative_layers": (["-c", "{tmp}/config.json"], {}, ["num_hidden_layers must be a positive integer"]),
     "config_kv_heads_do_not_divide": (["-c", "{tmp}/config.json"], {}, ["num_key_value_heads 3"]),
+    # a Llama 3 config.json whose rope_scaling lacks the llama3 type's fields; a model smaller than the tokenizer
+    # (a Llama 3 tokenizer's 128,256 tokens with a 32,000-token model: here the shipped 32,000 with 1,000)
+    "config_llama3_rope_scaling_incomplete": (
+        ["-c", "{tmp}/config.json"],
+        {},
+        ["rope_scaling", "llama3", "low_freq_factor", "fix the config.json"],
+    ),
+    "tokenizer_larger_than_the_model": (
+        ["-c", "{tmp}/config.json"],
+        {},
+        ["has 32000 tokens", "has 1000", "--tokenizer"],
+    ),
     "prepared_meta_missing_key": (
         ["-d", "{tmp}/prepared"],
         {},
@@ -409,6 +421,10 @@ SETUP = {
     "config_heads_do_not_divide": lambda tmp: _model_config(tmp, num_attention_heads=5, num_key_value_heads=5),
     "config_negative_layers": lambda tmp: _model_config(tmp, num_hidden_layers=-2),
     "config_kv_heads_do_not_divide": lambda tmp: _model_config(tmp, num_key_value_heads=3),
+    "config_llama3_rope_scaling_incomplete": lambda tmp: _model_config(
+        tmp, rope_scaling={"rope_type": "llama3", "factor": 8.0}
+    ),
+    "tokenizer_larger_than_the_model": lambda tmp: _model_config(tmp, vocab_size=1000),
     "prepared_meta_missing_key": lambda tmp: _prepared(tmp, "meta"),
     "prepared_offsets_missing": lambda tmp: _prepared(tmp, "offsets missing"),
     "prepared_offsets_truncated": lambda tmp: _prepared(tmp, "offsets truncated"),

@@ -3,7 +3,7 @@
 Each layout runs `pretrain.py` twice (conftest's `layout_runs`, one launch): 6 steps with a checkpoint
 at step 3, then a second run that resumes from step 3 alone and runs to step 6. The resumed steps must reproduce
 the uninterrupted run's losses, and the losses must match a plain `transformers` forward of the
-saved weights.
+saved weights. (The same launch carries two runs of a tied-embeddings `tiny`: test_tied_embeddings.py.)
 """
 
 from __future__ import annotations

@@ -32,14 +32,26 @@ KNOWN_SIZES = {
 }
 
 
-def _untied_llama_size(hidden, layers, heads, kv_heads, ffn, vocab=32000) -> int:
+# Meta's published sizes of Llama 3 (model cards, the Llama 3 paper), to the precision they give them.
+LLAMA3_PUBLISHED = {
+    "llama3-8b": (8.03e9, 0.01e9),
+    "llama3.1-8b": (8.03e9, 0.01e9),
+    "llama3-70b": (70.6e9, 0.1e9),
+    "llama3.1-70b": (70.6e9, 0.1e9),
+    "llama3.1-405b": (405.9e9, 0.1e9),  # "405B"; the model card's table says 405.9B
+    "llama3.2-1b": (1.24e9, 0.01e9),
+    "llama3.2-3b": (3.21e9, 0.01e9),
+}
+
+
+def _llama_size(hidden, layers, heads, kv_heads, ffn, vocab=32000, tied=False) -> int:
     """Parameter count written out independently of `count_parameters`."""
     head_dim = hidden // heads
     q_o = 2 * hidden * hidden
     k_v = 2 * hidden * kv_heads * head_dim
     swiglu = 3 * hidden * ffn
     norms = 2 * hidden
-    return layers * (q_o + k_v + swiglu + norms) + 2 * vocab * hidden + hidden
+    return layers * (q_o + k_v + swiglu + norms) + (1 if tied else 2) * vocab * hidden + hidden
 
 
 @pytest.mark.parametrize("name", list(KNOWN_SIZES))
@@ -52,7 +64,52 @@ def test_count_parameters_equals_the_shape_written_out(name):
     """Every preset, the small ones too (whose sizes have no published figure), against the formula above."""
     c = get_model_config(name)
     shape = (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.intermediate_size)
-    assert count_parameters(c) == _untied_llama_size(*shape, vocab=c.vocab_size)
+    assert count_parameters(c) == _llama_size(*shape, vocab=c.vocab_size, tied=c.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("name", list(LLAMA3_PUBLISHED))
+def test_llama3_preset_has_metas_published_size(name):
+    published, precision = LLAMA3_PUBLISHED[name]
+    assert abs(count_parameters(get_model_config(name)) - published) <= precision / 2, name
+
+
+def test_llama3_presets_have_metas_shapes():
+    """Vocabulary, GQA, RoPE and context as Meta ships them (transformers' convert_llama_weights_to_hf.py writes
+    these fields; the rope_scaling values are the defaults its `_compute_llama3_parameters` documents)."""
+    for name in LLAMA3_PUBLISHED:
+        c = get_model_config(name)
+        assert (c.vocab_size, c.num_key_value_heads, c.rope_theta, c.rms_norm_eps) == (128256, 8, 500000.0, 1e-5)
+        assert c.max_position_embeddings == (8192 if name.startswith("llama3-") else 131072), name
+        assert c.tie_word_embeddings == name.startswith("llama3.2"), name
+        if not name.startswith("llama3-"):
+            factor = 32.0 if name.startswith("llama3.2") else 8.0
+            assert c.rope_scaling == dict(
+                rope_type="llama3",
+                factor=factor,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=8192,
+            ), name
+    assert get_model_config("llama3.2-1b").head_dim == 64 and get_model_config("llama3.2-3b").head_dim == 128
+    # Meta's FFN sizes from their params.json (dim, ffn_dim_multiplier, multiple_of), by transformers' rule
+    for name, (dim, multiplier, multiple_of) in {
+        "llama3-8b": (4096, 1.3, 1024),
+        "llama3-70b": (8192, 1.3, 4096),
+        "llama3.1-405b": (16384, 1.2, 4096),
+        "llama3.2-1b": (2048, 1.5, 256),
+        "llama3.2-3b": (3072, 1.0, 256),
+    }.items():
+        ffn = multiple_of * ((int(multiplier * int(8 * dim / 3)) + multiple_of - 1) // multiple_of)
+        assert get_model_config(name).intermediate_size == ffn, name
+
+
+def test_count_parameters_equals_a_tied_llama3_built_on_the_meta_device():
+    """Llama 3.2 1B, built without memory: its parameters (the tied embedding counted once) are count_parameters'."""
+    config = get_model_config("llama3.2-1b")
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(config) == 1_235_814_400
 
 
 @pytest.mark.parametrize(
@@ -128,9 +185,9 @@ def test_model_config_from_file_and_from_directory(tmp_path):
 
 def test_unknown_model_config_names_the_presets():
     with pytest.raises(UsageError) as info:
-        get_model_config("llama3-8b")
+        get_model_config("llama4-8b")
     message = str(info.value)
-    assert "llama3-8b" in message
+    assert "llama4-8b" in message
     for name in model_config_names():
         assert name in message
     assert set(MODEL_PRESETS) | {"7b", "13b", "70b", "30b", "65b"} == set(model_config_names())
