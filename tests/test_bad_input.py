@@ -338,6 +338,29 @@ CASES = {
         {},
         ["fewer than 256 tokens per replica", "-b/-l"],
     ),
+    # the lr schedule (warmup-stable-decay)
+    "decay_fraction_zero": (["--lr_schedule", "wsd", "--decay_fraction", "0"], {}, ["--decay_fraction", "above 0"]),
+    "decay_fraction_above_one": (
+        ["--lr_schedule", "wsd", "--decay_fraction", "1.5"],
+        {},
+        ["--decay_fraction", "at most 1", "got 1.5"],
+    ),
+    "unknown_decay_shape": (
+        ["--lr_schedule", "wsd", "--decay_shape", "sqrt"],
+        {},
+        ["--decay_shape", "'sqrt'", "1-sqrt"],
+    ),
+    "decay_shape_without_wsd": (["--decay_shape", "linear"], {}, ["--decay_shape", "add --lr_schedule wsd"]),
+    "wsd_decay_longer_than_the_run": (
+        ["--lr_schedule", "wsd", "-s", "1", "--decay_fraction", "1"],
+        {},
+        ["wsd", "1 warmup steps and 2 decay steps", "run's 2 steps", "lower --decay_fraction"],
+    ),
+    "wsd_decay_longer_than_the_epochs": (  # (this case drops VALID's --max_steps: the data sizes the run)
+        ["-d", "{tmp}/data.jsonl", "-e", "1", "-s", "1000", "--lr_schedule", "wsd"],
+        {},
+        ["wsd", "1000 warmup steps", "do not fit in the run's", "lower --decay_fraction"],
+    ),
     "compress_backprop_epilogue_only_without_rank": (
         ["-p", "hybrid_parallel", "--pp", "2", "--compress_backprop_epilogue_only"],
         {"WORLD_SIZE": "2"},
@@ -346,7 +369,7 @@ CASES = {
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases whose one error line follows the run's own lines on stderr (skipped data lines, a progress bar).
-AFTER_OTHER_LINES = {"no_documents_for_this_rank", "too_little_data_for_one_step"}
+AFTER_OTHER_LINES = {"no_documents_for_this_rank", "too_little_data_for_one_step", "wsd_decay_longer_than_the_epochs"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 
@@ -432,6 +455,7 @@ SETUP = {
     ),
     "eval_data_too_small": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
     "too_little_data_for_one_step": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
+    "wsd_decay_longer_than_the_epochs": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words " * 200] * 4),
     "latest_names_a_path_elsewhere": lambda tmp: (
         (tmp / "ckpt").mkdir(),
         (tmp / "ckpt" / "latest").write_text("/etc\n"),
@@ -445,7 +469,8 @@ TINY_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=64, num_hid
 def _arguments(case: str, tmp) -> list[str]:
     if case in SETUP:
         SETUP[case](tmp)
-    valid = VALID[:-2] if case in ("hub_stream_without_max_steps", "too_little_data_for_one_step") else VALID
+    sized_by_data = ("hub_stream_without_max_steps", "too_little_data_for_one_step", "wsd_decay_longer_than_the_epochs")
+    valid = VALID[:-2] if case in sized_by_data else VALID
     output = ["-o", str(tmp / "ckpt"), "-t", str(tmp / "tb")]
     return [*valid, *output, *(a.replace("{tmp}", str(tmp)) for a in CASES[case][0])]
 
