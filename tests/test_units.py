@@ -233,9 +233,9 @@ def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor_at_the_last_update
 
 
 def test_wsd_decay_steps_round_to_the_nearest_and_fit_exactly():
-    # 0.3 * 10 is 3.0000000000000004 in floating point: 3 decay updates (7, 8, 9), not 4
-    schedule = LRSchedule("wsd", 0, 10, 0.3, "linear")
-    assert [schedule.factor(step) for step in (6, 7, 9)] == pytest.approx([1.0, 0.1 + 0.9 * 2 / 3, 0.1], abs=1e-12)
+    # 0.28 * 25 is 7.000000000000001 in floating point: 7 decay updates (18 to 24), not 8
+    schedule = LRSchedule("wsd", 0, 25, 0.28, "linear")
+    assert [schedule.factor(step) for step in (17, 18, 24)] == pytest.approx([1.0, 0.1 + 0.9 * 6 / 7, 0.1], abs=1e-12)
     whole = LRSchedule("wsd", 0, 4, 1.0, "linear")  # --decay_fraction 1 without warmup: it decays from the first update
     assert [whole.factor(step) for step in range(4)] == pytest.approx([0.775, 0.55, 0.325, 0.1], abs=1e-12)
     assert LRSchedule("wsd", 3, 10, 0.7, "linear").problem() is None  # warmup + decay = the run: no stable phase
