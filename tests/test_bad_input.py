@@ -25,6 +25,7 @@ from conftest import (
 )
 
 from llama_recipe.cli import parse_args
+from llama_recipe.errors import UsageError
 from llama_recipe.plugins import CPU_PLUGINS, PLUGIN_NAMES
 from llama_recipe.validation import validate
 
@@ -488,6 +489,14 @@ def test_the_valid_baseline_passes_validation():
     """The cases break exactly one thing: the starting command line itself is accepted."""
     validate(parse_args("pretrain", VALID), world_size=1)
     validate(parse_args("pretrain", [*VALID, "-p", "hybrid_parallel", "--tp", "2"]), world_size=4)
+
+
+def test_a_wsd_decay_longer_than_max_steps_is_refused_by_validation_alone():
+    """With --max_steps the run's length is known at once: refused before any data is read or any
+    process group starts (a run sized by epochs is refused once its data is counted)."""
+    wsd = ["--lr_schedule", "wsd", "-s", "1", "--decay_fraction", "1"]
+    with pytest.raises(UsageError, match="1 warmup steps and 2 decay steps"):
+        validate(parse_args("pretrain", [*VALID, *wsd]), world_size=1)
 
 
 def _skip_gpu_only(cases):
