@@ -19,6 +19,7 @@ from .config import TrainConfig
 from .distributed import any_rank, is_main_process, print_main, world_size
 from .errors import CheckpointError, TrainingDiverged
 from .parallel import Parallelism
+from .validation import MUST_MATCH_ON_RESUME, flag_differences
 
 
 @dataclass
@@ -79,12 +80,15 @@ class Checkpointer:
                 warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": on purpose
                 for _ in range(state.step):
                     lr_scheduler.step()
+        # what the new schedule changes, e.g. `--lr_schedule 'cosine' -> 'wsd', --max_steps 6000 -> 7500`
+        changed = flag_differences(states.get("config", {}), self.run_config, MUST_MATCH_ON_RESUME["--reset_schedule"])
+        schedule = f"this run's lr schedule, from step {state.step}" + (f" ({', '.join(changed)})" if changed else "")
         resets = [
             f"{flag}: {what}"
             for flag, what, on in [
                 ("--reset_optimizer", "the optimizer starts fresh", cfg.reset_optimizer),
                 ("--reset_data", "the data stream starts from its beginning", cfg.reset_data),
-                ("--reset_schedule", f"this run's lr schedule, from step {state.step}", cfg.reset_schedule),
+                ("--reset_schedule", schedule, cfg.reset_schedule),
             ]
             if on
         ]

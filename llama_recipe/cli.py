@@ -17,7 +17,7 @@ from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, declared_type, flag_of
 from .distributed import print_main, shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser
-from .optim import OPTIMIZER_NAMES
+from .optim import DECAY_SHAPES, LR_SCHEDULES, OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES
 from .recompute import RECOMPUTE_MODES
 from .save_lock import SaveDirLock
@@ -43,6 +43,8 @@ DESCRIPTIONS = {
 CHOICES = {
     "plugin": {"benchmark": list(PLUGINS)},  # benchmark.py also takes 'none', the plain-PyTorch baseline
     "optimizer": OPTIMIZER_NAMES,
+    "lr_schedule": LR_SCHEDULES,
+    "decay_shape": list(DECAY_SHAPES),
     "mixed_precision": PRECISIONS,
     "zero_stage": [0, 1, 2],
     "sp_mode": SP_MODES,

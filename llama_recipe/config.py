@@ -54,6 +54,7 @@ class Flag:
     type: Callable[[str], Any] | None = None  # parses the flag's text, where the field's type cannot (a tuple)
     advanced: bool = False  # listed in docs/flags.md only, not in the README's tables
     minimum: float | None = None  # value >= minimum
+    maximum: float | None = None  # value <= maximum
     above: float | None = None  # value > above
     below: float | None = None  # value < below
 
@@ -80,6 +81,8 @@ class Flag:
             low = "" if self.above is None else f"above {self.above:g}"
             high = "" if self.below is None else f"below {self.below:g}"
             return f"{self.label(script)} must be {' and '.join(p for p in (low, high) if p)}, got {value:g}"
+        if self.maximum is not None and not value <= self.maximum:
+            return f"{self.label(script)} must be at most {self.maximum:g}, got {value:g}"
         if isinstance(value, float) and not math.isfinite(value):  # `--lr inf` would stop the run at step 1
             return f"{self.label(script)} must be a finite number, got {value:g}"
         return None
@@ -483,7 +486,7 @@ class OptimConfig:
         2000,
         "-s",
         "--warmup_steps",
-        help="linear warmup steps, then cosine decay to 10%% of --lr",
+        help="linear warmup steps, then --lr_schedule (cosine decay to 10%% of --lr)",
         scripts=("pretrain",),
         minimum=0,
         per_script={"benchmark": {"default": 0}},
@@ -495,6 +498,30 @@ class OptimConfig:
         scripts=("finetune",),
         minimum=0.0,
         below=1.0,
+    )
+    lr_schedule: str = flag(
+        "cosine",
+        "--lr_schedule",
+        help="after warmup: cosine (decay to 10%% of --lr), wsd (the peak held, then --decay_shape to 10%% over "
+        "the last --decay_fraction of the steps), constant",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    decay_fraction: float = flag(
+        0.2,
+        "--decay_fraction",
+        help="wsd: the share of all steps spent decaying",
+        above=0.0,
+        maximum=1.0,
+        scripts=TRAINING,
+        advanced=True,
+    )
+    decay_shape: str = flag(
+        "1-sqrt",
+        "--decay_shape",
+        help="wsd: the decay's shape (1-sqrt, linear, cosine)",
+        scripts=TRAINING,
+        advanced=True,
     )
     grad_clip: float = flag(
         1.0,
@@ -631,7 +658,7 @@ class CheckpointConfig:
     reset_schedule: bool = flag(
         False,
         "--reset_schedule",
-        help="resume with the new lr/warmup/length flags' schedule, continued from the checkpoint's step",
+        help="resume with the new lr/warmup/length/--lr_schedule flags' schedule, continued from the checkpoint's step",
         scripts=TRAINING,
         advanced=True,
     )

@@ -1,6 +1,6 @@
 """Optimizers and the learning-rate schedule: AdamW with LLaMA's betas (0.9, 0.95) and its schedule's
 shape, linear warmup then cosine decay to 10% of the peak learning rate (weight decay 0.1 and clipping
-at 1.0 are config.py's defaults, as in the paper). Epsilon is --adam_eps: Llama 2's 1e-5 for
+at 1.0 are config.py's defaults, as in the paper); or warmup-stable-decay (WSD), or a constant lr. Epsilon is --adam_eps: Llama 2's 1e-5 for
 pretraining (LLaMA 1 gives none); finetuning keeps the Adam optimizers' own default, 1e-8.
 
 Besides AdamW: ColossalAI's HybridAdam (Gemini needs it), Collage (bf16 AdamW without fp32 master
@@ -11,6 +11,7 @@ inplace_sgd.py) for finetuning with the least memory.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from .collage import COLLAGE_MODES, CollageAdamW
+from .config import OptimConfig
 from .errors import UsageError
 from .inplace_sgd import DynamicLossScaler, InplaceSGD
 
@@ -121,5 +123,85 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps))
+LR_SCHEDULES = ["cosine", "wsd", "constant"]
+# WSD's decay shapes: from 1 at progress 0 to 0 at progress 1. 1-sqrt is Hägele et al.'s (2024) cooldown,
+# which matched a cosine's final loss where linear fell short.
+DECAY_SHAPES: dict[str, Callable[[float], float]] = {
+    "1-sqrt": lambda progress: 1.0 - math.sqrt(progress),
+    "linear": lambda progress: 1.0 - progress,
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """--lr_schedule over a run of `total_steps` updates, each starting with linear warmup. cosine:
+    `warmup_cosine_factor`. constant: the peak held to the end. wsd (warmup-stable-decay): the peak
+    held, then over the last `decay_steps` updates `decay_shape` down to FINAL_LR_FRACTION, which the
+    last update gets; a checkpoint of the stable phase can branch into a decay (--reset_schedule)."""
+
+    kind: str
+    warmup_steps: int
+    total_steps: int
+    decay_fraction: float = 1.0  # wsd: the share of the updates that decay (the config's flag sets it)
+    decay_shape: str = "linear"
+
+    @classmethod
+    def of(cls, opt: OptimConfig, warmup_steps: int, total_steps: int) -> LRSchedule:
+        """The run's schedule from its flags; a wsd decay that does not fit the run is a UsageError."""
+        schedule = cls(opt.lr_schedule, warmup_steps, total_steps, opt.decay_fraction, opt.decay_shape)
+        if problem := schedule.problem():
+            raise UsageError(problem)
+        return schedule
+
+    @property
+    def decay_steps(self) -> int:
+        """wsd: the updates whose lr decays, decay_fraction of all rounded to the nearest (at least one)."""
+        return max(1, round(self.decay_fraction * self.total_steps))
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the peak lr for the update numbered `step` (0-based)."""
+        if self.kind == "cosine":
+            return warmup_cosine_factor(step, self.warmup_steps, self.total_steps)
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        into_decay = step - (self.total_steps - self.decay_steps) + 1  # 1 on the first decaying update
+        if self.kind == "constant" or into_decay <= 0:
+            return 1.0
+        progress = min(1.0, into_decay / self.decay_steps)  # (the last update: 1, the floor)
+        return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * DECAY_SHAPES[self.decay_shape](progress)
+
+    def problem(self) -> str | None:
+        if self.kind == "wsd" and self.warmup_steps + self.decay_steps > self.total_steps:
+            return (
+                f"--lr_schedule wsd: {self.warmup_steps} warmup steps and {self.decay_steps} decay steps "
+                f"(--decay_fraction {self.decay_fraction:g}) do not fit in the run's {self.total_steps} steps; "
+                "lower --decay_fraction or the warmup (-s/--warmup_steps, --warmup_ratio), or train longer"
+            )
+        return None
+
+    def describe(self) -> str:
+        """The phases in updates, e.g. `wsd: 10 warmup, 70 stable, 20 decay (1-sqrt) to 10% of --lr`."""
+        if self.kind == "constant":
+            return f"constant: {self.warmup_steps} warmup, then the peak for {self.total_steps} steps in all"
+        if self.kind == "cosine":
+            return f"cosine: {self.warmup_steps} warmup, then a cosine to {FINAL_LR_FRACTION:.0%} of --lr"
+        stable = self.total_steps - self.warmup_steps - self.decay_steps
+        return (
+            f"wsd: {self.warmup_steps} warmup, {stable} stable, {self.decay_steps} decay ({self.decay_shape}) "
+            f"to {FINAL_LR_FRACTION:.0%} of --lr"
+        )
+
+
+def finetune_warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """finetune.py's warmup: --warmup_ratio of the run's updates, rounded up."""
+    return math.ceil(warmup_ratio * total_steps)
+
+
+def build_lr_scheduler(
+    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: LRSchedule | None = None
+) -> LambdaLR:
+    """The schedule as torch's LambdaLR (its state, the step count, is what checkpoints keep); `schedule`
+    None: warmup_cosine_factor."""
+    schedule = schedule or LRSchedule("cosine", warmup_steps, total_steps)
+    return LambdaLR(optimizer, schedule.factor)

@@ -3,7 +3,6 @@ from, then hands them to the shared loop (`trainer.fit`)."""
 
 from __future__ import annotations
 
-import math
 import time
 
 from .checkpoint_paths import resolve_checkpoint
@@ -30,6 +29,7 @@ from .model import (
     load_pretrained_model,
     weights_location,
 )
+from .optim import finetune_warmup_steps
 from .parallel import Parallelism, build_parallelism
 from .prepared import PreparedBatches, check_prepared_tokenizer
 from .sources import SKIPPED, dataset_kind, source_for
@@ -184,7 +184,7 @@ def finetune(cfg: TrainConfig) -> dict:
         f"finetuning on {len(rows):,} examples of {data.dataset} ({data.task_name}), {len(held_out_rows)} held out, "
         f"{max_length} tokens max" + (", several examples per row (--pack_examples)" if data.pack_examples else "")
     )
-    warmup_steps = math.ceil(cfg.optim.warmup_ratio * total_steps)
+    warmup_steps = finetune_warmup_steps(cfg.optim.warmup_ratio, total_steps)
     plan = RunPlan(
         model_config,
         batches,

@@ -28,7 +28,7 @@ from .export import export_hf
 from .loss import target_tokens, token_weighted
 from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
-from .optim import build_lr_scheduler, build_optimizer
+from .optim import LRSchedule, build_lr_scheduler, build_optimizer
 from .parallel import Parallelism, unwrap_optimizer
 from .recompute import enable_recompute, recompute_mode
 
@@ -265,7 +265,8 @@ def build_boosted(
         reference_multiply=opt.collage_reference_multiply,
         monitor=cfg.logging.log_edq,
     )
-    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps)
+    schedule = LRSchedule.of(opt, warmup_steps, total_steps)
+    lr_scheduler = build_lr_scheduler(optimizer, warmup_steps, total_steps, schedule)
     return par.boost(model, optimizer, lr_scheduler, total_steps, cfg.training.seed)
 
 
@@ -284,6 +285,8 @@ def announce(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> str:
         f"({par.precision}), optimizer {par.optimizer}, {world_size()} processes, {par.dp_size} data-parallel "
         f"replicas; {run.total_steps} steps"
     )
+    # a run sized by epochs learns here (before the model is built) whether a wsd decay fits it
+    print_main(f"lr schedule: {LRSchedule.of(cfg.optim, run.warmup_steps, run.total_steps).describe()}")
     if run.warmup_steps >= run.total_steps:
         print_main(
             f"note: {run.warmup_steps} warmup steps >= {run.total_steps} total steps, so the lr never reaches its peak"

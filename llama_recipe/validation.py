@@ -18,12 +18,13 @@ from .checkpoint_io import (
     run_layout,
 )
 from .checkpoint_paths import resolve_checkpoint, save_dir_problems
-from .config import TRAINING, TrainConfig, label_of, range_problems
+from .config import TRAINING, OptimConfig, TrainConfig, label_of, range_problems
 from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import rank
 from .errors import UsageError
 from .export import check_export_target
 from .model import check_weights, get_model_config
+from .optim import LRSchedule, finetune_warmup_steps
 from .plugins import check_layout, check_model_split
 from .prepared import check_data_position, check_prepared_files, check_token_ids
 from .sources import check_dataset_source, dataset_kind, source_for
@@ -41,6 +42,7 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
         if cfg.model.grad_checkpoint and cfg.model.recompute not in (None, "full"):
             problems.append(f"-g means --recompute full; drop -g or --recompute {cfg.model.recompute}")
         problems += _compression_problems(cfg, model_config)
+        problems += _schedule_problems(cfg, script)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
     if script in TRAINING:  # the scripts that save to -o: never over another run's checkpoints
@@ -141,6 +143,24 @@ def _compression_problems(cfg: TrainConfig, model_config) -> list[str]:
     return []
 
 
+def _schedule_problems(cfg: TrainConfig, script: str) -> list[str]:
+    """--decay_* without wsd, and a wsd decay that does not fit the run. A run sized by epochs knows
+    its length only once its data is counted: `trainer.announce` checks it then, before the model is built."""
+    opt, default = cfg.optim, OptimConfig()
+    decay_flags = (opt.decay_fraction, opt.decay_shape)
+    if opt.lr_schedule != "wsd" and decay_flags != (default.decay_fraction, default.decay_shape):
+        return [
+            f"--decay_fraction and --decay_shape set the decay of --lr_schedule wsd (this run: {opt.lr_schedule}); "
+            "add --lr_schedule wsd or drop them"
+        ]
+    total = cfg.training.max_steps
+    if script not in TRAINING or not total:
+        return []
+    warmup = opt.warmup_steps if script == "pretrain" else finetune_warmup_steps(opt.warmup_ratio, total)
+    problem = LRSchedule(opt.lr_schedule, warmup, total, opt.decay_fraction, opt.decay_shape).problem()
+    return [problem] if problem else []
+
+
 def _writable_problem(path: str, flag: str, is_file: bool = False) -> str | None:
     """Why `path` (a directory, or a file with is_file) cannot be written, or None."""
     p = Path(path).expanduser()
@@ -207,10 +227,16 @@ MUST_MATCH_ON_RESUME = {
     "--reset_data": ("dataset", "data_dir", "data_config", "text_field", "slice_field", "data_mix", "shuffle_buffer",
                      "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
     "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "adam_eps", "mixed_precision", "collage_reference_multiply"),
-    "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs"),
+    "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs", "lr_schedule",
+                         "decay_fraction", "decay_shape"),
     "--reset_compression": ("grad_compression", "powersgd_rank", "powersgd_warmup", "powersgd_no_error_feedback",
                             "compress_stages", "compress_backprop", "compress_backprop_epilogue_only"),
 }  # fmt: skip
+
+
+def flag_differences(saved: dict, current: dict, keys: tuple[str, ...]) -> list[str]:
+    """`--flag old -> new` for each of `keys` whose value differs (keys a checkpoint predates: none)."""
+    return [f"{label_of(k)} {saved[k]!r} -> {current[k]!r}" for k in keys if k in saved and saved[k] != current[k]]
 
 
 def resume_differences(saved: dict, current: dict) -> list[str]:
@@ -220,8 +246,7 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
     for reset, keys in MUST_MATCH_ON_RESUME.items():
         if current.get(reset[2:]):
             continue
-        diffs = [f"{label_of(k)} {saved[k]!r} -> {current[k]!r}" for k in keys if k in saved and saved[k] != current[k]]
-        if diffs:
+        if diffs := flag_differences(saved, current, keys):
             problems.append(f"{', '.join(diffs)} (pass {reset} to accept)")
     return problems
 

@@ -25,6 +25,7 @@ from conftest import (
 )
 
 from llama_recipe.cli import parse_args
+from llama_recipe.errors import UsageError
 from llama_recipe.plugins import CPU_PLUGINS, PLUGIN_NAMES
 from llama_recipe.validation import validate
 
@@ -350,6 +351,29 @@ CASES = {
         {},
         ["fewer than 256 tokens per replica", "-b/-l"],
     ),
+    # the lr schedule (warmup-stable-decay)
+    "decay_fraction_zero": (["--lr_schedule", "wsd", "--decay_fraction", "0"], {}, ["--decay_fraction", "above 0"]),
+    "decay_fraction_above_one": (
+        ["--lr_schedule", "wsd", "--decay_fraction", "1.5"],
+        {},
+        ["--decay_fraction", "at most 1", "got 1.5"],
+    ),
+    "unknown_decay_shape": (
+        ["--lr_schedule", "wsd", "--decay_shape", "sqrt"],
+        {},
+        ["--decay_shape", "'sqrt'", "1-sqrt"],
+    ),
+    "decay_shape_without_wsd": (["--decay_shape", "linear"], {}, ["--decay_shape", "add --lr_schedule wsd"]),
+    "wsd_decay_longer_than_the_run": (
+        ["--lr_schedule", "wsd", "-s", "1", "--decay_fraction", "1"],
+        {},
+        ["wsd", "1 warmup steps and 2 decay steps", "run's 2 steps", "lower --decay_fraction"],
+    ),
+    "wsd_decay_longer_than_the_epochs": (  # (this case drops VALID's --max_steps: the data sizes the run)
+        ["-d", "{tmp}/data.jsonl", "-e", "1", "-s", "1000", "--lr_schedule", "wsd"],
+        {},
+        ["wsd", "1000 warmup steps", "do not fit in the run's", "lower --decay_fraction"],
+    ),
     "compress_backprop_epilogue_only_without_rank": (
         ["-p", "hybrid_parallel", "--pp", "2", "--compress_backprop_epilogue_only"],
         {"WORLD_SIZE": "2"},
@@ -358,7 +382,7 @@ CASES = {
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases whose one error line follows the run's own lines on stderr (skipped data lines, a progress bar).
-AFTER_OTHER_LINES = {"no_documents_for_this_rank", "too_little_data_for_one_step"}
+AFTER_OTHER_LINES = {"no_documents_for_this_rank", "too_little_data_for_one_step", "wsd_decay_longer_than_the_epochs"}
 # Cases also run as real processes: an argparse error and a validation error.
 IN_A_PROCESS = ["non_integer_batch_size", "incomplete_checkpoint"]
 
@@ -448,6 +472,7 @@ SETUP = {
     ),
     "eval_data_too_small": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
     "too_little_data_for_one_step": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words"]),
+    "wsd_decay_longer_than_the_epochs": lambda tmp: write_jsonl(tmp / "data.jsonl", ["a few words " * 200] * 4),
     "latest_names_a_path_elsewhere": lambda tmp: (
         (tmp / "ckpt").mkdir(),
         (tmp / "ckpt" / "latest").write_text("/etc\n"),
@@ -461,7 +486,8 @@ TINY_CONFIG = dict(model_type="llama", vocab_size=32000, hidden_size=64, num_hid
 def _arguments(case: str, tmp) -> list[str]:
     if case in SETUP:
         SETUP[case](tmp)
-    valid = VALID[:-2] if case in ("hub_stream_without_max_steps", "too_little_data_for_one_step") else VALID
+    sized_by_data = ("hub_stream_without_max_steps", "too_little_data_for_one_step", "wsd_decay_longer_than_the_epochs")
+    valid = VALID[:-2] if case in sized_by_data else VALID
     output = ["-o", str(tmp / "ckpt"), "-t", str(tmp / "tb")]
     return [*valid, *output, *(a.replace("{tmp}", str(tmp)) for a in CASES[case][0])]
 
@@ -479,6 +505,14 @@ def test_the_valid_baseline_passes_validation():
     """The cases break exactly one thing: the starting command line itself is accepted."""
     validate(parse_args("pretrain", VALID), world_size=1)
     validate(parse_args("pretrain", [*VALID, "-p", "hybrid_parallel", "--tp", "2"]), world_size=4)
+
+
+def test_a_wsd_decay_longer_than_max_steps_is_refused_by_validation_alone():
+    """With --max_steps the run's length is known at once: refused before any data is read or any
+    process group starts (a run sized by epochs is refused once its data is counted)."""
+    wsd = ["--lr_schedule", "wsd", "-s", "1", "--decay_fraction", "1"]
+    with pytest.raises(UsageError, match="1 warmup steps and 2 decay steps"):
+        validate(parse_args("pretrain", [*VALID, *wsd]), world_size=1)
 
 
 def _skip_gpu_only(cases):

@@ -24,8 +24,6 @@ from conftest import (
     signal_job,
 )
 
-from llama_recipe.optim import warmup_cosine_factor
-
 STEPS = 2  # the small run's length; it saves every step
 
 
@@ -223,29 +221,73 @@ def test_a_bug_while_loading_shows_its_traceback(small_run, tmp_path, monkeypatc
 # Resumes that do not match
 
 
-def test_resuming_with_other_flags_lists_them_until_a_reset_accepts_them(small_run, tmp_path):
-    checkpoint = str(small_run / "ckpt" / "step-1")
-    common = [*TINY_RUN, "-p", "ddp", "-f", checkpoint, "-o", str(tmp_path / "o"), "-i", "0"]
-    changed = [*common, "--lr", "1e-3", "--max_steps", "4", "-b", "3", "-t", ""]
+def _resume_args(small_run: Path, out: Path) -> list[str]:
+    return [*TINY_RUN, "-p", "ddp", "-f", str(small_run / "ckpt" / "step-1"), "-o", str(out), "-i", "0"]
+
+
+# The small run's step-1 checkpoint branched into a WSD decay: 4 steps, the last 2 decaying (1-sqrt)
+WSD_BRANCH = ["--lr", "1e-3", "--max_steps", "4", "--lr_schedule", "wsd", "--decay_fraction", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def wsd_branch(small_run, tmp_path_factory) -> tuple[Path, str]:
+    """The accepted resume: --reset_schedule, a checkpoint every step (root/o/step-{2,3,4}), root/tb."""
+    root = tmp_path_factory.mktemp("wsd")
+    args = [*_resume_args(small_run, root / "o"), *WSD_BRANCH, "--reset_schedule", "-i", "1", "-t", str(root / "tb")]
+    proc = run_in_process("pretrain.py", args)
+    check_ok(proc)
+    return root, proc.stdout
+
+
+def test_resuming_with_other_flags_lists_them_until_a_reset_accepts_them(small_run, wsd_branch, tmp_path):
+    changed = [*_resume_args(small_run, tmp_path / "o"), *WSD_BRANCH, "-b", "3", "-t", ""]
     message = expect_one_line_error(run_in_process("pretrain.py", changed), "was trained with other flags")
     for words in (
         "3 rows per step instead of 2",
         "--reset_data",
         "--lr 0.005 -> 0.001",
         "--max_steps 2 -> 4",
+        "--lr_schedule 'cosine' -> 'wsd'",
+        "--decay_fraction 0.2 -> 0.5",
         "--reset_schedule",
     ):
         assert words in message, message
     assert not (tmp_path / "o").exists()
 
-    accepted = [*common, "--lr", "1e-3", "--max_steps", "4", "--reset_schedule", "-t", str(tmp_path / "tb")]
-    proc = run_in_process("pretrain.py", accepted)
+    root, stdout = wsd_branch  # accepted with --reset_schedule, which says what changes
+    changes = "--lr 0.005 -> 0.001, --max_steps 2 -> 4, --lr_schedule 'cosine' -> 'wsd', --decay_fraction 0.2 -> 0.5"
+    assert f"resuming with --reset_schedule: this run's lr schedule, from step 1 ({changes})" in stdout
+    assert "lr schedule: wsd: 0 warmup, 2 stable, 2 decay (1-sqrt) to 10% of --lr" in stdout
+    lrs = read_scalars(root / "tb", "train/lr")
+    # the step count continued; the new peak lr and length give the schedule: step 2 (update 1) holds the peak,
+    # steps 3 and 4 decay, with progress 1/2 and 1: 0.1 + 0.9 * (1 - sqrt(progress)) of the peak
+    assert sorted(lrs) == [2, 3, 4]
+    assert [lrs[step] for step in (2, 3, 4)] == pytest.approx([1e-3, 1e-3 * (0.1 + 0.9 * (1 - 0.5**0.5)), 1e-4])
+
+
+def test_a_resume_in_the_middle_of_a_wsd_decay_is_bit_exact(wsd_branch):
+    """From the branch's step 3 (the decay half done) to step 4: the same lr, loss and weights as the
+    branch's own step 4, bit for bit (the schedule's position comes back with the checkpoint)."""
+    from safetensors.torch import load_file
+
+    root, _ = wsd_branch
+    checkpoint = root / "o" / "step-3"
+    args = [*TINY_RUN, "-p", "ddp", *WSD_BRANCH, "-f", str(checkpoint), "-o", str(root / "o2"), "-t", str(root / "tb2")]
+    proc = run_in_process("pretrain.py", args)
     check_ok(proc)
-    assert "resuming with --reset_schedule: this run's lr schedule, from step 1" in proc.stdout
-    lrs = read_scalars(tmp_path / "tb", "train/lr")
-    assert sorted(lrs) == [2, 3, 4]  # the step count continued; the new peak lr and length give the schedule
-    for step, lr in lrs.items():
-        assert lr == pytest.approx(1e-3 * warmup_cosine_factor(step - 1, 0, 4), rel=1e-6)
+    assert f"resumed from {checkpoint} at step 3" in proc.stdout
+    for tag in ("train/lr", "train/loss"):
+        assert read_scalars(root / "tb2", tag) == {4: read_scalars(root / "tb", tag)[4]}
+    weights = [
+        {
+            name: t
+            for file in sorted((run / "step-4" / "model").glob("*.safetensors"))
+            for name, t in load_file(file).items()
+        }
+        for run in (root / "o", root / "o2")
+    ]
+    assert weights[0] and weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,10 +11,17 @@ import torch
 from conftest import write_jsonl
 from transformers import LlamaConfig
 
+from llama_recipe.cli import parse_args
 from llama_recipe.data import build_pretrain_batches
 from llama_recipe.errors import UsageError
 from llama_recipe.model import MODEL_PRESETS, build_model, count_parameters, get_model_config, model_config_names
-from llama_recipe.optim import FINAL_LR_FRACTION, build_lr_scheduler, parameter_groups, warmup_cosine_factor
+from llama_recipe.optim import (
+    FINAL_LR_FRACTION,
+    LRSchedule,
+    build_lr_scheduler,
+    parameter_groups,
+    warmup_cosine_factor,
+)
 from llama_recipe.sources import resolve_local_files
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +250,60 @@ def test_lr_scheduler_drives_torch_adamw_through_the_schedule():
         optimizer.step()
         scheduler.step()
     expected = [peak * warmup_cosine_factor(step, WARMUP, TOTAL) for step in range(TOTAL)]
-    assert seen == pytest.approx(expected, rel=1e-12)
+    assert seen == expected  # bit for bit: LambdaLR multiplies the peak by the factor, nothing else
     assert seen[0] == pytest.approx(peak / WARMUP) and max(seen) == pytest.approx(peak)
     assert not torch.equal(weight.detach(), torch.ones(3, 3))  # the optimizer really stepped
+
+
+def test_the_default_schedule_is_the_warmup_cosine_bit_for_bit():
+    """--lr_schedule's default, in both training scripts, gives warmup_cosine_factor's values exactly
+    (for 17,000 (step, warmup, total), short runs and warmups longer than the run included)."""
+    grid = [
+        (step, warmup, total)
+        for total in range(1, 60)
+        for warmup in (0, 1, 3, total, total + 5)
+        for step in range(total + 1)
+    ]
+    grid += [(step, 2000, 5000) for step in range(0, 5000, 7)]
+    for argv in ([], ["--model_path", "some-model"]):  # pretrain.py's flags, finetune.py's
+        opt = parse_args("finetune" if argv else "pretrain", argv).optim
+        for step, warmup, total in grid:
+            assert LRSchedule.of(opt, warmup, total).factor(step) == warmup_cosine_factor(step, warmup, total)
+
+
+# WSD pinned to its formula, by hand: 2 warmup, 4 stable and 4 decay updates (--decay_fraction 0.4 of 10);
+# the decay's progress is 1/4, 2/4, 3/4, 1 on updates 6-9, and factor = 0.1 + 0.9 * shape(progress).
+WSD_WARMUP_AND_STABLE = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+WSD_DECAYS = {
+    "linear": [0.1 + 0.9 * 0.75, 0.1 + 0.9 * 0.5, 0.1 + 0.9 * 0.25, 0.1],
+    "cosine": [0.1 + 0.9 * (0.5 + 0.5 * 0.5**0.5), 0.1 + 0.9 * 0.5, 0.1 + 0.9 * (0.5 - 0.5 * 0.5**0.5), 0.1],
+    "1-sqrt": [0.1 + 0.9 * 0.5, 0.1 + 0.9 * (1 - 0.5**0.5), 0.1 + 0.9 * (1 - 0.75**0.5), 0.1],
+}
+
+
+@pytest.mark.parametrize("shape", WSD_DECAYS)
+def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor_at_the_last_update(shape):
+    schedule = LRSchedule("wsd", 2, 10, 0.4, shape)
+    factors = [schedule.factor(step) for step in range(10)]
+    assert factors == pytest.approx(WSD_WARMUP_AND_STABLE + WSD_DECAYS[shape], abs=1e-12)
+    assert schedule.describe() == f"wsd: 2 warmup, 4 stable, 4 decay ({shape}) to 10% of --lr"
+
+
+def test_wsd_decay_steps_round_to_the_nearest_and_fit_exactly():
+    # 0.28 * 25 is 7.000000000000001 in floating point: 7 decay updates (18 to 24), not 8
+    schedule = LRSchedule("wsd", 0, 25, 0.28, "linear")
+    assert [schedule.factor(step) for step in (17, 18, 24)] == pytest.approx([1.0, 0.1 + 0.9 * 6 / 7, 0.1], abs=1e-12)
+    whole = LRSchedule("wsd", 0, 4, 1.0, "linear")  # --decay_fraction 1 without warmup: it decays from the first update
+    assert [whole.factor(step) for step in range(4)] == pytest.approx([0.775, 0.55, 0.325, 0.1], abs=1e-12)
+    assert LRSchedule("wsd", 3, 10, 0.7, "linear").problem() is None  # warmup + decay = the run: no stable phase
+    assert "do not fit in the run's 10 steps" in LRSchedule("wsd", 4, 10, 0.7, "linear").problem()
+    with pytest.raises(UsageError, match="4 warmup steps and 7 decay steps"):
+        LRSchedule.of(parse_args("pretrain", ["--lr_schedule", "wsd", "--decay_fraction", "0.7"]).optim, 4, 10)
+
+
+def test_constant_warms_up_then_holds_the_peak():
+    schedule = LRSchedule("constant", 4, 10)
+    assert [schedule.factor(step) for step in range(10)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
 
 
 def test_weight_decay_only_on_matrices():
