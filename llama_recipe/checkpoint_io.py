@@ -3,7 +3,8 @@ crash never leaves a half-written checkpoint that looks complete (and never touc
 good one), loaded back in place (under another layout, what can move), and its JSON state files
 (running states, data positions, random generator states) checked before anything trusts them.
 
-Everything is written into `.step-<N>.tmp`; rank 0 writes `running_states.json` last and renames the
+Everything is written into `.step-<N>.tmp`; rank 0 writes the run's flags (`run.yaml`, which
+--config_file reads back) and `running_states.json` last, and renames the
 folder into place once every rank has finished, then points `latest` at it (checkpoint_paths.py
 names the files; background_save.py writes the same files beside training).
 """
@@ -32,6 +33,7 @@ from .files import WRITE_ERRORS, move_into_place, safetensors_header, write_fail
 from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
+from .run_file import RUN_FILE
 from .zero_slices import check_slices, holds_slices, load_slices, rank_file, rank_slices, write_small_files
 
 DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
@@ -267,11 +269,15 @@ def write_states(
         save_file(par.compression_state(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
 
 
-def complete_checkpoint(tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int) -> int:
-    """Rank 0, once every rank's files are in `tmp`: the last files, the rename, `latest`, pruning.
-    Returns the checkpoint's bytes."""
+def complete_checkpoint(
+    tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int, run_file: str | None = None
+) -> int:
+    """Rank 0, once every rank's files are in `tmp`: the last files (`run_file`: the run's flags, as
+    run_file.run_file_text), the rename, `latest`, pruning. Returns the checkpoint's bytes."""
     if tokenizer is not None:  # makes model/ a complete Hugging Face model directory
         tokenizer.save_pretrained(tmp / "model")
+    if run_file is not None:
+        (tmp / RUN_FILE).write_text(run_file)
     running_states = dict(running_states, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
     size = _directory_bytes(tmp)
@@ -313,6 +319,7 @@ def save_checkpoint(
     data_state: dict,
     tokenizer=None,
     keep_last: int = 0,
+    run_file: str | None = None,
 ) -> tuple[Path, float, int]:
     """Returns the checkpoint directory, the seconds the save took and its size in bytes."""
     started = time.perf_counter()
@@ -325,7 +332,7 @@ def save_checkpoint(
         size = 0
         if is_main_process():
             shutil.rmtree(tmp / DONE)  # only background saves use the done-markers
-            size = complete_checkpoint(tmp, final, running_states, tokenizer, keep_last)
+            size = complete_checkpoint(tmp, final, running_states, tokenizer, keep_last, run_file)
         barrier()
     except WRITE_ERRORS as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
         raise save_failed(final, tmp, e) from None

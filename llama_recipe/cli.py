@@ -4,6 +4,7 @@ one line with its exit code, a clean exit from the process group)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -16,10 +17,11 @@ from .checkpoint_paths import resolve_load_path
 from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, declared_type, flag_of
 from .distributed import print_main, shutdown, world_size
-from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser
+from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .optim import OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES
 from .recompute import RECOMPUTE_MODES
+from .run_file import run_file_arguments
 from .save_lock import SaveDirLock
 from .validation import finished_message, validate
 
@@ -84,8 +86,16 @@ def build_parser(script: str) -> OneLineErrorParser:
 
 
 def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
-    """The run's config from `script`'s command line (argv: sys.argv[1:] when None)."""
-    values = vars(build_parser(script).parse_args(argv))
+    """The run's config from `script`'s command line (argv: sys.argv[1:] when None), with
+    --config_file's flags read first (run_file.py); UsageError for a file that cannot be read."""
+    parser, argv = build_parser(script), sys.argv[1:] if argv is None else argv
+    # --config_file's name alone, so that its flags can go first: the command line's then win
+    find = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # (--config is another flag)
+    find.add_argument("--config_file")
+    config_file = find.parse_known_args(argv)[0].config_file
+    if config_file:
+        argv = [*run_file_arguments(config_file, parser), *argv]
+    values = vars(parser.parse_args(argv))
     if values.get("tensorboard_dir") == "":
         values["tensorboard_dir"] = None
     if script == "finetune":
@@ -120,7 +130,10 @@ def fail(message: str, code: int, error: BaseException | None = None) -> None:
 def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> dict:
     """Parse `script`'s flags, validate, run `main`; our errors end the process as one line."""
     quiet_libraries()
-    cfg = parse_args(script, argv)
+    try:
+        cfg = parse_args(script, argv)
+    except UsageError as e:  # --config_file's (the parser's own errors exit at once)
+        fail(str(e), e.exit_code, e)
     try:
         ckpt = cfg.checkpoint
         ckpt.load = resolve_load_path(ckpt.load, ckpt.save_dir, ckpt.auto_resume)
