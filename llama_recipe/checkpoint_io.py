@@ -17,23 +17,24 @@ import json
 import random
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_paths import LATEST, RUNNING_STATES, checkpoint_path, prune, write_latest
+from .checkpoint_paths import LATEST, RUN_FILE, RUNNING_STATES, checkpoint_path, prune, write_latest
 from .colossalai_patches import deferred_state_dict_writes
-from .config import TrainConfig
+from .config import SECTIONS, TENSORBOARD_IN_SAVE_DIR, TENSORBOARD_SUBDIR, TrainConfig, flag_of
 from .distributed import barrier, is_main_process, print_main, rank
 from .errors import CheckpointError, UsageError
 from .files import WRITE_ERRORS, move_into_place, safetensors_header, write_failure, write_safetensors
 from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
-from .run_file import RUN_FILE
 from .zero_slices import check_slices, holds_slices, load_slices, rank_file, rank_slices, write_small_files
 
 DONE = ".done"  # in a checkpoint being written: one empty file per rank whose files are complete
@@ -273,7 +274,7 @@ def complete_checkpoint(
     tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int, run_file: str | None = None
 ) -> int:
     """Rank 0, once every rank's files are in `tmp`: the last files (`run_file`: the run's flags, as
-    run_file.run_file_text), the rename, `latest`, pruning. Returns the checkpoint's bytes."""
+    run_file_text below), the rename, `latest`, pruning. Returns the checkpoint's bytes."""
     if tokenizer is not None:  # makes model/ a complete Hugging Face model directory
         tokenizer.save_pretrained(tmp / "model")
     if run_file is not None:
@@ -285,6 +286,42 @@ def complete_checkpoint(
     write_latest(str(final.parent), final.name)
     prune(str(final.parent), keep_last)
     return size
+
+
+# Flags a run file never records: where it came from, and what acts once as a run starts (resume from
+# -f, reset a state, set earlier checkpoints aside). Resuming from run.yaml must continue the run, not
+# reset its optimizer again; the resume names its checkpoint with -f.
+NOT_RECORDED = (
+    "config_file",
+    "load",
+    "reset_optimizer",
+    "reset_data",
+    "reset_schedule",
+    "reset_compression",
+    "replace_checkpoints",
+)
+
+
+def run_file_text(cfg: TrainConfig, script: str) -> str:
+    """The run as a file `script`.py reads back with --config_file: every flag it offers, as resolved,
+    less NOT_RECORDED. A -t that is the default's `<-o>/tensorboard` stays that, so a resume into
+    another -o logs there."""
+    values = cfg.to_dict()
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and values["tensorboard_dir"] == str(Path(save_dir) / TENSORBOARD_SUBDIR):
+        values["tensorboard_dir"] = TENSORBOARD_IN_SAVE_DIR
+    offered = [
+        f.name
+        for section in SECTIONS.values()
+        for f in fields(section)
+        if flag_of(f) and script in flag_of(f).scripts and f.name not in NOT_RECORDED
+    ]
+    header = (
+        f"# {script}.py's flags of the run that saved this checkpoint. To resume it:\n"
+        f"#   {script}.py --config_file <this file> -f <this file's directory>\n"
+        f"# (-f and the --reset_* flags act once as a run starts: not recorded)\n"
+    )
+    return header + yaml.safe_dump({name: values[name] for name in offered}, sort_keys=False, default_flow_style=None)
 
 
 def temporary_dir(final: Path, par: Parallelism) -> Path:

@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 
 from .background_save import BackgroundSave, start_background_save
-from .checkpoint_io import describe_layout, load_checkpoint, run_layout, save_checkpoint
+from .checkpoint_io import describe_layout, load_checkpoint, run_file_text, run_layout, save_checkpoint
 from .checkpoint_paths import checkpoint_path, set_aside
 from .config import TrainConfig
 from .distributed import any_rank, is_main_process, print_main, world_size
 from .errors import CheckpointError, TrainingDiverged
 from .parallel import Parallelism
-from .run_file import run_file_text
 
 
 @dataclass
