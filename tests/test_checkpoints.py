@@ -28,6 +28,8 @@ from conftest import (
     trainer_batches,
 )
 
+from llama_recipe.cli import parse_args
+
 
 def latest_checkpoint(save_dir: Path) -> Path:
     return save_dir / (save_dir / "latest").read_text().strip()
@@ -87,8 +89,6 @@ def test_each_checkpoints_run_yaml_reads_back_as_its_runs_config(zero2_run):
     """Every checkpoint holds run.yaml, its run's flags: read back with --config_file they give the config
     its running_states.json records, less where they came from and -f (not recorded). conftest's resumed
     run took its flags from step-3's run.yaml (its bit-identical losses: test_plugins_cpu.py)."""
-    from llama_recipe.cli import parse_args
-
     ckpt = zero2_run / "ckpt"
     recorded = {}
     for step, not_recorded in ((RESUME_FROM, {"config_file"}), (STEPS, {"config_file", "load"})):
@@ -219,6 +219,11 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             for states in (x, y):
                 del states["config"], states["saved_at"]  # the flags differ (--async_save), and the clock
             assert x == y
+        elif name.name == "run.yaml":  # each run's own flags (they differ): each reads back as its recorded config
+            for c in (a, b):
+                recorded = json.loads((c / "running_states.json").read_text())["config"]
+                again = parse_args("pretrain", ["--config_file", str(c / name)]).to_dict()
+                assert {k for k, v in recorded.items() if again[k] != v} <= {"config_file", "load"}, c / name
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), a / name
 
