@@ -167,6 +167,19 @@ def test_a_run_file_can_give_a_required_flag(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "script,text,expected",
+    [
+        ("benchmark", "num_steps: 5\nplugin: none\nzero: 1\n", {"max_steps": 5, "plugin": "none", "zero_stage": 1}),
+        ("eval", "model_path: m\ntask: cloze\nlimit: 3\n", {"model_path": "m", "task": "cloze", "limit": 3}),
+    ],
+)
+def test_every_script_reads_run_files_in_its_own_spellings(tmp_path, script, text, expected):
+    """benchmark.py's --num_steps and --zero are its spellings of --max_steps and --zero_stage."""
+    values = parse_args(script, ["--config_file", _run_file(tmp_path, text)]).to_dict()
+    assert {k: values[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
     "text,words",
     [
         ("max_stepz: 3\n", ["unknown key 'max_stepz'", "pretrain.py has no --max_stepz"]),
