@@ -104,6 +104,8 @@ def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
     if config_file:
         argv = [*run_file_arguments(config_file, parser), *argv]
     values = vars(parser.parse_args(argv))
+    if values["config_file"] != config_file:  # abbreviated (--config_f), which the search above does not expand
+        parser.error(f"spell out --config_file {values['config_file']}")
     if values.get("tensorboard_dir") == "":
         values["tensorboard_dir"] = None
     if script == "finetune":
