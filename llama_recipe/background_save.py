@@ -90,6 +90,7 @@ def start_background_save(
     data_state: dict,
     tokenizer=None,
     keep_last: int = 0,
+    run_file: str | None = None,
     timeout: float = 1800.0,
 ) -> BackgroundSave:
     """save_checkpoint's work, but returning once the state is handed to a background writer (every rank)."""
@@ -103,5 +104,5 @@ def start_background_save(
         raise save_failed(final, tmp, e) from None
     finish = None
     if is_main_process():
-        finish = functools.partial(complete_checkpoint, tmp, final, running_states, tokenizer, keep_last)
+        finish = functools.partial(complete_checkpoint, tmp, final, running_states, tokenizer, keep_last, run_file)
     return BackgroundSave(final, tmp, deferred, finish, timeout)

@@ -3,7 +3,8 @@ crash never leaves a half-written checkpoint that looks complete (and never touc
 good one), loaded back in place (under another layout, what can move), and its JSON state files
 (running states, data positions, random generator states) checked before anything trusts them.
 
-Everything is written into `.step-<N>.tmp`; rank 0 writes `running_states.json` last and renames the
+Everything is written into `.step-<N>.tmp`; rank 0 writes the run's flags (`run.yaml`, which
+--config_file reads back) and `running_states.json` last, and renames the
 folder into place once every rank has finished, then points `latest` at it (checkpoint_paths.py
 names the files; background_save.py writes the same files beside training).
 """
@@ -16,16 +17,18 @@ import json
 import random
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checkpoint_paths import LATEST, RUNNING_STATES, checkpoint_path, prune, write_latest
+from .checkpoint_paths import LATEST, RUN_FILE, RUNNING_STATES, checkpoint_path, prune, write_latest
 from .colossalai_patches import deferred_state_dict_writes
-from .config import TrainConfig
+from .config import SECTIONS, TENSORBOARD_IN_SAVE_DIR, TENSORBOARD_SUBDIR, TrainConfig, flag_of
 from .distributed import barrier, is_main_process, print_main, rank
 from .errors import CheckpointError, UsageError
 from .files import WRITE_ERRORS, move_into_place, safetensors_header, write_failure, write_safetensors
@@ -267,11 +270,15 @@ def write_states(
         save_file(par.compression_state(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
 
 
-def complete_checkpoint(tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int) -> int:
-    """Rank 0, once every rank's files are in `tmp`: the last files, the rename, `latest`, pruning.
-    Returns the checkpoint's bytes."""
+def complete_checkpoint(
+    tmp: Path, final: Path, running_states: dict, tokenizer, keep_last: int, run_file: str | None = None
+) -> int:
+    """Rank 0, once every rank's files are in `tmp`: the last files (`run_file`: the run's flags, as
+    run_file_text below), the rename, `latest`, pruning. Returns the checkpoint's bytes."""
     if tokenizer is not None:  # makes model/ a complete Hugging Face model directory
         tokenizer.save_pretrained(tmp / "model")
+    if run_file is not None:
+        (tmp / RUN_FILE).write_text(run_file)
     running_states = dict(running_states, saved_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (tmp / RUNNING_STATES).write_text(json.dumps(running_states, indent=2))
     size = _directory_bytes(tmp)
@@ -279,6 +286,42 @@ def complete_checkpoint(tmp: Path, final: Path, running_states: dict, tokenizer,
     write_latest(str(final.parent), final.name)
     prune(str(final.parent), keep_last)
     return size
+
+
+# Flags a run file never records: where it came from, and what acts once as a run starts (resume from
+# -f, reset a state, set earlier checkpoints aside). Resuming from run.yaml must continue the run, not
+# reset its optimizer again; the resume names its checkpoint with -f.
+NOT_RECORDED = (
+    "config_file",
+    "load",
+    "reset_optimizer",
+    "reset_data",
+    "reset_schedule",
+    "reset_compression",
+    "replace_checkpoints",
+)
+
+
+def run_file_text(cfg: TrainConfig, script: str) -> str:
+    """The run as a file `script`.py reads back with --config_file: every flag it offers, as resolved,
+    less NOT_RECORDED. A -t that is the default's `<-o>/tensorboard` stays that, so a resume into
+    another -o logs there."""
+    values = cfg.to_dict()
+    save_dir = cfg.checkpoint.save_dir
+    if save_dir and values["tensorboard_dir"] == str(Path(save_dir) / TENSORBOARD_SUBDIR):
+        values["tensorboard_dir"] = TENSORBOARD_IN_SAVE_DIR
+    offered = [
+        f.name
+        for section in SECTIONS.values()
+        for f in fields(section)
+        if flag_of(f) and script in flag_of(f).scripts and f.name not in NOT_RECORDED
+    ]
+    header = (
+        f"# {script}.py's flags of the run that saved this checkpoint. To resume it:\n"
+        f"#   {script}.py --config_file <this file> -f <this file's directory>\n"
+        f"# (-f and the --reset_* flags act once as a run starts: not recorded)\n"
+    )
+    return header + yaml.safe_dump({name: values[name] for name in offered}, sort_keys=False, default_flow_style=None)
 
 
 def temporary_dir(final: Path, par: Parallelism) -> Path:
@@ -313,6 +356,7 @@ def save_checkpoint(
     data_state: dict,
     tokenizer=None,
     keep_last: int = 0,
+    run_file: str | None = None,
 ) -> tuple[Path, float, int]:
     """Returns the checkpoint directory, the seconds the save took and its size in bytes."""
     started = time.perf_counter()
@@ -325,7 +369,7 @@ def save_checkpoint(
         size = 0
         if is_main_process():
             shutil.rmtree(tmp / DONE)  # only background saves use the done-markers
-            size = complete_checkpoint(tmp, final, running_states, tokenizer, keep_last)
+            size = complete_checkpoint(tmp, final, running_states, tokenizer, keep_last, run_file)
         barrier()
     except WRITE_ERRORS as e:  # a full disk, a quota, a vanished mount: earlier checkpoints are untouched
         raise save_failed(final, tmp, e) from None

@@ -10,6 +10,7 @@ save-directory policy (a fresh run never writes over another run's checkpoints).
         lr_scheduler.pt     booster.save_lr_scheduler
         data/rank-<R>.json  each rank's position in the data stream
         rng/rank-<R>.json   each rank's random number generator states (torch, CUDA, Python, NumPy)
+        run.yaml            the run's flags, which --config_file reads back (cli.py)
         running_states.json step, epoch, consumed samples/tokens, layout and the run's config (written last)
     save_dir/latest         the name of the newest complete checkpoint
 
@@ -29,6 +30,7 @@ from .errors import UsageError
 from .sources import looks_like_a_path
 
 RUNNING_STATES = "running_states.json"
+RUN_FILE = "run.yaml"
 LATEST = "latest"
 REPLACED = ".replaced-"  # save_dir/.replaced-<time>-<pid>/: checkpoints --replace_checkpoints moved aside
 

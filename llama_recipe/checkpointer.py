@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .background_save import BackgroundSave, start_background_save
-from .checkpoint_io import describe_layout, load_checkpoint, run_layout, save_checkpoint
+from .checkpoint_io import describe_layout, load_checkpoint, run_file_text, run_layout, save_checkpoint
 from .checkpoint_paths import checkpoint_path, set_aside
 from .config import TrainConfig
 from .distributed import any_rank, is_main_process, print_main, world_size
@@ -39,11 +39,12 @@ class TrainState:
 class Checkpointer:
     """Owns a run's checkpoints: resuming, when to save, saving, and the last good checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, par: Parallelism, tokenizer=None):
+    def __init__(self, cfg: TrainConfig, par: Parallelism, tokenizer=None, script: str = "pretrain"):
         self.cfg = cfg.checkpoint
         self.par = par
         self.tokenizer = tokenizer  # saved into model/, which makes it a complete Hugging Face directory
         self.run_config = cfg.to_dict()
+        self.run_file = run_file_text(cfg, script)  # run.yaml: `script`.py --config_file reads it back
         self.layout = run_layout(cfg, world_size())
         self.last: str | None = None  # the newest checkpoint this run completed
         self.last_size = 0  # its bytes: what the next save will need again
@@ -155,7 +156,7 @@ class Checkpointer:
             config=self.run_config,
         )
         what = (self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict())
-        what += (self.tokenizer, self.cfg.keep_last)  # the same arguments for either writer
+        what += (self.tokenizer, self.cfg.keep_last, self.run_file)  # the same arguments for either writer
         try:
             self._check_room(model)
             if background:

@@ -1,9 +1,10 @@
-"""The command-line layer: every script's parser, generated from the config fields (config.py);
-and what every script does around its main function (validation.py's checks first, bad input as
+"""The command-line layer: every script's parser, generated from the config fields (config.py), and
+--config_file's run files read into it; and what every script does around its main function (validation.py's checks first, bad input as
 one line with its exit code, a clean exit from the process group)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -11,17 +12,26 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .checkpoint_paths import resolve_load_path
 from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, declared_type, flag_of
 from .distributed import print_main, shutdown, world_size
-from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser
+from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
 from .optim import DECAY_SHAPES, LR_SCHEDULES, OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES
 from .recompute import RECOMPUTE_MODES
 from .save_lock import SaveDirLock
 from .validation import finished_message, validate
+
+try:
+    import tomllib  # Python 3.11 on
+except ModuleNotFoundError:  # Python 3.10: run files in YAML only
+    tomllib = None
 
 # What torch.distributed says when a peer is gone or never answers
 PEER_FAILURES = (
@@ -86,8 +96,18 @@ def build_parser(script: str) -> OneLineErrorParser:
 
 
 def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
-    """The run's config from `script`'s command line (argv: sys.argv[1:] when None)."""
-    values = vars(build_parser(script).parse_args(argv))
+    """The run's config from `script`'s command line (argv: sys.argv[1:] when None), with
+    --config_file's flags read first (below); UsageError for a file that cannot be read."""
+    parser, argv = build_parser(script), sys.argv[1:] if argv is None else argv
+    # --config_file's name alone, so that its flags can go first: the command line's then win
+    find = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # (--config is another flag)
+    find.add_argument("--config_file")
+    config_file = find.parse_known_args(argv)[0].config_file
+    if config_file:
+        argv = [*run_file_arguments(config_file, parser), *argv]
+    values = vars(parser.parse_args(argv))
+    if values["config_file"] != config_file:  # abbreviated (--config_f), which the search above does not expand
+        parser.error(f"spell out --config_file {values['config_file']}")
     if values.get("tensorboard_dir") == "":
         values["tensorboard_dir"] = None
     if script == "finetune":
@@ -95,6 +115,86 @@ def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:
     if script == "eval" and values["dataset"] is None:  # (an absolute path: not in the flag tables)
         values["dataset"] = str(SHIPPED_HELD_OUT)
     return TrainConfig.for_script(script, **values)
+
+
+# ---------------------------------------------------------------------------------------------
+# --config_file: a run's flags from a YAML or TOML file (each checkpoint's run.yaml is one:
+# checkpoint_io.run_file_text).
+#
+# A file's keys are flags' long spellings without the dashes (`max_steps: 100`, `plugin: zero2`,
+# `gradient_checkpoint: true`). The file becomes command-line text placed *before* the real command
+# line, so argparse reads it exactly as typed flags (each flag's type, its choices, a required flag
+# given by the file) and a flag typed on the command line wins (argparse keeps the last value).
+# Setting the parser's defaults from the file instead would skip all of that: argparse converts only
+# string defaults, never checks a default against the choices, and still asks for a required flag.
+# Ranges (`--lr` above 0) are checked on the parsed config either way (validation.py).
+#
+# Values: a boolean turns a switch on (false: left off, as when not typed); a list is a
+# comma-separated flag's parts (`num_layers_per_stage: [2, 2]`); null leaves a flag at its default,
+# or, for a flag whose default is a value, gives it the empty text (`tensorboard_dir: null` is -t '').
+
+
+def read_run_file(path: str) -> dict[str, Any]:
+    """The file's {key: value}: TOML for a .toml file, else YAML; UsageError (one line) if it cannot be."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config_file {path} does not exist; pass a YAML or TOML file of flags")
+    kind = "TOML" if p.suffix == ".toml" else "YAML"
+    if kind == "TOML" and tomllib is None:
+        raise UsageError(f"--config_file {path}: reading TOML needs Python 3.11 (tomllib); write it as YAML")
+    try:
+        text = p.read_text()
+        values = tomllib.loads(text) if kind == "TOML" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:  # (ValueError: TOML's and UTF-8's errors)
+        mark = getattr(e, "problem_mark", None)  # YAML's: where, and what (its str() spans lines)
+        reason = f"line {mark.line + 1}: {e.problem}" if mark else " ".join(str(e).split())
+        raise UsageError(f"--config_file {path} is not valid {kind} ({reason})") from None
+    if values is None:  # an empty file: no flags
+        return {}
+    if not isinstance(values, dict):
+        raise UsageError(f"--config_file {path} must map flag names to values (e.g. max_steps: 100)")
+    return values
+
+
+def run_file_arguments(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags `path` gives, as `parser`'s command-line text; UsageError naming the key and the file
+    for a key that is no flag of the script, or a value the flag would refuse."""
+    actions = {
+        name[2:]: action
+        for action in parser._actions
+        for name in action.option_strings
+        if name.startswith("--") and action.dest not in ("help", "config_file")
+    }
+    argv = []
+    for key, value in read_run_file(path).items():
+        action = actions.get(str(key))
+        if action is None:
+            raise UsageError(f"--config_file {path}: unknown key '{key}' ({parser.prog} has no --{key})")
+        argv += _flag_text(action, f"--{key}", value, f"--config_file {path}: {key}")
+    return argv
+
+
+def _flag_text(action: argparse.Action, name: str, value: Any, where: str) -> list[str]:
+    """`value` as command-line text for `action`, checked as argparse checks typed text."""
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} is a switch: true or false, got {value!r}")
+        return [name] if value else []
+    if value is None:
+        return [] if action.default is None else [name, ""]
+    if isinstance(value, bool) or isinstance(value, dict):
+        raise UsageError(f"{where} takes a value, got {value!r}")
+    text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    try:  # what argparse does with typed text (its messages: "invalid int value: 'two'")
+        parsed = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"{where}: {e}") from None
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: invalid {action.type.__name__} value: {text!r}") from None
+    if action.choices is not None and parsed not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        raise UsageError(f"{where}: invalid choice: {parsed!r} (choose from {choices})")
+    return [name, text]
 
 
 def quiet_libraries() -> None:
@@ -122,7 +222,10 @@ def fail(message: str, code: int, error: BaseException | None = None) -> None:
 def run_script(script: str, main: Callable[[TrainConfig], dict], argv: list[str] | None = None) -> dict:
     """Parse `script`'s flags, validate, run `main`; our errors end the process as one line."""
     quiet_libraries()
-    cfg = parse_args(script, argv)
+    try:
+        cfg = parse_args(script, argv)
+    except UsageError as e:  # --config_file's (the parser's own errors exit at once)
+        fail(str(e), e.exit_code, e)
     try:
         ckpt = cfg.checkpoint
         ckpt.load = resolve_load_path(ckpt.load, ckpt.save_dir, ckpt.auto_resume)

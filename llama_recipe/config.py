@@ -625,6 +625,15 @@ class CheckpointConfig:
         help="checkpoint to resume from: a step-<N> directory, a run's directory or its latest file, or 'latest' in -o",
         scripts=TRAINING,
     )
+    config_file: str | None = flag(
+        None,
+        "--config_file",
+        help="read flags from a YAML or TOML file (keys: long flag names without dashes, e.g. max_steps: 100; "
+        "the command line wins). Each checkpoint holds its run's run.yaml: --config_file CKPT/step-N/run.yaml "
+        "-f CKPT/step-N resumes it",
+        scripts=ALL_SCRIPTS,
+        advanced=True,
+    )
     auto_resume: bool = flag(
         False, "--auto_resume", help="resume from the newest checkpoint in -o if there is one", scripts=TRAINING
     )

@@ -195,6 +195,7 @@ def finetune(cfg: TrainConfig) -> dict:
         "finetuning",
         initial_weights=weights_location(model_dir),
         held_out=held_out,
+        script="finetune",
     )
     summary = fit(cfg, par, plan)
     if is_main_process() and summary["checkpoint"] and held_out_rows:

@@ -46,6 +46,7 @@ class RunPlan:
     desc: str = "training"
     initial_weights: str | None = None  # finetuning: the pretrained weights to start from
     held_out: list[dict] | None = None  # batches to evaluate on
+    script: str = "pretrain"  # whose flags each checkpoint's run.yaml records
 
 
 class StopRequest:
@@ -302,7 +303,7 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     )
     dtype = next(model.parameters()).dtype
     inputs = ModelInputs(attn_implementation, cfg.model.document_attention, dtype, par.sequence_parallel)
-    checkpointer = Checkpointer(cfg, par, run.tokenizer)
+    checkpointer = Checkpointer(cfg, par, run.tokenizer, run.script)
     state: TrainState = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, run.initial_weights)
     if state.step >= run.total_steps:
         print_main(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {run.total_steps}")

@@ -275,9 +275,10 @@ def run_outputs(job) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def layout_runs(tmp_path_factory):
     """`layout_runs(name)`: 6 steps of `pretrain.py` on 2 processes with a checkpoint at step 3, then
-    a second run resuming from step 3 to step 6, both in one launch (tests/layouts_probe.py: the
-    second run starts from the checkpoint alone, in a fresh model, optimizer and data stream), and
-    `tied_runs`' two. Runs once per layout, when first asked for."""
+    a second run resuming from step 3 to step 6 (its flags from step-3's run.yaml: --config_file,
+    with -f, -i 0 and its own -t typed), both in one launch (tests/layouts_probe.py: the second run
+    starts from the checkpoint alone, in a fresh model, optimizer and data stream), and `tied_runs`'
+    two. Runs once per layout, when first asked for."""
     cache = {}
 
     def get(layout: str) -> dict:
@@ -286,7 +287,8 @@ def layout_runs(tmp_path_factory):
             common = [*TINY_RUN, *LAYOUTS[layout], "-o", str(root / "ckpt"), "--max_steps", str(STEPS), *EVAL_DURING]
             saves = SAVES.get(layout, ["-i", str(RESUME_FROM)])
             resume = ["-i", "0", "-t", str(root / "tb_resumed"), "-f", str(root / "ckpt" / f"step-{RESUME_FROM}")]
-            full_run, resumed_run = [*common, *saves, "-t", str(root / "tb")], [*common, *resume]
+            run_file = ["--config_file", str(root / "ckpt" / f"step-{RESUME_FROM}" / "run.yaml")]  # the other flags
+            full_run, resumed_run = [*common, *saves, "-t", str(root / "tb")], [*run_file, *resume]
             job = launch_runs(
                 {"full": full_run, "resumed": resumed_run, **tied_runs(root, LAYOUTS[layout])},
                 root,

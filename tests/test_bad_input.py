@@ -379,6 +379,12 @@ CASES = {
         {"WORLD_SIZE": "2"},
         ["--compress_backprop_epilogue_only", "--compress_backprop R"],
     ),
+    # --config_file: the file's own errors name the file and the key; its values are checked as typed flags are
+    "run_file_unknown_key": (["--config_file", "{tmp}/run.yaml"], {}, ["run.yaml", "unknown key 'max_stepz'"]),
+    "run_file_wrong_type": (["--config_file", "{tmp}/run.yaml"], {}, ["run.yaml", "seed", "invalid int value: 'two'"]),
+    "run_file_missing": (["--config_file", "{tmp}/nothing.yaml"], {}, ["nothing.yaml", "does not exist"]),
+    "run_file_unparsable": (["--config_file", "{tmp}/run.toml"], {}, ["run.toml", "not valid TOML", "Unclosed array"]),
+    "run_file_out_of_range": (["--config_file", "{tmp}/run.yaml"], {}, ["--lr", "above 0", "got -1"]),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases whose one error line follows the run's own lines on stderr (skipped data lines, a progress bar).
@@ -435,6 +441,10 @@ def _checkpoint(tmp, states: dict) -> None:
 
 
 SETUP = {
+    "run_file_unknown_key": lambda tmp: (tmp / "run.yaml").write_text("max_steps: 2\nmax_stepz: 3\n"),
+    "run_file_wrong_type": lambda tmp: (tmp / "run.yaml").write_text("seed: two\n"),
+    "run_file_unparsable": lambda tmp: (tmp / "run.toml").write_text("max_steps = [2\n"),
+    "run_file_out_of_range": lambda tmp: (tmp / "run.yaml").write_text("lr: -1\n"),
     "incomplete_checkpoint": lambda tmp: (tmp / "step-3" / "model").mkdir(parents=True),  # a save that never finished
     "output_under_a_file": lambda tmp: (tmp / "file").write_text("x"),
     "tensorboard_under_a_file": lambda tmp: (tmp / "file").write_text("x"),

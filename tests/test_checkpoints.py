@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    RESUME_FROM,
     STEPS,
     TINY_RUN,
     check_ok,
@@ -26,6 +27,8 @@ from conftest import (
     signal_job,
     trainer_batches,
 )
+
+from llama_recipe.cli import parse_args
 
 
 def latest_checkpoint(save_dir: Path) -> Path:
@@ -79,6 +82,24 @@ def test_a_resumed_runs_loss_curve_covers_the_whole_run(zero2_run):
     for tb in ("tb", "tb_resumed"):
         described = Image.open(zero2_run / tb / "loss.png").text["Description"]
         assert described == f"training loss at {STEPS} steps, 1 to {STEPS}", tb
+
+
+@pytest.mark.multiprocess
+def test_each_checkpoints_run_yaml_reads_back_as_its_runs_config(zero2_run):
+    """Every checkpoint holds run.yaml, its run's flags: read back with --config_file they give the config
+    its running_states.json records, less where they came from and -f (not recorded). conftest's resumed
+    run took its flags from step-3's run.yaml (its bit-identical losses: test_plugins_cpu.py)."""
+    ckpt = zero2_run / "ckpt"
+    recorded = {}
+    for step, not_recorded in ((RESUME_FROM, {"config_file"}), (STEPS, {"config_file", "load"})):
+        recorded[step] = json.loads((ckpt / f"step-{step}" / "running_states.json").read_text())["config"]
+        again = parse_args("pretrain", ["--config_file", str(ckpt / f"step-{step}" / "run.yaml")]).to_dict()
+        assert sorted(again) == sorted(recorded[step])
+        assert {k for k, v in recorded[step].items() if again[k] != v} == not_recorded
+    full, resumed = recorded[RESUME_FROM], recorded[STEPS]  # the resumed run typed -f, -i and -t
+    assert resumed["config_file"] == str(ckpt / f"step-{RESUME_FROM}" / "run.yaml")
+    typed = {"config_file", "load", "save_interval", "tensorboard_dir"}
+    assert {k for k, v in full.items() if resumed[k] != v} == typed
 
 
 @pytest.mark.multiprocess
@@ -198,6 +219,11 @@ def assert_same_checkpoint(a: Path, b: Path) -> None:
             for states in (x, y):
                 del states["config"], states["saved_at"]  # the flags differ (--async_save), and the clock
             assert x == y
+        elif name.name == "run.yaml":  # each run's own flags (they differ): each reads back as its recorded config
+            for c in (a, b):
+                recorded = json.loads((c / "running_states.json").read_text())["config"]
+                again = parse_args("pretrain", ["--config_file", str(c / name)]).to_dict()
+                assert {k for k, v in recorded.items() if again[k] != v} <= {"config_file", "load"}, c / name
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), a / name
 

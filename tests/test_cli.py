@@ -123,3 +123,104 @@ def test_each_run_has_its_own_tensorboard_directory_in_its_save_dir():
     assert tensorboard("pretrain", "-o", "runs/a", "-t", "tb") == "tb"
     assert tensorboard("pretrain", "-o", "runs/a", "-t", "") is None
     assert tensorboard("pretrain", "-o", "") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# --config_file: run files (each checkpoint's run.yaml round-trips: test_checkpoints.py)
+
+
+def _run_file(tmp_path: Path, text: str, name: str = "run.yaml") -> str:
+    (tmp_path / name).write_text(text)
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("name", ["run.yaml", "run.toml"])
+def test_a_run_files_values_reach_the_config_and_the_command_line_wins(tmp_path, name):
+    yaml_text = (
+        "max_steps: 100\nplugin: hybrid_parallel\ntp: 2\nlr: 1e-3\ngradient_checkpoint: true\n"
+        "num_layers_per_stage: [1, 3]\nbatch_size: 4\ntensorboard_dir: null\n"
+    )
+    toml_text = (
+        'max_steps = 100\nplugin = "hybrid_parallel"\ntp = 2\nlr = 1e-3\ngradient_checkpoint = true\n'
+        "num_layers_per_stage = [1, 3]\nbatch_size = 4\n"
+    )
+    path = _run_file(tmp_path, yaml_text if name.endswith(".yaml") else toml_text, name)
+    cfg = parse_args("pretrain", ["--config_file", path, "-b", "8"])
+    assert cfg.training.max_steps == 100 and cfg.parallel.plugin == "hybrid_parallel" and cfg.parallel.tp == 2
+    assert cfg.optim.lr == 1e-3 and cfg.model.grad_checkpoint and cfg.parallel.num_layers_per_stage == (1, 3)
+    assert cfg.training.batch_size == 8  # the command line wins
+    assert cfg.checkpoint.config_file == path
+    if name.endswith(".yaml"):
+        assert cfg.logging.tensorboard_dir is None  # null: as -t '' (off), not the default
+    untouched = TrainConfig.for_script("pretrain").to_dict()
+    changed = {k for k, v in cfg.to_dict().items() if v != untouched[k]}
+    assert changed - {"tensorboard_dir"} == {
+        "max_steps", "plugin", "tp", "lr", "grad_checkpoint", "num_layers_per_stage", "batch_size", "config_file"
+    }  # fmt: skip
+
+
+def test_a_run_file_can_give_a_required_flag(tmp_path):
+    """finetune.py's --model_path is required: the file's counts (argparse sees it as typed)."""
+    path = _run_file(tmp_path, "model_path: some/model\npack_examples: true\n")
+    cfg = parse_args("finetune", ["--config_file", path])
+    assert cfg.model.model_path == "some/model" and cfg.model.document_attention  # derived as from the flag
+
+
+@pytest.mark.parametrize(
+    "script,text,expected",
+    [
+        ("benchmark", "num_steps: 5\nplugin: none\nzero: 1\n", {"max_steps": 5, "plugin": "none", "zero_stage": 1}),
+        ("eval", "model_path: m\ntask: cloze\nlimit: 3\n", {"model_path": "m", "task": "cloze", "limit": 3}),
+    ],
+)
+def test_every_script_reads_run_files_in_its_own_spellings(tmp_path, script, text, expected):
+    """benchmark.py's --num_steps and --zero are its spellings of --max_steps and --zero_stage."""
+    values = parse_args(script, ["--config_file", _run_file(tmp_path, text)]).to_dict()
+    assert {k: values[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
+    "text,words",
+    [
+        ("max_stepz: 3\n", ["unknown key 'max_stepz'", "pretrain.py has no --max_stepz"]),
+        ("task: cloze\n", ["unknown key 'task'"]),  # eval.py's flag, not pretrain.py's
+        ("seed: two\n", ["seed", "invalid int value: 'two'"]),
+        ("max_steps: 1.5\n", ["max_steps", "invalid int value: '1.5'"]),
+        ("plugin: nonsense\n", ["plugin", "invalid choice: 'nonsense'", "zero2"]),
+        ("num_layers_per_stage: [a, 2]\n", ["num_layers_per_stage", "comma-separated layer counts"]),
+        ("grad_checkpoint: 1\n", ["grad_checkpoint", "true or false"]),
+        ("seed: true\n", ["seed", "takes a value"]),
+        ("- max_steps\n", ["must map flag names to values"]),
+        ("max_steps: [1\n", ["not valid YAML", "line 2"]),
+    ],
+)
+def test_a_bad_run_file_is_a_usage_error_naming_the_file(tmp_path, text, words):
+    path = _run_file(tmp_path, text)
+    with pytest.raises(UsageError) as error:
+        parse_args("pretrain", ["--config_file", path, "--max_steps", "2"])
+    message = str(error.value)
+    assert "\n" not in message and path in message and all(w in message for w in words), message
+
+
+@pytest.mark.parametrize("layout", ["ddp", "zero2", "tp2", "pp2", "everything"])
+def test_run_file_text_reads_back_as_the_same_config(tmp_path, layout):
+    """What a checkpoint's run.yaml holds (checkpoint_io.run_file_text) parses back to the run's config,
+    less what acts once as a run starts (-f, --reset_*) and where the flags came from."""
+    from conftest import LAYOUTS, TINY_RUN
+
+    from llama_recipe.checkpoint_io import run_file_text
+
+    extra = ["-o", str(tmp_path / "o"), "--lr", "3.14e-4", "--adam_eps", "1e-8", "--max_steps", "7", "-t", ""]
+    extra += ["--data_mix", "a=1,b=2", "--num_layers_per_stage", "1,3", "--on_spike", "skip", "-g", "-x", "fp32"]
+    extra += ["-f", str(tmp_path / "o" / "step-3"), "--reset_optimizer", "--replace_checkpoints"]
+    args = [*TINY_RUN, *(LAYOUTS.get(layout, []) if layout != "everything" else extra)]
+    cfg = parse_args("pretrain", args)
+    path = _run_file(tmp_path, run_file_text(cfg, "pretrain"))
+    again = parse_args("pretrain", ["--config_file", path]).to_dict()
+    once = {"load": None, "reset_optimizer": False, "replace_checkpoints": False}  # act once a run starts
+    assert {k: again[k] for k in once} == once and again["config_file"] == path
+    expected = {k: v for k, v in cfg.to_dict().items() if k not in {*once, "config_file"}}
+    assert {k: v for k, v in again.items() if k not in {*once, "config_file"}} == expected
+    if layout == "zero2":  # -t at its default `<-o>/tensorboard` follows -o, as on the command line
+        moved = parse_args("pretrain", ["--config_file", path, "-o", str(tmp_path / "elsewhere")])
+        assert moved.logging.tensorboard_dir == str(tmp_path / "elsewhere" / "tensorboard")

@@ -10,6 +10,7 @@ import torch
 from conftest import INSTRUCT_DATA as SHIPPED
 from conftest import check_ok, expect_one_line_error, launch_runs, read_scalars, run_in_process, run_outputs
 
+from llama_recipe.cli import parse_args
 from llama_recipe.generation import Completion, Step
 from llama_recipe.instruct import (
     IGNORE_INDEX,
@@ -186,7 +187,7 @@ def finetune_runs(tmp_path_factory):
 
     runs = {
         "zero2": [*zero2, "-i", "3", "--eval_interval", "3", "-t", str(root / "zero2_tb")],
-        "zero2_resumed": resumed(zero2, "zero2"),
+        "zero2_resumed": resumed(["--config_file", str(root / "zero2" / "step-3" / "run.yaml")], "zero2"),
         "inplace": [*inplace, "-i", "3", "-t", str(root / "inplace_tb")],
         "inplace_resumed": resumed(inplace, "inplace"),
         **{name: token_weighting_args(root, name, flags) for name, (flags, _) in GLOBAL_BATCH_OF_4.items()},
@@ -232,6 +233,10 @@ def test_finetune_loads_weights_trains_and_resumes(finetune_runs, tokenizer):
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-6)
     states = json.loads((root / "zero2" / "step-6" / "running_states.json").read_text())
     assert states["step"] == 6 and states["config"]["task_name"] == "self_instruct"
+    # The resumed run took its other flags from step-3's run.yaml, which reads back as that run's config
+    recorded = json.loads((root / "zero2" / "step-3" / "running_states.json").read_text())["config"]
+    again = parse_args("finetune", ["--config_file", str(root / "zero2" / "step-3" / "run.yaml")]).to_dict()
+    assert {k for k, v in recorded.items() if again[k] != v} == {"config_file"}
 
 
 @pytest.mark.multiprocess
