@@ -236,7 +236,7 @@ def test_adam_eps_defaults_to_llama2s_for_pretraining_and_reaches_the_optimizers
     assert resume_differences(saved, current | {"reset_optimizer": True}) == []
 
 
-def test_muon_takes_the_hidden_matrices_with_adamws_update_size():
+def test_muon_takes_the_hidden_matrices_with_adamws_update_size_and_half_its_state():
     """--optimizer muon: Muon for the attention and MLP projections, AdamW for the embeddings, the output layer
     and the norms, each with --weight_decay where AdamW alone decays. "match_rms_adamw" scales the orthogonalised
     update to an RMS of about 0.2 * lr, whatever the matrix's shape: 0.2 * sqrt(max(rows, cols)) times the RMS of
@@ -262,6 +262,13 @@ def test_muon_takes_the_hidden_matrices_with_adamws_update_size():
         if name in muon:
             rms = (p.detach() - before[name]).pow(2).mean().sqrt().item()
             assert 0.15e-3 < rms < 0.21e-3, (name, tuple(p.shape), rms)  # measured: 0.16e-3 to 0.18e-3
+    # its state: one fp32 momentum buffer per hidden matrix, AdamW's two moments and step count for the rest
+    from llama_recipe.memory import bytes_by_role
+
+    hidden = sum(p.numel() for name, p in model.named_parameters() if name in muon)
+    rest = [p for name, p in model.named_parameters() if name not in muon]
+    expected = 4 * hidden + sum(8 * p.numel() + 4 for p in rest)
+    assert bytes_by_role(model, optimizer)["optimizer"] == expected
 
 
 # ---------------------------------------------------------------------------------------------
