@@ -461,7 +461,8 @@ class OptimConfig:
         None,
         "--optimizer",
         help="default: hybrid_adam for gemini, else adamw. collage_light/collage_plus: bf16 AdamW with error terms "
-        "instead of fp32 master weights; inplace_sgd: SGD fused into the backward pass (LOMO), for low-memory finetuning",
+        "instead of fp32 master weights; inplace_sgd: SGD fused into the backward pass (LOMO), for low-memory finetuning; "
+        "muon: Muon for the hidden matrices, AdamW for the rest, at AdamW's --lr and -w (docs/muon.md)",
     )
     lr: float = flag(3e-4, "--lr", help="peak learning rate", above=0.0, per_script={"finetune": {"default": 2e-5}})
     weight_decay: float = flag(

@@ -11,6 +11,11 @@ optimizer documents (docs/source/api-guide/dist_optimizer.md, d = data-parallel 
 
 ZeRO-1 inside hybrid_parallel is the distributed optimizer's layout: the fp32 masters and Adam moments
 sharded over the data-parallel group, the 16-bit weights and gradients whole on every rank.
+
+The table counts Adam's two fp32 moments (8 bytes per parameter). --optimizer muon keeps one fp32 momentum
+buffer (4 bytes) for the hidden matrices and AdamW's 8 for the embeddings, output layer and norms: measured
+here, 7.81 bytes of optimizer state per parameter for tiny4 (whose 4.3M are mostly embeddings), 6.24 for
+small, and 4.16 by count for llama2-7b (96% of it hidden matrices), against AdamW's 8.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ pretraining (LLaMA 1 gives none); finetuning keeps the Adam optimizers' own defa
 
 Besides AdamW: ColossalAI's HybridAdam (Gemini needs it), Collage (bf16 AdamW without fp32 master
 weights, collage.py), plain SGD, and in-place SGD (LOMO: the update fused into the backward pass,
-inplace_sgd.py) for finetuning with the least memory.
+inplace_sgd.py) for finetuning with the least memory, and Muon (MuonAdamW below) for pretraining.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class OptimizerSpec:
     fused_update: bool = False  # updates each weight inside the backward pass (needs whole gradients)
     fp32_states: bool = False  # always keeps fp32 states, so it cannot train pure bf16
     monitored: bool = False  # can report --log_edq metrics
+    whole_matrices: bool = False  # orthogonalises each weight matrix, so every rank must hold whole ones
 
 
 OPTIMIZERS = {
@@ -41,16 +42,18 @@ OPTIMIZERS = {
     "collage_plus": OptimizerSpec(bf16_without_masters=True, monitored=True),
     "sgd": OptimizerSpec(),
     "inplace_sgd": OptimizerSpec(fused_update=True),
+    "muon": OptimizerSpec(whole_matrices=True),
 }
 OPTIMIZER_NAMES = list(OPTIMIZERS)
 BETA1 = 0.9  # LLaMA's AdamW betas were (0.9, 0.95); --beta2 sets the second
 FINAL_LR_FRACTION = 0.1
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module | list[nn.Parameter], weight_decay: float) -> list[dict]:
     """Weight decay on matrices only: decaying RMSNorm gains (and biases) toward zero hurts training."""
+    params = model.parameters() if isinstance(model, nn.Module) else model
     decay, no_decay = [], []
-    for param in model.parameters():
+    for param in params:
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     return [
@@ -101,6 +104,8 @@ def build_optimizer(
         )
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name == "muon":
+        return MuonAdamW(model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     if name == "hybrid_adam":
         # ColossalAI's fused Adam (CUDA kernel on GPU, CPU kernel for offloaded states); adamw_mode=True
         # makes it decoupled-weight-decay AdamW. On a CPU-only machine it JIT-compiles once (~2.5 min).
@@ -108,6 +113,54 @@ def build_optimizer(
 
         return HybridAdam(groups, lr=lr, betas=betas, eps=eps, adamw_mode=True)
     raise UsageError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZER_NAMES)}")
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon (torch.optim.Muon: Nesterov momentum orthogonalised by Newton-Schulz) for the hidden matrices,
+    the attention and MLP projections; AdamW for the embeddings, the output layer and the norms, which Muon
+    is not meant for. Muon scales its update with "match_rms_adamw" (Moonlight, arXiv 2502.16982): 0.2 *
+    sqrt(max(rows, cols)) times the lr, so its update's RMS is AdamW's and both parts take --lr and
+    --weight_decay as tuned for AdamW.
+
+    One optimizer, not two side by side, so that the lr schedule, the plugins' wrappers and checkpointing
+    see ordinary param_groups and state: each group says which half updates it ("muon": True or False).
+    step() hands each half its groups and this optimizer's state every time, because load_state_dict
+    (ours, or a plugin's checkpoint IO) replaces both objects."""
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], eps: float):
+        hidden, other = hidden_matrices(model)
+        self._muon = torch.optim.Muon(
+            [{"params": hidden}], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"
+        )
+        self._adamw = torch.optim.AdamW(parameter_groups(other, weight_decay), lr=lr, betas=betas, eps=eps)
+        for half, muon in ((self._muon, True), (self._adamw, False)):
+            for group in half.param_groups:
+                group["muon"] = muon
+        # the groups keep every hyperparameter their half reads, filled in by its constructor
+        super().__init__(self._muon.param_groups + self._adamw.param_groups, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for half, muon in ((self._muon, True), (self._adamw, False)):
+            half.param_groups = [group for group in self.param_groups if group["muon"] is muon]
+            half.state = self.state  # keyed by parameter, and the halves' parameters are disjoint
+            half.step()
+        return loss
+
+
+def hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the 2-D weights inside the decoder layers, every other trainable parameter). The embeddings and the
+    output layer are matrices too, but each row is a token, not a direction Muon should orthogonalise."""
+    outer = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) for p in m.parameters()}
+    hidden, other = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (hidden if param.ndim == 2 and id(param) not in outer else other).append(param)
+    return hidden, other
 
 
 # Not transformers' get_cosine_with_min_lr_schedule_with_warmup: its warmup starts at factor 0 (a wasted first

@@ -62,6 +62,24 @@ def _hybrid_fused_update_refusal(cfg: TrainConfig, optimizer: str) -> str | None
     return None
 
 
+def _shards_matrices(cfg: TrainConfig, optimizer: str) -> str:
+    return (
+        f"--optimizer {optimizer} orthogonalises whole weight matrices, but -p {cfg.parallel.plugin} hands its "
+        "optimizer flat shards of them; use -p ddp, or -p hybrid_parallel with --tp 1 and --zero_stage 0"
+    )
+
+
+def _hybrid_whole_matrix_refusal(cfg: TrainConfig, optimizer: str) -> str | None:
+    par = cfg.parallel
+    if par.tp > 1 or par.zero_stage > 0:
+        return (
+            f"--optimizer {optimizer} orthogonalises whole weight matrices, but --tp > 1 splits them and "
+            "--zero_stage > 0 hands the optimizer flat shards; use --tp 1 --zero_stage 0 (--pp and data "
+            "parallelism keep matrices whole), or -p ddp"
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class PluginSpec:
     name: str
@@ -87,6 +105,8 @@ class PluginSpec:
     # None; a function because the message names the optimizer and hybrid_parallel's answer depends on the
     # layout. None: the plugin hosts one in any layout.
     fused_update_refusal: Callable[[TrainConfig, str], str | None] | None = None
+    # (cfg, optimizer) -> why this run cannot use an optimizer that needs whole weight matrices (muon), or None
+    whole_matrix_refusal: Callable[[TrainConfig, str], str | None] | None = None
     # (cfg, precision, world size): raises UsageError where the run breaks this plugin's own rules
     check: Callable[[TrainConfig, str, int], None] | None = None
 
@@ -480,6 +500,7 @@ _GEMINI = dict(
     compile_refusal="--compile is not available with -p gemini/gemini_auto (Gemini fetches each weight through "
     "parameter hooks that torch.compile does not trace); drop --compile, or use -p zero2 or ddp",
     fused_update_refusal=_gemini_refuses_fused_update,
+    whole_matrix_refusal=_shards_matrices,
     check=_check_gemini,
 )
 PLUGINS: dict[str, PluginSpec] = {
@@ -509,6 +530,7 @@ PLUGINS: dict[str, PluginSpec] = {
             zero_slices=True,
             compression_refusal=_zero_refuses_compression("zero2"),
             fused_update_refusal=_needs_whole_gradients,
+            whole_matrix_refusal=_shards_matrices,
         ),
         PluginSpec(
             "zero2_cpu",
@@ -518,6 +540,7 @@ PLUGINS: dict[str, PluginSpec] = {
             zero_slices=True,
             compression_refusal=_zero_refuses_compression("zero2_cpu"),
             fused_update_refusal=_needs_whole_gradients,
+            whole_matrix_refusal=_shards_matrices,
         ),
         PluginSpec(
             "hybrid_parallel",
@@ -531,6 +554,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "forward with ColossalAI's, whose tensor/pipeline collectives are not verified under torch.compile); "
             "drop --compile, or use -p zero2 or ddp",
             fused_update_refusal=_hybrid_fused_update_refusal,
+            whole_matrix_refusal=_hybrid_whole_matrix_refusal,
             check=_check_hybrid_parallel,  # refuses --grad_compression under ZeRO (--zero_stage > 0)
         ),
         PluginSpec(
@@ -616,6 +640,8 @@ def _check_optimizer(cfg: TrainConfig, spec: PluginSpec, optimizer: str, precisi
                 f"--optimizer {optimizer} applies the update during the backward pass, so gradients cannot "
                 "accumulate; drop --accumulation_steps and raise -b instead"
             )
+    if facts.whole_matrices and spec.whole_matrix_refusal and (refusal := spec.whole_matrix_refusal(cfg, optimizer)):
+        raise UsageError(refusal)
     if cfg.logging.log_edq and not facts.monitored:
         raise UsageError(
             "--log_edq measures the Collage optimizers' updates; add --optimizer collage_light or collage_plus"

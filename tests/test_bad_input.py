@@ -88,6 +88,13 @@ CASES = {
         {},
         ["inplace_sgd", "--accumulation_steps"],
     ),
+    # Muon orthogonalises whole matrices: refused where the optimizer sees shards of them
+    "muon_with_zero": (["--optimizer", "muon"], {}, ["muon", "zero2", "-p ddp", "--tp 1"]),
+    "muon_with_tensor_parallel": (
+        ["--optimizer", "muon", "-p", "hybrid_parallel", "--tp", "2"],
+        {"WORLD_SIZE": "2"},
+        ["muon", "--tp > 1", "--pp", "-p ddp"],
+    ),
     "edq_without_collage": (["--log_edq"], {}, ["--log_edq", "collage_light"]),
     "beta2_out_of_range": (["--beta2", "1.5"], {}, ["--beta2", "1.5"]),
     "document_attention_with_hybrid_parallel": (
