@@ -115,13 +115,18 @@ def launch(
 
 
 def signal_job(job: subprocess.Popen, sig: int) -> None:
-    """Signal a launched job and every worker, as a scheduler does (torchrun starts workers in their own sessions)."""
+    """Signal a launched job and every worker, as a scheduler does (torchrun starts workers in their own sessions).
+    SIGKILL returns once every one of them is gone: a killed worker can take a moment to die (in the middle of a
+    write), and its save-directory lock is released only then."""
     parent = psutil.Process(job.pid)
-    for process in [*parent.children(recursive=True), parent]:
+    processes = [*parent.children(recursive=True), parent]
+    for process in processes:
         try:
             process.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+    if sig == signal.SIGKILL:
+        psutil.wait_procs(processes, timeout=60)
 
 
 @pytest.fixture
