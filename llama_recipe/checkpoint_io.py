@@ -188,6 +188,17 @@ def describe_layout(layout: dict) -> str:
     return ", ".join(parts)
 
 
+def read_data_states(path: str | Path) -> list[dict]:
+    """Every replica's data state in a checkpoint, in replica order (the ranks of one replica hold
+    the same; a prepared dataset's or synthetic data's, which name no replica: every rank's)."""
+    ranks = sorted(int(f.stem.removeprefix("rank-")) for f in (Path(path) / "data").glob("rank-*.json"))
+    states: dict[int, dict] = {}
+    for r in ranks:
+        state = read_state_file(path, "data", r)
+        states.setdefault(state.get("dp_rank", r), state)
+    return [states[k] for k in sorted(states)]
+
+
 def data_rank(same_layout: bool) -> int:
     """Whose data/rank-<R>.json this rank resumes from: its own, or under another layout rank 0's
     (only a prepared dataset's one global position moves)."""
@@ -392,7 +403,8 @@ def load_checkpoint(
     data_too: bool = True,
     compression_too: bool = True,
 ) -> tuple[dict, dict | None]:
-    """Restore a checkpoint in place. Returns (running_states, this rank's data state or None).
+    """Restore a checkpoint in place. Returns (running_states, this rank's data state, or under
+    another layout a list of every replica's, or None).
 
     Under the layout it was saved with, everything comes back: model, optimizer, scheduler, data
     position, RNG (less what the caller leaves out: --reset_*). Under another layout (another plugin
@@ -414,8 +426,8 @@ def load_checkpoint(
         elif optimizer_too and replicas_only:
             par.booster.load_optimizer(optimizer, str(p / "optimizer"))
             _check_optimizer_state(optimizer, p / "optimizer")
-        if data_too:  # under another layout only a prepared dataset's global position moves (validated)
-            data_state = read_state_file(p, "data", data_rank(same_layout))
+        if data_too:  # under another layout: every replica's, for the data to move (validated)
+            data_state = read_state_file(p, "data", rank()) if same_layout else read_data_states(p)
         if same_layout:
             _set_rng_state(read_state_file(p, "rng", rank()))
         if par.compresses:

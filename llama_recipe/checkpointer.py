@@ -95,7 +95,9 @@ class Checkpointer:
         ]
         if resets:
             print_main("resuming with " + "; ".join(resets))
-        if data_state is not None:
+        if isinstance(data_state, list):  # saved under another layout: the data moves
+            batches.load_elastic(data_state, self.par.dp_size)
+        elif data_state is not None:
             batches.load_state_dict(data_state)
         saved = states.get("layout", {})
         if saved != self.layout:
@@ -103,7 +105,7 @@ class Checkpointer:
                 f"{cfg.load} was saved with {describe_layout(saved)}; this run uses {describe_layout(self.layout)}: "
                 "the weights, schedule"
                 + (", optimizer state" if not cfg.reset_optimizer else "")
-                + (" and data position (prepared: one global position)" if data_state is not None else "")
+                + (" and data position" if data_state is not None else "")
                 + " moved to the new layout"
             )
         print_main(

@@ -22,7 +22,6 @@ thread prepares batches ahead of the step.
 
 from __future__ import annotations
 
-import base64
 import math
 import queue
 import threading
@@ -34,8 +33,9 @@ import torch
 from tqdm import tqdm
 
 from .config import SHIPPED_TOKENIZER
+from .document_order import FileInterleave, Ref, document, read_texts
 from .errors import UsageError
-from .sources import SKIPPED, Source, load_text_stream, looks_like_a_path, missing_path, resolve_source, slice_name
+from .sources import SKIPPED, Source, looks_like_a_path, missing_path, resolve_source, slice_name
 
 # The LLaMA paper's pretraining mixture (Touvron et al. 2023, Table 1), by sampled tokens, with
 # RedPajama's slice names.
@@ -88,22 +88,21 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
     return [doc + [tokenizer.eos_token_id] for doc in ids]
 
 
-FILES_PER_REPLICA = 8  # split by file only when each replica gets at least this many (else by document)
-
-
 class DocumentStream:
-    """This replica's documents, tokenized, epoch after epoch, in a shuffled order that resumes exactly.
+    """This replica's documents, tokenized, epoch after epoch, in a shuffled order that resumes
+    exactly, also on another number of replicas.
 
-    Each epoch reads the files in an order drawn from (seed, epoch), the same on every replica. The
-    replicas split them by file when there are at least FILES_PER_REPLICA files each (every replica
-    reads only its own files), else by document (each keeps every dp_size-th document, so shares stay
-    balanced when a few files differ a lot in size); either way every document goes to exactly one
-    replica per epoch. (A hub dataset is split by `datasets`, by shard or by example.) The documents
-    then pass through a buffer of `shuffle_buffer` texts from which the next one is drawn at random;
-    at the end of an epoch the buffer empties before the next epoch starts. `shuffle_buffer=0`: the
-    files' own order, no shuffling. The buffer's texts and the generator's state are part of
-    `state_dict()`, so a resumed run draws exactly the documents the uninterrupted one would have
-    (`datasets`' own shuffle buffer is lost on resume, so it is not used).
+    An epoch's documents come in the order `FileInterleave` draws from (seed, epoch): many files at
+    once, each in proportion to what it holds; the same order on every replica. The replicas deal
+    it out: the g-th document goes to replica g mod dp_size, so every document goes to exactly one
+    replica per epoch, and every replica sees every file. (Each replica reads all files to keep its
+    place; it parses only its own documents.) They then pass through a buffer of `shuffle_buffer`
+    documents from which the next one is drawn at random; at the end of an epoch the buffer empties
+    before the next epoch starts. `shuffle_buffer=0`: the files one after another in their own order.
+
+    The state is small: the epoch's position (`g`, the documents dealt so far, and the open files'
+    records), the buffer as (file, record, offset) references, read again on resume, and the
+    generator's state. `load_elastic` continues from the states of another number of replicas.
     """
 
     def __init__(
@@ -119,83 +118,127 @@ class DocumentStream:
         only_slice: str | None = None,
     ):
         self.source = resolve_source(source) if isinstance(source, str) else source
+        if self.source.files is None:
+            raise UsageError(
+                f"{self.source.name} has no JSON-lines or Parquet data files to stream, only its own builder: prepare it "
+                "once with scripts/prepare_data.py (which reads builders) and pass -d with the prepared directory"
+            )
         self.tokenizer, self.dp_rank, self.dp_size = tokenizer, dp_rank, dp_size
-        self.files = list(files if files is not None else self.source.files or []) or None
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        index = {name: i for i, name in enumerate(self.source.files)}
+        self.files = [index[name] for name in (files if files is not None else self.source.files)]
+        self.seed, self.shuffle_buffer, self.stream_id = seed, shuffle_buffer, stream_id
         self.only_slice = only_slice  # a mixture's slice named by a row field: keep only its documents
         self.rng = np.random.default_rng([seed, dp_rank, stream_id])  # the buffer's draws
         self.epoch = 0
-        self.read = 0  # documents the stream has delivered this epoch (kept or left to other replicas)
-        self.buffer: list[str] = []
-        self._stream = None  # the datasets stream of the epoch being read
-        self._resume_from: dict | None = None  # its position, when resumed before the epoch is opened again
+        self.g = 0  # documents of this epoch's order dealt so far (to any replica)
+        self.base, self.deal = 0, dp_size  # from document `base` on, every `deal`-th is this replica's
+        self.buffer: list[tuple[Ref, str]] = []
+        self.order: FileInterleave | None = None  # the epoch being read
+        self._resume_order: dict | None = None  # its position, when resumed before the epoch is opened again
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
-            self.epoch, self.read, self._stream, self._resume_from = epoch, 0, None, None
+            self.epoch, self.g, self.base, self.deal = epoch, 0, 0, self.dp_size
+            self.order, self._resume_order = None, None
 
-    def file_order(self, epoch: int) -> list[str] | None:
-        """The files in the order epoch `epoch` reads them (None for a hub dataset: its own order)."""
-        if self.files is None or not self.shuffle_buffer:
-            return self.files
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
-        return [self.files[i] for i in order]
-
-    @property
-    def split_by_file(self) -> bool:
-        return self.files is not None and len(self.files) >= FILES_PER_REPLICA * self.dp_size
-
-    def _open(self):
-        files = self.file_order(self.epoch)
-        if self.split_by_file:
-            stream = load_text_stream(self.source, files[self.dp_rank :: self.dp_size])
-        elif files is not None:
-            stream = load_text_stream(self.source, files)
-        else:  # the hub repository's own builder: datasets splits it, by shard or by example
-            from datasets.distributed import split_dataset_by_node
-
-            stream = split_dataset_by_node(load_text_stream(self.source), rank=self.dp_rank, world_size=self.dp_size)
-        if self._resume_from is not None:
-            stream.load_state_dict(self._resume_from)
-            self._resume_from = None
-        return stream
+    def _order(self, epoch: int, position: dict | None = None) -> FileInterleave:
+        order = FileInterleave(self.source, self.files, self.seed, epoch, shuffle=self.shuffle_buffer > 0)
+        if position is not None:
+            order.load_state_dict(position)
+        return order
 
     def _draw(self) -> dict:
-        """A random text out of the buffer (swap with the last, pop: O(1))."""
+        """A random document out of the buffer (swap with the last, pop: O(1))."""
         j = int(self.rng.integers(len(self.buffer)))
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
-        return {"input_ids": tokenize_texts(self.tokenizer, [self.buffer.pop()])[0]}
+        ref, text = self.buffer.pop()
+        return {"input_ids": tokenize_texts(self.tokenizer, [text])[0], "ref": ref}
 
     def __iter__(self) -> Iterator[dict]:
-        every = 1 if self.split_by_file or self.files is None else self.dp_size  # split by document: every n-th
-        self._stream = self._open()
-        for row in self._stream:
-            self.read += 1
-            if (self.read - 1) % every != self.dp_rank % every:
+        self.order, self._resume_order = self._order(self.epoch, self._resume_order), None
+        for ref, payload in self.order:
+            g, self.g = self.g, self.g + 1
+            if g < self.base or (g - self.base) % self.deal != self.dp_rank:
                 continue  # another replica's document
-            if self.only_slice is not None and row["slice"] != self.only_slice:
-                continue  # another slice's document
-            self.buffer.append(row["text"])
+            doc = document(self.source, ref[0], ref[1], payload)
+            if doc is None or (self.only_slice is not None and doc["slice"] != self.only_slice):
+                continue  # unusable (counted), or another slice's
+            self.buffer.append((ref, doc["text"]))
             if len(self.buffer) > self.shuffle_buffer:
                 yield self._draw()
         while self.buffer:  # the epoch's last documents, still in random order
             yield self._draw()
 
     def state_dict(self) -> dict:
-        # Taken between documents: the stream has delivered exactly the texts handed out, in the buffer or skipped.
-        stream = self._stream.state_dict() if self._stream is not None else self._resume_from
+        # Taken between documents: the order has dealt exactly the documents handed out, buffered or skipped.
         return {
+            "dp_rank": self.dp_rank,
+            "dp_size": self.dp_size,
             "epoch": self.epoch,
-            "read": self.read,
-            "stream": stream,
-            "buffer": list(self.buffer),
+            "g": self.g,
+            "base": self.base,
+            "deal": self.deal,
+            "order": self.order.state_dict() if self.order is not None else self._resume_order,
+            "buffer": [list(ref) for ref, _ in self.buffer],
             "rng": self.rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.read, self.buffer = state["epoch"], state["read"], list(state["buffer"])
+        self.epoch, self.g, self.base, self.deal = state["epoch"], state["g"], state["base"], state["deal"]
+        self.buffer = self._read_again([tuple(ref) for ref in state["buffer"]])
         self.rng.bit_generator.state = state["rng"]
-        self._stream, self._resume_from = None, state["stream"]
+        self.order, self._resume_order = None, state["order"]
+
+    def load_elastic(self, states: list[dict]) -> None:
+        """Continue from the states of another number of replicas (one each, any order). The order
+        goes on from the replica furthest ahead; the documents the others had in their buffers, or
+        were yet to read before that point, are dealt out in turn to the new replicas' buffers."""
+        lead = max(states, key=_position)
+        pending = [tuple(ref) for s in sorted(states, key=lambda s: s["dp_rank"]) for ref in s["buffer"]]
+        pending += self._not_yet_read(states, lead)
+        self.epoch, self.g, self.base, self.deal = lead["epoch"], lead["g"], lead["g"], self.dp_size
+        self.buffer = self._read_again(pending[self.dp_rank :: self.dp_size])
+        self.rng = np.random.default_rng([self.seed, self.dp_rank, self.stream_id, lead["epoch"], lead["g"]])
+        self.order, self._resume_order = None, lead["order"]
+
+    def _not_yet_read(self, states: list[dict], lead: dict) -> list[Ref]:
+        """The documents dealt to a replica behind `lead` between its position and the lead's: the
+        order read again from the replica furthest behind."""
+        behind = {s["dp_rank"]: s for s in states}
+        lag = min(states, key=_position)
+        if lead["epoch"] > lag["epoch"] + 1:
+            raise UsageError(
+                "the checkpoint's replicas are more than an epoch apart; resume with its number of replicas"
+            )
+        found = []
+        for epoch in range(lag["epoch"], lead["epoch"] + 1):
+            in_epoch = [s for s in states if s["epoch"] == epoch]
+            start = min((s for s in in_epoch if s["epoch"] == lag["epoch"]), key=_position, default=None)
+            base, deal = in_epoch[0]["base"], in_epoch[0]["deal"]
+            g = start["g"] if start else 0
+            for ref, _ in self._order(epoch, start["order"] if start else None):
+                if (epoch, g) >= _position(lead):
+                    break
+                owner = behind.get((g - base) % deal) if g >= base else None
+                if owner is not None and _position(owner) <= (epoch, g):
+                    found.append(ref)
+                g += 1
+        return found
+
+    def _read_again(self, refs: list[Ref]) -> list[tuple[Ref, str]]:
+        texts = read_texts(self.source, refs)
+        for ref in refs:
+            if texts[ref] is None:
+                raise UsageError(
+                    f"the data changed since the checkpoint: {self.source.files[ref[0]]} has no usable record "
+                    f"{ref[1]} any more; restore the data, or pass --reset_data"
+                )
+        return [(ref, texts[ref]["text"]) for ref in refs]
+
+
+def _position(state: dict) -> tuple[int, int]:
+    """Where a replica's stream stands: (epoch, documents of the epoch's order dealt so far)."""
+    return state["epoch"], state["g"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +295,8 @@ class MixedDocuments:
 
     def __init__(self, slices: dict, weights: dict[str, float]):
         self.slices, self.weights = slices, weights
+        any_slice = next(iter(slices.values()))
+        self.source, self.tokenizer = any_slice.source, any_slice.tokenizer  # shared by all slices
         self.tokens = dict.fromkeys(slices, 0)
         self.epochs = dict.fromkeys(slices, 0)
         self._iterators: dict[str, Iterator] = {}
@@ -299,81 +344,93 @@ class MixedDocuments:
             ds.load_state_dict(state["slices"][name])
         self._iterators = {}
 
+    def load_elastic(self, states: list[dict]) -> None:
+        """Each slice's stream moves on its own; the token counts are the replicas' mean, so the
+        shares carry on where the run left them."""
+        replicas = len(states)
+        self.tokens = {name: sum(s["tokens"][name] for s in states) // replicas for name in self.slices}
+        for name, ds in self.slices.items():
+            ds.load_elastic([s["slices"][name] for s in states])
+            self.epochs[name] = ds.epoch
+        self._iterators = {}
+
 
 # ---------------------------------------------------------------------------------------------
 # Packing
 
 
-def document_positions(tokens: np.ndarray, first_position: int, eos_id: int) -> np.ndarray:
-    """Position of each token within its document: +1 per token, back to 0 after every EOS. The
-    first tokens continue the document that began before them, at `first_position`."""
-    n = len(tokens)
-    index = np.arange(n)
-    starts = np.flatnonzero(tokens[:-1] == eos_id) + 1
-    last_start = np.zeros(n, dtype=np.int64)
-    last_start[starts] = starts
-    last_start = np.maximum.accumulate(last_start)
-    positions = index - last_start
-    continuing = index < (starts[0] if len(starts) else n)
-    positions[continuing] += first_position
-    return positions
+Piece = list  # [file, record, offset, first token, end token]: a stretch of one document's tokens
 
 
-def _encode_row(row: list[int], positions: np.ndarray) -> str:
-    """A buffered row as one compact JSON-ready string: base64 of its tokens (uint32) then positions (int32).
-    Encoded once, on entering the buffer, so a state_dict() is only a copy of a list of strings."""
-    return base64.b64encode(np.asarray(row, dtype="<u4").tobytes() + positions.astype("<i4").tobytes()).decode()
-
-
-def _decode_row(encoded: str) -> tuple[list[int], np.ndarray]:
-    data = np.frombuffer(base64.b64decode(encoded), dtype="<u4")
-    half = len(data) // 2
-    return data[:half].astype(np.int64).tolist(), data[half:].view("<i4").astype(np.int64)
+def piece_positions(pieces: list[Piece]) -> np.ndarray:
+    """Each token's position within its document (BOS is 0), for a row made of these pieces."""
+    return np.concatenate([np.arange(first, end) for *_, first, end in pieces])
 
 
 class PackedRows:
     """Rows of exactly `seq_len` tokens (with their document positions), cut from the concatenated
     documents, epoch after epoch; with `shuffle_rows`, drawn at random from a buffer of that many
     rows, so that a long document (a book is hundreds of rows) does not fill many batches in a row.
-    The buffer and its generator are part of the state, so resuming is exact."""
+
+    Every row knows its pieces (which stretch of which document it holds), and so does the
+    leftover that waits for the next row: the state is those pieces, not their tokens, and a
+    resumed run reads and tokenizes the documents again. The row buffer's generator is part of the
+    state, so resuming is exact."""
 
     def __init__(self, documents, seq_len: int, eos_id: int, shuffle_rows: int = 0, seed: int = 0, dp_rank: int = 0):
         self.documents = documents
         self.seq_len = seq_len
         self.eos_id = eos_id
-        self.buffer: list[int] = []
-        self.next_position = 0  # document position of buffer[0]
+        self.leftover: list[int] = []  # tokens waiting for the next row
+        self.leftover_pieces: list[Piece] = []  # what they are
         self.epoch = 0
         self._resumed = False
         self.shuffle_rows = shuffle_rows
-        self.rows: list[str] = []  # the row buffer (encoded rows)
+        self.rows: list[tuple[list[int], list[Piece]]] = []  # the row buffer
+        self.seed, self.dp_rank = seed, dp_rank
         self.rng = np.random.default_rng([seed, dp_rank, 1_000_003])  # its draws
 
-    def __iter__(self) -> Iterator[tuple[list[int], np.ndarray]]:
-        for row, positions in self._packed():
+    def __iter__(self) -> Iterator[tuple[list[int], np.ndarray, list[Piece]]]:
+        for row in self._packed():
             if not self.shuffle_rows:
-                yield row, positions
+                yield row[0], piece_positions(row[1]), row[1]
                 continue
-            self.rows.append(_encode_row(row, positions))
+            self.rows.append(row)
             if len(self.rows) > self.shuffle_rows:
                 j = int(self.rng.integers(len(self.rows)))
                 self.rows[j], self.rows[-1] = self.rows[-1], self.rows[j]
-                yield _decode_row(self.rows.pop())
+                tokens, pieces = self.rows.pop()
+                yield tokens, piece_positions(pieces), pieces
 
-    def _packed(self) -> Iterator[tuple[list[int], np.ndarray]]:
+    def _cut(self) -> tuple[list[int], list[Piece]]:
+        """The next row off the leftover, with its pieces."""
+        tokens, self.leftover = self.leftover[: self.seq_len], self.leftover[self.seq_len :]
+        pieces, need = [], self.seq_len
+        while need:
+            piece = self.leftover_pieces[0]
+            take = min(need, piece[4] - piece[3])
+            pieces.append([*piece[:3], piece[3], piece[3] + take])
+            need -= take
+            if take == piece[4] - piece[3]:
+                self.leftover_pieces.pop(0)
+            else:
+                piece[3] += take
+        return tokens, pieces
+
+    def _packed(self) -> Iterator[tuple[list[int], list[Piece]]]:
         while True:
             self.documents.set_epoch(self.epoch)
             # A pass resumed from a checkpoint may start at the very end of an epoch and see nothing.
             resumed, self._resumed = self._resumed, False
             documents_seen = 0
+            while len(self.leftover) >= self.seq_len:  # (after an elastic resume, leftovers were pooled)
+                yield self._cut()
             for example in self.documents:
                 documents_seen += 1
-                self.buffer.extend(example["input_ids"])
-                while len(self.buffer) >= self.seq_len:
-                    row, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len :]
-                    positions = document_positions(np.asarray(row), self.next_position, self.eos_id)
-                    self.next_position = 0 if row[-1] == self.eos_id else int(positions[-1]) + 1
-                    yield row, positions
+                self.leftover.extend(example["input_ids"])
+                self.leftover_pieces.append([*example["ref"], 0, len(example["input_ids"])])
+                while len(self.leftover) >= self.seq_len:
+                    yield self._cut()
             if documents_seen == 0 and not resumed:
                 raise UsageError(
                     "the dataset has no documents for this data-parallel rank; use more data or fewer processes"
@@ -382,30 +439,64 @@ class PackedRows:
 
     def state_dict(self) -> dict:
         # Taken between rows: the documents have delivered exactly the tokens that were yielded or
-        # wait in the token buffer or (packed) in the row buffer.
+        # wait in the leftover or (packed) in the row buffer.
         return {
+            "dp_rank": self.dp_rank,
             "documents": self.documents.state_dict(),
-            "buffer": list(self.buffer),
-            "next_position": self.next_position,
+            "leftover": [list(p) for p in self.leftover_pieces],
             "epoch": self.epoch,
-            "rows": list(self.rows),
+            "rows": [[list(p) for p in pieces] for _, pieces in self.rows],
             "rng": self.rng.bit_generator.state,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.documents.load_state_dict(state["documents"])
-        self.buffer = list(state["buffer"])
-        self.next_position = state["next_position"]
+        self._load_pieces(state["leftover"], state["rows"])
         self.epoch = state["epoch"]
-        self.rows = list(state["rows"])
         self.rng.bit_generator.state = state["rng"]
         self._resumed = True
 
+    def load_elastic(self, states: list[dict], dp_size: int) -> None:
+        """From the states of another number of replicas: the documents' streams move (see
+        `DocumentStream.load_elastic`); the leftovers and buffered rows are dealt out in turn."""
+        states = sorted(states, key=lambda s: s["dp_rank"])
+        if len(states) == dp_size:  # as many replicas (another tp or pp): each goes on from its own
+            self.load_state_dict(states[self.dp_rank])
+            return
+        self.documents.load_elastic([s["documents"] for s in states])
+        mine = range(self.dp_rank, len(states), dp_size)
+        leftover = [p for i in mine for p in states[i]["leftover"]]
+        rows = [r for s in states for r in s["rows"]][self.dp_rank :: dp_size]
+        self._load_pieces(leftover, rows)
+        self.epoch = max(s["epoch"] for s in states)  # the replica furthest ahead's
+        self.rng = np.random.default_rng([self.seed, self.dp_rank, 1_000_003, self.epoch, len(states)])
+        self._resumed = True
 
-def rows_to_batch(rows: list[tuple[list[int], np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Packed rows (tokens, document positions) as model inputs. Labels equal the inputs: the model shifts them."""
-    input_ids = torch.tensor([tokens for tokens, _ in rows], dtype=torch.long)
-    position_ids = torch.from_numpy(np.stack([positions for _, positions in rows])).long()
+    def _load_pieces(self, leftover: list[Piece], rows: list[list[Piece]]) -> None:
+        """The tokens of the leftover and the buffered rows, from their documents read again."""
+        source = self.documents.source
+        refs = {tuple(p[:3]) for p in leftover} | {tuple(p[:3]) for pieces in rows for p in pieces}
+        texts = read_texts(source, sorted(refs))
+        tokens = {}
+        for ref in sorted(refs):
+            if texts[ref] is None:
+                raise UsageError(
+                    f"the data changed since the checkpoint: {source.files[ref[0]]} has no usable record {ref[1]} any "
+                    "more; restore the data, or pass --reset_data"
+                )
+            tokens[ref] = tokenize_texts(self.documents.tokenizer, [texts[ref]["text"]])[0]
+
+        def cut(pieces):
+            return [t for p in pieces for t in tokens[tuple(p[:3])][p[3] : p[4]]]
+
+        self.leftover, self.leftover_pieces = cut(leftover), [list(p) for p in leftover]
+        self.rows = [(cut(pieces), [list(p) for p in pieces]) for pieces in rows]
+
+
+def rows_to_batch(rows: list[tuple]) -> dict[str, torch.Tensor]:
+    """Packed rows (tokens, document positions, ...) as model inputs. Labels equal the inputs: the model shifts them."""
+    input_ids = torch.tensor([row[0] for row in rows], dtype=torch.long)
+    position_ids = torch.from_numpy(np.stack([row[1] for row in rows])).long()
     return {"input_ids": input_ids, "labels": input_ids.clone(), "position_ids": position_ids}
 
 
@@ -429,6 +520,11 @@ class PretrainBatches:
 
     def load_state_dict(self, state: dict) -> None:
         self.rows.load_state_dict(state)
+        self._iterator = iter(self.rows)
+
+    def load_elastic(self, states: list[dict], dp_size: int) -> None:
+        """Continue a stream saved by another number of replicas (`states`: one per old replica)."""
+        self.rows.load_elastic(states, dp_size)
         self._iterator = iter(self.rows)
 
 
@@ -550,6 +646,11 @@ class Prefetcher:
     def load_state_dict(self, state: dict) -> None:
         self.close()
         self.source.load_state_dict(state)
+        self._state, self._epoch = self.source.state_dict(), self.source.epoch
+
+    def load_elastic(self, states: list[dict], dp_size: int) -> None:
+        self.close()
+        self.source.load_elastic(states, dp_size)
         self._state, self._epoch = self.source.state_dict(), self.source.epoch
 
     def close(self) -> None:

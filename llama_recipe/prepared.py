@@ -399,6 +399,10 @@ class PreparedBatches:
             "seed": self.seed,
         }
 
+    def load_elastic(self, states: list[dict], dp_size: int) -> None:
+        """From another layout: the position is global, so any replica's state is the run's."""
+        self.load_state_dict(states[0])
+
     def load_state_dict(self, state: dict) -> None:
         """Resume at a saved position, also one saved under another number of replicas: the epoch's
         first row * dp_size positions of the order are read (every replica had read `row` rows), so

@@ -365,7 +365,8 @@ def check_dataset_source(dataset: str, data_dir: str | None = None) -> None:
 SKIPPED: dict[str, int] = {}  # reason -> count, in this process
 
 
-def _skip(file: str, line: int, reason: str) -> None:
+def skip_line(file: str, line: int, reason: str) -> None:
+    """Count an unusable line and warn about the first few (returns None: the line's document)."""
     SKIPPED[reason] = SKIPPED.get(reason, 0) + 1
     if sum(SKIPPED.values()) <= MAX_WARNINGS:
         rank = os.environ.get("RANK", "0")
@@ -393,7 +394,7 @@ def slice_of(row: dict, slice_field: str | None, slice_names: dict[str, str]) ->
 
 
 @functools.cache
-def _damaged_file_errors() -> tuple[type[Exception], ...]:
+def damaged_file_errors() -> tuple[type[Exception], ...]:
     """What reading a damaged or cut-short file raises: gzip's EOFError, BadGzipFile (an OSError) and
     zlib.error; the ZstdError of the module fsspec decompresses .zst with (zstandard, pinned, unless
     backports.zstd or Python 3.14's compression.zstd is there); OSError for a dropped hf:// connection."""
@@ -414,8 +415,8 @@ def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
     while True:
         try:
             chunk = f.read(block)
-        except _damaged_file_errors() as e:
-            _skip(file, count + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest of it")
+        except damaged_file_errors() as e:
+            skip_line(file, count + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest of it")
             return
         if not chunk:
             break
@@ -426,34 +427,44 @@ def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
+def parse_jsonl_line(raw: bytes, file: str, number: int, source: Source) -> dict | None:
+    """A JSON line as {"text", "slice"}, or None, skipped and counted, when it is not a valid UTF-8
+    JSON object with a non-empty string text: one bad line in a terabyte must not stop a run."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return skip_line(file, number, "not valid UTF-8")
+    except json.JSONDecodeError:
+        return skip_line(file, number, "not valid JSON")
+    text = row.get(source.text_field) if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        return skip_line(file, number, f"no {source.text_field} field")
+    if not text.strip():
+        return skip_line(file, number, "empty text")
+    return {"text": text, "slice": slice_of(row, source.slice_field, source.slice_names)}
+
+
+def parse_row(row: dict, source: Source) -> dict | None:
+    """A Parquet row as {"text", "slice"}, or None (counted) when its text is missing or empty."""
+    text = field_value(row, source.text_field)
+    if not _usable({"text": text}):
+        return None
+    return {"text": text, "slice": slice_of(row, source.slice_field, source.slice_names)}
+
+
 def read_jsonl_documents(
     files: list[str], text_field: str = "text", slice_field: str | None = None, slice_names: dict | None = None
 ) -> Iterator[dict]:
-    """Rows {"text", "slice"} of JSON-lines files: local or hf:// URLs, plain, .gz or .zst. Lines
-    that are not valid UTF-8 JSON objects with a non-empty string text are skipped and counted:
-    one bad line in a terabyte must not stop a run."""
+    """Rows {"text", "slice"} of JSON-lines files: local or hf:// URLs, plain, .gz or .zst; unusable
+    lines skipped and counted."""
     import fsspec
 
+    source = Source("", None, text_field, slice_field, slice_names or {})
     for file in files:
         with fsspec.open(file, "rb", compression="infer") as f:
             for number, raw in enumerate(_lines(f, file), 1):
-                if not raw.strip():
-                    continue
-                try:
-                    row = json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    _skip(file, number, "not valid UTF-8")
-                    continue
-                except json.JSONDecodeError:
-                    _skip(file, number, "not valid JSON")
-                    continue
-                text = row.get(text_field) if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    _skip(file, number, f"no {text_field} field")
-                elif not text.strip():
-                    _skip(file, number, "empty text")
-                else:
-                    yield {"text": text, "slice": slice_of(row, slice_field, slice_names or {})}
+                if raw.strip() and (row := parse_jsonl_line(raw, file, number, source)) is not None:
+                    yield row
 
 
 def _usable(row: dict) -> bool:

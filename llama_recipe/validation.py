@@ -11,8 +11,8 @@ from pathlib import Path
 from .checkpoint_io import (
     MODEL_PARALLEL,
     check_checkpoint_dir,
-    data_rank,
     describe_layout,
+    read_data_states,
     read_running_states,
     read_state_file,
     run_layout,
@@ -196,12 +196,12 @@ def _resume_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     states = read_running_states(cfg.checkpoint.load)
     current = cfg.to_dict()
     problems = resume_differences(states.get("config", {}), current)
-    prepared = dataset_kind(cfg.data.dataset) == "prepared"
+    kind = dataset_kind(cfg.data.dataset)
     layout = run_layout(cfg, world_size)
-    problems += layout_problems(states, layout, current, prepared)
+    problems += layout_problems(states, layout, current, movable_data=kind != "synthetic")
     if problems:
         return [f"{cfg.checkpoint.load} was trained with other flags or layout: " + "; ".join(problems)]
-    return _state_file_problems(cfg, states.get("layout", {}) == layout, prepared)
+    return _state_file_problems(cfg, states.get("layout", {}) == layout, kind == "prepared")
 
 
 def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) -> list[str]:
@@ -211,9 +211,11 @@ def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) ->
     if same_layout:
         _collect(problems, read_state_file, load, "rng", rank())
     if not cfg.checkpoint.reset_data:
-        data_state = _collect(problems, read_state_file, load, "data", data_rank(same_layout))
+        data_state = _collect(problems, read_state_file, load, "data", rank() if same_layout else 0)
+        if not same_layout:  # every replica's, for the data to move to this layout
+            _collect(problems, read_data_states, load)
         if data_state and prepared:
-            file = str(Path(load) / "data" / f"rank-{data_rank(same_layout)}.json")
+            file = str(Path(load) / "data" / f"rank-{rank() if same_layout else 0}.json")
             _collect(problems, check_data_position, cfg.data.dataset, data_state, file)
     return problems
 
@@ -251,11 +253,11 @@ def resume_differences(saved: dict, current: dict) -> list[str]:
     return problems
 
 
-def layout_problems(states: dict, layout: dict, current: dict, prepared_data: bool) -> list[str]:
+def layout_problems(states: dict, layout: dict, current: dict, movable_data: bool) -> list[str]:
     """What cannot move from the checkpoint's layout to this run's, unless --reset_* accepts it: the
     global batch (rows per step over all replicas), the optimizer state (resharded only across
-    numbers of replicas: same plugin, tp, pp and ZeRO stage), and a streamed dataset's position (only
-    a prepared dataset's moves: it is one global position). `layout`: this run's."""
+    numbers of replicas: same plugin, tp, pp and ZeRO stage), and the data position (a stream's and a
+    prepared dataset's move; synthetic data's does not). `layout`: this run's."""
     saved, config, problems = states.get("layout", {}), states.get("config", {}), []
     saved_rows = config.get("batch_size", 0) * config.get("accumulation_steps", 1) * saved.get("dp_size", 1)
     rows = current["batch_size"] * current["accumulation_steps"] * layout["dp_size"]
@@ -267,11 +269,8 @@ def layout_problems(states: dict, layout: dict, current: dict, prepared_data: bo
     if saved == layout:
         return problems
     moved = f"from {describe_layout(saved)} to {describe_layout(layout)}"
-    if not current["reset_data"] and not prepared_data:
-        problems.append(
-            f"the data position cannot move {moved} (only a prepared dataset's can: it is one global position; a "
-            "stream's is each replica's own): pass --reset_data to restart the data, or train from a prepared dataset"
-        )
+    if not current["reset_data"] and not movable_data:
+        problems.append(f"synthetic data's position cannot move {moved}: pass --reset_data to restart it")
     if not current["reset_optimizer"] and any(saved.get(k) != layout.get(k) for k in MODEL_PARALLEL):
         problems.append(f"the optimizer state cannot be resharded {moved}: pass --reset_optimizer to start it fresh")
     return problems

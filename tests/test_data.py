@@ -6,12 +6,11 @@ from __future__ import annotations
 import gzip
 import json
 
-import numpy as np
 import pytest
 import torch
 from conftest import DATA, TINY_RUN, check_ok, launch, read_scalars, run_in_process, write_jsonl
 
-from llama_recipe.data import DocumentStream, Prefetcher, build_pretrain_batches, document_positions, parse_data_mix
+from llama_recipe.data import DocumentStream, Prefetcher, build_pretrain_batches, parse_data_mix
 from llama_recipe.errors import UsageError
 from llama_recipe.sources import SKIPPED, read_jsonl_documents
 
@@ -22,14 +21,6 @@ def reference_positions(tokens: list[int], first: int, eos: int) -> list[int]:
         out.append(position)
         position = 0 if token == eos else position + 1
     return out
-
-
-def test_document_positions_match_a_plain_loop():
-    eos = 2
-    rng = np.random.default_rng(0)
-    for first in (0, 7):
-        tokens = rng.choice([2, 5, 9, 11], size=200, p=[0.05, 0.35, 0.3, 0.3])
-        assert document_positions(tokens, first, eos).tolist() == reference_positions(tokens.tolist(), first, eos)
 
 
 def test_packed_rows_carry_document_positions_across_rows(tmp_path, tokenizer):
@@ -185,11 +176,10 @@ def test_order_follows_the_seed_and_the_epoch(tmp_path, tokenizer):
     assert unshuffled == texts != first  # --shuffle_buffer 0: file order
 
 
-@pytest.mark.parametrize("n_files,by_file", [(16, True), (5, False)], ids=["split-by-file", "split-by-document"])
-def test_every_document_once_per_epoch_across_two_replicas(tmp_path, tokenizer, n_files, by_file):
+@pytest.mark.parametrize("n_files", [16, 5])
+def test_every_document_once_per_epoch_across_two_replicas(tmp_path, tokenizer, n_files):
     texts = _corpus(tmp_path, n_files=n_files, per_file=4)
     streams = [DocumentStream(str(tmp_path), tokenizer, r, 2, seed=5, shuffle_buffer=8) for r in range(2)]
-    assert streams[0].split_by_file == by_file
     for epoch in (0, 1):
         shares = [_epoch_texts(stream, tokenizer, epoch) for stream in streams]
         assert sorted(shares[0] + shares[1]) == sorted(texts)  # together: every document, each once

@@ -474,7 +474,7 @@ def test_data_parallel_ranks_read_disjoint_parts_that_cover_the_stream(tmp_path,
     for dp_rank in range(2):
         batches = build_pretrain_batches(str(tmp_path), tokenizer, doc_len, 1, dp_rank, 2)
         rows = _rows(batches, per_rank)
-        assert batches.epoch == 0 and batches.state_dict()["buffer"] == []
+        assert batches.epoch == 0 and batches.state_dict()["leftover"] == []
         ranks.append([tuple(row) for row in rows])
     assert not set(ranks[0]) & set(ranks[1])
     assert sorted(ranks[0] + ranks[1]) == sorted(tuple(d) for d in docs)
@@ -518,7 +518,7 @@ def test_resume_exactly_at_the_end_of_an_epoch(tmp_path, tokenizer):
     _, docs, doc_len = _equal_length_corpus(tmp_path, tokenizer, n_files=2)
     reference = _rows(build_pretrain_batches(str(tmp_path), tokenizer, doc_len, 1, 0, 1), len(docs) + 2)
     state, rows = _resumed(str(tmp_path), tokenizer, doc_len, 1, len(docs), 2)
-    assert state["buffer"] == [] and state["epoch"] == 0  # every document of epoch 0 went into full rows
+    assert state["leftover"] == [] and state["epoch"] == 0  # every document of epoch 0 went into full rows
     assert rows == reference[len(docs) :]
 
 
