@@ -333,9 +333,13 @@ def allreduce_command(cluster: Cluster) -> list[str]:
 def check_allreduce(cluster: Cluster, probes: dict[str, Probe]) -> Finding:
     """Launch the all-reduce and wait at most --timeout seconds: a rendezvous that hangs (a
     firewall, a wrong interface) becomes a failure, and the launcher and its local processes end."""
+    # every host's torchrun gives up waiting for its peers then too (torchrun reads PET_<FLAG>; colossalai run
+    # exports this environment to every host): otherwise an agent left waiting would hold the master port for 15 min
+    env = {"PET_RDZV_CONF": f"timeout={max(1, round(cluster.timeout_s))}", **os.environ}
     job = subprocess.Popen(
         allreduce_command(cluster),
         cwd=REPO,
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
