@@ -5,8 +5,9 @@ and venv at this machine's paths, the same package versions, clocks, the save di
 to, free disk), the master port; then a short all-reduce across every rank, launched as training
 is (`colossalai run` from the repository root), which prints the bandwidth it measured.
 
-A check returns None, or one line naming the problem and the fix: the doctor stops at the first
-such line (exit 2). The hostfile rules are scripts/launch_common.sh's, so both refuse the same files.
+Each check returns a Finding: what it saw, or one line naming the problem and the fix, where the
+doctor stops (exit 2). The hostfile rules are scripts/launch_common.sh's, so both read a hostfile the
+same way; the doctor also refuses a first host that only this machine can reach by its name.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,40 +135,42 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no message"
 
 
+def probe_host(host: str, argv: list[str], stdin: str, timeout: float) -> Probe:
+    """Run one probe (`argv`: ssh to the host, or `sh` here) and read its answer."""
+    probe = Probe(host=host, sent_at=time.time())
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = process.communicate(stdin, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, err = process.communicate()
+        err += f"\nno answer within {timeout:g} s"
+    probe.answered_at = time.time()
+    answer = [line for line in out.splitlines() if line.startswith(FACTS_MARK)]
+    if process.returncode == 255 and argv[0] == "ssh":  # ssh's own failure (a remote command's status is passed on)
+        probe.ssh_error = _last_line(err)
+    elif not answer:
+        probe.error = _last_line(err)
+    else:
+        facts = json.loads(answer[-1][len(FACTS_MARK) :])
+        probe.missing, probe.facts = facts.pop("missing", None), facts or None
+    return probe
+
+
 def probe_hosts(hosts: list[str], ssh_port: int | None, save_dir: str, port: int, timeout: float) -> dict[str, Probe]:
-    """Every host's probe, all at once (a large cluster answers in one SSH round trip); the key
-    "" is this machine's own, the reference for paths, versions and clocks."""
+    """Every host's probe, all at once (a large cluster answers in about one SSH round trip), by
+    host; the key "" is this machine's own, the reference for versions. Local hosts share it."""
     command, stdin = probe_command(REPO, sys.executable, save_dir, port)
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={SSH_CONNECT_TIMEOUT_S}"]
     ssh += ["-p", str(ssh_port)] if ssh_port else []
-    running = {}
-    for host in dict.fromkeys(["", *hosts]):  # local hosts all share this machine's probe
-        key = "" if is_local_host(host) else host
-        if key not in running:
-            argv = ["sh", "-c", command] if key == "" else [*ssh, host, command]
-            started = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-            running[key] = (started, time.time())
-    probes = {}
-    for key, (process, sent_at) in running.items():
-        probe = Probe(host=key or socket.gethostname(), sent_at=sent_at)
-        try:
-            out, err = process.communicate(stdin, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            out, err = process.communicate()
-            err += f"\nno answer within {timeout:g} s"
-        probe.answered_at = time.time()
-        answer = [line for line in out.splitlines() if line.startswith(FACTS_MARK)]
-        if process.returncode == 255 and key:  # ssh's own failure (a remote command's status is passed on)
-            probe.ssh_error = _last_line(err)
-        elif not answer:
-            probe.error = _last_line(err)
-        else:
-            facts = json.loads(answer[-1][len(FACTS_MARK) :])
-            probe.missing, probe.facts = facts.pop("missing", None), facts or None
-        probes[key] = probe
+    remote = [host for host in hosts if not is_local_host(host)]
+    argvs = {"": ["sh", "-c", command], **{host: [*ssh, host, command] for host in remote}}
+    with ThreadPoolExecutor(max_workers=min(64, len(argvs))) as pool:
+        running = {
+            key: pool.submit(probe_host, key or socket.gethostname(), argv, stdin, timeout)
+            for key, argv in argvs.items()
+        }
+        probes = {key: future.result() for key, future in running.items()}
     return {host: probes["" if is_local_host(host) else host] for host in ["", *hosts]}
 
 
