@@ -11,9 +11,11 @@ import json
 import os
 import runpy
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
@@ -365,3 +367,72 @@ def pretrained_dir(tmp_path_factory, tokenizer) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _ensure_sshd() -> None:
+    if Path(SSHD).exists():
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip("needs openssh-server (apt-get install openssh-server, as root)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "openssh-server"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode or not Path(SSHD).exists():
+        pytest.skip("could not install openssh-server")
+
+
+@dataclass
+class SshHosts:
+    """Two "hosts" on this machine, 127.0.0.2 and 127.0.0.3, behind a real sshd. `fault`: a shell
+    snippet that 127.0.0.3's sessions source before running their command (an `export`, an `exec
+    unshare -m ...` that mounts over a path): how a test makes that host differ. Empty: none."""
+
+    hostfile: Path
+    port: int
+    env: dict
+    fault: Path
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def two_ssh_hosts(tmp_path_factory):
+    """sshd on 127.0.0.2 and 127.0.0.3 at a free port, a throwaway key in an ssh-agent; one per test module."""
+    _ensure_sshd()
+    ssh = tmp_path_factory.mktemp("ssh")
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(ssh / name)], check=True)
+    (ssh / "authorized_keys").write_text((ssh / "client.pub").read_text())
+    fault, session = ssh / "fault.sh", ssh / "session.sh"
+    fault.write_text("")
+    session.write_text(f'. {fault}\nexec "$SHELL" -c "$SSH_ORIGINAL_COMMAND"\n')  # as sshd runs a command
+    port = free_port()
+    (ssh / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.2\nListenAddress 127.0.0.3\nHostKey {ssh / 'host'}\n"
+        f"PidFile {ssh / 'sshd.pid'}\nAuthorizedKeysFile {ssh / 'authorized_keys'}\nPubkeyAuthentication yes\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n"
+        f"StrictModes no\nUsePAM no\nMatch LocalAddress 127.0.0.3\n  ForceCommand sh {session}\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    sshd = subprocess.Popen([SSHD, "-D", "-e", "-f", str(ssh / "sshd_config")], stderr=(ssh / "sshd.log").open("w"))
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    agent_env = dict(part.split("=", 1) for part in agent.replace(";", "\n").split() if "=" in part)
+    subprocess.run(["ssh-add", str(ssh / "client")], env={**os.environ, **agent_env}, check=True, capture_output=True)
+    time.sleep(0.5)
+    hostfile = ssh / "hosts.txt"
+    hostfile.write_text("127.0.0.2\n127.0.0.3\n")
+    # ssh (the doctor's, launch_common.sh's) checks host keys; these hosts' are known from a file of their own
+    host_key = (ssh / "host.pub").read_text().split()[:2]
+    (ssh / "known_hosts").write_text(
+        "".join(f"[{ip}]:{port} {' '.join(host_key)}\n" for ip in ("127.0.0.2", "127.0.0.3"))
+    )
+    (ssh / "bin").mkdir()
+    (ssh / "bin" / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -o UserKnownHostsFile={ssh / "known_hosts"} "$@"\n')
+    (ssh / "bin" / "ssh").chmod(0o755)
+    env = script_env(**{k: v for k, v in agent_env.items() if k.startswith("SSH_")})
+    env["PATH"] = f"{ssh / 'bin'}{os.pathsep}{env['PATH']}"
+    yield SshHosts(hostfile, port, env, fault, ssh / "sshd.log")
+    sshd.terminate()
+    subprocess.run(["kill", agent_env.get("SSH_AGENT_PID", "0")], capture_output=True)
