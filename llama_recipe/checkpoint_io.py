@@ -275,10 +275,19 @@ def write_states(
         else:
             write()
     par.booster.save_lr_scheduler(lr_scheduler, str(tmp / "lr_scheduler.pt"))
-    (tmp / "data" / f"rank-{rank()}.json").write_text(json.dumps(data_state))
+    data_file = tmp / "data" / f"rank-{rank()}.json"
+    write_data = functools.partial(_write_json, data_file, data_state)  # a snapshot: safe to write later
+    if background:
+        deferred.append(write_data)
+    else:
+        write_data()
     (tmp / "rng" / f"rank-{rank()}.json").write_text(json.dumps(_rng_state()))
     if par.compresses:  # each rank's own error buffers, LEP residuals and warm-start factors (small: written now)
         save_file(par.compression_state(), str(tmp / "compression" / f"rank-{rank()}.safetensors"))
+
+
+def _write_json(file: Path, state: dict) -> None:
+    file.write_text(json.dumps(state))
 
 
 def complete_checkpoint(

@@ -2,6 +2,7 @@
 
     python scripts/compare_data_order.py              # about 20 minutes on 2 CPU cores
     python scripts/compare_data_order.py --steps 100  # a quicker look
+    python scripts/compare_data_order.py --shuffle_buffer 16  # buffers far smaller than the files, as at scale
 
 Every run trains the `tiny` preset from the same initial weights (seed 42) on the shipped sample
 (data/redpajama-sample), rows of 512 tokens, 2,048 tokens per step, AdamW (lr 3e-3, betas 0.9/0.95,
@@ -104,15 +105,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("-o", "--out", default="runs/data-order")
+    p.add_argument(
+        "--shuffle_buffer", type=int, default=None, help="the recipe runs' --shuffle_buffer (default: theirs)"
+    )
     args = p.parse_args()
+    buffer = ["--shuffle_buffer", str(args.shuffle_buffer)] if args.shuffle_buffer is not None else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
     held_out = read_texts([str(HELD_OUT)])
     runs = {
         "plain loop (shuffled rows)": lambda: plain_loop(args.steps, tokenizer),
-        "recipe, ddp x2 (shuffled)": lambda: recipe(args.steps, out / "ddp", ["-p", "ddp"]),
-        "recipe, zero2 x2 (shuffled)": lambda: recipe(args.steps, out / "zero2", ["-p", "zero2"]),
+        "recipe, ddp x2 (shuffled)": lambda: recipe(args.steps, out / "ddp", ["-p", "ddp", *buffer]),
+        "recipe, zero2 x2 (shuffled)": lambda: recipe(args.steps, out / "zero2", ["-p", "zero2", *buffer]),
         "recipe, ddp x2, file order": lambda: recipe(args.steps, out / "file-order", ["-p", "ddp", "--shuffle_buffer", "0"]),
     }  # fmt: skip
     results = {}
