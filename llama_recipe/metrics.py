@@ -146,7 +146,7 @@ def wandb_problems(log: LoggingConfig) -> list[str]:
 
 def wandb_location(run) -> str | None:
     """Where a W&B run can be seen: its page online, else its directory (offline: `wandb sync` it)."""
-    if run is None or run.disabled:
+    if run is None:
         return None
     return run.url or f"{run.dir.removesuffix('/files')} (offline: upload with `wandb sync` on it)"
 
@@ -158,7 +158,8 @@ def start_wandb(cfg: TrainConfig, script: str):
     every chart: a step logged again (a resume from an earlier checkpoint, an --on_spike rollback)
     is kept, where W&B's own step counter would drop it for not increasing."""
     log = cfg.logging
-    if not log.wandb_project:
+    mode = log.wandb_mode or os.environ.get("WANDB_MODE")  # (read now: W&B reads it once per process)
+    if not log.wandb_project or mode == "disabled":  # no W&B run at all: no id for the checkpoints either
         return None
     import wandb
 
@@ -170,7 +171,7 @@ def start_wandb(cfg: TrainConfig, script: str):
         run = wandb.init(
             project=log.wandb_project,
             name=log.wandb_run,
-            mode=log.wandb_mode or os.environ.get("WANDB_MODE"),  # (read now: W&B reads it once per process)
+            mode=mode,
             dir=str(directory),
             config=recorded_flags(cfg, script),
             id=resumed_id,
