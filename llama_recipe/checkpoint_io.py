@@ -322,10 +322,10 @@ NOT_RECORDED = (
 )
 
 
-def run_file_text(cfg: TrainConfig, script: str) -> str:
-    """The run as a file `script`.py reads back with --config_file: every flag it offers, as resolved,
-    less NOT_RECORDED. A -t that is the default's `<-o>/tensorboard` stays that, so a resume into
-    another -o logs there."""
+def recorded_flags(cfg: TrainConfig, script: str) -> dict:
+    """Every flag `script`.py offers, as resolved, less NOT_RECORDED: what run.yaml holds and what W&B
+    gets as the run's config. A -t that is the default's `<-o>/tensorboard` stays that, so a resume
+    into another -o logs there."""
     values = cfg.to_dict()
     save_dir = cfg.checkpoint.save_dir
     if save_dir and values["tensorboard_dir"] == str(Path(save_dir) / TENSORBOARD_SUBDIR):
@@ -336,12 +336,17 @@ def run_file_text(cfg: TrainConfig, script: str) -> str:
         for f in fields(section)
         if flag_of(f) and script in flag_of(f).scripts and f.name not in NOT_RECORDED
     ]
+    return {name: values[name] for name in offered}
+
+
+def run_file_text(cfg: TrainConfig, script: str) -> str:
+    """The run as a file `script`.py reads back with --config_file (recorded_flags)."""
     header = (
         f"# {script}.py's flags of the run that saved this checkpoint. To resume it:\n"
         f"#   {script}.py --config_file <this file> -f <this file's directory>\n"
         f"# (-f and the --reset_* flags act once as a run starts: not recorded)\n"
     )
-    return header + yaml.safe_dump({name: values[name] for name in offered}, sort_keys=False, default_flow_style=None)
+    return header + yaml.safe_dump(recorded_flags(cfg, script), sort_keys=False, default_flow_style=None)
 
 
 def temporary_dir(final: Path, par: Parallelism) -> Path:

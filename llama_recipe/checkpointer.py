@@ -46,6 +46,7 @@ class Checkpointer:
         self.run_config = cfg.to_dict()
         self.run_file = run_file_text(cfg, script)  # run.yaml: `script`.py --config_file reads it back
         self.layout = run_layout(cfg, world_size())
+        self.recorded: dict = {}  # what other owners keep in each checkpoint's running states (the W&B run id)
         self.last: str | None = None  # the newest checkpoint this run completed
         self.last_size = 0  # its bytes: what the next save will need again
         self.pending: BackgroundSave | None = None  # --async_save: the checkpoint being written
@@ -156,6 +157,7 @@ class Checkpointer:
             dp_size=self.par.dp_size,
             layout=self.layout,
             config=self.run_config,
+            **self.recorded,
         )
         what = (self.par, model, optimizer, lr_scheduler, self.cfg.save_dir, running_states, batches.state_dict())
         what += (self.tokenizer, self.cfg.keep_last, self.run_file)  # the same arguments for either writer

@@ -22,6 +22,7 @@ from .compression import GRAD_COMPRESSIONS
 from .config import PRECISIONS, SECTIONS, SHIPPED_HELD_OUT, TRAINING, TrainConfig, declared_type, flag_of
 from .distributed import print_main, shutdown, world_size
 from .errors import EXIT_FAILURE, RECIPE_ERRORS, OneLineErrorParser, UsageError
+from .metrics import WANDB_MODES
 from .optim import DECAY_SHAPES, LR_SCHEDULES, OPTIMIZER_NAMES
 from .plugins import PLUGIN_NAMES, PLUGINS, PP_STYLES, SP_MODES
 from .recompute import RECOMPUTE_MODES
@@ -63,6 +64,7 @@ CHOICES = {
     "on_spike": ["log", "skip", "stop", "rollback"],
     "task": ["perplexity", "cloze"],
     "grad_compression": GRAD_COMPRESSIONS,
+    "wandb_mode": WANDB_MODES,
 }
 
 
@@ -286,6 +288,6 @@ def flag_table(script: str, everything: bool = True) -> str:
     if not everything:
         count = len(set(_rows(script)) - set(_rows(script, everything=False)))
         lines.append(
-            f"\n{count} more flags (resume overrides, fault handling, hub data, Gemini placement): [docs/flags.md](docs/flags.md)."
+            f"\n{count} more flags (resume overrides, fault handling, hub data, Gemini placement, W&B): [docs/flags.md](docs/flags.md)."
         )
     return "\n".join(lines)

@@ -708,6 +708,26 @@ class LoggingConfig:
         per_script={"benchmark": {"default": None}, "eval": {"default": None}},
     )
     log_interval: int = flag(1, "--log_interval", help="log metrics every N steps", scripts=TRAINING, minimum=1)
+    # Weights & Biases: the same scalars as TensorBoard (metrics.start_wandb); wandb is an optional package
+    wandb_project: str | None = flag(
+        None,
+        "--wandb_project",
+        help="also log the scalars to this Weights & Biases project, with the run's flags as its config (rank 0; "
+        "needs `pip install wandb`)",
+        scripts=TRAINING,
+        advanced=True,
+    )
+    wandb_run: str | None = flag(
+        None, "--wandb_run", help="the W&B run's name (default: W&B's)", scripts=TRAINING, advanced=True
+    )
+    wandb_mode: str | None = flag(
+        None,
+        "--wandb_mode",
+        help="online, offline (files in <-o>/wandb; upload with `wandb sync`) or disabled (default: $WANDB_MODE, "
+        "else online)",
+        scripts=TRAINING,
+        advanced=True,
+    )
     log_edq: bool = flag(
         False,
         "--log_edq",

@@ -1,10 +1,12 @@
-"""What a run reports: the progress bar and TensorBoard scalars (rank 0 only), memory, FLOPs and
-MFU, and `RunMetrics`, which owns the per-step records, the logging cadence, evaluations, the
-summary and the final line."""
+"""What a run reports: the progress bar and the scalars, to TensorBoard and to Weights & Biases
+(rank 0 only, one logging path for both), memory, FLOPs and MFU, and `RunMetrics`, which owns the
+per-step records, the logging cadence, evaluations, the summary and the final line."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 import resource
 import statistics
 import time
@@ -15,11 +17,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint_io import read_running_states
+from .checkpoint_io import read_running_states, recorded_flags
 from .collage import edq_metrics
 from .compression import Communication
-from .config import TrainConfig
+from .config import LoggingConfig, TrainConfig
 from .distributed import is_main_process, print_main, sum_across_ranks, world_size
+from .errors import UsageError
 from .parallel import Parallelism, unwrap_optimizer
 
 
@@ -106,9 +109,92 @@ def tensor_bytes_by_dtype(*roots) -> dict[str, int]:
     return totals
 
 
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases (--wandb_project): an optional package, started on rank 0 only
+
+WANDB_MODES = ["online", "offline", "disabled"]
+WANDB_MISSING = "W&B logging needs the wandb package: pip install wandb"
+# Where each checkpoint's running_states.json keeps the W&B run's id: a run resumed from it (-f,
+# --auto_resume) continues that W&B run, so its curves go on instead of starting a new run.
+WANDB_RUN_ID = "wandb_run_id"
+
+
+def wandb_problems(log: LoggingConfig) -> list[str]:
+    """What W&B would refuse, found before the run starts: a --wandb_* flag without a project, the
+    package missing, a project name W&B does not take (its own check), an unknown $WANDB_MODE."""
+    if not log.wandb_project:
+        given = [label for label, value in (("--wandb_run", log.wandb_run), ("--wandb_mode", log.wandb_mode)) if value]
+        return [f"{given[0]} applies to W&B logging: pass --wandb_project too"] if given else []
+    if importlib.util.find_spec("wandb") is None:  # (None also where sys.modules["wandb"] is None)
+        return [WANDB_MISSING]
+    import wandb
+
+    try:
+        wandb.Settings(project=log.wandb_project)
+    except wandb.errors.UsageError as e:
+        return [f"--wandb_project: {e}"]
+    env_mode = os.environ.get("WANDB_MODE")
+    if log.wandb_mode is None and env_mode is not None:
+        try:
+            wandb.Settings(mode=env_mode)
+        except ValueError:  # pydantic's ValidationError
+            return [
+                f"WANDB_MODE={env_mode} is not a W&B mode: set it to one of {', '.join(WANDB_MODES)}, or pass --wandb_mode"
+            ]
+    return []
+
+
+def wandb_location(run) -> str | None:
+    """Where a W&B run can be seen: its page online, else its directory (offline: `wandb sync` it)."""
+    if run is None:
+        return None
+    return run.url or f"{run.dir.removesuffix('/files')} (offline: upload with `wandb sync` on it)"
+
+
+def start_wandb(cfg: TrainConfig, script: str):
+    """Rank 0's W&B run (None without --wandb_project): the run's flags (recorded_flags, as run.yaml)
+    as its config, its files in <-o>/wandb (else beside -t, else ./wandb), and on a resume the W&B run
+    the checkpoint recorded (WANDB_RUN_ID). --wandb_mode unset: $WANDB_MODE, else online. Each scalar is logged with its training step as `step`, W&B's x axis for
+    every chart: a step logged again (a resume from an earlier checkpoint, an --on_spike rollback)
+    is kept, where W&B's own step counter would drop it for not increasing."""
+    log = cfg.logging
+    mode = log.wandb_mode or os.environ.get("WANDB_MODE")  # (read now: W&B reads it once per process)
+    if not log.wandb_project or mode == "disabled":  # no W&B run at all: no id for the checkpoints either
+        return None
+    import wandb
+
+    load = cfg.checkpoint.load
+    resumed_id = read_running_states(load).get(WANDB_RUN_ID) if load else None
+    directory = Path(cfg.checkpoint.save_dir or log.tensorboard_dir or ".")
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        run = wandb.init(
+            project=log.wandb_project,
+            name=log.wandb_run,
+            mode=mode,
+            dir=str(directory),
+            config=recorded_flags(cfg, script),
+            id=resumed_id,
+            resume="allow" if resumed_id else None,
+            # the output stays where the user reads it; capturing it would also record every redraw of the bar
+            settings=wandb.Settings(console="off"),
+        )
+    except wandb.errors.Error as e:  # e.g. online without an API key where no one can be asked for it
+        raise UsageError(f"W&B could not start: {e} (or pass --wandb_mode offline, and `wandb sync` later)") from e
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
 class MetricsLogger:
-    def __init__(self, enabled: bool, tensorboard_dir: str | None, total_steps: int, start_step: int, desc: str):
+    """Rank 0's outputs: the progress bar, and every scalar through `log_scalars` to both TensorBoard
+    (-t) and W&B (`wandb_run`, from start_wandb), so that the two always hold the same scalars."""
+
+    def __init__(
+        self, enabled: bool, tensorboard_dir: str | None, total_steps: int, start_step: int, desc: str, wandb_run=None
+    ):
         self.enabled = enabled
+        self.wandb_run = wandb_run  # made before the bar: W&B's start-up lines come before it
         self.bar = tqdm(
             total=total_steps, initial=start_step, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True
         )
@@ -147,30 +233,35 @@ class MetricsLogger:
         for name, value in (mfu or {}).items():
             postfix[name] = f"{100 * value:.1f}%"
         self.bar.set_postfix(postfix)
-        if self.writer is not None:
-            scalars = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory}
-            if grad_norm is not None:
-                scalars["grad_norm"] = grad_norm
-            scalars |= mfu or {}
-            for name, value in scalars.items():
-                self.writer.add_scalar(f"train/{name}", value, step)
+        scalars = {"loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "peak_memory_mb": memory}
+        if grad_norm is not None:
+            scalars["grad_norm"] = grad_norm
+        scalars |= mfu or {}
+        self.log_scalars(step, {f"train/{name}": value for name, value in scalars.items()})
 
     def log_eval(self, step: int, loss: float, perplexity: float) -> None:
         self.log_scalars(step, {"eval/loss": loss, "eval/perplexity": perplexity})
 
     def log_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """The one path every scalar takes (rank 0): TensorBoard's event file and the W&B run."""
         if self.writer is not None:
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, step)
+        if self.wandb_run is not None:
+            self.wandb_run.log({**scalars, "step": step})  # `step`: the x axis (start_wandb)
 
     def print(self, message: str) -> None:
         if self.enabled:
             self.bar.write(message)
 
-    def close(self) -> str | None:
-        """Close the bar and writer; draw this run's loss curve next to the TensorBoard logs."""
+    def close(self, failed: bool = False) -> str | None:
+        """Close the bar, the W&B run (waiting for its files) and the writer; draw this run's loss curve
+        next to the TensorBoard logs."""
         self.bar.close()
-        if self.writer is None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1 if failed else 0)
+            self.wandb_run = None
+        if failed or self.writer is None:
             return None
         self.writer.close()
         return plot_loss_curve(self.history, f"{self.tensorboard_dir}/loss.png") if len(self.history) > 1 else None
@@ -428,23 +519,23 @@ class RunMetrics:
     """Records every step, logs at --log_interval (progress bar, TensorBoard, MFU), reports held-out
     evaluations, and at the end returns the run's summary and prints its final lines."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        par: Parallelism,
-        model_config,
-        seq_len: int,
-        total_steps: int,
-        start_step: int,
-        desc: str,
-    ):
+    def __init__(self, cfg: TrainConfig, par: Parallelism, run, start_step: int, checkpoint_states: dict):
+        """`run`: the trainer's RunPlan (model_config, seq_len, total_steps, desc, script). The W&B run's
+        id goes into `checkpoint_states` (Checkpointer.recorded), which every checkpoint records, so
+        that a resume continues the same W&B run (start_wandb)."""
+        model_config, seq_len, total_steps = run.model_config, run.seq_len, run.total_steps
         self.cfg, self.par, self.total_steps, self.seq_len = cfg.logging, par, total_steps, seq_len
         self.compiled = cfg.model.compile  # the first step then compiles: its extra time is reported apart
         self.flops_per_token = training_flops_per_token(model_config, seq_len)
         self.flops_per_token_full_attention = training_flops_per_token(model_config, seq_len, causal=False)
         self.peak_flops, self.peak_source = peak_flops_per_device(cfg.logging.peak_tflops)
         print_main(announce_mfu(self.peak_flops, self.peak_source))
-        self.logger = MetricsLogger(is_main_process(), cfg.logging.tensorboard_dir, total_steps, start_step, desc)
+        wandb_run = start_wandb(cfg, run.script) if is_main_process() else None
+        if wandb_run is not None:
+            checkpoint_states[WANDB_RUN_ID] = wandb_run.id
+        self.logger = MetricsLogger(
+            is_main_process(), cfg.logging.tensorboard_dir, total_steps, start_step, run.desc, wandb_run
+        )
         if self.logger.enabled and cfg.logging.tensorboard_dir and cfg.checkpoint.load and start_step:
             # loss.png covers the whole run, not only the part since this resume
             self.logger.history = earlier_losses(resumed_tensorboard_dir(cfg), start_step)
@@ -455,8 +546,10 @@ class RunMetrics:
     def __enter__(self) -> RunMetrics:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, *exc_info) -> None:
         self.logger.bar.close()  # however the loop ends, so an error message starts on a line of its own
+        if exc_type is not None:  # the W&B run ends as failed (finish closes it after a clean end)
+            self.logger.close(failed=True)
 
     def log_step(self, step: int, result: StepResult, optimizer, bad_steps: int = 0) -> None:
         self.steps.append(result)
@@ -501,6 +594,7 @@ class RunMetrics:
     def finish(self, step: int, checkpoint: str | None) -> dict:
         """Close the bar and the TensorBoard writer (drawing the loss curve), print the final lines,
         and return the run's summary."""
+        wandb_where = wandb_location(self.logger.wandb_run)
         loss_plot = self.logger.close()
         losses = [s.loss for s in self.steps]
         # The first step includes one-off work (allocations, kernel selection); leave it out of the rate.
@@ -556,6 +650,7 @@ class RunMetrics:
                 + "\n"
                 f"checkpoint: {checkpoint or 'none'}\n"  # (benchmark.py has no -o or -t to name)
                 f"tensorboard: {tb or 'none'}{f'  (tensorboard --logdir {tb})' if tb else ''}"
+                + (f"\nW&B: {wandb_where}" if wandb_where else "")
                 + (f"\nloss curve: {loss_plot}" if loss_plot else "")
                 + (f"\nmixture (rank 0): {_shares(summary['slice_tokens'])}" if summary["slice_tokens"] else "")
             )

@@ -307,7 +307,8 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     state: TrainState = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, run.initial_weights)
     if state.step >= run.total_steps:
         print_main(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {run.total_steps}")
-    metrics = RunMetrics(cfg, par, run.model_config, run.seq_len, run.total_steps, state.step, run.desc)
+    # (the W&B run's id goes into checkpointer.recorded: each checkpoint keeps it for a resume)
+    metrics = RunMetrics(cfg, par, run, state.step, checkpointer.recorded)
     evaluator = Evaluator(par, run.held_out, inputs) if run.held_out else None
     if evaluator and state.step == 0:
         metrics.log_eval(state.step, evaluator(model))  # the starting point, so the run shows what training changed

@@ -23,6 +23,7 @@ from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import rank
 from .errors import UsageError
 from .export import check_export_target
+from .metrics import wandb_problems
 from .model import check_weights, get_model_config
 from .optim import LRSchedule, finetune_warmup_steps
 from .plugins import check_layout, check_model_split
@@ -45,6 +46,7 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
         problems += _schedule_problems(cfg, script)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
+    problems += wandb_problems(cfg.logging)
     if script in TRAINING:  # the scripts that save to -o: never over another run's checkpoints
         problems += save_dir_problems(cfg.checkpoint, _pretrained(cfg))
     if cfg.checkpoint.load is not None:

@@ -1,5 +1,5 @@
 """The test harness: one way to launch the real scripts (in-process for one process, torchrun for
-several, free ports always), shared fixtures, and TensorBoard scalars read back.
+several, free ports always), shared fixtures, and TensorBoard scalars and W&B offline runs read back.
 
 Every test that starts a process must be marked `multiprocess` (the launcher checks), so
 `make test-fast` (`-m "not multiprocess"`) really runs in one process.
@@ -13,6 +13,7 @@ import runpy
 import shlex
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -233,6 +234,71 @@ def expect_one_line_error(proc, *keywords: str, code: int = 2) -> str:
     for keyword in keywords:
         assert keyword in lines[0], lines[0]
     return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A W&B offline run read back. wandb 0.31 has no Python reader of its run-<id>.wandb files (wandb-core,
+# in Go, writes and syncs them), so the framing is read here: LevelDB's log format (32 KiB blocks,
+# records cut into chunks behind 7-byte headers: CRC, length, type) after W&B's 7-byte file header;
+# each record is wandb's own protobuf (wandb.proto.wandb_internal_pb2.Record).
+
+WANDB_BLOCK, WANDB_CHUNK_HEADER = 32768, 7
+FULL, LAST = 1, 4  # chunk types that end a record (FIRST = 2 and MIDDLE = 3 continue one)
+
+
+@dataclass
+class WandbRun:
+    """What one offline run-<id>.wandb file holds: the run's id and config, and its logged rows."""
+
+    run_id: str
+    config: dict
+    history: list[dict]  # one {key: value} per wandb.log call, W&B's own keys (_step, _runtime, ...) left out
+
+    def scalars(self, tag: str) -> dict[int, float]:
+        """{step: value} of one scalar, as metrics.read_scalars reads TensorBoard's."""
+        return {row["step"]: row[tag] for row in self.history if tag in row}
+
+
+def _wandb_records(path: Path) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, pending, pos = [], b"", WANDB_CHUNK_HEADER
+    while pos + WANDB_CHUNK_HEADER <= len(data):
+        if WANDB_BLOCK - pos % WANDB_BLOCK < WANDB_CHUNK_HEADER:  # a block's tail too short for a header: padding
+            pos += WANDB_BLOCK - pos % WANDB_BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + WANDB_CHUNK_HEADER])
+        pending += data[pos + WANDB_CHUNK_HEADER : pos + WANDB_CHUNK_HEADER + length]
+        pos += WANDB_CHUNK_HEADER + length
+        if kind in (FULL, LAST):
+            records.append(wandb_internal_pb2.Record.FromString(pending))
+            pending = b""
+    return records
+
+
+def read_wandb_run(run_file: Path) -> WandbRun:
+    """One offline W&B run file (<dir>/wandb/offline-run-*/run-<id>.wandb) read back."""
+    run_id, config, history = None, {}, []
+    for record in _wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run_id = record.run.run_id
+            config |= {item.key: json.loads(item.value_json) for item in record.run.config.update}
+        elif kind == "config":
+            config |= {item.key: json.loads(item.value_json) for item in record.config.update}
+        elif kind == "history":
+            # (a key with a "/", as train/loss, comes as its parts)
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            history.append({key: value for key, value in row.items() if not key.startswith("_")})
+    config = {key: value for key, value in config.items() if not key.startswith("_")}  # (W&B's own _wandb)
+    return WandbRun(run_id, config, history)
+
+
+def wandb_run_files(directory: Path) -> list[Path]:
+    """The offline W&B run files a run with its files in `directory` (-o) wrote, oldest first."""
+    return sorted(directory.glob("wandb/offline-run-*/run-*.wandb"))
 
 
 # ---------------------------------------------------------------------------------------------

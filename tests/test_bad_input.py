@@ -9,6 +9,7 @@ also run as real processes, for what only a process shows (nothing else on stder
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -392,6 +393,23 @@ CASES = {
     "run_file_missing": (["--config_file", "{tmp}/nothing.yaml"], {}, ["nothing.yaml", "does not exist"]),
     "run_file_unparsable": (["--config_file", "{tmp}/run.toml"], {}, ["run.toml", "not valid TOML", "Unclosed array"]),
     "run_file_out_of_range": (["--config_file", "{tmp}/run.yaml"], {}, ["--lr", "above 0", "got -1"]),
+    # W&B: checked before the run starts (metrics.wandb_problems), the project name by wandb's own rule
+    "wandb_run_without_project": (["--wandb_run", "first"], {}, ["--wandb_run", "pass --wandb_project"]),
+    "unknown_wandb_mode": (
+        ["--wandb_project", "p", "--wandb_mode", "cloud"],
+        {},
+        ["--wandb_mode", "'cloud'", "offline"],
+    ),
+    "wandb_project_with_a_slash": (
+        ["--wandb_project", "team/p"],
+        {},
+        ["--wandb_project", "'team/p'", "cannot contain"],
+    ),
+    "unknown_wandb_mode_in_the_environment": (
+        ["--wandb_project", "p"],
+        {"WANDB_MODE": "cloud"},
+        ["WANDB_MODE=cloud", "online, offline, disabled", "--wandb_mode"],
+    ),
 }
 GPU_ONLY_CASES = {"gemini_on_cpu", "gemini_auto_on_cpu", "ring_attn_on_cpu", "zbv_on_cpu"}
 # Cases whose one error line follows the run's own lines on stderr (skipped data lines, a progress bar).
@@ -551,6 +569,15 @@ def test_bad_input_in_a_real_process(tmp_path, case):
     args = _arguments(case, tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     _check(launch("pretrain.py", args, timeout=120), case, tmp_path, before)
+
+
+def test_wandb_project_without_the_package_names_the_install(tmp_path, monkeypatch):
+    """W&B is optional: without the package, --wandb_project is refused before anything is written."""
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: `import wandb` fails
+    args = [*VALID, "-o", str(tmp_path / "ckpt"), "-t", str(tmp_path / "tb"), "--wandb_project", "p"]
+    line = expect_one_line_error(run_in_process("pretrain.py", args))
+    assert line == "error: W&B logging needs the wandb package: pip install wandb"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_every_case_is_in_the_docs_table():

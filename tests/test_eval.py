@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from conftest import (
     DATA,
     REPO,
@@ -15,8 +16,10 @@ from conftest import (
     expect_one_line_error,
     launch,
     read_scalars,
+    read_wandb_run,
     run_in_process,
     trainer_batches,
+    wandb_run_files,
     write_jsonl,
 )
 
@@ -200,16 +203,37 @@ def test_bad_input_is_one_line(pretrained_dir, tmp_path):
         expect_one_line_error(run_in_process("eval.py", args), words)
 
 
+def _tensorboard_tags(directory) -> list[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(directory))
+    events.Reload()
+    return events.Tags()["scalars"]
+
+
 def test_continued_pretraining_starts_from_the_weights_and_resumes(pretrained_dir, tokenizer, tmp_path):
     """--init_from: the first step's loss is a plain `transformers` forward of those weights on the
-    first batch; the held-out loss before training is that model's too; `-f` resumes as usual."""
+    first batch; the held-out loss before training is that model's too; `-f` resumes as usual.
+    Both runs also log to W&B offline (--wandb_mode, then $WANDB_MODE): its files, read back, hold
+    the TensorBoard scalars and the run.yaml flags, and the resume continues the same W&B run."""
     from transformers import LlamaForCausalLM
 
     common = ["-c", "small", "-d", str(DATA), "-l", "128", "-b", "2", "-s", "0", "--lr", "1e-3", "-p", "ddp",
               "--init_from", str(pretrained_dir), "--eval_data", str(HELD_OUT), "--eval_tokens", "256",
-              "-o", str(tmp_path / "ckpt")]  # fmt: skip
-    full = run_in_process("pretrain.py", [*common, "--max_steps", "4", "-i", "2", "-t", str(tmp_path / "tb")])
+              "-o", str(tmp_path / "ckpt"), "--wandb_project", "recipe-tests"]  # fmt: skip
+    full = run_in_process(
+        "pretrain.py", [*common, "--max_steps", "4", "-i", "2", "-t", str(tmp_path / "tb"), "--wandb_mode", "offline"]
+    )
     check_ok(full)
+    (first_run,) = wandb_run_files(tmp_path / "ckpt")
+    logged = read_wandb_run(first_run)
+    tags = _tensorboard_tags(tmp_path / "tb")
+    assert {"train/loss", "train/grad_norm", "eval/loss"} <= set(tags)
+    assert {tag for row in logged.history for tag in row} == {*tags, "step"}  # the same scalars, no more
+    for tag in tags:  # (TensorBoard keeps float32)
+        assert logged.scalars(tag) == pytest.approx(read_scalars(tmp_path / "tb", tag), rel=1e-6), tag
+    run_file = yaml.safe_load((tmp_path / "ckpt" / "step-4" / "run.yaml").read_text())
+    assert logged.config == run_file and logged.config["wandb_mode"] == "offline"
     assert "continued pretraining from" in full.stdout and "4.2M parameters" in full.stdout  # -c small is not used
     model = LlamaForCausalLM.from_pretrained(pretrained_dir).eval()
     batch = trainer_batches(tokenizer, 0, 1).next_batch()
@@ -224,7 +248,12 @@ def test_continued_pretraining_starts_from_the_weights_and_resumes(pretrained_di
     resumed = run_in_process(
         "pretrain.py",
         [*common, "--max_steps", "4", "-i", "0", "-t", str(tmp_path / "tb2"), "-f", str(tmp_path / "ckpt" / "step-2")],
+        env={"WANDB_MODE": "offline"},
     )
     check_ok(resumed)
     again = read_scalars(tmp_path / "tb2")
     assert sorted(again) == [3, 4] and all(again[s] == losses[s] for s in (3, 4))
+    (second_run,) = set(wandb_run_files(tmp_path / "ckpt")) - {first_run}
+    continued = read_wandb_run(second_run)
+    assert continued.run_id == logged.run_id  # step-2 recorded the W&B run: its curves go on
+    assert continued.scalars("train/loss") == pytest.approx(again, rel=1e-6)
