@@ -197,3 +197,12 @@ def test_the_data_state_stays_small_with_long_rows_of_books(tmp_path, tokenizer)
     assert len(batches.rows.rows) == 1000 and len(batches.rows.documents.buffer) == 1000
     print(f"data state: {len(state):,} bytes")
     assert len(state) < 1_000_000, f"{len(state):,} bytes"
+
+
+def test_a_hub_dataset_with_only_its_own_builder_points_to_prepare_data(tokenizer):
+    """No data files to address by record: streaming is refused in one line naming the way that works."""
+    from llama_recipe.errors import UsageError
+    from llama_recipe.sources import Source
+
+    with pytest.raises(UsageError, match="scripts/prepare_data.py"):
+        DocumentStream(Source("someone/builder-only", None), tokenizer, 0, 1)
