@@ -51,7 +51,8 @@ def lora_problems(cfg: TrainConfig) -> list[str]:
     model = cfg.model
     if model.lora_rank is None:
         given = [f"--{name}" for name in LORA_FLAGS[1:] if getattr(model, name) is not None]
-        return [f"{' and '.join(given)} shape LoRA adapters; add --lora_rank R"] if given else []
+        verb = "shape" if len(given) > 1 else "shapes"
+        return [f"{' and '.join(given)} {verb} LoRA adapters; add --lora_rank R"] if given else []
     problems = []
     unknown = [t for t in lora_targets(model.lora_targets) if t not in LORA_TARGETS]
     if unknown or not lora_targets(model.lora_targets):
@@ -62,8 +63,9 @@ def lora_problems(cfg: TrainConfig) -> list[str]:
     spec = PLUGINS.get(cfg.parallel.plugin)  # (an unknown -p is refused on its own)
     if spec and not spec.lora:
         problems.append(
-            f"--lora_rank needs -p ddp, zero2 or zero2_cpu (ColossalAI 0.5.0's Booster.enable_lora is offered by "
-            f"TorchDDP and LowLevelZero only); got -p {cfg.parallel.plugin}"
+            f"--lora_rank needs -p ddp, zero2 or zero2_cpu (Booster.enable_lora through TorchDDP or LowLevelZero; "
+            f"Gemini does not offer it, and hybrid_parallel's shardformer LoRA is not wired in here); got -p "
+            f"{cfg.parallel.plugin}"
         )
     if cfg.optim.optimizer not in (None, *LORA_OPTIMIZERS):
         problems.append(

@@ -434,6 +434,30 @@ def test_lora_trains_only_adapters_saves_only_them_and_resumes_exactly(finetune_
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "checkpoint,flags,words",
+    [
+        ("lora_zero2", [], ["holds LoRA adapters", "with --lora_rank"]),
+        ("lora_zero2", [*LORA[:-2], "--lora_rank", "8"], ["--lora_rank 4 -> 8"]),
+        ("zero2", ["--lora_rank", "4"], ["holds full weights", "without --lora_rank"]),
+    ],
+    ids=["adapters-without-lora", "another-rank", "full-weights-with-lora"],
+)
+def test_a_resume_must_rebuild_what_the_checkpoint_trained(finetune_runs, checkpoint, flags, words):
+    """Refused before anything is built: adapters resumed as full weights or with another shape, and full
+    weights resumed as adapters."""
+    from llama_recipe.errors import UsageError
+    from llama_recipe.validation import validate
+
+    root, _ = finetune_runs
+    args = ["--model_path", str(root / "pretrained"), "-p", "zero2", *COMMON, "-b", "2", "--max_steps", "6", *flags]
+    cfg = parse_args("finetune", [*args, "-o", str(root / checkpoint), "-f", str(root / checkpoint / "step-3")])
+    with pytest.raises(UsageError) as refusal:
+        validate(cfg, world_size=2, script="finetune")
+    assert all(word in str(refusal.value) for word in words), str(refusal.value)
+
+
+@pytest.mark.multiprocess
 def test_lora_matches_across_plugins_and_exports_the_adapted_model(finetune_runs, tmp_path):
     """zero2 and ddp train the same adapters (same global batch); scripts/export_hf.py folds them into the
     base (peft's merge_and_unload), and transformers' LlamaForCausalLM loaded from the export gives the logits
