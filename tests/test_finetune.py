@@ -420,6 +420,7 @@ def test_lora_trains_only_adapters_saves_only_them_and_resumes_exactly(finetune_
     assert losses[1] == pytest.approx(runs["zero2"][1][1], abs=1e-6)  # the full-finetuning run's first step
     held_out = read_scalars(root / f"{name}_tb", "eval/loss")
     assert held_out[6] < held_out[0] - 0.01, held_out
+    assert out.count("--- model answer:") == 3  # from the final checkpoint: base + adapters, merged
     assert sorted(resumed_losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
