@@ -32,6 +32,7 @@ from .config import SECTIONS, TENSORBOARD_IN_SAVE_DIR, TENSORBOARD_SUBDIR, Train
 from .distributed import barrier, is_main_process, print_main, rank
 from .errors import CheckpointError, UsageError
 from .files import WRITE_ERRORS, move_into_place, safetensors_header, write_failure, write_safetensors
+from .lora import ADAPTER_DIR, ADAPTER_WEIGHTS, is_lora_checkpoint, load_adapters, save_adapters
 from .model import check_weights
 from .parallel import Parallelism
 from .plugins import model_parallel_size, plugin_spec
@@ -89,6 +90,8 @@ def check_checkpoint_dir(path: str, model_config=None) -> None:
     weights and ZeRO slices are checked against their headers, indexes and the model (files' headers
     and sizes only, nothing loaded). Its JSON states are checked by `read_state_file`."""
     read_running_states(path)
+    if is_lora_checkpoint(path):  # whole (its tensors are checked against the model's adapters as they load)
+        safetensors_header(Path(path) / ADAPTER_DIR / ADAPTER_WEIGHTS, "pass -f with another checkpoint")
     if holds_slices(Path(path) / "optimizer"):
         check_slices(Path(path) / "optimizer")
     if not model_config:  # (False: the model config itself was refused)
@@ -258,8 +261,11 @@ def write_states(
     (--async_save), the model and optimizer files are not written now but appended there as calls
     that write them (`to_host` says what they read)."""
     background = deferred is not None
+    if par.lora:  # the adapters only (small: written now, also with --async_save; training waits before changing them)
+        save_adapters(par.booster, model, tmp)
     with deferred_state_dict_writes(deferred, to_host) if background else contextlib.nullcontext():
-        par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
+        if not par.lora:
+            par.booster.save_model(model, str(tmp / "model"), shard=True, use_safetensors=True)
         if not par.spec.zero_slices:
             par.booster.save_optimizer(optimizer, str(tmp / "optimizer"), shard=True)
     if par.spec.zero_slices:
@@ -432,7 +438,10 @@ def load_checkpoint(
     replicas_only = all(saved.get(k) == layout.get(k) for k in MODEL_PARALLEL)  # the optimizer can be resharded
     data_state = None
     try:
-        par.booster.load_model(model, str(p / "model"))
+        if par.lora:  # the adapters; the frozen base was loaded from --model_path as the model was built
+            load_adapters(model, p / ADAPTER_DIR)
+        else:
+            par.booster.load_model(model, str(p / "model"))
         if schedule_too:
             par.booster.load_lr_scheduler(lr_scheduler, str(p / "lr_scheduler.pt"))
         if optimizer_too and replicas_only and holds_slices(p / "optimizer"):

@@ -11,6 +11,7 @@ save-directory policy (a fresh run never writes over another run's checkpoints).
         data/rank-<R>.json  each rank's position in the data stream
         rng/rank-<R>.json   each rank's random number generator states (torch, CUDA, Python, NumPy)
         run.yaml            the run's flags, which --config_file reads back (cli.py)
+        adapter/            --lora_rank: the LoRA adapters alone, in peft's format; model/ then holds no weights (lora.py)
         running_states.json step, epoch, consumed samples/tokens, layout and the run's config (written last)
     save_dir/latest         the name of the newest complete checkpoint
 

@@ -191,6 +191,31 @@ class ModelConfig:
         help="compute the full logits, then the loss (default: output layer and loss chunked, where the plugin allows)",
         advanced=True,
     )
+    lora_rank: int | None = flag(
+        None,
+        "--lora_rank",
+        help="LoRA: train rank-R adapters beside frozen weights (ColossalAI's Booster.enable_lora, peft; -p ddp, "
+        "zero2 or zero2_cpu); checkpoints hold only the adapters (docs/finetuning.md)",
+        scripts=("finetune",),
+        minimum=1,
+        advanced=True,
+    )
+    lora_alpha: float | None = flag(
+        None,
+        "--lora_alpha",
+        help="LoRA: the adapters' output is scaled by alpha / rank (default 16)",
+        scripts=("finetune",),
+        above=0.0,
+        advanced=True,
+    )
+    lora_targets: str | None = flag(
+        None,
+        "--lora_targets",
+        help="LoRA: comma-separated projections given adapters, of q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj (default q_proj,v_proj)",
+        scripts=("finetune",),
+        advanced=True,
+    )
     document_attention: bool = flag(
         False,
         "--document_attention",

@@ -17,6 +17,7 @@ from .checkpoint_io import read_running_states
 from .checkpoint_paths import LATEST, RUNNING_STATES, resolve_checkpoint
 from .errors import CheckpointError, UsageError
 from .files import WRITE_ERRORS, move_into_place, write_failure
+from .lora import is_lora_checkpoint, merged_model
 from .model import check_weights, get_model_config
 
 EXPORT_MARKER = "llama_recipe_export.json"  # what marks a directory as an export of ours (safe to replace)
@@ -57,7 +58,7 @@ def export_hf(
     directory, in the dtype they were trained in. `checkpoint`: any name resolve_checkpoint takes
     (a step-<N>, a run's directory or its `latest` file); `flag`: what its messages say to pass
     another one to."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     checkpoint = str(resolve_checkpoint(checkpoint, flag, model_dir=False))
     read_running_states(checkpoint, flag)  # a complete checkpoint, or a one-line error
@@ -65,7 +66,7 @@ def export_hf(
     model_dir = Path(checkpoint) / "model"
     check_weights(model_dir, get_model_config(str(model_dir)), "pass another checkpoint")  # headers only
     try:
-        model = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype="auto")
+        model = checkpoint_model(checkpoint)  # a LoRA checkpoint's: its base model, the adapters merged in
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
     # A file missing, cut short or not what it claims to be (ValueError: bad JSON, a tokenizer that
     # cannot be converted); the weights' headers and shapes were checked above.
@@ -90,6 +91,15 @@ def export_hf(
         raise CheckpointError(f"exporting to {out_dir} failed ({reason}); nothing was written there") from None
     move_into_place(tmp, out)  # over nothing, an empty directory or an earlier export (check_export_target)
     return out
+
+
+def checkpoint_model(checkpoint: str | Path):
+    """The model a checkpoint holds, as transformers loads it (a LoRA checkpoint: base + adapters, merged)."""
+    from transformers import LlamaForCausalLM
+
+    if is_lora_checkpoint(checkpoint):
+        return merged_model(checkpoint)
+    return LlamaForCausalLM.from_pretrained(Path(checkpoint) / "model", torch_dtype="auto")
 
 
 def _unreadable(model_dir: Path, error: Exception) -> UsageError:

@@ -175,11 +175,14 @@ def held_out_batches(
     return batches
 
 
-def generate_answers(model_dir: str, tokenizer, prompts: list[str], sampling: Sampling | None = None) -> list[str]:
-    """Answers of a saved model to some prompts (greedy unless `sampling` says otherwise), on one
-    process, from the checkpoint, so it works whatever the training layout was; an empty answer is
-    a note saying why (`shown_answer`)."""
-    generator = Generator(load_pretrained_model(model_dir), tokenizer)
+def generate_answers(
+    model: str | torch.nn.Module, tokenizer, prompts: list[str], sampling: Sampling | None = None
+) -> list[str]:
+    """Answers of a saved model (its directory, or the model loaded) to some prompts (greedy unless
+    `sampling` says otherwise), on one process, from the checkpoint, so it works whatever the
+    training layout was; an empty answer is a note saying why (`shown_answer`)."""
+    model = load_pretrained_model(model) if isinstance(model, str) else model.eval()
+    generator = Generator(model, tokenizer)
     sampling = sampling or Sampling()
     return [shown_answer(generator.complete(prompt, sampling), tokenizer.eos_token_id) for prompt in prompts]
 

@@ -46,6 +46,7 @@ class Parallelism:
     backprop_rank: int | None = None  # --compress_backprop R (None: pipeline gradients sent exact)
     backprop_epilogue_only: bool = False  # --compress_backprop_epilogue_only
     backprop: BackpropCompression | None = None  # its codec, wrapped around the 1F1B schedule by `boost`
+    lora: bool = False  # --lora_rank: the model trains adapters only, and checkpoints hold only them (lora.py)
 
     @staticmethod
     def is_sharded(param: torch.Tensor) -> bool:
@@ -302,6 +303,7 @@ def build_parallelism(cfg: TrainConfig) -> Parallelism:
         tp_group=plugin.tp_group if spec.model_parallel and cfg.parallel.tp > 1 else None,
         backprop_rank=cfg.compression.compress_backprop,
         backprop_epilogue_only=cfg.compression.compress_backprop_epilogue_only,
+        lora=cfg.model.lora_rank is not None,
     )
 
 

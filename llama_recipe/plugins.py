@@ -107,6 +107,7 @@ class PluginSpec:
     fused_update_refusal: Callable[[TrainConfig, str], str | None] | None = None
     # (cfg, optimizer) -> why this run cannot use an optimizer that needs whole weight matrices (muon), or None
     whole_matrix_refusal: Callable[[TrainConfig, str], str | None] | None = None
+    lora: bool = False  # offers ColossalAI's Booster.enable_lora (--lora_rank; lora.py)
     # (cfg, precision, world size): raises UsageError where the run breaks this plugin's own rules
     check: Callable[[TrainConfig, str, int], None] | None = None
 
@@ -528,6 +529,7 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=False),
             syncs_every_micro_step=True,
             zero_slices=True,
+            lora=True,
             compression_refusal=_zero_refuses_compression("zero2"),
             fused_update_refusal=_needs_whole_gradients,
             whole_matrix_refusal=_shards_matrices,
@@ -538,6 +540,7 @@ PLUGINS: dict[str, PluginSpec] = {
             _zero2(cpu_offload=True),
             syncs_every_micro_step=True,
             zero_slices=True,
+            lora=True,
             compression_refusal=_zero_refuses_compression("zero2_cpu"),
             fused_update_refusal=_needs_whole_gradients,
             whole_matrix_refusal=_shards_matrices,
@@ -563,6 +566,7 @@ PLUGINS: dict[str, PluginSpec] = {
             _ddp,
             clips_in_step=False,
             autocast_bf16=True,
+            lora=True,
             check=_check_ddp,
         ),
         PluginSpec(

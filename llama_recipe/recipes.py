@@ -19,6 +19,7 @@ from .data import (
 from .distributed import fewest_across_ranks, is_main_process, launch, print_main, rank, world_size
 from .errors import UsageError
 from .evaluate import eval_documents, eval_scores, evaluate_documents
+from .export import checkpoint_model
 from .files import append_json_line
 from .instruct import InstructionBatches, generate_answers, held_out_batches, load_instruction_rows, split_held_out
 from .model import (
@@ -210,7 +211,8 @@ def finetune(cfg: TrainConfig) -> dict:
 def show_answers(cfg: TrainConfig, summary: dict, tokenizer, prompts: list[str]) -> list[tuple[str, str]]:
     """Show what finetuning did: the final checkpoint's greedy answers to held-out prompts (printed,
     and in TensorBoard's text tab)."""
-    answers = generate_answers(f"{summary['checkpoint']}/model", tokenizer, prompts)
+    model = checkpoint_model(summary["checkpoint"]).float()  # fp32 on the CPU, whatever it trained in
+    answers = generate_answers(model, tokenizer, prompts)
     generations = list(zip(prompts, answers, strict=True))
     for prompt, answer in generations:
         print(f"--- held-out prompt:\n{prompt.strip()}\n--- model answer:\n{answer}")

@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from .attention import ModelInputs, select_attention
-from .checkpointer import Checkpointer, TrainState
+from .checkpointer import Checkpointer
 from .config import TrainConfig
 from .data import mixture_tokens
 from .distributed import any_rank, device, is_main_process, print_main, synchronize, world_size
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
+from .lora import add_adapters
 from .loss import target_tokens, token_weighted
 from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
@@ -237,9 +238,17 @@ class StepGuard:
 
 
 def build_boosted(
-    cfg: TrainConfig, par: Parallelism, model_config, attn_implementation: str, warmup_steps: int, total_steps: int
+    cfg: TrainConfig,
+    par: Parallelism,
+    model_config,
+    attn_implementation: str,
+    warmup_steps: int,
+    total_steps: int,
+    initial_weights: str | None = None,
 ):
-    """The model, optimizer and lr schedule, boosted by the plugin. Returns (model, optimizer, lr_scheduler)."""
+    """The model, optimizer and lr schedule, boosted by the plugin. Returns (model, optimizer, lr_scheduler).
+    --lora_rank: `initial_weights` are loaded now and frozen, and the optimizer gets only the adapters
+    (otherwise the caller loads them into the boosted model)."""
     torch.manual_seed(cfg.training.seed)
     # each weight drawn from (seed, its name): the same initial weights on every rank, plugin and layout
     init = WeightInit(cfg.training.seed, device(), lazy=par.builds_lazily)
@@ -248,8 +257,10 @@ def build_boosted(
         chunked_loss = par.spec.chunked_loss and not cfg.model.unfused_loss
         model = build_model(model_config, attn_implementation, par.weight_dtype, chunked_loss, init)
     enable_recompute(model, recompute_mode(cfg.model))
+    if par.lora:
+        model = add_adapters(par.booster, model, cfg, initial_weights)
     if cfg.model.compile:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model.get_base_model() if par.lora else model)
     opt = cfg.optim
     optimizer = build_optimizer(
         par.optimizer,
@@ -299,12 +310,13 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     """Train `run` under `par`; returns the run's summary (see RunMetrics.finish)."""
     attn_implementation = announce(cfg, par, run)
     model, optimizer, lr_scheduler = build_boosted(
-        cfg, par, run.model_config, attn_implementation, run.warmup_steps, run.total_steps
+        cfg, par, run.model_config, attn_implementation, run.warmup_steps, run.total_steps, run.initial_weights
     )
     dtype = next(model.parameters()).dtype
     inputs = ModelInputs(attn_implementation, cfg.model.document_attention, dtype, par.sequence_parallel)
     checkpointer = Checkpointer(cfg, par, run.tokenizer, run.script)
-    state: TrainState = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, run.initial_weights)
+    # (LoRA loaded the pretrained weights before adding its adapters: build_boosted; full finetuning loads them now)
+    state = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, None if par.lora else run.initial_weights)
     if state.step >= run.total_steps:
         print_main(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {run.total_steps}")
     # (the W&B run's id goes into checkpointer.recorded: each checkpoint keeps it for a resume)

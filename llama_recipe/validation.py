@@ -23,6 +23,7 @@ from .data import check_tokenizer_name, mixture_slices, parse_data_mix
 from .distributed import rank
 from .errors import UsageError
 from .export import check_export_target
+from .lora import lora_problems, lora_resume_problems
 from .metrics import wandb_problems
 from .model import check_weights, get_model_config
 from .optim import LRSchedule, finetune_warmup_steps
@@ -43,6 +44,7 @@ def validate(cfg: TrainConfig, world_size: int, script: str = "pretrain") -> Non
         if cfg.model.grad_checkpoint and cfg.model.recompute not in (None, "full"):
             problems.append(f"-g means --recompute full; drop -g or --recompute {cfg.model.recompute}")
         problems += _compression_problems(cfg, model_config)
+        problems += lora_problems(cfg)
         problems += _schedule_problems(cfg, script)
     problems += _data_problems(cfg, model_config, script)
     problems += _path_problems(cfg, script)
@@ -198,6 +200,7 @@ def _resume_problems(cfg: TrainConfig, world_size: int) -> list[str]:
     states = read_running_states(cfg.checkpoint.load)
     current = cfg.to_dict()
     problems = resume_differences(states.get("config", {}), current)
+    problems += lora_resume_problems(cfg, cfg.checkpoint.load, states.get("config", {}))
     kind = dataset_kind(cfg.data.dataset)
     layout = run_layout(cfg, world_size)
     problems += layout_problems(states, layout, current, movable_data=kind != "synthetic")

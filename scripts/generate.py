@@ -35,6 +35,7 @@ def main() -> None:
     from llama_recipe.data import load_model_tokenizer
     from llama_recipe.generation import Sampling
     from llama_recipe.instruct import generate_answers
+    from llama_recipe.lora import is_lora_checkpoint, merged_model
     from llama_recipe.model import check_tokenizer_fits, get_model_config
 
     try:
@@ -46,7 +47,10 @@ def main() -> None:
         model_dir = resolve_checkpoint(args.model, "generate.py")
         tokenizer = load_model_tokenizer(model_dir)
         check_tokenizer_fits(tokenizer, get_model_config(str(model_dir)), str(model_dir))
-        answers = generate_answers(str(model_dir), tokenizer, args.prompts, sampling)
+        # a LoRA checkpoint's model/ holds no weights: its base with the adapters merged in
+        lora = is_lora_checkpoint(model_dir.parent)
+        model = merged_model(model_dir.parent) if lora else str(model_dir)
+        answers = generate_answers(model, tokenizer, args.prompts, sampling)
     except UsageError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(EXIT_USAGE)

@@ -17,6 +17,7 @@ import torch
 from conftest import (
     DATA,
     HELD_OUT,
+    INSTRUCT_DATA,
     TOKENIZER,
     expect_error_after_training,
     expect_one_line_error,
@@ -577,6 +578,28 @@ def test_wandb_project_without_the_package_names_the_install(tmp_path, monkeypat
     args = [*VALID, "-o", str(tmp_path / "ckpt"), "-t", str(tmp_path / "tb"), "--wandb_project", "p"]
     line = expect_one_line_error(run_in_process("pretrain.py", args))
     assert line == "error: W&B logging needs the wandb package: pip install wandb"
+
+
+# finetune.py's --lora_* flags: (arguments added after FINETUNE_VALID, words the message must contain)
+FINETUNE_VALID = ["-d", str(INSTRUCT_DATA), "--task_name", "self_instruct", "-l", "128", "--max_steps", "2"]
+FINETUNE_CASES = {
+    "lora_rank_zero": (["--lora_rank", "0"], ["--lora_rank", "at least 1", "got 0"]),
+    "lora_alpha_zero": (["--lora_rank", "4", "--lora_alpha", "0"], ["--lora_alpha", "above 0", "got 0"]),
+    "lora_alpha_without_rank": (["--lora_alpha", "8"], ["--lora_alpha", "add --lora_rank"]),
+    "lora_unknown_target": (["--lora_rank", "4", "--lora_targets", "q_proj,qkv"], ["qkv", "q_proj,k_proj,v_proj"]),
+    "lora_with_hybrid_parallel": (
+        ["--lora_rank", "4", "-p", "hybrid_parallel"],
+        ["--lora_rank", "-p ddp, zero2 or zero2_cpu", "enable_lora", "hybrid_parallel"],
+    ),
+    "lora_with_muon": (["--lora_rank", "4", "-p", "ddp", "--optimizer", "muon"], ["--lora_rank", "adamw", "muon"]),
+}
+
+
+@pytest.mark.parametrize("case", FINETUNE_CASES)
+def test_bad_finetune_input_is_one_line_exit_2_and_writes_nothing(pretrained_dir, tmp_path, case):
+    output = ["-o", str(tmp_path / "ckpt"), "-t", str(tmp_path / "tb")]
+    args = ["--model_path", str(pretrained_dir), *FINETUNE_VALID, *output, *FINETUNE_CASES[case][0]]
+    expect_one_line_error(run_in_process("finetune.py", args), *FINETUNE_CASES[case][1])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -584,7 +607,7 @@ def test_every_case_is_in_the_docs_table():
     from conftest import REPO
 
     table = (REPO / "docs" / "robustness.md").read_text()
-    assert [case for case in CASES if f"| `{case}` |" not in table] == []
+    assert [case for case in [*CASES, *FINETUNE_CASES] if f"| `{case}` |" not in table] == []
 
 
 def test_llama_recipe_debug_shows_the_traceback_behind_the_one_line(tmp_path):

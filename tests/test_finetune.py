@@ -159,6 +159,31 @@ ONE_PROCESS = {  # name: flags, run in this process
 }
 
 
+# LoRA (--lora_rank) under each plugin that offers it: 6 steps saving at step 3, and a resume from step 3
+LORA_PLUGINS = {"lora_zero2": "zero2", "lora_ddp": "ddp"}
+LORA = ["--lora_rank", "4", "--lora_alpha", "8", "--lora_targets", "q_proj,v_proj,down_proj", "--lr", "1e-2"]
+
+
+def lora_runs(root, resumed) -> dict[str, list[str]]:
+    runs = {}
+    for name, plugin in LORA_PLUGINS.items():
+        flags = ["--model_path", str(root / "pretrained"), "-p", plugin, *COMMON, "-b", "2", "--max_steps", "6"]
+        runs[name] = [
+            *flags,
+            *LORA,
+            "-o",
+            str(root / name),
+            "-i",
+            "3",
+            "--eval_interval",
+            "3",
+            "-t",
+            str(root / f"{name}_tb"),
+        ]
+        runs[f"{name}_resumed"] = resumed(["--config_file", str(root / name / "step-3" / "run.yaml")], name)
+    return runs
+
+
 THREE_STEPS = ["-x", "fp32", "--lr", "3e-3", "--max_steps", "3", "--eval_split", "0", "-i", "3"]  # nothing held out
 
 
@@ -187,6 +212,7 @@ def finetune_runs(tmp_path_factory):
 
     runs = {
         "zero2": [*zero2, "-i", "3", "--eval_interval", "3", "-t", str(root / "zero2_tb")],
+        **lora_runs(root, resumed),
         "zero2_resumed": resumed(["--config_file", str(root / "zero2" / "step-3" / "run.yaml")], "zero2"),
         "inplace": [*inplace, "-i", "3", "-t", str(root / "inplace_tb")],
         "inplace_resumed": resumed(inplace, "inplace"),
@@ -199,6 +225,7 @@ def finetune_runs(tmp_path_factory):
         single = run_in_process("finetune.py", token_weighting_args(root, name, flags))
         assert single.returncode == 0, single.stderr[-3000:]
     tb = {"zero2": "zero2_tb", "zero2_resumed": "zero2_tb2", "inplace": "inplace_tb", "inplace_resumed": "inplace_tb2"}
+    tb.update({name: f"{name}_tb" for name in LORA_PLUGINS} | {f"{n}_resumed": f"{n}_tb2" for n in LORA_PLUGINS})
     found = {
         name: (outputs.get(name), read_scalars(root / tb.get(name, f"{name}/tb"))) for name in [*runs, *ONE_PROCESS]
     }
@@ -376,3 +403,81 @@ def test_generate_refuses_bad_input_in_one_line(tmp_path, case):
         weights.write_bytes(weights.read_bytes()[:1000])
         words = ["model.safetensors", "cut short", "save or export the model again"]
     expect_one_line_error(run_in_process("scripts/generate.py", args), *words)
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("name", LORA_PLUGINS)
+def test_lora_trains_only_adapters_saves_only_them_and_resumes_exactly(finetune_runs, name):
+    """--lora_rank under zero2 and ddp (ColossalAI's Booster.enable_lora): step 1 is the pretrained model's loss
+    (the base was loaded, and the adapters start as zero: B = 0), the held-out loss falls, the checkpoint holds
+    the adapters alone (and the optimizer state of nothing else), and a resume from step 3, which rebuilds the
+    base from --model_path, repeats steps 4-6 bit for bit (so training never changed the base either)."""
+    from safetensors.torch import load_file
+
+    root, runs = finetune_runs
+    (out, losses), (_, resumed_losses) = runs[name], runs[f"{name}_resumed"]
+    assert "LoRA rank 4, alpha 8 on down_proj,q_proj,v_proj: 3,968 trainable parameters" in out
+    assert losses[1] == pytest.approx(runs["zero2"][1][1], abs=1e-6)  # the full-finetuning run's first step
+    held_out = read_scalars(root / f"{name}_tb", "eval/loss")
+    assert held_out[6] < held_out[0] - 0.01, held_out
+    assert out.count("--- model answer:") == 3  # from the final checkpoint: base + adapters, merged
+    assert sorted(resumed_losses) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert resumed_losses[step] == losses[step], (step, resumed_losses[step], losses[step])
+
+    step = root / name / "step-6"
+    adapters = load_file(step / "adapter" / "adapter_model.safetensors")
+    assert len(adapters) == 2 * 3 * 2 and all(".lora_A." in k or ".lora_B." in k for k in adapters)  # layers x targets
+    assert not list((step / "model").glob("*.safetensors"))  # no base weights: only config.json and the tokenizer
+    if name == "lora_zero2":  # the ZeRO slices index every tensor the optimizer holds: the adapters' only
+        index = json.loads((step / "optimizer" / "zero-slices.json").read_text())
+        assert sum(p["numel"] for p in index["params"]) == 3_968, index
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    "checkpoint,flags,words",
+    [
+        ("lora_zero2", [], ["holds LoRA adapters", "with --lora_rank"]),
+        ("lora_zero2", [*LORA[:-2], "--lora_rank", "8"], ["--lora_rank 4 -> 8"]),
+        ("zero2", ["--lora_rank", "4"], ["holds full weights", "without --lora_rank"]),
+    ],
+    ids=["adapters-without-lora", "another-rank", "full-weights-with-lora"],
+)
+def test_a_resume_must_rebuild_what_the_checkpoint_trained(finetune_runs, checkpoint, flags, words):
+    """Refused before anything is built: adapters resumed as full weights or with another shape, and full
+    weights resumed as adapters."""
+    from llama_recipe.errors import UsageError
+    from llama_recipe.validation import validate
+
+    root, _ = finetune_runs
+    args = ["--model_path", str(root / "pretrained"), "-p", "zero2", *COMMON, "-b", "2", "--max_steps", "6", *flags]
+    cfg = parse_args("finetune", [*args, "-o", str(root / checkpoint), "-f", str(root / checkpoint / "step-3")])
+    with pytest.raises(UsageError) as refusal:
+        validate(cfg, world_size=2, script="finetune")
+    assert all(word in str(refusal.value) for word in words), str(refusal.value)
+
+
+@pytest.mark.multiprocess
+def test_lora_matches_across_plugins_and_exports_the_adapted_model(finetune_runs, tmp_path):
+    """zero2 and ddp train the same adapters (same global batch); scripts/export_hf.py folds them into the
+    base (peft's merge_and_unload), and transformers' LlamaForCausalLM loaded from the export gives the logits
+    of the base with the adapters applied by peft's own loader, to 1e-5."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    root, runs = finetune_runs
+    for step, loss in runs["lora_ddp"][1].items():
+        assert loss == pytest.approx(runs["lora_zero2"][1][step], rel=1e-5), step
+    checkpoint = root / "lora_zero2" / "step-6"
+    check_ok(run_in_process("scripts/export_hf.py", [str(checkpoint), str(tmp_path / "hf")]))
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    base = LlamaForCausalLM.from_pretrained(root / "pretrained").eval()
+    ids = torch.randint(0, base.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        adapted = PeftModel.from_pretrained(base, checkpoint / "adapter").eval()
+        expected = adapted(input_ids=ids).logits
+        got = exported(ids).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapters changed the model
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
