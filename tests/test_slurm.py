@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import DATA, INSTRUCT_DATA, PYTHON_BIN, REPO, TINY_RUN, script_env
+from conftest import INSTRUCT_DATA, PYTHON_BIN, REPO, TINY_RUN, script_env
 
 from llama_recipe.distributed import free_port
 
@@ -76,12 +76,16 @@ def _slurm_conf(root: Path) -> str:
     )
 
 
-def _wait_for(condition, timeout: float, what: str, log: Path | None = None):
+def _wait_for(condition, timeout: float, what: str, log: Path | None = None, job: tuple[dict, str] | None = None):
+    """Poll `condition` until it gives something true, and return that; fail after `timeout` seconds, or at
+    once if `job` (its environment and id) has ended meanwhile. The failure shows the end of `log`."""
     deadline = time.monotonic() + timeout
     while not (result := condition()):
-        if time.monotonic() > deadline:
+        ended = job and _finished(*job)
+        if ended or time.monotonic() > deadline:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tail}")
+            why = f"job {job[1]} ended ({ended['JobState']})" if ended else f"timed out after {timeout:.0f} s"
+            raise AssertionError(f"{why} waiting for {what}\n{tail}")
         time.sleep(0.2)
     return result
 
@@ -146,13 +150,12 @@ def slurm(tmp_path_factory):
         assert not leftovers, f"left running: {[(p.pid, p.name()) for p in leftovers]}"
 
 
-def _submit(env: dict, script: str, log: Path, args: list[str]) -> str:
-    """sbatch from the repository root, as a user does; the sbatch options given here override the script's
-    (one node, no GPUs: this cluster has none; the ranks come from NPROC_PER_NODE)."""
+def _submit(env: dict, script: str, log: Path, args: list[str], cwd: Path = REPO) -> str:
+    """sbatch from the repository root (or `cwd`), as a user does; the sbatch options given here override the
+    script's (one node, no GPUs: this cluster has none; the ranks come from NPROC_PER_NODE)."""
     options = ["--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={log}"]
-    submitted = subprocess.run(
-        ["sbatch", *options, f"scripts/slurm/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
+    command = ["sbatch", *options, str(REPO / "scripts" / "slurm" / script), *args]
+    submitted = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.strip()
 
@@ -168,8 +171,34 @@ def _finished(env: dict, job_id: str) -> dict[str, str] | None:
     return job if job.get("JobState") in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"} else None
 
 
+def _ended(env: dict, job_id: str, log: Path, timeout: float) -> dict[str, str]:
+    return _wait_for(lambda: _finished(env, job_id), timeout, f"job {job_id} to end", log)
+
+
 def _output(log: Path) -> str:
     return log.read_text().replace("\r", "\n")  # (the progress bar's redraws as lines)
+
+
+def test_sbatch_scripts_refuse_in_one_line_before_starting_anything(slurm, tmp_path):
+    """Outside a job; submitted from another directory than the checkout; no GPUs and no NPROC_PER_NODE."""
+    outside = subprocess.run(["bash", "scripts/slurm/pretrain.sbatch"], cwd=REPO, env=script_env(), capture_output=True)
+    assert (outside.returncode, outside.stderr) == (
+        2,
+        b"error: not inside a Slurm job: submit this script with sbatch\n",
+    )
+    no_ranks = {k: v for k, v in slurm.items() if k != "NPROC_PER_NODE"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cases = {  # name: (the environment, the directory sbatch runs in, the one line expected)
+        "elsewhere": (slurm, elsewhere, f"error: {elsewhere}/scripts/slurm/common.sh not found: run sbatch from the"),
+        "no_ranks": (no_ranks, REPO, "error: no ranks per node: ask Slurm for GPUs (--gpus-per-node=N) or set NPROC"),
+    }
+    for name, (env, cwd, expected) in cases.items():
+        log = tmp_path / f"{name}.out"
+        job = _ended(slurm, _submit(env, "finetune.sbatch", log, [], cwd), log, 60)
+        assert (job["JobState"], job["ExitCode"]) == ("FAILED", "2:0"), (name, log.read_text())
+        (line,) = log.read_text().splitlines()
+        assert line.startswith(expected), (name, line)
 
 
 def test_finetune_sbatch_trains_and_saves(slurm, tmp_path):
@@ -180,7 +209,7 @@ def test_finetune_sbatch_trains_and_saves(slurm, tmp_path):
     args = ["--model_path", str(tmp_path / "pretrained"), "-d", str(INSTRUCT_DATA), "--task_name", "self_instruct"]
     args += ["-l", "128", "-b", "2", "-x", "fp32", "-p", "zero2", "--max_steps", "2", "-i", "2", "-o", str(ckpt)]
     job_id = _submit(slurm, "finetune.sbatch", log, args)
-    job = _wait_for(lambda: _finished(slurm, job_id), 300, f"job {job_id} to finish", log)
+    job = _ended(slurm, job_id, log, 300)
     output = _output(log)
     assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), output[-3000:]
     assert "2 processes, 2 data-parallel replicas" in output and "done: 2 steps this run (step 2 of 2)" in output
@@ -194,22 +223,22 @@ def test_pretrain_sbatch_saves_before_the_time_limit_requeues_resumes_and_saves_
     it has saved again, its ranks save the step they are at (Slurm's SIGTERM, then SIGKILL after KillWait)."""
     log, ckpt = tmp_path / "job.out", tmp_path / "ckpt"
     args = [*TINY_RUN, "-p", "ddp", "--max_steps", "1000", "-i", "2", "-o", str(ckpt), "-t", str(tmp_path / "tb")]
-    assert str(DATA) in args
     job_id = _submit(slurm, "pretrain.sbatch", log, args)
 
-    _wait_for((ckpt / "step-2").exists, 300, "the first checkpoint", log)
+    job = (slurm, job_id)
+    _wait_for((ckpt / "step-2").exists, 300, "the first checkpoint", log, job)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], env=slurm, check=True)
-    stopped = _wait_for(lambda: re.search(STOPPED, _output(log)), 120, "the ranks to stop", log)
+    stopped = _wait_for(lambda: re.search(STOPPED, _output(log)), 120, "the ranks to stop", log, job)
     first = int(stopped[1])
 
     resumed = f"resumed from {ckpt / f'step-{first}'} at step {first}"
-    _wait_for(lambda: resumed in _output(log), 300, "the requeued job to resume", log)
-    _wait_for((ckpt / f"step-{first + 2 - first % 2}").exists, 300, "a checkpoint after resuming", log)
+    _wait_for(lambda: resumed in _output(log), 300, "the requeued job to resume", log, job)
+    _wait_for((ckpt / f"step-{first + 2 - first % 2}").exists, 300, "a checkpoint after resuming", log, job)
     subprocess.run(["scancel", job_id], env=slurm, check=True)
-    job = _wait_for(lambda: _finished(slurm, job_id), 120, f"job {job_id} to end", log)
+    ended = _ended(slurm, job_id, log, 120)
 
     output = _output(log)
-    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "1"), output[-3000:]
+    assert (ended["JobState"], ended["Restarts"]) == ("CANCELLED", "1"), output[-3000:]
     assert f"slurm: job {job_id} (start 2)" in output
     assert f"slurm: the ranks saved: requeueing job {job_id}" in output
     stops = [int(step) for step in re.findall(STOPPED, output)]
