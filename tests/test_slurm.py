@@ -138,9 +138,14 @@ def slurm(tmp_path_factory):
             return state.stdout.strip() == "idle"
 
         _wait_for(idle, 60, "the node to be idle", root / "slurmd.out")
+        # what the leftover check below looks for, it finds: these daemons, now
+        assert {d.pid for d in daemons.values()} <= {p.pid for p in _cluster_processes(conf)}
         yield env
     finally:
-        subprocess.run(["scancel", "--partition", "debug"], env=env, capture_output=True)  # any job still there
+        if "slurmctld" in daemons:  # a job a failed test left: cancelled, given KillWait to end
+            subprocess.run(["scancel", "--partition", "debug"], env=env, capture_output=True)
+            queue = ["squeue", "-h", "-o", "%i"]
+            _wait_for(lambda: not subprocess.run(queue, env=env, capture_output=True, text=True).stdout, 90, "jobs")
         for name in reversed(daemons):
             daemons[name].terminate()
             daemons[name].wait(timeout=30)
