@@ -120,6 +120,8 @@ def main() -> None:
         "recipe, zero2 x2 (shuffled)": lambda: recipe(args.steps, out / "zero2", ["-p", "zero2", *buffer]),
         "recipe, ddp x2, file order": lambda: recipe(args.steps, out / "file-order", ["-p", "ddp", "--shuffle_buffer", "0"]),
     }  # fmt: skip
+    keys = dict(zip(["plain", "ddp", "zero2", "file_order"], runs, strict=True))
+    runs = {keys[key]: runs[keys[key]] for key in args.runs.split(",")}
     results = {}
     for name, train in runs.items():
         print(f"{name}:", flush=True)
