@@ -21,12 +21,12 @@ every tensor a boosted model and optimizer reach):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 from .loss import CHUNK_TOKENS
 from .metrics import training_flops_per_token
 from .optim import OPTIMIZERS
-from .plugins import PLUGINS, _even_split
+from .plugins import _even_split
 
 GiB = 2**30
 ROLES = ("weights", "gradients", "optimizer", "activations", "communication")
@@ -146,8 +146,8 @@ def optimizer_state_bytes(layout: Layout, tensors: list[tuple[int, bool]], shard
     moments = {"sgd": 0, "inplace_sgd": 0, "collage_light": 3, "collage_plus": 4}.get(layout.optimizer, 2)
     pure = layout.precision == "pure_bf16"
     per_element = 2 * moments if pure or spec.bf16_without_masters else 4 * moments
-    zero, sixteen = _zero_stage(layout) > 0, layout.precision in ("bf16", "fp16")
-    masters = 4 if zero and sixteen else 0  # ZeRO keeps fp32 masters of 16-bit weights; ddp/hybrid fp32 weights are
+    # fp32 masters of 16-bit weights where the plugin casts the model (ZeRO, hybrid_parallel; ddp keeps fp32 weights)
+    masters = 4 if _plugin_casts(layout) and layout.precision in ("bf16", "fp16") else 0
     total, counters = 0, 0
     for n, matrix in tensors:
         elements = _padded(n, shard) // shard
@@ -243,3 +243,168 @@ def activation_bytes(shape: Shape, layout: Layout, seq_len: int, microbatches: i
         logit_buffers = 2 if tokens <= CHUNK_TOKENS else 3
         head = 4 * tokens * shape.hidden * e + 4 * vocab * shape.hidden + logit_buffers * 4 * chunk * vocab
     return kept + max(rerun, head)
+
+
+# ---------------------------------------------------------------------------------------------
+# Communication buffers, the whole device, step time
+
+
+def communication_bytes(shape: Shape, layout: Layout, seq_len: int) -> int:
+    """Buffers the collectives hold: ZeRO's gradient-reduce bucket, Gemini's gathered chunks, a pipeline's
+    send/receive buffers of one micro-batch's hidden states."""
+    e = activation_size(layout)
+    total = 0
+    zero = _zero_stage(layout)
+    if zero == 3:
+        total += GEMINI_CHUNK_BYTES
+    elif zero > 0:
+        bucket = ZERO_BUCKET_ELEMENTS if layout.plugin != "hybrid_parallel" else HYBRID_ZERO_BUCKET_ELEMENTS
+        total += 2 * bucket  # 16-bit gradients waiting to be reduced
+    if layout.pp > 1:
+        total += 2 * layout.microbatch_size * seq_len * shape.hidden * e
+    return total
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the step time is computed from (stated defaults: an 8-GPU H100 SXM node)."""
+
+    peak_tflops: float = 989.0  # dense bf16 per device
+    mfu: float = 0.40  # the fraction of it the model's FLOPs reach
+    intra_node_gbps: float = 450.0  # GB/s per device inside a node (NVLink)
+    inter_node_gbps: float = 50.0  # GB/s per device between nodes (400 Gb/s InfiniBand)
+    gpus_per_node: int = 8
+
+
+def predict(shape, layout: Layout, seq_len: int, global_batch: int, hw: Hardware) -> dict:
+    """Peak bytes per device by role (the most loaded pipeline stage) and the step time's parts."""
+    microbatches = global_batch // (layout.dp * layout.microbatch_size)
+    stages = []
+    for stage in range(layout.pp):
+        roles = state_bytes(shape, layout, stage)
+        if layout.offload:
+            roles["optimizer"] = 0  # on the host
+        roles["activations"] = activation_bytes(shape, layout, seq_len, microbatches, stage)
+        roles["communication"] = communication_bytes(shape, layout, seq_len)
+        stages.append(roles)
+    roles = max(stages, key=lambda r: sum(r.values()))
+    flops = training_flops_per_token(_as_config(shape), seq_len) * global_batch * seq_len
+    if layout.recompute == "full":
+        flops *= 4 / 3  # forward once more
+    compute = flops / (layout.devices * hw.peak_tflops * 1e12 * hw.mfu)
+    bubble = compute * (layout.pp - 1) / microbatches if layout.pp > 1 else 0.0
+    return dict(
+        layout=layout,
+        bytes=roles,
+        peak_gb=sum(roles.values()) / 1e9,
+        microbatches=microbatches,
+        step_s=compute + bubble + _communication_seconds(shape, layout, seq_len, global_batch, hw),
+        compute_s=compute,
+        bubble_s=bubble,
+    )
+
+
+def _communication_seconds(shape: Shape, layout: Layout, seq_len: int, global_batch: int, hw: Hardware) -> float:
+    """Ring collectives: an all-reduce moves 2(n-1)/n of the bytes per device, a reduce-scatter or all-gather
+    (n-1)/n. Tensor parallelism stays inside a node; data parallelism crosses nodes once dp x tp x pp does."""
+    grads = 2 * sum(n for n, _ in parameter_tensors(shape, layout.tp, layout.pp, 0))  # 16-bit gradients
+    dp, seconds = layout.dp, 0.0
+    crosses = layout.devices > hw.gpus_per_node
+    dp_gbps = hw.inter_node_gbps if crosses else hw.intra_node_gbps
+    if dp > 1:
+        factor = 3 if _zero_stage(layout) == 3 else 2  # ZeRO-3: gather weights for forward and backward, scatter grads
+        seconds += factor * (dp - 1) / dp * grads / (dp_gbps * 1e9)
+    if layout.tp > 1:  # 4 all-reduces of the hidden states per layer per micro-batch (2 forward, 2 backward)
+        tokens = global_batch // dp * seq_len
+        moved = 4 * shape.layers // layout.pp * tokens * shape.hidden * 2 * 2 * (layout.tp - 1) / layout.tp
+        seconds += moved / (hw.intra_node_gbps * 1e9)
+    return seconds
+
+
+def _as_config(shape: Shape):
+    """What metrics.training_flops_per_token reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        intermediate_size=shape.ffn,
+        vocab_size=shape.vocab,
+    )
+
+
+def candidate_layouts(
+    shape: Shape,
+    devices: int,
+    global_batch: int,
+    plugins: list[str],
+    precision: str,
+    optimizer: str,
+    tp: int | None = None,
+    pp: int | None = None,
+    recompute: str | None = None,
+) -> list[Layout]:
+    """Every layout of `plugins` that can run: tp divides the heads and stays in a node, pp the layers, the
+    batch divides into dp x micro-batches; --tp/--pp/--recompute fix those."""
+    out = []
+    sizes = [1, 2, 4, 8]
+    for plugin in plugins:
+        model_parallel = plugin == "hybrid_parallel"
+        for t in [tp] if tp else (sizes if model_parallel else [1]):
+            for p in [pp] if pp else ([1, 2, 4, 8, 16] if model_parallel else [1]):
+                if devices % (t * p) or shape.heads % t or shape.kv_heads % t or (p > 1 and shape.layers < p):
+                    continue
+                if not model_parallel and (t > 1 or p > 1):
+                    continue
+                dp = devices // (t * p)
+                if global_batch % dp:
+                    continue
+                for mode in [recompute] if recompute else ["none", "selective", "full"]:
+                    for mbs in [1, 2, 4, 8]:
+                        if (global_batch // dp) % mbs:
+                            continue
+                        zeros = [0, 1] if model_parallel else [0]
+                        for zero in zeros:
+                            if p > 1 and zero > 1 or (zero and precision == "fp32"):
+                                continue
+                            out.append(
+                                Layout(
+                                    plugin,
+                                    devices,
+                                    t,
+                                    p,
+                                    zero,
+                                    mbs,
+                                    mode,
+                                    precision,
+                                    optimizer,
+                                    offload=plugin == "zero2_cpu",
+                                )
+                            )
+    return out
+
+
+def plan(
+    shape: Shape,
+    devices: int,
+    memory_gb: float,
+    seq_len: int,
+    global_batch: int,
+    plugins: list[str],
+    precision: str,
+    optimizer: str,
+    hw: Hardware,
+    **fixed,
+) -> list[dict]:
+    """The layouts that fit `memory_gb` per device, fastest first."""
+    layouts = candidate_layouts(shape, devices, global_batch, plugins, precision, optimizer, **fixed)
+    predictions = [predict(shape, layout, seq_len, global_batch, hw) for layout in layouts]
+    fits = [p for p in predictions if p["peak_gb"] <= memory_gb]
+    return sorted(fits, key=lambda p: (p["step_s"], p["peak_gb"]))
+
+
+def as_json(prediction: dict) -> dict:
+    layout = prediction["layout"]
+    return {**{k: v for k, v in prediction.items() if k != "layout"}, "layout": {**asdict(layout), "dp": layout.dp}}
