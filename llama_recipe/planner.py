@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from .loss import CHUNK_TOKENS
 from .metrics import training_flops_per_token
 from .optim import OPTIMIZERS
-from .plugins import _even_split
+from .plugins import PLUGINS, _even_split
 
 GiB = 2**30
 ROLES = ("weights", "gradients", "optimizer", "activations", "communication")
@@ -59,7 +59,7 @@ class Layout:
         parts = [self.plugin]
         if self.tp > 1 or self.pp > 1:
             parts.append(f"tp{self.tp} pp{self.pp}")
-        if self.plugin == "hybrid_parallel":
+        if PLUGINS[self.plugin].zero_stage is None:
             parts.append(f"zero{self.zero_stage}")
         parts.append(f"dp{self.dp} mbs{self.microbatch_size} {self.recompute}")
         return " ".join(parts)
@@ -124,19 +124,17 @@ def parameter_tensors(shape: Shape, tp: int = 1, pp: int = 1, stage: int = 0) ->
 def _plugin_casts(layout: Layout) -> bool:
     """The plugin casts the model (buffers included) to 16 bits itself (ZeRO, Gemini, hybrid_parallel);
     ddp leaves it fp32 under autocast, and pure bf16 builds it in bf16 (its buffers stay fp32)."""
-    if layout.plugin in ("ddp", "none"):
+    spec = PLUGINS[layout.plugin]
+    if not spec.casts_model:
         return False
     if layout.precision == "pure_bf16":
-        return layout.plugin in ("zero2", "zero2_cpu")  # handed to LowLevelZero as bf16, which casts
+        return _zero_stage(layout) == 2  # LowLevelZero is handed bf16 and casts; hybrid_parallel runs at fp32
     return layout.precision in ("bf16", "fp16")
 
 
 def _zero_stage(layout: Layout) -> int:
-    if layout.plugin in ("zero2", "zero2_cpu"):
-        return 2
-    if layout.plugin.startswith("gemini"):
-        return 3
-    return layout.zero_stage if layout.plugin == "hybrid_parallel" else 0
+    stage = PLUGINS[layout.plugin].zero_stage
+    return layout.zero_stage if stage is None else stage
 
 
 def optimizer_state_bytes(layout: Layout, tensors: list[tuple[int, bool]], shard: int) -> int:
@@ -258,7 +256,7 @@ def communication_bytes(shape: Shape, layout: Layout, seq_len: int) -> int:
     if zero == 3:
         total += GEMINI_CHUNK_BYTES
     elif zero > 0:
-        bucket = ZERO_BUCKET_ELEMENTS if layout.plugin != "hybrid_parallel" else HYBRID_ZERO_BUCKET_ELEMENTS
+        bucket = HYBRID_ZERO_BUCKET_ELEMENTS if PLUGINS[layout.plugin].model_parallel else ZERO_BUCKET_ELEMENTS
         total += 2 * bucket  # 16-bit gradients waiting to be reduced
     if layout.pp > 1:
         total += 2 * layout.microbatch_size * seq_len * shape.hidden * e
@@ -351,7 +349,7 @@ def candidate_layouts(
     out = []
     sizes = [1, 2, 4, 8]
     for plugin in plugins:
-        model_parallel = plugin == "hybrid_parallel"
+        model_parallel = PLUGINS[plugin].model_parallel
         for t in [tp] if tp else (sizes if model_parallel else [1]):
             for p in [pp] if pp else ([1, 2, 4, 8, 16] if model_parallel else [1]):
                 if devices % (t * p) or shape.heads % t or shape.kv_heads % t or (p > 1 and shape.layers < p):
@@ -380,7 +378,7 @@ def candidate_layouts(
                                     mode,
                                     precision,
                                     optimizer,
-                                    offload=plugin == "zero2_cpu",
+                                    offload=PLUGINS[plugin].offloads_optimizer,
                                 )
                             )
     return out

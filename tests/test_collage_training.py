@@ -67,7 +67,10 @@ SHARDED_BYTES = {
     "zero2": (["-p", "zero2"], 7),
     "zero2_cpu": (["-p", "zero2_cpu"], 7),  # on a CPU machine "offloaded" state lives where it was
     "tp2": (["-p", "hybrid_parallel", "--tp", "2"], 6),
-    "pp2": (["-p", "hybrid_parallel", "--pp", "2"], 6),  # tiny's two stages: embeddings + a layer, a layer + head
+    "pp2": (
+        ["-p", "hybrid_parallel", "--pp", "2", "-b", "2"],
+        6,
+    ),  # tiny's two stages: embeddings + a layer, a layer + head
 }
 PLANNED = {  # the planner's layout of each (2 ranks)
     "zero2": Layout("zero2", 2),
