@@ -82,19 +82,32 @@ def build_parser(script: str) -> OneLineErrorParser:
         offered = [f for f in fields(section) if flag_of(f) and script in flag_of(f).scripts]
         group = parser.add_argument_group(section_name, (section.__doc__ or "").strip()) if offered else None
         for f in offered:
-            spec = flag_of(f)
-            names, help_text, default = spec.for_script(script, f.default)
-            kwargs = dict(dest=f.name, help=help_text, default=default)
-            value_type = declared_type(section, f.name)
-            if value_type is bool:
-                kwargs["action"] = "store_true"
-            else:
-                parse = spec.type or value_type
-                if parse not in (int, float, str) and spec.type is None:  # e.g. a tuple: the flag says how
-                    raise TypeError(f"config field {f.name}: give its flag(...) a type= that parses {value_type}")
-                kwargs.update(type=parse, choices=_choices(f.name, script), required=spec.required)
-            group.add_argument(*names, **kwargs)
+            add_flag(group, section, f, script)
     return parser
+
+
+def add_flag(parser, section, f, script: str, **override: Any) -> None:
+    """The argument of config field `f` as `script` spells it (`override`: e.g. another default)."""
+    spec = flag_of(f)
+    names, help_text, default = spec.for_script(script, f.default)
+    kwargs = dict(dest=f.name, help=help_text, default=default)
+    value_type = declared_type(section, f.name)
+    if value_type is bool:
+        kwargs["action"] = "store_true"
+    else:
+        parse = spec.type or value_type
+        if parse not in (int, float, str) and spec.type is None:  # e.g. a tuple: the flag says how
+            raise TypeError(f"config field {f.name}: give its flag(...) a type= that parses {value_type}")
+        kwargs.update(type=parse, choices=_choices(f.name, script), required=spec.required)
+    parser.add_argument(*names, **{**kwargs, **override})
+
+
+def add_config_flags(parser, names: dict[str, dict], script: str = "pretrain") -> None:
+    """Other tools (scripts/plan.py) take some of `script`'s flags: {field name: overrides}, each flag defined once."""
+    for section in SECTIONS.values():
+        for f in fields(section):
+            if f.name in names:
+                add_flag(parser, section, f, script, **names[f.name])
 
 
 def parse_args(script: str, argv: list[str] | None = None) -> TrainConfig:

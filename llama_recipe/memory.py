@@ -62,9 +62,11 @@ def state_memory(cfg: TrainConfig) -> dict:
     forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
     model_parallel = dist.get_world_size() // par.dp_size
     share = count_parameters(model_config) / model_parallel  # the parameters this rank's replica slice holds
-    measured = {role: n / share for role, n in bytes_by_role(model, optimizer).items()}
+    counted = bytes_by_role(model, optimizer)
+    measured = {role: n / share for role, n in counted.items()}
     megatron = MEGATRON_BYTES.get(par.precision)  # None for pure_bf16: Megatron's table has no row for it
     return dict(
+        bytes=counted,  # what the planner predicts (planner.state_bytes)
         bytes_per_parameter=measured,
         total_bytes_per_parameter=sum(measured.values()),
         megatron_without_distributed_optimizer=megatron and megatron[0],

@@ -108,6 +108,11 @@ class PluginSpec:
     # (cfg, optimizer) -> why this run cannot use an optimizer that needs whole weight matrices (muon), or None
     whole_matrix_refusal: Callable[[TrainConfig, str], str | None] | None = None
     lora: bool = False  # offers ColossalAI's Booster.enable_lora (--lora_rank; lora.py)
+    # What the planner (planner.py) reads: the ZeRO stage it always runs (None: --zero_stage), whether it keeps
+    # the optimizer state on the host, and whether it casts the model to 16 bits itself (ddp: autocast, fp32 weights)
+    zero_stage: int | None = 0
+    offloads_optimizer: bool = False
+    casts_model: bool = True
     # (cfg, precision, world size): raises UsageError where the run breaks this plugin's own rules
     check: Callable[[TrainConfig, str, int], None] | None = None
 
@@ -501,6 +506,7 @@ _GEMINI = dict(
     compile_refusal="--compile is not available with -p gemini/gemini_auto (Gemini fetches each weight through "
     "parameter hooks that torch.compile does not trace); drop --compile, or use -p zero2 or ddp",
     fused_update_refusal=_gemini_refuses_fused_update,
+    zero_stage=3,
     whole_matrix_refusal=_shards_matrices,
     check=_check_gemini,
 )
@@ -527,6 +533,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "zero2",
             "ZeRO-2: optimizer state and gradients sharded (`LowLevelZeroPlugin(stage=2)`)",
             _zero2(cpu_offload=False),
+            zero_stage=2,
             syncs_every_micro_step=True,
             zero_slices=True,
             lora=True,
@@ -538,6 +545,8 @@ PLUGINS: dict[str, PluginSpec] = {
             "zero2_cpu",
             "ZeRO-2 with the optimizer state offloaded to CPU",
             _zero2(cpu_offload=True),
+            zero_stage=2,
+            offloads_optimizer=True,
             syncs_every_micro_step=True,
             zero_slices=True,
             lora=True,
@@ -550,6 +559,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "tensor x pipeline x sequence x data parallel (`--tp`, `--pp`, `--sp`, `--zero_stage`, `--pp_style`)",
             _hybrid_parallel,
             model_parallel=True,
+            zero_stage=None,
             lazy_init=True,
             document_attention=False,
             chunked_loss=False,  # shardformer's forward: a vocabulary-parallel lm_head and its own cross-entropy
@@ -564,6 +574,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "ddp",
             "PyTorch DDP (`TorchDDPPlugin`)",
             _ddp,
+            casts_model=False,
             clips_in_step=False,
             autocast_bf16=True,
             lora=True,
@@ -573,6 +584,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "none",
             "plain PyTorch, no booster (benchmark.py's baseline)",
             lambda cfg, precision: (PlainTorch(), None),
+            casts_model=False,
             clips_in_step=False,
             autocast_bf16=True,
             uses_booster=False,

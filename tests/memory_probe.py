@@ -16,6 +16,7 @@ import torch.distributed as dist
 from llama_recipe.cli import parse_args
 from llama_recipe.data import SyntheticBatches
 from llama_recipe.distributed import launch
+from llama_recipe.memory import bytes_by_role
 from llama_recipe.metrics import tensor_bytes_by_dtype
 from llama_recipe.model import count_parameters, get_model_config
 from llama_recipe.parallel import build_parallelism
@@ -39,8 +40,46 @@ def measure(argv: list[str]) -> dict:
         rank=dist.get_rank(),
         parameters=count_parameters(model_config),
         bytes=tensor_bytes_by_dtype(model, optimizer),
+        roles=bytes_by_role(model, optimizer),  # what the planner predicts (llama_recipe/planner.py)
+        world_size=dist.get_world_size(),
         param_dtypes=sorted({str(p.dtype) for p in model.parameters()}),
     )
+
+
+def allocation_peak(run) -> int:
+    """The highest the bytes allocated rose above their level at the start while `run()` ran: the
+    profiler's allocation record, summed in order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    # every allocation (+bytes) and free (-bytes) the allocator reported, in time order
+    records = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    level = peak = 0
+    for _, nbytes in records:
+        level += nbytes
+        peak = max(peak, level)
+    return peak
+
+
+def activation_peak(argv: list[str]) -> dict:
+    """The activation peak of one training forward/backward (after two steps, so the gradients, DDP's
+    buckets and the optimizer state already exist): what the planner's `activation_bytes` predicts. Needs a process group."""
+    cfg = parse_args("pretrain", argv)
+    par = build_parallelism(cfg)
+    model_config = get_model_config(cfg.model.config)
+    model, optimizer, _ = build_boosted(cfg, par, model_config, "sdpa", warmup_steps=0, total_steps=10)
+    batches = SyntheticBatches(
+        model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
+    )
+    for _ in range(2):  # DDP rebuilds its gradient buckets after the first step
+        forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+        par.step(optimizer)
+        optimizer.zero_grad()
+    peak = allocation_peak(lambda: forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch))
+    return dict(rank=dist.get_rank(), activation_peak=peak)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,14 @@ bf16 speed.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from conftest import TINY_RUN, check_ok, launch, launch_runs, one_rank_process_group, read_scalars, run_in_process
 from memory_probe import measure
+
+from llama_recipe.model import get_model_config
+from llama_recipe.planner import Layout, Shape, state_bytes
 
 # (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
 MEMORY_CASES = {
@@ -63,6 +67,16 @@ SHARDED_BYTES = {
     "zero2": (["-p", "zero2"], 7),
     "zero2_cpu": (["-p", "zero2_cpu"], 7),  # on a CPU machine "offloaded" state lives where it was
     "tp2": (["-p", "hybrid_parallel", "--tp", "2"], 6),
+    "pp2": (
+        ["-p", "hybrid_parallel", "--pp", "2", "-b", "2"],
+        6,
+    ),  # tiny's two stages: embeddings + a layer, a layer + head
+}
+PLANNED = {  # the planner's layout of each (2 ranks)
+    "zero2": Layout("zero2", 2),
+    "zero2_cpu": Layout("zero2_cpu", 2, offload=True),
+    "tp2": Layout("hybrid_parallel", 2, tp=2),
+    "pp2": Layout("hybrid_parallel", 2, pp=2),
 }
 
 
@@ -91,6 +105,22 @@ def test_no_fp32_copy_and_sharded_state_with_two_ranks(sharded_reports, layout):
         assert report["bytes"].get("float32", 0) <= FP32_ALLOWANCE_BYTES, report
         per_parameter = report["bytes"]["bfloat16"] / report["parameters"]
         assert abs(per_parameter - expected) <= 0.05 * expected, f"{per_parameter:.3f} B/param on one rank, {report}"
+        # the planner's state bytes, byte for byte, on each rank (pipeline stage)
+        planned = replace(PLANNED[layout], precision="pure_bf16", optimizer="collage_plus")
+        stage = report["rank"] if planned.pp > 1 else 0
+        assert state_bytes(SHAPE, planned, stage) == report["roles"], layout
+
+
+SHAPE = Shape.of(get_model_config("tiny"))
+
+
+@pytest.mark.parametrize("case", list(MEMORY_CASES), ids=["-".join(case) for case in MEMORY_CASES])
+def test_planner_state_bytes_equal_the_accounting(memory_reports, case):
+    """One rank: ddp and zero2, bf16, pure bf16 and Collage; each role's bytes exactly."""
+    plugin, precision, optimizer = case
+    assert (
+        state_bytes(SHAPE, Layout(plugin, 1, precision=precision, optimizer=optimizer)) == memory_reports[case]["roles"]
+    )
 
 
 RESUME_LAYOUTS = {  # layout: (flags, processes); ddp in this process (the sharded layouts need 2)

@@ -7,10 +7,17 @@ from conftest import one_rank_process_group
 
 from llama_recipe.config import TrainConfig
 from llama_recipe.memory import state_memory
+from llama_recipe.model import get_model_config
+from llama_recipe.planner import Layout, Shape, state_bytes
 
 
 @pytest.mark.parametrize(
-    "optimizer, expected", [("adamw", dict(weights=4, gradients=4, optimizer=8)), ("sgd", dict(weights=4, gradients=4))]
+    "optimizer, expected",
+    [
+        ("adamw", dict(weights=4, gradients=4, optimizer=8)),
+        ("sgd", dict(weights=4, gradients=4)),
+        ("inplace_sgd", dict(weights=4)),  # each gradient applied and freed inside backward
+    ],
 )
 def test_fp32_state_bytes_per_parameter(optimizer, expected):
     """fp32 AdamW: 4-byte weights, 4-byte gradients, two 4-byte moments; SGD keeps no state. Megatron's fp32 row
@@ -23,4 +30,24 @@ def test_fp32_state_bytes_per_parameter(optimizer, expected):
     for role in ["weights", "gradients", "optimizer"]:
         # buffers (the rotary frequencies) and the step counters add a few bytes per million parameters
         assert measured[role] == pytest.approx(expected.get(role, 0), abs=1e-3), measured
+    # the planner's prediction, byte for byte
+    layout = Layout("ddp", 1, precision="fp32", optimizer=optimizer)
+    assert state_bytes(Shape.of(get_model_config("tiny")), layout) == memory["bytes"]
     assert memory["megatron_without_distributed_optimizer"] == memory["megatron_distributed_optimizer"] == 16
+
+
+def test_planner_activation_peak_within_15_percent():
+    """tiny at -l 256, each recompute mode: the highest the allocator's record rose during a training
+    forward/backward (tests/memory_probe.py) against planner.activation_bytes. Measured once at -l 1024 and
+    2048 and for small: docs/planning.md."""
+    from memory_probe import activation_peak
+
+    from llama_recipe.planner import activation_bytes
+
+    shape = Shape.of(get_model_config("tiny"))
+    with one_rank_process_group():
+        for mode in ["none", "selective", "full"]:
+            argv = ["-c", "tiny", "-l", "256", "-b", "1", "-p", "ddp", "-x", "fp32", "--recompute", mode]
+            measured = activation_peak(argv)["activation_peak"]
+            predicted = activation_bytes(shape, Layout("ddp", 1, recompute=mode, precision="fp32"), 256)
+            assert abs(predicted / measured - 1) <= 0.15, (mode, predicted, measured)
