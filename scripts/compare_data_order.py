@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument(
         "--shuffle_buffer", type=int, default=None, help="the recipe runs' --shuffle_buffer (default: theirs)"
     )
+    p.add_argument("--runs", default="plain,ddp,zero2,file_order", help="which runs, comma-separated")
     args = p.parse_args()
     buffer = ["--shuffle_buffer", str(args.shuffle_buffer)] if args.shuffle_buffer is not None else []
     out = Path(args.out)
