@@ -301,6 +301,6 @@ def flag_table(script: str, everything: bool = True) -> str:
     if not everything:
         count = len(set(_rows(script)) - set(_rows(script, everything=False)))
         lines.append(
-            f"\n{count} more flags (resume overrides, fault handling, hub data, Gemini placement, W&B): [docs/flags.md](docs/flags.md)."
+            f"\n{count} more flags (resume overrides, fault handling, hub data, Gemini placement, W&B, LoRA): [docs/flags.md](docs/flags.md)."
         )
     return "\n".join(lines)
