@@ -25,6 +25,7 @@ from .distributed import any_rank, device, is_main_process, print_main, synchron
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
+from .ledger import DataLedger
 from .loss import target_tokens, token_weighted
 from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
@@ -305,24 +306,24 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     inputs = ModelInputs(attn_implementation, cfg.model.document_attention, dtype, par.sequence_parallel)
     checkpointer = Checkpointer(cfg, par, run.tokenizer, run.script)
     state: TrainState = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, run.initial_weights)
-    if state.step >= run.total_steps:
-        print_main(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {run.total_steps}")
+    batches = DataLedger(cfg, run.batches, state.step, checkpointer.data_resumed_exactly)  # what each step read
     metrics = RunMetrics(cfg, par, run.model_config, run.seq_len, run.total_steps, state.step, run.desc)
     evaluator = Evaluator(par, run.held_out, inputs) if run.held_out else None
     if evaluator and state.step == 0:
         metrics.log_eval(state.step, evaluator(model))  # the starting point, so the run shows what training changed
-    samples_per_step = cfg.training.batch_size * cfg.training.accumulation_steps * par.dp_size
     model.train()
     reset_peak_memory()
     guard = StepGuard(cfg.training)
-    with metrics, StopRequest() as stop:
+    with metrics, StopRequest() as stop, batches:
         while state.step < run.total_steps:
             step = train_step(
-                par, model, optimizer, lr_scheduler, run.batches, cfg, inputs, guard, checkpointer.before_update
+                par, model, optimizer, lr_scheduler, batches, cfg, inputs, guard, checkpointer.before_update
             )
-            state.advance(samples_per_step, step.tokens)
+            state.advance(cfg.training.batch_size * cfg.training.accumulation_steps * par.dp_size, step.tokens)
             metrics.log_step(state.step, step, optimizer, guard.total + step.bad)
-            if guard.check(step, state.step, checkpointer.last):  # --on_spike rollback
+            roll_back = guard.check(step, state.step, checkpointer.last)  # --on_spike rollback
+            batches.write(state.step, quarantine=step.bad or roll_back)  # a suspect batch's documents: never again
+            if roll_back:
                 state = checkpointer.roll_back(state, model, optimizer, lr_scheduler)
                 continue
             if not guard.in_a_row:  # the last good checkpoint stays the last one saved before a bad streak
