@@ -350,6 +350,9 @@ def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, b
     )  # fmt: skip
 
 
+_RECORDS: dict[str, list[str]] = {}  # a data file's records (its non-blank lines), read once
+
+
 def ledger_lines(run: Path, rank: int) -> list[dict]:
     """A rank's data ledger (<-o>/ledger/rank-<R>.jsonl), its lines in the order written."""
     return [json.loads(line) for line in (run / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]
@@ -370,8 +373,9 @@ def assert_ledger_line_is(entry: dict, batches: list[dict], tokenizer) -> None:
     assert entry["fingerprint"] == digest.hexdigest(), entry["step"]
     tokens = {}
     for name, record in entry["documents"]:
-        line = [x for x in Path(name).read_text().splitlines() if x.strip()][record]
-        tokens[(name, record)] = tokenize_texts(tokenizer, [json.loads(line)["text"]])[0]
+        if name not in _RECORDS:
+            _RECORDS[name] = [line for line in Path(name).read_text().splitlines() if line.strip()]
+        tokens[(name, record)] = tokenize_texts(tokenizer, [json.loads(_RECORDS[name][record])["text"]])[0]
     found = []
     for batch in batches:
         for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):

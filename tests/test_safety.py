@@ -459,7 +459,7 @@ def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer, 
     is counted, and the run carries on to its end.
 
     Its documents are quarantined: in the data state of the checkpoints after it, never in a later
-    batch, also after a resume. The data ledger names what every step trained on (checked against
+    batch, also after a resume; scripts/show_batch.py shows them and exports the list. The data ledger names what every step trained on (checked against
     the batches, rebuilt here with the quarantine taken after the third). A resume from step-4 feeds
     step 5 the same tokens (the quarantine resumes exactly); with the interrupted run's line for step
     5 planted with another fingerprint, it says so in one warning line naming the step."""
@@ -498,6 +498,15 @@ def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer, 
     assert read_ledger(run / "ledger" / "rank-0.jsonl")[5] == resumed[0]  # the last written counts
     for entry in lines[3:] + resumed:
         assert not {tuple(d) for d in entry["documents"]} & {tuple(d) for d in quarantined}, entry["step"]
+    shown = run_in_process("scripts/show_batch.py", [str(run), "3"])  # what a user looks at first
+    check_ok(shown)
+    name, record = quarantined[0]
+    text = json.loads([x for x in Path(name).read_text().splitlines() if x.strip()][record])["text"]
+    assert f"rank 0: fingerprint {lines[2]['fingerprint']}, {len(quarantined)} documents" in shown.stdout
+    assert f"  {name}:{record}  {' '.join(text.split())[:100]}\n" in shown.stdout
+    exported = run_in_process("scripts/show_batch.py", ["--quarantine", str(run)])
+    check_ok(exported)
+    assert json.loads(exported.stdout) == sorted(quarantined)
 
 
 SPIKE_Z = 2.0
