@@ -153,10 +153,14 @@ class DataLedger:
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         batch = self.batches.next_batch()
-        self.ids.append(batch["input_ids"])
-        for key, values in getattr(self.batches, "provenance", {}).items():
-            self.provenance.setdefault(key, []).extend(values)
+        self.record(batch, getattr(self.batches, "provenance", {}))
         return batch
+
+    def record(self, batch: dict, provenance: dict) -> None:
+        """One micro-batch of the step, and where it came from."""
+        self.ids.append(batch["input_ids"])
+        for key, values in provenance.items():
+            self.provenance.setdefault(key, []).extend(values)
 
     def __getattr__(self, name):  # epoch, state_dict, load_state_dict, ...
         return getattr(self.batches, name)
