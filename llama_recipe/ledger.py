@@ -8,11 +8,12 @@ two runs fed the same tokens write the same one. Prepared data has no documents:
 the rows instead (`"rows"`: row r is tokens r * seq_len .. (r + 1) * seq_len of tokens.bin);
 synthetic data logs the fingerprint only.
 
-Where: `<-o>/ledger/rank-<R>.jsonl` (without -o, `<-t>/ledger/`), printed at the start of the run.
-A resumed run appends the steps after its checkpoint again, so the last line written for a step is
-the one that counts (`scripts/show_batch.py RUN STEP` shows it). Resuming exactly, the first step's
-fingerprint is compared with the interrupted run's line for that step: another one means the data
-or the stream changed, which is one warning line naming the step.
+Where: beside the run's TensorBoard logs, `<-t>/ledger/rank-<R>.jsonl` (by default
+`<-o>/tensorboard/ledger/`; `-t ''`: no ledger), printed at the start of the run. A resumed run
+appends the steps after its checkpoint again, so the last line written for a step is the one that
+counts (`scripts/show_batch.py RUN STEP` shows it). Resuming exactly, the first step's fingerprint
+is compared with the line the interrupted run wrote for that step (in its recorded -t): another one
+means the data or the stream changed, which is one warning line naming the step.
 
 The quarantine: a step whose update was skipped as non-finite, or rolled back as a loss spike, has
 its documents (every rank's, gathered) left out of the stream for the rest of the run (see
@@ -29,19 +30,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import TrainConfig
+from .config import TENSORBOARD_SUBDIR, TrainConfig
 from .distributed import any_rank, print_main, rank, world_size
 from .document_order import read_texts
 from .errors import UsageError
+from .metrics import resumed_tensorboard_dir
 from .sources import Source
 
 LEDGER_SUBDIR = "ledger"
 
 
-def ledger_dir(cfg: TrainConfig) -> Path | None:
-    """Where a run's ledger goes: beside its checkpoints, else beside its TensorBoard logs, else nowhere."""
-    root = cfg.checkpoint.save_dir or cfg.logging.tensorboard_dir
-    return Path(root) / LEDGER_SUBDIR if root else None
+def ledger_dir(tensorboard_dir: str | None) -> Path | None:
+    """Where a run's ledger goes: beside its TensorBoard logs (none without them)."""
+    return Path(tensorboard_dir) / LEDGER_SUBDIR if tensorboard_dir else None
 
 
 def fingerprint(input_ids: list[torch.Tensor]) -> str:
@@ -65,12 +66,14 @@ def read_ledger(path: Path) -> dict[int, dict]:
 
 
 def find_ledger(run: str | Path) -> Path:
-    """The ledger directory of RUN: the run's -o (or -t) directory, or the ledger directory itself."""
+    """The ledger directory of RUN: the run's -t directory, its -o (with the default -t), or the ledger itself."""
     run = Path(run)
-    for directory in (run / LEDGER_SUBDIR, run):
+    for directory in (run / LEDGER_SUBDIR, run / TENSORBOARD_SUBDIR / LEDGER_SUBDIR, run):
         if directory.is_dir() and any(directory.glob("rank-*.jsonl")):
             return directory
-    raise UsageError(f"{run} holds no data ledger ({LEDGER_SUBDIR}/rank-<R>.jsonl); pass the run's -o directory")
+    raise UsageError(
+        f"{run} holds no data ledger ({LEDGER_SUBDIR}/rank-<R>.jsonl); pass the run's -t directory (or its -o)"
+    )
 
 
 def step_entries(directory: Path, step: int) -> dict[int, dict]:
@@ -130,14 +133,14 @@ class DataLedger:
         self.ids: list[torch.Tensor] = []  # the step's micro-batches so far
         self.provenance: dict[str, list] = {}
         self.last: dict = {}  # the last step's line
-        directory = ledger_dir(cfg)
+        directory = ledger_dir(cfg.logging.tensorboard_dir)
         self.path = directory / f"rank-{rank()}.jsonl" if directory else None
-        # resuming exactly: the interrupted run's line for the first step (its ledger is beside the checkpoint)
+        # resuming exactly: the interrupted run's line for the first step (in its ledger, beside its recorded -t)
         self.check_step = start_step + 1 if cfg.checkpoint.load and resumed_exactly else None
         self.expected = None
-        if self.check_step is not None:
-            theirs = Path(cfg.checkpoint.load).parent / LEDGER_SUBDIR / f"rank-{rank()}.jsonl"
-            self.expected = read_ledger(theirs if theirs.is_file() else self.path).get(self.check_step)
+        theirs = ledger_dir(resumed_tensorboard_dir(cfg)) if self.check_step is not None else None
+        if theirs is not None:
+            self.expected = read_ledger(theirs / f"rank-{rank()}.jsonl").get(self.check_step)
         self.file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ class DataLedger:
                 self.path.write_text("")  # a fresh run, a fresh ledger
             elif self.path.is_file():
                 _cut_partial_line(self.path)
-            self.file = open(self.path, "a")  # noqa: SIM115 (open for the whole run; closed by close())
+            self.file = open(self.path, "a")  # noqa: SIM115 (open for the whole run; closed on leaving the loop)
             print_main(
                 f"data ledger: {directory}/rank-<R>.jsonl, a line per step and rank (scripts/show_batch.py "
                 f"{directory.parent} STEP shows a step's documents)"

@@ -3,10 +3,10 @@
 python scripts/show_batch.py RUN STEP             # each rank's documents of step STEP, with their first words
 python scripts/show_batch.py --quarantine RUN     # the quarantined documents, as JSON ([file, record] pairs)
 
-RUN is the run's -o directory (where checkpoints go; without -o its -t directory), as the run printed
-at its start ("data ledger: RUN/ledger/..."); the ledger directory itself works too. A step written
-twice (by a run and by the run resumed before it) shows as last written. --quarantine reads the
-newest checkpoint's list (or the one of RUN, when RUN is a step-<N> checkpoint).
+RUN is the run's TensorBoard directory (-t), as the run printed at its start ("data ledger:
+RUN/ledger/..."); with the default -t, the run's -o works too, and so does the ledger directory. A
+step written twice (by a run and by the run resumed before it) shows as last written. --quarantine
+reads the newest checkpoint's list: RUN is then the run's -o (or a step-<N> checkpoint).
 """
 
 import argparse
@@ -36,7 +36,7 @@ def show_step(run: str, step: int, chars: int, text_field: str) -> None:
 
 def main() -> None:
     p: argparse.ArgumentParser = OneLineErrorParser(prog="show_batch.py", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="the run's -o directory (or its ledger directory)")
+    p.add_argument("run", help="the run's -t directory (or its -o); with --quarantine its -o, or a checkpoint")
     p.add_argument("step", nargs="?", type=int, help="the step to show")
     p.add_argument("--quarantine", action="store_true", help="print the quarantined documents as JSON instead")
     p.add_argument("--chars", type=int, default=100, help="characters of each document to show (0: none)")

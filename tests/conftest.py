@@ -353,9 +353,9 @@ def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, b
 _RECORDS: dict[str, list[str]] = {}  # a data file's records (its non-blank lines), read once
 
 
-def ledger_lines(run: Path, rank: int) -> list[dict]:
-    """A rank's data ledger (<-o>/ledger/rank-<R>.jsonl), its lines in the order written."""
-    return [json.loads(line) for line in (run / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]
+def ledger_lines(tensorboard_dir: Path, rank: int) -> list[dict]:
+    """A rank's data ledger (<-t>/ledger/rank-<R>.jsonl), its lines in the order written."""
+    return [json.loads(line) for line in (tensorboard_dir / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]
 
 
 def assert_ledger_line_is(entry: dict, batches: list[dict], tokenizer) -> None:

@@ -158,19 +158,20 @@ def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, t
 
 @pytest.mark.multiprocess
 def test_the_data_ledger_is_what_each_rank_trained_on(layout_runs, tokenizer):
-    """conftest's zero2 run on 2 replicas and its resume from step 3 write one ledger in -o: each
-    rank's lines for steps 1-6 (the full run's), and for steps 4-6 again (the resume's), are the
-    batches that rank reads, rebuilt here. The resume fed the same tokens: no warning."""
+    """conftest's zero2 run on 2 replicas and its resume from step 3 each write a ledger beside their
+    -t: each rank's lines for steps 1-6 (the full run's) are the batches that rank reads, rebuilt here;
+    the resume's for steps 4-6 are the same (it checked its first step against the full run's line,
+    found through step-3's recorded -t, and so warned of nothing)."""
     run = layout_runs("zero2")
     for rank in (0, 1):
-        lines = ledger_lines(run["root"] / "ckpt", rank)
-        assert [entry["step"] for entry in lines] == [*range(1, STEPS + 1), *range(RESUME_FROM + 1, STEPS + 1)]
+        lines = ledger_lines(run["root"] / "tb", rank)
+        assert [entry["step"] for entry in lines] == list(range(1, STEPS + 1))
         assert {entry["rank"] for entry in lines} == {rank}
         rebuilt = trainer_batches(tokenizer, rank, 2)
-        for entry in lines[:STEPS]:
+        for entry in lines:
             assert_ledger_line_is(entry, [rebuilt.next_batch()], tokenizer)
-        assert lines[STEPS:] == lines[RESUME_FROM:STEPS]
-    assert f"data ledger: {run['root'] / 'ckpt' / 'ledger'}/rank-<R>.jsonl" in run["stdout"]
+        assert ledger_lines(run["root"] / "tb_resumed", rank) == lines[RESUME_FROM:]
+    assert f"data ledger: {run['root'] / 'tb' / 'ledger'}/rank-<R>.jsonl" in run["stdout"]
     assert "warning:" not in run["stdout"]
 
 
@@ -190,7 +191,8 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
     (the batches rebuilt here); the resume (on one replica, the data from its start) appends its own
     steps after the line the kill cut short."""
     save_dir = tmp_path / "ckpt"
-    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", ""]
+    tb = tmp_path / "tb"  # (the data ledger is beside it)
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", str(tb)]
     job = launch("pretrain.py", args, nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     caught = None
@@ -212,7 +214,7 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
 
     kept = {}
     for rank in (0, 1):
-        written = (save_dir / "ledger" / f"rank-{rank}.jsonl").read_text().split("\n")[:-1]  # (less a cut line)
+        written = (tb / "ledger" / f"rank-{rank}.jsonl").read_text().split("\n")[:-1]  # (less a cut line)
         kept[rank] = len(written)
         assert [json.loads(line)["step"] for line in written] == list(range(1, len(written) + 1))
         assert len(written) >= killed_step - 1
@@ -220,11 +222,11 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
         for line in written:
             assert_ledger_line_is(json.loads(line), [rebuilt.next_batch()], tokenizer)
 
-    resume = ["--max_steps", str(killed_step + 1), "-i", "1", "-f", "latest", "-o", str(save_dir), "-t", ""]
+    resume = ["--max_steps", str(killed_step + 1), "-i", "1", "-f", "latest", "-o", str(save_dir), "-t", str(tb)]
     resumed = resume_in_one_process([*TINY_RUN, "-p", "zero2", *resume, "--reset_schedule"])
     assert f"resumed from {latest} at step {states['step']}" in resumed.stdout
     assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
-    after = ledger_lines(save_dir, 0)[kept[0] :]  # every line whole: the resume's start on a line of their own
+    after = ledger_lines(tb, 0)[kept[0] :]  # every line whole: the resume's start on a line of their own
     assert [entry["step"] for entry in after] == list(range(states["step"] + 1, killed_step + 2))
     rebuilt = trainer_batches(tokenizer, 0, 1)  # --reset_data: the stream from its start, on one replica
     for entry in after:

@@ -473,8 +473,8 @@ def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer, 
     assert _adamw_updates(tmp_path / "ckpt" / "step-5") == {4}  # 5 steps, 4 updates
     assert read_scalars(tmp_path / "tb", "train/bad_steps")[5] == 1
 
-    run = tmp_path / "ckpt"
-    lines = ledger_lines(run, 0)
+    run, tb = tmp_path / "ckpt", tmp_path / "tb"
+    lines = ledger_lines(tb, 0)
     assert [entry["step"] for entry in lines] == [1, 2, 3, 4, 5]
     quarantined = lines[2]["documents"]
     assert "step 3: its " in capsys.readouterr().out
@@ -488,17 +488,17 @@ def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer, 
         if entry["step"] == 3:
             rebuilt.add_quarantine(quarantined)
     planted = [json.dumps(dict(e, fingerprint="0" * 16) if e["step"] == 5 else e) for e in lines]
-    (run / "ledger" / "rank-0.jsonl").write_text("\n".join(planted) + "\n")
+    (tb / "ledger" / "rank-0.jsonl").write_text("\n".join(planted) + "\n")
     _fit_with(tmp_path, tokenizer, _no_labels, at=0, steps=7, flags=["-i", "0", "-f", str(run / "step-4")])
     out = capsys.readouterr().out
     assert out.count("warning:") == 1 and "warning: step 5 trained on other tokens than the interrupted" in out
-    resumed = ledger_lines(run, 0)[5:]
+    resumed = ledger_lines(tb, 0)[5:]
     assert [entry["step"] for entry in resumed] == [5, 6, 7]
     assert resumed[0] == lines[4]  # the same documents and tokens as before
-    assert read_ledger(run / "ledger" / "rank-0.jsonl")[5] == resumed[0]  # the last written counts
+    assert read_ledger(tb / "ledger" / "rank-0.jsonl")[5] == resumed[0]  # the last written counts
     for entry in lines[3:] + resumed:
         assert not {tuple(d) for d in entry["documents"]} & {tuple(d) for d in quarantined}, entry["step"]
-    shown = run_in_process("scripts/show_batch.py", [str(run), "3"])  # what a user looks at first
+    shown = run_in_process("scripts/show_batch.py", [str(tb), "3"])  # what a user looks at first
     check_ok(shown)
     name, record = quarantined[0]
     text = json.loads([x for x in Path(name).read_text().splitlines() if x.strip()][record])["text"]
@@ -541,7 +541,7 @@ def test_a_loss_spike_is_logged_skipped_stopped_or_rolled_back(tmp_path, tokeniz
         assert "rolled back to" in out and "the batches of steps 21-26 are skipped" in out
         assert updates == {30} and states["consumed_samples"] == 72 and summary["steps"] == 30
         # the spike's documents are quarantined: saved with the checkpoint, and in no later batch
-        lines = ledger_lines(tmp_path / "ckpt", 0)
+        lines = ledger_lines(tmp_path / "tb", 0)
         spike = next(i for i, entry in enumerate(lines) if entry["step"] == 26)
         quarantined = {tuple(d) for d in lines[spike]["documents"]}
         data_state = json.loads((tmp_path / "ckpt" / "step-30" / "data" / "rank-0.json").read_text())
