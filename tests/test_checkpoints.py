@@ -369,6 +369,7 @@ def test_non_finite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoint(t
     message = expect_error_after_training(proc, str(save_dir / "step-1"), code=3)
     assert message.startswith("error: 3 steps in a row (steps 2-4) had a non-finite loss"), message
     assert "step 2: loss nan, update skipped (1 in a row; the run stops at 3)" in proc.stdout
+    assert "step 2: its " in proc.stdout and "documents are quarantined" in proc.stdout  # (past the read-ahead)
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-1"]
     assert latest_checkpoint(save_dir).name == "step-1"
