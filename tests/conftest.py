@@ -351,6 +351,7 @@ def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, b
 
 
 _RECORDS: dict[str, list[str]] = {}  # a data file's records (its non-blank lines), read once
+_TOKENS: dict[tuple[str, int], list[int]] = {}  # a document's tokens, tokenized once
 
 
 def ledger_lines(tensorboard_dir: Path, rank: int) -> list[dict]:
@@ -371,11 +372,12 @@ def assert_ledger_line_is(entry: dict, batches: list[dict], tokenizer) -> None:
     for batch in batches:
         digest.update(batch["input_ids"].numpy().tobytes())
     assert entry["fingerprint"] == digest.hexdigest(), entry["step"]
-    tokens = {}
     for name, record in entry["documents"]:
         if name not in _RECORDS:
             _RECORDS[name] = [line for line in Path(name).read_text().splitlines() if line.strip()]
-        tokens[(name, record)] = tokenize_texts(tokenizer, [json.loads(_RECORDS[name][record])["text"]])[0]
+        if (name, record) not in _TOKENS:
+            _TOKENS[(name, record)] = tokenize_texts(tokenizer, [json.loads(_RECORDS[name][record])["text"]])[0]
+    tokens = {tuple(d): _TOKENS[tuple(d)] for d in entry["documents"]}
     found = []
     for batch in batches:
         for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):
