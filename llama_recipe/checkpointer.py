@@ -51,6 +51,7 @@ class Checkpointer:
         self.last_size = 0  # its bytes: what the next save will need again
         self.pending: BackgroundSave | None = None  # --async_save: the checkpoint being written
         self.write_timeout = cfg.parallel.dist_timeout  # how long rank 0's writer waits for the other ranks' files
+        self.data_resumed_exactly = False  # the data stream goes on exactly from the checkpoint (same layout)
         self.replaced = None  # --replace_checkpoints: where the earlier run's checkpoints wait until this run saved
         if self.cfg.replace_checkpoints and self.cfg.save_dir and self.cfg.load is None and is_main_process():
             self.replaced = set_aside(self.cfg.save_dir)
@@ -100,6 +101,7 @@ class Checkpointer:
             batches.load_elastic(data_state, self.par.dp_size)
         elif data_state is not None:
             batches.load_state_dict(data_state)
+            self.data_resumed_exactly = True
         saved = states.get("layout", {})
         if saved != self.layout:
             print_main(

@@ -135,6 +135,12 @@ class DocumentStream:
         self.buffer: list[tuple[Ref, str]] = []
         self.order: FileInterleave | None = None  # the epoch being read
         self._resume_order: dict | None = None  # its position, when resumed before the epoch is opened again
+        self.quarantine: frozenset[tuple[int, int]] = frozenset()  # (file, record)s never to deal again
+
+    def set_quarantine(self, quarantine: frozenset[tuple[int, int]]) -> None:
+        """Deal none of these documents again, and drop those waiting in the buffer."""
+        self.quarantine = quarantine
+        self.buffer = [(ref, text) for ref, text in self.buffer if ref[:2] not in quarantine]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -160,6 +166,8 @@ class DocumentStream:
             g, self.g = self.g, self.g + 1
             if g < self.base or (g - self.base) % self.deal != self.dp_rank:
                 continue  # another replica's document
+            if ref[:2] in self.quarantine:
+                continue  # in a batch that was skipped or rolled back
             doc = document(self.source, ref[0], ref[1], payload)
             if doc is None or (self.only_slice is not None and doc["slice"] != self.only_slice):
                 continue  # unusable (counted), or another slice's
@@ -304,6 +312,10 @@ class MixedDocuments:
     def set_epoch(self, epoch: int) -> None:
         pass  # each slice keeps its own epoch (and file order)
 
+    def set_quarantine(self, quarantine: frozenset[tuple[int, int]]) -> None:
+        for ds in self.slices.values():
+            ds.set_quarantine(quarantine)
+
     def _next_from(self, name: str) -> dict:
         empty_passes = 0  # a pass resumed at the very end of an epoch may be empty; two in a row mean no data
         while True:
@@ -375,7 +387,11 @@ class PackedRows:
     Every row knows its pieces (which stretch of which document it holds), and so does the
     leftover that waits for the next row: the state is those pieces, not their tokens, and a
     resumed run reads and tokenizes the documents again. The row buffer's generator is part of the
-    state, so resuming is exact."""
+    state, so resuming is exact.
+
+    The quarantine (`add_quarantine`: the documents of a batch the trainer skipped or rolled back) is
+    part of the state too: those documents are never dealt again, and rows or leftover tokens that
+    hold a stretch of one are dropped, with the stretches of other documents that share those rows."""
 
     def __init__(self, documents, seq_len: int, eos_id: int, shuffle_rows: int = 0, seed: int = 0, dp_rank: int = 0):
         self.documents = documents
@@ -389,6 +405,34 @@ class PackedRows:
         self.rows: list[tuple[list[int], list[Piece]]] = []  # the row buffer
         self.seed, self.dp_rank = seed, dp_rank
         self.rng = np.random.default_rng([seed, dp_rank, 1_000_003])  # its draws
+        self.quarantine: frozenset[tuple[int, int]] = frozenset()  # (file, record)s never to feed again
+
+    def add_quarantine(self, documents: list[tuple[str, int]]) -> None:
+        """Never feed these documents ((file name, record) pairs) again. Call it between rows (not
+        while another thread reads ahead)."""
+        index = {name: i for i, name in enumerate(self.documents.source.files)}
+        found = {(index[name], int(record)) for name, record in documents if name in index}
+        self._set_quarantine(self.quarantine | found)
+
+    def _set_quarantine(self, quarantine: frozenset[tuple[int, int]]) -> None:
+        self.quarantine = frozenset(quarantine)
+        self.documents.set_quarantine(self.quarantine)
+        self.rows = [(tokens, pieces) for tokens, pieces in self.rows if not self._touches(pieces)]
+        tokens, pieces, at = [], [], 0
+        for piece in self.leftover_pieces:
+            length = piece[4] - piece[3]
+            if not self._touches([piece]):
+                tokens += self.leftover[at : at + length]
+                pieces.append(piece)
+            at += length
+        self.leftover, self.leftover_pieces = tokens, pieces
+
+    def _touches(self, pieces: list[Piece]) -> bool:
+        return any((p[0], p[1]) in self.quarantine for p in pieces)
+
+    def named_quarantine(self) -> list[list]:
+        """The quarantine as sorted [file name, record] pairs (what the checkpoint and the export hold)."""
+        return [[self.documents.source.files[f], r] for f, r in sorted(self.quarantine)]
 
     def __iter__(self) -> Iterator[tuple[list[int], np.ndarray, list[Piece]]]:
         for row in self._packed():
@@ -447,6 +491,7 @@ class PackedRows:
             "epoch": self.epoch,
             "rows": [[list(p) for p in pieces] for _, pieces in self.rows],
             "rng": self.rng.bit_generator.state,
+            "quarantine": self.named_quarantine(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -455,6 +500,8 @@ class PackedRows:
         self.epoch = state["epoch"]
         self.rng.bit_generator.state = state["rng"]
         self._resumed = True
+        self.quarantine = frozenset()
+        self.add_quarantine(state.get("quarantine", []))
 
     def load_elastic(self, states: list[dict], dp_size: int) -> None:
         """From the states of another number of replicas: the documents' streams move (see
@@ -471,6 +518,8 @@ class PackedRows:
         self.epoch = max(s["epoch"] for s in states)  # the replica furthest ahead's
         self.rng = np.random.default_rng([self.seed, self.dp_rank, 1_000_003, self.epoch, len(states)])
         self._resumed = True
+        self.quarantine = frozenset()
+        self.add_quarantine([pair for s in states for pair in s.get("quarantine", [])])
 
     def _load_pieces(self, leftover: list[Piece], rows: list[list[Piece]]) -> None:
         """The tokens of the leftover and the buffered rows, from their documents read again."""
@@ -501,15 +550,27 @@ def rows_to_batch(rows: list[tuple]) -> dict[str, torch.Tensor]:
 
 
 class PretrainBatches:
-    """Batches of packed rows as model inputs. Labels equal the inputs: the model shifts them."""
+    """Batches of packed rows as model inputs. Labels equal the inputs: the model shifts them.
+
+    `provenance` says where the last batch came from, for the data ledger: its documents as
+    (file name, record) pairs, in the order their first tokens appear in the batch."""
 
     def __init__(self, rows: PackedRows, batch_size: int):
         self.rows = rows
         self.batch_size = batch_size
         self._iterator = iter(rows)
+        self.provenance: dict = {}
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        return rows_to_batch([next(self._iterator) for _ in range(self.batch_size)])
+        rows = [next(self._iterator) for _ in range(self.batch_size)]
+        files = self.rows.documents.source.files
+        documents = dict.fromkeys((files[p[0]], p[1]) for row in rows for p in row[2])  # (ordered, each once)
+        self.provenance = {"documents": [list(d) for d in documents]}
+        return rows_to_batch(rows)
+
+    def add_quarantine(self, documents: list[tuple[str, int]]) -> None:
+        """Never feed these documents again (see `PackedRows.add_quarantine`)."""
+        self.rows.add_quarantine(documents)
 
     @property
     def epoch(self) -> int:
@@ -588,14 +649,17 @@ class Prefetcher:
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
         self._first: tuple | None = None  # the next item, read by `start` or taken from the queue
+        self.provenance: dict = {}  # the last batch's (see PretrainBatches)
 
     def _read(self) -> tuple:
-        """(the next batch, the source's state and epoch after it, None), or the error reading it
-        raised in the last place (e.g. an empty dataset), for the trainer to raise."""
+        """(the next batch, where it came from, the source's state and epoch after it, None), or the
+        error reading it raised in the last place (e.g. an empty dataset), for the trainer to raise."""
         try:
-            return self.source.next_batch(), self.source.state_dict(), self.source.epoch, None
+            batch = self.source.next_batch()
+            provenance = getattr(self.source, "provenance", {})
+            return batch, provenance, self.source.state_dict(), self.source.epoch, None
         except BaseException as e:
-            return None, None, None, e
+            return None, None, None, None, e
 
     def _produce(self, out: queue.Queue, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -606,7 +670,7 @@ class Prefetcher:
                     break
                 except queue.Full:
                     continue
-            if item[3] is not None:
+            if item[4] is not None:
                 return
 
     def _read_ahead(self) -> None:
@@ -622,19 +686,28 @@ class Prefetcher:
         make ColossalAI's lazy ones (LazyInitContext patches torch's constructors process-wide)."""
         if self._first is None and self._queue is None:
             self._first = self._read()
-        if self._first is not None and self._first[3] is not None:
-            raise self._first[3]
+        if self._first is not None and self._first[4] is not None:
+            raise self._first[4]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._first is None:
             self._read_ahead()
             self._first = self._queue.get()
-        (batch, state, epoch, error), self._first = self._first, None
+        (batch, provenance, state, epoch, error), self._first = self._first, None
         if error is not None:
             raise error
         self._read_ahead()  # the model exists now: prepare the next batches while it trains on this one
-        self._state, self._epoch = state, epoch
+        self._state, self._epoch, self.provenance = state, epoch, provenance
         return batch
+
+    def add_quarantine(self, documents: list[tuple[str, int]]) -> None:
+        """Never feed these documents again: the batches read ahead are dropped, the source goes back
+        to just after the last batch the trainer took and drops what it holds of them."""
+        if not hasattr(self.source, "add_quarantine"):
+            return  # prepared or synthetic data: no documents to leave out
+        self.load_state_dict(self._state)
+        self.source.add_quarantine(documents)
+        self._state = self.source.state_dict()
 
     @property
     def epoch(self) -> int:

@@ -525,6 +525,8 @@ class RunMetrics:
         that a resume continues the same W&B run (start_wandb)."""
         model_config, seq_len, total_steps = run.model_config, run.seq_len, run.total_steps
         self.cfg, self.par, self.total_steps, self.seq_len = cfg.logging, par, total_steps, seq_len
+        if start_step >= total_steps:
+            print_main(f"nothing to train: the checkpoint is at step {start_step} and this run stops at {total_steps}")
         self.compiled = cfg.model.compile  # the first step then compiles: its extra time is reported apart
         self.flops_per_token = training_flops_per_token(model_config, seq_len)
         self.flops_per_token_full_attention = training_flops_per_token(model_config, seq_len, causal=False)

@@ -350,6 +350,7 @@ class PreparedBatches:
         self._positions = np.arange(seq_len, dtype=np.int64)
         self._epoch = 0
         self.row = 0  # the next row of this replica's share, 0 .. rows_per_replica - 1
+        self.provenance: dict = {}  # the last batch's rows (see next_batch)
 
     @property
     def epoch(self) -> int:
@@ -372,6 +373,7 @@ class PreparedBatches:
         for epoch in np.unique(epochs):  # one vectorised permutation per epoch the batch touches
             rows[epochs == epoch] = self.rows_at(int(epoch), positions[epochs == epoch])
         starts = rows * self.seq_len
+        self.provenance = {"rows": rows.tolist()}  # for the data ledger: row r is tokens r*seq_len..(r+1)*seq_len
         input_ids = np.stack([self.tokens[s : s + self.seq_len] for s in starts]).astype(np.int64)
 
         # Document-relative positions: the document holding global token g starts at the last offset <= g.

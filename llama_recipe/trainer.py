@@ -25,6 +25,7 @@ from .distributed import any_rank, device, is_main_process, print_main, synchron
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
+from .ledger import DataLedger
 from .lora import add_adapters
 from .loss import target_tokens, token_weighted
 from .metrics import RunMetrics, StepResult, reset_peak_memory
@@ -317,25 +318,25 @@ def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:
     checkpointer = Checkpointer(cfg, par, run.tokenizer, run.script)
     # (LoRA loaded the pretrained weights before adding its adapters: build_boosted; full finetuning loads them now)
     state = checkpointer.resume(model, optimizer, lr_scheduler, run.batches, None if par.lora else run.initial_weights)
-    if state.step >= run.total_steps:
-        print_main(f"nothing to train: the checkpoint is at step {state.step} and this run stops at {run.total_steps}")
+    batches = DataLedger(cfg, run.batches, state.step, checkpointer.data_resumed_exactly)  # what each step read
     # (the W&B run's id goes into checkpointer.recorded: each checkpoint keeps it for a resume)
     metrics = RunMetrics(cfg, par, run, state.step, checkpointer.recorded)
     evaluator = Evaluator(par, run.held_out, inputs) if run.held_out else None
     if evaluator and state.step == 0:
         metrics.log_eval(state.step, evaluator(model))  # the starting point, so the run shows what training changed
-    samples_per_step = cfg.training.batch_size * cfg.training.accumulation_steps * par.dp_size
     model.train()
     reset_peak_memory()
     guard = StepGuard(cfg.training)
-    with metrics, StopRequest() as stop:
+    with metrics, StopRequest() as stop, batches:
         while state.step < run.total_steps:
             step = train_step(
-                par, model, optimizer, lr_scheduler, run.batches, cfg, inputs, guard, checkpointer.before_update
+                par, model, optimizer, lr_scheduler, batches, cfg, inputs, guard, checkpointer.before_update
             )
-            state.advance(samples_per_step, step.tokens)
+            state.advance(cfg.training.batch_size * cfg.training.accumulation_steps * par.dp_size, step.tokens)
             metrics.log_step(state.step, step, optimizer, guard.total + step.bad)
-            if guard.check(step, state.step, checkpointer.last):  # --on_spike rollback
+            roll_back = guard.check(step, state.step, checkpointer.last)  # --on_spike rollback
+            batches.write(state.step, quarantine=step.bad or roll_back)  # a suspect batch's documents: never again
+            if roll_back:
                 state = checkpointer.roll_back(state, model, optimizer, lr_scheduler)
                 continue
             if not guard.in_a_row:  # the last good checkpoint stays the last one saved before a bad streak

@@ -7,7 +7,9 @@
    1000 documents and rows), and the same in file order (--shuffle_buffer 0); one replica, one thread;
 2. prepared: `scripts/prepare_data.py` once, then reading rows from the memory-mapped tokens (in the
    shuffled order pretrain.py uses);
-3. training: benchmark.py with the `small` preset on 2 CPU processes (what the data must keep up with).
+3. training: benchmark.py with the `small` preset on 2 CPU processes (what the data must keep up with);
+4. the data ledger's cost per step (its fingerprint, documents and line, on the training thread) and its
+   bytes per step and rank (docs/data.md quotes `-l 4096 -b 8`).
 """
 
 import argparse
@@ -19,8 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from llama_recipe.cli import parse_args
 from llama_recipe.config import SHIPPED_PRETRAIN_DATA, SHIPPED_TOKENIZER
 from llama_recipe.data import build_pretrain_batches, load_tokenizer
+from llama_recipe.ledger import DataLedger
 from llama_recipe.prepared import PreparedBatches, prepare_dataset
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +43,23 @@ def rate(batches, seq_len: int, batch_size: int, seconds: float) -> float:
         batches.next_batch()
         n += 1
     return n * batch_size * seq_len / (time.perf_counter() - started)
+
+
+def ledger_cost(batches, seq_len: int, batch_size: int, steps: int = 50) -> tuple[float, float]:
+    """(seconds, bytes) the data ledger adds per step of one micro-batch: what pretrain.py's loop does
+    around each step (DataLedger.next_batch, then write), less reading the batch itself."""
+    with tempfile.TemporaryDirectory() as tmp:
+        args = ["-d", "unused", "-l", str(seq_len), "-b", str(batch_size), "-o", tmp, "-t", ""]
+        ledger = DataLedger(parse_args("pretrain", args), batches, 0, resumed_exactly=False)
+        spent = 0.0
+        for step in range(1, steps + 1):
+            batch = batches.next_batch()
+            started = time.perf_counter()
+            ledger.record(batch, batches.provenance)  # DataLedger.next_batch, less the read
+            ledger.write(step)
+            spent += time.perf_counter() - started
+        ledger.__exit__()
+        return spent / steps, (Path(tmp) / "ledger" / "rank-0.jsonl").stat().st_size / steps
 
 
 def training_rate(seq_len: int) -> float:
@@ -84,6 +105,8 @@ def main() -> None:
     print(
         f"prepared memmap                      : {prepared:>12,.0f} tokens/s  ({prepared / streaming:,.0f}x streaming)"
     )
+    seconds, size = ledger_cost(default, args.max_length, args.batch_size)
+    print(f"data ledger, per step and rank       : {seconds * 1e3:>12.2f} ms, {size:,.0f} bytes")
     if not args.no_training:
         training = training_rate(args.max_length)
         print(f"training, small preset, 2 CPU procs  : {training:>12,.0f} tokens/s")

@@ -416,6 +416,48 @@ def trainer_batches(tokenizer, dp_rank: int, dp_size: int, seq_len: int = 128, b
     )  # fmt: skip
 
 
+_RECORDS: dict[str, list[str]] = {}  # a data file's records (its non-blank lines), read once
+_TOKENS: dict[tuple[str, int], list[int]] = {}  # a document's tokens, tokenized once
+
+
+def ledger_lines(tensorboard_dir: Path, rank: int) -> list[dict]:
+    """A rank's data ledger (<-t>/ledger/rank-<R>.jsonl), its lines in the order written."""
+    return [json.loads(line) for line in (tensorboard_dir / "ledger" / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+def assert_ledger_line_is(entry: dict, batches: list[dict], tokenizer) -> None:
+    """A ledger line is what the step trained on, checked against the batches themselves: its fingerprint
+    is blake2b-64 of their input_ids, and its documents are exactly those whose tokens fill the rows, in
+    order: each stretch of a row between two position restarts is the tokens at those positions of a
+    listed document (read from its file, record = its non-blank line, and tokenized here)."""
+    import hashlib
+
+    from llama_recipe.data import tokenize_texts
+
+    digest = hashlib.blake2b(digest_size=8)
+    for batch in batches:
+        digest.update(batch["input_ids"].numpy().tobytes())
+    assert entry["fingerprint"] == digest.hexdigest(), entry["step"]
+    for name, record in entry["documents"]:
+        if name not in _RECORDS:
+            _RECORDS[name] = [line for line in Path(name).read_text().splitlines() if line.strip()]
+        if (name, record) not in _TOKENS:
+            _TOKENS[(name, record)] = tokenize_texts(tokenizer, [json.loads(_RECORDS[name][record])["text"]])[0]
+    tokens = {tuple(d): _TOKENS[tuple(d)] for d in entry["documents"]}
+    found = []
+    for batch in batches:
+        for ids, positions in zip(batch["input_ids"].tolist(), batch["position_ids"].tolist(), strict=True):
+            cuts = [i for i in range(1, len(ids)) if positions[i] != positions[i - 1] + 1] + [len(ids)]
+            start = 0
+            for end in cuts:
+                first = positions[start]
+                owner = [d for d, t in tokens.items() if t[first : first + end - start] == ids[start:end]]
+                assert owner, f"step {entry['step']}: tokens {start}-{end} of a row are in none of its documents"
+                found.append(owner[0])
+                start = end
+    assert [list(d) for d in dict.fromkeys(found)] == entry["documents"], entry["step"]
+
+
 @pytest.fixture(scope="session")
 def pretrained_dir(tmp_path_factory, tokenizer) -> Path:
     """A tiny LLaMA saved as a Hugging Face directory (safetensors + the shipped tokenizer), with

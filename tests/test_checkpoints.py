@@ -16,11 +16,13 @@ from conftest import (
     RESUME_FROM,
     STEPS,
     TINY_RUN,
+    assert_ledger_line_is,
     check_ok,
     expect_error_after_training,
     expect_one_line_error,
     launch,
     launch_runs,
+    ledger_lines,
     read_scalars,
     run_in_process,
     run_outputs,
@@ -154,6 +156,25 @@ def test_weights_load_across_layouts_with_a_clear_message(zero2_run, tmp_path, t
     assert losses[STEPS + 1] == pytest.approx(_first_batch_loss(checkpoint / "model", 1, tokenizer), abs=1e-4)
 
 
+@pytest.mark.multiprocess
+def test_the_data_ledger_is_what_each_rank_trained_on(layout_runs, tokenizer):
+    """conftest's zero2 run on 2 replicas and its resume from step 3 each write a ledger beside their
+    -t: each rank's lines for steps 1-6 (the full run's) are the batches that rank reads, rebuilt here;
+    the resume's for steps 4-6 are the same (it checked its first step against the full run's line,
+    found through step-3's recorded -t, and so warned of nothing)."""
+    run = layout_runs("zero2")
+    for rank in (0, 1):
+        lines = ledger_lines(run["root"] / "tb", rank)
+        assert [entry["step"] for entry in lines] == list(range(1, STEPS + 1))
+        assert {entry["rank"] for entry in lines} == {rank}
+        rebuilt = trainer_batches(tokenizer, rank, 2)
+        for entry in lines:
+            assert_ledger_line_is(entry, [rebuilt.next_batch()], tokenizer)
+        assert ledger_lines(run["root"] / "tb_resumed", rank) == lines[RESUME_FROM:]
+    assert f"data ledger: {run['root'] / 'tb' / 'ledger'}/rank-<R>.jsonl" in run["stdout"]
+    assert "warning:" not in run["stdout"]
+
+
 def resume_in_one_process(args: list[str]):
     """A 2-process run's checkpoint resumed in this process, on one replica: what the fault tests need
     to show is that it loads and trains on (weights and optimizer resharded; the stream restarts,
@@ -164,9 +185,14 @@ def resume_in_one_process(args: list[str]):
 
 
 @pytest.mark.multiprocess
-def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, background_jobs):
+def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, background_jobs, tokenizer):
+    """kill -9 of the whole job mid-save: `latest` names a complete checkpoint and the run resumes. Each
+    rank's data ledger holds every step up to the kill (less at most the one in flight), as trained on
+    (the batches rebuilt here); the resume (on one replica, the data from its start) appends its own
+    steps after the line the kill cut short."""
     save_dir = tmp_path / "ckpt"
-    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", ""]
+    tb = tmp_path / "tb"  # (the data ledger is beside it)
+    args = [*TINY_RUN, "-p", "zero2", "--max_steps", "40", "-i", "1", "-o", str(save_dir), "-t", str(tb)]
     job = launch("pretrain.py", args, nproc=2, log=tmp_path / "log.txt")
     background_jobs.append(job)
     caught = None
@@ -186,10 +212,25 @@ def test_kill_9_during_a_save_keeps_latest_on_the_previous_checkpoint(tmp_path, 
     assert states["step"] in (killed_step - 1, killed_step)  # the rename may just have happened; never a partial one
     assert not (save_dir / f"step-{killed_step}").exists() or states["step"] == killed_step
 
-    resume = ["--max_steps", str(killed_step + 1), "-i", "1", "-f", "latest", "-o", str(save_dir), "-t", ""]
+    kept = {}
+    for rank in (0, 1):
+        written = (tb / "ledger" / f"rank-{rank}.jsonl").read_text().split("\n")[:-1]  # (less a cut line)
+        kept[rank] = len(written)
+        assert [json.loads(line)["step"] for line in written] == list(range(1, len(written) + 1))
+        assert len(written) >= killed_step - 1
+        rebuilt = trainer_batches(tokenizer, rank, 2)
+        for line in written:
+            assert_ledger_line_is(json.loads(line), [rebuilt.next_batch()], tokenizer)
+
+    resume = ["--max_steps", str(killed_step + 1), "-i", "1", "-f", "latest", "-o", str(save_dir), "-t", str(tb)]
     resumed = resume_in_one_process([*TINY_RUN, "-p", "zero2", *resume, "--reset_schedule"])
     assert f"resumed from {latest} at step {states['step']}" in resumed.stdout
     assert not list(save_dir.glob(".step-*.tmp"))  # the half-written step was written again, whole
+    after = ledger_lines(tb, 0)[kept[0] :]  # every line whole: the resume's start on a line of their own
+    assert [entry["step"] for entry in after] == list(range(states["step"] + 1, killed_step + 2))
+    rebuilt = trainer_batches(tokenizer, 0, 1)  # --reset_data: the stream from its start, on one replica
+    for entry in after:
+        assert_ledger_line_is(entry, [rebuilt.next_batch()], tokenizer)
 
 
 def bit_identical(x, y) -> bool:
@@ -328,6 +369,7 @@ def test_non_finite_losses_in_a_row_stop_with_one_line_and_keep_the_checkpoint(t
     message = expect_error_after_training(proc, str(save_dir / "step-1"), code=3)
     assert message.startswith("error: 3 steps in a row (steps 2-4) had a non-finite loss"), message
     assert "step 2: loss nan, update skipped (1 in a row; the run stops at 3)" in proc.stdout
+    assert "step 2: its " in proc.stdout and "documents are quarantined" in proc.stdout  # (past the read-ahead)
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in save_dir.iterdir()) == ["latest", "step-1"]
     assert latest_checkpoint(save_dir).name == "step-1"

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import DATA, TINY_RUN, check_ok, launch, read_scalars, run_in_process, write_jsonl
+from conftest import DATA, TINY_RUN, check_ok, launch, read_scalars, run_in_process, trainer_batches, write_jsonl
 
 from llama_recipe.data import DocumentStream, Prefetcher, build_pretrain_batches, parse_data_mix
 from llama_recipe.errors import UsageError
@@ -250,3 +250,24 @@ def test_a_mixture_run_logs_its_slice_shares(tmp_path):
     assert shares[4] == pytest.approx(wiki[4] / (wiki[4] + arxiv[4]))
     expected = f"mixture (rank 0): wikipedia {100 * shares[4]:.1f}% ({int(wiki[4]):,} tokens), arxiv"
     assert expected in proc.stdout, proc.stdout[-500:]
+
+
+def test_a_quarantine_reaches_past_the_read_ahead(tokenizer):
+    """Documents quarantined after the trainer took 3 batches, while the read-ahead thread holds the
+    next 2 already made: the Prefetcher then gives exactly the batches of a stream quarantined in place
+    at that point, none holding those documents, and its state (what a checkpoint saves) lists them."""
+    import time
+
+    ahead, plain = Prefetcher(trainer_batches(tokenizer, 0, 1)), trainer_batches(tokenizer, 0, 1)
+    for _ in range(3):
+        assert torch.equal(ahead.next_batch()["input_ids"], plain.next_batch()["input_ids"])
+    quarantined = ahead.provenance["documents"]
+    while ahead._queue.qsize() < ahead.depth:  # the next batches made, with the documents in them
+        time.sleep(0.01)
+    ahead.add_quarantine(quarantined)
+    plain.add_quarantine(quarantined)
+    assert ahead.state_dict()["quarantine"] == sorted(quarantined)
+    for _ in range(8):
+        assert torch.equal(ahead.next_batch()["input_ids"], plain.next_batch()["input_ids"])
+        assert not {tuple(d) for d in ahead.provenance["documents"]} & {tuple(d) for d in quarantined}
+    ahead.close()

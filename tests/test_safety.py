@@ -14,14 +14,17 @@ import pytest
 import torch
 from conftest import (
     TINY_RUN,
+    assert_ledger_line_is,
     check_ok,
     expect_error_after_training,
     expect_one_line_error,
     launch,
+    ledger_lines,
     one_rank_process_group,
     read_scalars,
     run_in_process,
     signal_job,
+    trainer_batches,
 )
 
 STEPS = 2  # the small run's length; it saves every step
@@ -451,16 +454,59 @@ def _adamw_updates(checkpoint: Path) -> set[int]:
     return {int(state["step"]) for state in shard.values()}  # AdamW's own count of its updates
 
 
-def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer):
+def test_a_nan_batch_skips_one_update_and_training_goes_on(tmp_path, tokenizer, capsys):
     """A crafted batch makes step 3's loss NaN: that step changes no weight, optimizer state or lr,
-    is counted, and the run carries on to its end."""
-    summary = _fit_with(tmp_path, tokenizer, _no_labels, at=3, steps=5, flags=["-i", "0"])
+    is counted, and the run carries on to its end.
+
+    Its documents are quarantined: in the data state of the checkpoints after it, never in a later
+    batch, also after a resume; scripts/show_batch.py shows them and exports the list. The data ledger names what every step trained on (checked against
+    the batches, rebuilt here with the quarantine taken after the third). A resume from step-4 feeds
+    step 5 the same tokens (the quarantine resumes exactly); with the interrupted run's line for step
+    5 planted with another fingerprint, it says so in one warning line naming the step."""
+    from llama_recipe.ledger import read_ledger
+
+    summary = _fit_with(tmp_path, tokenizer, _no_labels, at=3, steps=5, flags=["-i", "4"])
     assert summary["bad_steps"] == 1 and summary["steps"] == 5
     losses, lrs = read_scalars(tmp_path / "tb"), read_scalars(tmp_path / "tb", "train/lr")
     assert torch.isnan(torch.tensor(losses[3])) and all(losses[s] == losses[s] for s in (1, 2, 4, 5))
     assert lrs[4] == lrs[3]  # the schedule did not move at step 3
     assert _adamw_updates(tmp_path / "ckpt" / "step-5") == {4}  # 5 steps, 4 updates
     assert read_scalars(tmp_path / "tb", "train/bad_steps")[5] == 1
+
+    run, tb = tmp_path / "ckpt", tmp_path / "tb"
+    lines = ledger_lines(tb, 0)
+    assert [entry["step"] for entry in lines] == [1, 2, 3, 4, 5]
+    quarantined = lines[2]["documents"]
+    assert "step 3: its " in capsys.readouterr().out
+    for step in (4, 5):
+        assert json.loads((run / f"step-{step}" / "data" / "rank-0.json").read_text())["quarantine"] == sorted(
+            quarantined
+        )
+    rebuilt = trainer_batches(tokenizer, 0, 1)
+    for entry in lines:
+        assert_ledger_line_is(entry, [rebuilt.next_batch()], tokenizer)
+        if entry["step"] == 3:
+            rebuilt.add_quarantine(quarantined)
+    planted = [json.dumps(dict(e, fingerprint="0" * 16) if e["step"] == 5 else e) for e in lines]
+    (tb / "ledger" / "rank-0.jsonl").write_text("\n".join(planted) + "\n")
+    _fit_with(tmp_path, tokenizer, _no_labels, at=0, steps=7, flags=["-i", "0", "-f", str(run / "step-4")])
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "warning: step 5 trained on other tokens than the interrupted" in out
+    resumed = ledger_lines(tb, 0)[5:]
+    assert [entry["step"] for entry in resumed] == [5, 6, 7]
+    assert resumed[0] == lines[4]  # the same documents and tokens as before
+    assert read_ledger(tb / "ledger" / "rank-0.jsonl")[5] == resumed[0]  # the last written counts
+    for entry in lines[3:] + resumed:
+        assert not {tuple(d) for d in entry["documents"]} & {tuple(d) for d in quarantined}, entry["step"]
+    shown = run_in_process("scripts/show_batch.py", [str(tb), "3"])  # what a user looks at first
+    check_ok(shown)
+    name, record = quarantined[0]
+    text = json.loads([x for x in Path(name).read_text().splitlines() if x.strip()][record])["text"]
+    assert f"rank 0: fingerprint {lines[2]['fingerprint']}, {len(quarantined)} documents" in shown.stdout
+    assert f"  {name}:{record}  {' '.join(text.split())[:100]}\n" in shown.stdout
+    exported = run_in_process("scripts/show_batch.py", ["--quarantine", str(run)])
+    check_ok(exported)
+    assert json.loads(exported.stdout) == sorted(quarantined)
 
 
 SPIKE_Z = 2.0
@@ -494,6 +540,14 @@ def test_a_loss_spike_is_logged_skipped_stopped_or_rolled_back(tmp_path, tokeniz
     else:  # back to step 20's state, steps 21-26's batches skipped: 36 batches read for 30 steps
         assert "rolled back to" in out and "the batches of steps 21-26 are skipped" in out
         assert updates == {30} and states["consumed_samples"] == 72 and summary["steps"] == 30
+        # the spike's documents are quarantined: saved with the checkpoint, and in no later batch
+        lines = ledger_lines(tmp_path / "tb", 0)
+        spike = next(i for i, entry in enumerate(lines) if entry["step"] == 26)
+        quarantined = {tuple(d) for d in lines[spike]["documents"]}
+        data_state = json.loads((tmp_path / "ckpt" / "step-30" / "data" / "rank-0.json").read_text())
+        assert {tuple(d) for d in data_state["quarantine"]} == quarantined
+        assert [entry["step"] for entry in lines[spike + 1 :]] == list(range(21, 31))
+        assert all(not {tuple(d) for d in entry["documents"]} & quarantined for entry in lines[spike + 1 :])
 
 
 def test_weights_that_are_not_finite_are_never_saved(tmp_path):
