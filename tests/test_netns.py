@@ -1,0 +1,53 @@
+"""scripts/shaped_links.py, which scripts/benchmark_compression.py --link runs ranks on: hosts in private
+network namespaces, each on its own link shaped with tc tbf. A TCP stream between two of them carries
+about the rate set, in each direction at once (a full-duplex link, not one rate shared by both
+directions), and far more unshaped. Skipped where namespaces cannot be made (not root, no `ip`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import REPO
+
+_spec = importlib.util.spec_from_file_location("shaped_links", REPO / "scripts" / "shaped_links.py")
+shaped_links = sys.modules["shaped_links"] = importlib.util.module_from_spec(_spec)  # a script, not a module of ours
+_spec.loader.exec_module(shaped_links)
+
+RATE, MBIT = "50mbit", 50e6
+NBYTES = 4 << 20  # 0.7 s at 50 Mbit/s
+
+
+@pytest.fixture(scope="module")
+def netns_allowed():
+    refusal = shaped_links.netns_refusal()
+    if refusal:
+        pytest.skip(refusal)
+
+
+def test_a_shaped_link_carries_its_rate_in_both_directions_at_once(netns_allowed):
+    with shaped_links.Hosts(2, RATE) as hosts:
+        alone = shaped_links.measure_throughput(hosts, NBYTES)
+        with ThreadPoolExecutor(2) as pool:  # 0 -> 1 and 1 -> 0 together: each has the whole rate
+            both = list(pool.map(lambda ends: shaped_links.measure_throughput(hosts, NBYTES, *ends), [(0, 1), (1, 0)]))
+        names = list(hosts.names)
+    assert 0.75 * MBIT < alone < 1.25 * MBIT, alone / 1e6
+    assert all(0.75 * MBIT < rate < 1.25 * MBIT for rate in both), [rate / 1e6 for rate in both]
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert not any(name in listed for name in names), listed  # removed on leaving the `with`
+
+
+def test_unshaped_links_are_far_faster(netns_allowed):
+    with shaped_links.Hosts(2, "none") as hosts:
+        assert shaped_links.measure_throughput(hosts, NBYTES) > 4 * MBIT
+
+
+def test_link_rates_are_parsed_or_refused():
+    assert shaped_links.parse_rate("100mbit") == 1e8
+    assert shaped_links.parse_rate("2.5gbit") == 2.5e9
+    assert shaped_links.parse_rate("none") is None
+    with pytest.raises(ValueError, match="expected e.g. 100mbit"):
+        shaped_links.parse_rate("100mb")
