@@ -5,6 +5,7 @@ between pipeline stages: what they send, what they cost, and what they do to the
     python scripts/benchmark_compression.py                 # bytes on `small`, loss curves on `tiny` (300 steps)
     python scripts/benchmark_compression.py --steps 100 -o runs/compression-quick
     python scripts/benchmark_compression.py --only backprop --backprop_config tiny --backprop_steps 150
+    python scripts/benchmark_compression.py --link 100mbit,1gbit,10gbit,none --pp_link 100mbit,none   # as root
 
 1. Bytes and compute (`--bytes_config`, default small): one run whose first steps all-reduce exactly
    and whose last steps compress, so both byte counts come from the same hook, counted where sent.
@@ -18,6 +19,17 @@ between pipeline stages: what they send, what they cost, and what they do to the
    counts from the same counters, where sent), and the final losses.
 4. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
    (2 (W-1)/W of the payload per rank, no overlap with backward), at 10, 25 and 100 Gb/s.
+
+5. `--link RATES` (only this part; root, Linux): each rank on its own host, a private network
+   namespace whose one link to a common switch is shaped to the rate in both directions
+   (scripts/shaped_links.py; `none`: unshaped). At each rate, `--link_steps` steps (default 8, the first 2
+   exact in every run) of `--bytes_config` under ddp (2 hosts) uncompressed and with PowerSGD, and under
+   pp 2 x dp 2 (4 hosts, at the `--pp_link` rates) uncompressed, with selective stage compression (SC,
+   --compress_stages 1) and with SC plus compressed backpropagation (CB): rank 0's median step time over
+   the steps after the exact ones (from the run's own step times), the speedup over uncompressed, the
+   loss gap at the last step, and for ddp the time model beside it, fed with the PowerSGD run's own
+   compute, compression and bytes on that link and the link's measured TCP rate. Writes
+   OUT/results.json, OUT/table.md and OUT/speedup_vs_link.png after each rate.
 
 Writes OUT/results.json, OUT/table.md and the loss-curve PNG (--plot).
 """
@@ -466,6 +478,8 @@ def main() -> None:
         return stage_probe(Path(args.stage_probe), args.bytes_config, json.loads(args.probe_flags))
     if args.link:
         args.pp_link = args.pp_link or args.link
+        if args.link_steps <= EXACT_STEPS or not set(args.pp_link) <= set(args.link):
+            parser.error(f"--link_steps must exceed {EXACT_STEPS}, and --pp_link's rates be among --link's")
         print(link_table(measure_links(args)))
         return
     backprop = measure_backprop(args) if args.only in (None, "backprop") else None
