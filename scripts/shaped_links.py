@@ -125,10 +125,10 @@ server = socket.create_server((sys.argv[1], int(sys.argv[2])))
 print("listening", flush=True)
 connection, _ = server.accept()
 first = received = len(connection.recv(1 << 16))
-start = time.perf_counter()  # timed from the first bytes: what arrives after them, over how long
+start = time.monotonic()  # timed from the first bytes: what arrives after them, over how long
 while chunk := connection.recv(1 << 20):
     received += len(chunk)
-print(received, first, time.perf_counter() - start)
+print(received, first, start, time.monotonic())  # (one clock for the whole machine)
 """
 _SEND = """
 import socket, sys
@@ -137,25 +137,32 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as connection:
 """
 
 
-def measure_throughput(hosts: Hosts, nbytes: int, sender: int = 0, receiver: int = 1) -> float:
-    """Bits per second of one TCP stream of `nbytes` from host `sender` to host `receiver`, timed by the
-    receiver from its first bytes to the last (so the connection set-up is left out)."""
+def stream(hosts: Hosts, nbytes: int, sender: int = 0, receiver: int = 1, port: int = PORT) -> tuple[int, float, float]:
+    """Send `nbytes` over one TCP connection from host `sender` to host `receiver`: (the bytes after the
+    receiver's first read, the monotonic times of that read and of the last), so that the connection
+    set-up is left out. Streams at once into one host need a `port` each."""
     python = sys.executable
     address = hosts.addresses[receiver]
     receive = subprocess.Popen(
-        hosts.command(receiver, [python, "-c", _RECEIVE, address, str(PORT)]), stdout=subprocess.PIPE, text=True
+        hosts.command(receiver, [python, "-c", _RECEIVE, address, str(port)]), stdout=subprocess.PIPE, text=True
     )
     try:
         assert receive.stdout.readline().strip() == "listening"
         subprocess.run(
-            hosts.command(sender, [python, "-c", _SEND, address, str(PORT), str(nbytes)]), check=True, timeout=120
+            hosts.command(sender, [python, "-c", _SEND, address, str(port), str(nbytes)]), check=True, timeout=120
         )
-        received, first, seconds = receive.communicate(timeout=120)[0].split()
+        received, first, start, end = receive.communicate(timeout=120)[0].split()
     finally:
         receive.kill()
         receive.wait()
     assert int(received) == nbytes, (received, nbytes)
-    return 8 * (nbytes - int(first)) / float(seconds)
+    return nbytes - int(first), float(start), float(end)
+
+
+def measure_throughput(hosts: Hosts, nbytes: int, sender: int = 0, receiver: int = 1) -> float:
+    """Bits per second of one TCP stream of `nbytes` from host `sender` to host `receiver`."""
+    timed, start, end = stream(hosts, nbytes, sender, receiver)
+    return 8 * timed / (end - start)
 
 
 def netns_refusal() -> str | None:

@@ -1,7 +1,7 @@
 """scripts/shaped_links.py, which scripts/benchmark_compression.py --link runs ranks on: hosts in private
 network namespaces, each on its own link shaped with tc tbf. A TCP stream between two of them carries
 about the rate set, in each direction at once (a full-duplex link, not one rate shared by both
-directions), and far more unshaped. Skipped where namespaces cannot be made (not root, no `ip`)."""
+directions), two senders into one host share its rate, and far more unshaped. Skipped where namespaces cannot be made (not root, no `ip`)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,15 @@ def test_a_shaped_link_carries_its_rate_in_both_directions_at_once(netns_allowed
     assert all(0.75 * MBIT < rate < 1.25 * MBIT for rate in both), [rate / 1e6 for rate in both]
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not any(name in listed for name in names), listed  # removed on leaving the `with`
+
+
+def test_a_host_receives_at_its_links_rate_from_two_senders_at_once(netns_allowed):
+    """The switch's end of each link is shaped too: two hosts sending to a third share its rate."""
+    with shaped_links.Hosts(3, RATE) as hosts:
+        with ThreadPoolExecutor(2) as pool:
+            streams = list(pool.map(lambda s: shaped_links.stream(hosts, NBYTES // 2, s, 1, 5201 + s), [0, 2]))
+    timed, start, end = sum(s[0] for s in streams), min(s[1] for s in streams), max(s[2] for s in streams)
+    assert 0.75 * MBIT < 8 * timed / (end - start) < 1.25 * MBIT, streams
 
 
 def test_unshaped_links_are_far_faster(netns_allowed):
