@@ -27,7 +27,7 @@ import sys
 _UNITS = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9}
 _created = itertools.count()
 SUBNET = "10.77.0"
-PORT = 5201  # inside the namespaces only
+PORT = 5201  # inside the namespaces only (streams at once use the next ones)
 
 
 def parse_rate(rate: str) -> float | None:
@@ -133,35 +133,49 @@ print(received, first, start, time.monotonic())  # (one clock for the whole mach
 _SEND = """
 import socket, sys
 with socket.create_connection((sys.argv[1], int(sys.argv[2]))) as connection:
+    print("connected", flush=True)
+    sys.stdin.readline()  # go: every stream of a measurement starts at once
     connection.sendall(bytes(int(sys.argv[3])))
 """
 
 
-def stream(hosts: Hosts, nbytes: int, sender: int = 0, receiver: int = 1, port: int = PORT) -> tuple[int, float, float]:
-    """Send `nbytes` over one TCP connection from host `sender` to host `receiver`: (the bytes after the
-    receiver's first read, the monotonic times of that read and of the last), so that the connection
-    set-up is left out. Streams at once into one host need a `port` each."""
-    python = sys.executable
-    address = hosts.addresses[receiver]
-    receive = subprocess.Popen(
-        hosts.command(receiver, [python, "-c", _RECEIVE, address, str(port)]), stdout=subprocess.PIPE, text=True
-    )
+def streams(hosts: Hosts, nbytes: int, pairs: list[tuple[int, int]]) -> list[tuple[int, float, float]]:
+    """Send `nbytes` over one TCP connection per (sender, receiver) host pair, all at once (connected
+    first, then started together): per stream, the bytes after the receiver's first read and the
+    monotonic times of that read and of the last, so that the connection set-up is left out."""
+    python, running = sys.executable, []
     try:
-        assert receive.stdout.readline().strip() == "listening"
-        subprocess.run(
-            hosts.command(sender, [python, "-c", _SEND, address, str(port), str(nbytes)]), check=True, timeout=120
-        )
-        received, first, start, end = receive.communicate(timeout=120)[0].split()
+        for k, (sender, receiver) in enumerate(pairs):
+            address, port = hosts.addresses[receiver], str(PORT + k)
+            receive = subprocess.Popen(
+                hosts.command(receiver, [python, "-c", _RECEIVE, address, port]), stdout=subprocess.PIPE, text=True
+            )
+            running.append(receive)
+            assert receive.stdout.readline().strip() == "listening"
+            send = subprocess.Popen(
+                hosts.command(sender, [python, "-c", _SEND, address, port, str(nbytes)]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            running.append(send)
+            assert send.stdout.readline().strip() == "connected"
+        for send in running[1::2]:
+            send.stdin.write("go\n")
+            send.stdin.flush()
+        results = [receive.communicate(timeout=120)[0].split() for receive in running[::2]]
+        assert all(send.wait(timeout=120) == 0 for send in running[1::2])
     finally:
-        receive.kill()
-        receive.wait()
-    assert int(received) == nbytes, (received, nbytes)
-    return nbytes - int(first), float(start), float(end)
+        for process in running:
+            process.kill()
+            process.wait()
+    assert all(int(received) == nbytes for received, *_ in results), results
+    return [(nbytes - int(first), float(start), float(end)) for _, first, start, end in results]
 
 
 def measure_throughput(hosts: Hosts, nbytes: int, sender: int = 0, receiver: int = 1) -> float:
     """Bits per second of one TCP stream of `nbytes` from host `sender` to host `receiver`."""
-    timed, start, end = stream(hosts, nbytes, sender, receiver)
+    [(timed, start, end)] = streams(hosts, nbytes, [(sender, receiver)])
     return 8 * timed / (end - start)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import REPO
@@ -21,6 +20,11 @@ RATE, MBIT = "50mbit", 50e6
 NBYTES = 4 << 20  # 0.7 s at 50 Mbit/s
 
 
+def aggregate(streams: list[tuple[int, float, float]]) -> float:
+    """Bits per second of streams run at once: their bytes over the time from the first start to the last end."""
+    return 8 * sum(s[0] for s in streams) / (max(s[2] for s in streams) - min(s[1] for s in streams))
+
+
 @pytest.fixture(scope="module")
 def netns_allowed():
     refusal = shaped_links.netns_refusal()
@@ -31,11 +35,13 @@ def netns_allowed():
 def test_a_shaped_link_carries_its_rate_in_both_directions_at_once(netns_allowed):
     with shaped_links.Hosts(2, RATE) as hosts:
         alone = shaped_links.measure_throughput(hosts, NBYTES)
-        with ThreadPoolExecutor(2) as pool:  # 0 -> 1 and 1 -> 0 together: each has the whole rate
-            both = list(pool.map(lambda ends: shaped_links.measure_throughput(hosts, NBYTES, *ends), [(0, 1), (1, 0)]))
+        # 0 -> 1 and 1 -> 0 together: 2R in all if full duplex, R if not
+        streams = shaped_links.streams(hosts, NBYTES, [(0, 1), (1, 0)])
         names = list(hosts.names)
     assert 0.75 * MBIT < alone < 1.25 * MBIT, alone / 1e6
-    assert all(0.75 * MBIT < rate < 1.25 * MBIT for rate in both), [rate / 1e6 for rate in both]
+    # well above the R that one link shared by both directions could carry (typically 1.7-1.85 R, down to
+    # 1.4 R when losses in the 10 ms queues cost a stream a retransmission timeout)
+    assert 1.3 * MBIT < aggregate(streams) < 2.5 * MBIT, streams
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert not any(name in listed for name in names), listed  # removed on leaving the `with`
 
@@ -43,10 +49,10 @@ def test_a_shaped_link_carries_its_rate_in_both_directions_at_once(netns_allowed
 def test_a_host_receives_at_its_links_rate_from_two_senders_at_once(netns_allowed):
     """The switch's end of each link is shaped too: two hosts sending to a third share its rate."""
     with shaped_links.Hosts(3, RATE) as hosts:
-        with ThreadPoolExecutor(2) as pool:
-            streams = list(pool.map(lambda s: shaped_links.stream(hosts, NBYTES // 2, s, 1, 5201 + s), [0, 2]))
-    timed, start, end = sum(s[0] for s in streams), min(s[1] for s in streams), max(s[2] for s in streams)
-    assert 0.75 * MBIT < 8 * timed / (end - start) < 1.25 * MBIT, streams
+        streams = shaped_links.streams(hosts, NBYTES, [(0, 1), (2, 1)])
+    # (below the rate when both streams overflow the switch port's 10 ms queue at once and one waits out
+    # TCP's 200 ms retransmission timeout: seen at 0.43 R with 2 MB each, once in a few runs)
+    assert 0.5 * MBIT < aggregate(streams) < 1.25 * MBIT, streams
 
 
 def test_unshaped_links_are_far_faster(netns_allowed):
