@@ -5,6 +5,7 @@ between pipeline stages: what they send, what they cost, and what they do to the
     python scripts/benchmark_compression.py                 # bytes on `small`, loss curves on `tiny` (300 steps)
     python scripts/benchmark_compression.py --steps 100 -o runs/compression-quick
     python scripts/benchmark_compression.py --only backprop --backprop_config tiny --backprop_steps 150
+    python scripts/benchmark_compression.py --link 100mbit,1gbit,10gbit,none --pp_link 100mbit,none   # as root
 
 1. Bytes and compute (`--bytes_config`, default small): one run whose first steps all-reduce exactly
    and whose last steps compress, so both byte counts come from the same hook, counted where sent.
@@ -19,6 +20,17 @@ between pipeline stages: what they send, what they cost, and what they do to the
 4. A time model, stated as such: step = compute + compression + ring all-reduce bytes / link
    (2 (W-1)/W of the payload per rank, no overlap with backward), at 10, 25 and 100 Gb/s.
 
+5. `--link RATES` (only this part; root, Linux): each rank on its own host, a private network
+   namespace whose one link to a common switch is shaped to the rate in both directions
+   (scripts/shaped_links.py; `none`: unshaped). At each rate, `--link_steps` steps (default 8, the first 2
+   exact in every run) of `--bytes_config` under ddp (2 hosts) uncompressed and with PowerSGD, and under
+   pp 2 x dp 2 (4 hosts, at the `--pp_link` rates) uncompressed, with selective stage compression (SC,
+   --compress_stages 1) and with SC plus compressed backpropagation (CB): rank 0's median step time over
+   the steps after the exact ones (from the run's own step times), the speedup over uncompressed, the
+   loss gap at the last step, and for ddp the time model beside it, fed with the PowerSGD run's own
+   compute, compression and bytes on that link and the link's measured TCP rate. Writes
+   OUT/results.json, OUT/table.md and OUT/speedup_vs_link.png after each rate.
+
 Writes OUT/results.json, OUT/table.md and the loss-curve PNG (--plot).
 """
 
@@ -31,6 +43,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from shaped_links import Hosts, measure_throughput, parse_rate
 
 from llama_recipe.metrics import read_scalars
 
@@ -88,8 +102,9 @@ BACKPROP_VARIANTS = {  # label: flags (R appended to --compress_backprop)
 
 
 def stage_probe(out: Path, config: str, flags: list[str]) -> None:
-    """Under torchrun (4 processes): train `config` with pp 2 x dp 2 and `flags`, and write each rank's
-    pipeline stage, per-step byte counters and losses to OUT/rank<R>.json."""
+    """Under torchrun, or one process per host of `run_probe(hosts=...)`: train `config` with `flags` and
+    write this rank's pipeline stage (0 without a pipeline), per-step byte counters, step times and
+    losses to OUT/rank<R>.json."""
     import torch.distributed as dist
 
     import llama_recipe.recipes as recipes
@@ -97,28 +112,64 @@ def stage_probe(out: Path, config: str, flags: list[str]) -> None:
     from llama_recipe.validation import validate
 
     cfg = parse_args("pretrain", ["-c", config, "-d", str(REPO / "data" / "redpajama-sample"), *flags])
-    validate(cfg, 4)
+    validate(cfg, int(os.environ["WORLD_SIZE"]))
     layouts = []
     build = recipes.build_parallelism
     recipes.build_parallelism = lambda c: layouts.append(build(c)) or layouts[-1]  # to read this rank's stage
     summary = recipes.pretrain(cfg)
-    stage = int(layouts[0].plugin.stage_manager.stage)
+    stages = getattr(layouts[0].plugin, "stage_manager", None)
     (out / f"rank{dist.get_rank()}.json").write_text(
-        json.dumps(dict(stage=stage, communication=summary["communication"], losses=summary["losses"]))
-    )
+        json.dumps(dict(stage=int(stages.stage) if stages else 0, communication=summary["communication"],
+                        losses=summary["losses"], step_seconds=summary["step_seconds"]))
+    )  # fmt: skip
 
 
-def run_probe(args: argparse.Namespace, name: str, flags: list[str], config: str | None = None) -> list[dict]:
-    """`stage_probe` on 4 processes with `flags`; each rank's results, by rank."""
+def run_probe(
+    args: argparse.Namespace, name: str, flags: list[str], config: str | None = None, hosts: Hosts | None = None
+) -> list[dict]:
+    """`stage_probe` with `flags` on 4 processes under torchrun, or on one process per host of `hosts`
+    (each in its own network namespace, rendezvous at host 0); each rank's results, by rank."""
     out = Path(args.out) / name
     out.mkdir(parents=True, exist_ok=True)
-    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "4", __file__,
-               "--stage_probe", str(out), "--bytes_config", config or args.bytes_config, "--probe_flags", json.dumps(flags)]  # fmt: skip
-    print(" ".join(command[4:]), flush=True)
+    probe = [
+        __file__,
+        "--stage_probe",
+        str(out),
+        "--bytes_config",
+        config or args.bytes_config,
+        "--probe_flags",
+        json.dumps(flags),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     with open(out / "log.txt", "w") as log:
-        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-        subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(4)]
+        if hosts is None:
+            command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "4", *probe]
+            print(" ".join(command[4:]), flush=True)
+            subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        else:
+            print(f"{hosts.rate}: {' '.join(flags)}", flush=True)
+            world = len(hosts.names)
+            env |= dict(
+                WORLD_SIZE=str(world),
+                LOCAL_RANK="0",
+                LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR=hosts.addresses[0],
+                MASTER_PORT="29500",
+                GLOO_SOCKET_IFNAME="eth0",
+            )
+            ranks = [
+                subprocess.Popen(
+                    hosts.command(r, [sys.executable, *probe]),
+                    cwd=REPO,
+                    env=env | dict(RANK=str(r)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                for r in range(world)
+            ]
+            if any([rank.wait() for rank in ranks]):
+                raise SystemExit(f"{name} failed: see {out / 'log.txt'}")
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(len(hosts.names) if hosts else 4)]
 
 
 def measure_stages(args: argparse.Namespace) -> dict:
@@ -179,6 +230,162 @@ def time_model(m: dict, world: int = 2) -> list[dict]:
     return rows
 
 
+EXACT_STEPS = 2  # PowerSGD's shortest exact warm-up: step times and losses are compared after it
+
+
+def link_layouts(args: argparse.Namespace) -> dict[str, tuple[int, list[str], dict[str, list[str]]]]:
+    """--link's runs: layout -> (hosts, flags, {variant: its flags}); `--link_steps` steps each, the first
+    EXACT_STEPS all-reduced exactly in every variant."""
+    steps = ["--max_steps", str(args.link_steps), "--lr", str(args.lr), "--seed", str(args.seed)]
+    powersgd = [
+        "--grad_compression",
+        "powersgd",
+        "--powersgd_rank",
+        str(args.rank),
+        "--powersgd_warmup",
+        str(EXACT_STEPS / args.link_steps),
+    ]
+    stages = [*powersgd, "--compress_stages", "1"]
+    return {
+        "ddp": (
+            2,
+            ["-p", "ddp", "-l", "128", "-b", "1", "-s", "0", "-o", "", "-t", "", *steps],
+            {"uncompressed": [], "PowerSGD": powersgd},
+        ),
+        "pp2 x dp2": (
+            4,
+            [*PIPELINE, "-b", "4", *steps],
+            {"uncompressed": [], "SC": stages, "SC + CB": [*stages, "--compress_backprop", str(args.rank)]},
+        ),
+    }
+
+
+def summarize(probes: list[dict]) -> dict:
+    """One run on shaped links: rank 0's median step time after the exact warm-up, the last stage's
+    final loss and, where compressed, rank 0's median counters over the same steps."""
+    rank0, last = probes[0], max(probes, key=lambda p: p["stage"])
+    row = dict(
+        step_seconds=statistics.median(rank0["step_seconds"][EXACT_STEPS:]),
+        final_loss=last["losses"][-1],
+        step_seconds_all=rank0["step_seconds"],
+        losses=last["losses"],
+    )
+    counts = rank0["communication"][EXACT_STEPS:]
+    if counts:
+        median = lambda key: statistics.median(c[key] for c in counts)  # noqa: E731
+        row |= {key: median(key) for key in ("bytes_sent", "bytes_uncompressed", "compress_seconds", "wait_seconds")}
+        row["compute_seconds"] = statistics.median(
+            t - c["wait_seconds"] - c["compress_seconds"]
+            for t, c in zip(rank0["step_seconds"][EXACT_STEPS:], counts, strict=True)
+        )
+        row["stage_bytes_sent"] = {p["stage"]: p["communication"][-1]["bytes_sent"] for p in probes}
+    return row
+
+
+def link_model(run: dict, bits_per_s: float) -> dict:
+    """The time model at one link rate for -p ddp on 2 hosts (a ring all-reduce puts the payload once on
+    each link), from the PowerSGD run's own figures on that link: compute (step less the all-reduces
+    and compression), compression, and both byte counts; only the transfer time is modelled."""
+    exact = run["compute_seconds"] + 8 * run["bytes_uncompressed"] / bits_per_s
+    compressed = run["compute_seconds"] + run["compress_seconds"] + 8 * run["bytes_sent"] / bits_per_s
+    return dict(exact_s=exact, compressed_s=compressed, speedup=exact / compressed)
+
+
+def measure_links(args: argparse.Namespace) -> list[dict]:
+    """Every layout's variants on hosts joined by links of each --link rate (scripts/shaped_links.py);
+    results.json and table.md are rewritten after each rate."""
+    results = []
+    for rate in args.link:
+        for layout, (world, flags, variants) in link_layouts(args).items():
+            if layout != "ddp" and rate not in args.pp_link:
+                continue
+            with Hosts(world, rate) as hosts:
+                measured = measure_throughput(hosts, 32 << 20 if (parse_rate(rate) or 1e10) >= 1e9 else 8 << 20)
+                print(f"{layout} on {rate} links: one TCP stream measured {measured / 1e6:,.0f} Mbit/s", flush=True)
+                runs = {}
+                for label, extra in variants.items():
+                    name = f"link-{rate}-{layout.replace(' ', '')}-{label.replace(' + ', '+')}"
+                    runs[label] = summarize(run_probe(args, name, [*flags, *extra], hosts=hosts))
+            row = dict(layout=layout, rate=rate, measured_bits_per_s=measured, runs=runs)
+            if layout == "ddp":
+                row["model"] = link_model(runs["PowerSGD"], measured)
+            results.append(row)
+            write_links(args, results)
+    return results
+
+
+def link_table(results: list[dict]) -> str:
+    """Measured step times and speedups per link, the ddp time model beside them, and the loss gaps."""
+    lines = []
+    for layout in ("ddp", "pp2 x dp2"):
+        rows = [r for r in results if r["layout"] == layout]
+        if not rows:
+            continue
+        labels = [k for k in rows[0]["runs"] if k != "uncompressed"]
+        head = [
+            "link (tbf rate)",
+            "one TCP stream",
+            "step, uncompressed",
+            *(f"step, {k}" for k in labels),
+            *(f"speedup, {k}" for k in labels),
+            *(["speedup, model"] if layout == "ddp" else []),
+            *(f"loss gap, {k}" for k in labels),
+        ]
+        lines += [f"**{layout}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            base = r["runs"]["uncompressed"]
+            cells = [r["rate"], f"{r['measured_bits_per_s'] / 1e6:,.0f} Mbit/s", f"{base['step_seconds']:.2f} s"]
+            cells += [f"{r['runs'][k]['step_seconds']:.2f} s" for k in labels]
+            cells += [f"**{base['step_seconds'] / r['runs'][k]['step_seconds']:.2f}x**" for k in labels]
+            cells += [f"{r['model']['speedup']:.2f}x"] if layout == "ddp" else []
+            cells += [f"{100 * (r['runs'][k]['final_loss'] / base['final_loss'] - 1):+.2f}%" for k in labels]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_links(results: list[dict], path: Path) -> None:
+    """Speedup against the link's measured rate: each compressed variant measured, and the ddp model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for layout, marker in (("ddp", "o"), ("pp2 x dp2", "s")):
+        rows = sorted((r for r in results if r["layout"] == layout), key=lambda r: r["measured_bits_per_s"])
+        for label in [k for k in (rows[0]["runs"] if rows else {}) if k != "uncompressed"]:
+            x = [r["measured_bits_per_s"] / 1e9 for r in rows]
+            y = [r["runs"]["uncompressed"]["step_seconds"] / r["runs"][label]["step_seconds"] for r in rows]
+            ax.plot(x, y, marker=marker, label=f"{layout}, {label}: measured")
+        if layout == "ddp" and rows:
+            ax.plot(
+                [r["measured_bits_per_s"] / 1e9 for r in rows],
+                [r["model"]["speedup"] for r in rows],
+                "k--",
+                marker="x",
+                label="ddp, PowerSGD: time model",
+            )
+    ax.axhline(1, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("link rate, one TCP stream measured (Gbit/s)")
+    ax.set_ylabel("speedup of the step over uncompressed")
+    ax.set_title("small, fp32, 2-core CPU: each rank on its own shaped full-duplex link", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_links(args: argparse.Namespace, results: list[dict]) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(dict(links=results, args=vars(args)), indent=1))
+    (out / "table.md").write_text(link_table(results))
+    plot_links(results, out / "speedup_vs_link.png")
+
+
 def loss_curves(args: argparse.Namespace) -> dict[str, dict[int, float]]:
     common = ["-c", args.config, "-l", str(args.max_length), "-b", str(args.batch_size), "--lr", str(args.lr),
               "-s", str(args.warmup_steps), "--max_steps", str(args.steps), "--powersgd_rank", str(args.rank),
@@ -226,6 +433,17 @@ def table(m: dict, rows: list[dict], finals: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def rate_list(text: str) -> list[str]:
+    """'100mbit,1gbit,none' -> its rates, each checked (argparse reports a bad one and exits 2)."""
+    rates = text.split(",")
+    for rate in rates:
+        try:
+            parse_rate(rate)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default="tiny", help="model of the loss curves")
@@ -246,11 +464,24 @@ def main() -> None:
     )
     parser.add_argument("--backprop_steps", type=int, default=4, help="steps of each compressed-backpropagation run")
     parser.add_argument("--only", choices=["stages", "backprop"], help="run one part only")
+    parser.add_argument(
+        "--link", type=rate_list, help="only the runs on shaped links, at these rates (e.g. 100mbit,1gbit,none)"
+    )
+    parser.add_argument("--pp_link", type=rate_list, help="the rates of --link that also run pp2 x dp2 (default: all)")
+    parser.add_argument(
+        "--link_steps", type=int, default=8, help=f"steps of each --link run ({EXACT_STEPS} exact first)"
+    )
     parser.add_argument("--stage_probe", help=argparse.SUPPRESS)  # (the 4-process runs of run_probe)
     parser.add_argument("--probe_flags", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.stage_probe:
         return stage_probe(Path(args.stage_probe), args.bytes_config, json.loads(args.probe_flags))
+    if args.link:
+        args.pp_link = args.pp_link or args.link
+        if args.link_steps <= EXACT_STEPS or not set(args.pp_link) <= set(args.link):
+            parser.error(f"--link_steps must exceed {EXACT_STEPS}, and --pp_link's rates be among --link's")
+        print(link_table(measure_links(args)))
+        return
     backprop = measure_backprop(args) if args.only in (None, "backprop") else None
     if backprop:
         print(backprop_table(backprop))
