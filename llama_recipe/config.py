@@ -435,8 +435,17 @@ class DataConfig:
     shuffle_buffer: int = flag(
         1000,
         "--shuffle_buffer",
-        help="pretraining: documents drawn at random from a buffer of this many, then the packed rows from a buffer "
-        "of this many rows (files reordered every epoch; a prepared dataset's rows permuted); 0: read in file order",
+        help="pretraining: documents drawn at random from a buffer of this many, from 16 files read at once (files "
+        "reordered every epoch; a prepared dataset's rows permuted); 0: read the files one after another in order",
+        scripts=("pretrain",),
+        minimum=0,
+        advanced=True,
+    )
+    shuffle_rows: int = flag(
+        1000,
+        "--shuffle_rows",
+        help="pretraining: the packed rows drawn at random from a buffer of this many rows, so that a long document "
+        "(a book is hundreds of rows) does not fill batches in a row; 0: in packing order",
         scripts=("pretrain",),
         minimum=0,
         advanced=True,

@@ -755,9 +755,11 @@ def build_pretrain_batches(
     data_mix: str | None = None,
     seed: int = 0,
     shuffle_buffer: int = 0,
+    shuffle_rows: int | None = None,
 ) -> PretrainBatches:
     """Packed batches from a stream (or a weighted mixture of its slices, each shuffled on its own)
-    for one replica; `shuffle_buffer=0` reads the files in their own order."""
+    for one replica; `shuffle_buffer=0` reads the files in their own order; `shuffle_rows`: the row
+    buffer (None: as many rows as `shuffle_buffer` documents)."""
     source = resolve_source(dataset) if isinstance(dataset, str) else dataset
     shuffled = dict(seed=seed, shuffle_buffer=shuffle_buffer)
     if data_mix:
@@ -769,7 +771,8 @@ def build_pretrain_batches(
         documents = MixedDocuments(slices, weights)
     else:
         documents = DocumentStream(source, tokenizer, dp_rank, dp_size, **shuffled)
-    rows = PackedRows(documents, seq_len, tokenizer.eos_token_id, shuffle_buffer, seed, dp_rank)
+    rows_buffer = shuffle_buffer if shuffle_rows is None else shuffle_rows
+    rows = PackedRows(documents, seq_len, tokenizer.eos_token_id, rows_buffer, seed, dp_rank)
     return PretrainBatches(rows, batch_size)
 
 

@@ -135,6 +135,7 @@ def pretrain_batches(cfg: TrainConfig, par: Parallelism, tokenizer, vocab_size: 
             data.data_mix,
             seed=training.seed,
             shuffle_buffer=data.shuffle_buffer,
+            shuffle_rows=data.shuffle_rows,
         )
     if training.max_steps:
         return batches, training.max_steps

@@ -231,7 +231,7 @@ def _state_file_problems(cfg: TrainConfig, same_layout: bool, prepared: bool) ->
 
 # What a resumed run must share with its checkpoint, by the flag that accepts a difference knowingly.
 MUST_MATCH_ON_RESUME = {
-    "--reset_data": ("dataset", "data_dir", "data_config", "text_field", "slice_field", "data_mix", "shuffle_buffer",
+    "--reset_data": ("dataset", "data_dir", "data_config", "text_field", "slice_field", "data_mix", "shuffle_buffer", "shuffle_rows",
                      "tokenizer", "max_length", "seed", "task_name", "pack_examples", "eval_split"),
     "--reset_optimizer": ("optimizer", "weight_decay", "beta2", "adam_eps", "mixed_precision", "collage_reference_multiply"),
     "--reset_schedule": ("lr", "warmup_steps", "warmup_ratio", "max_steps", "num_epochs", "lr_schedule",

@@ -12,7 +12,7 @@ steps then cosine decay to 10%:
 - plain loop: the PyTorch loop below, independent of the recipe: every document tokenized as
   BOS + text + EOS, all of them concatenated, cut into rows, the rows shuffled, 4 rows per step;
 - recipe, ddp / zero2: `pretrain.py` on 2 processes (2 rows of 512 each), its default shuffled stream;
-- recipe, file order: the same with `--shuffle_buffer 0`, the order before shuffling existed.
+- recipe, file order: the same with `--shuffle_buffer 0 --shuffle_rows 0`, the order before shuffling existed.
 
 Each model is then scored on the held-out text (data/heldout: Project Gutenberg #1661, which shares
 no 50-character run with the training sample; tests/test_heldout.py) in bits per byte. Writes
@@ -108,9 +108,15 @@ def main() -> None:
     p.add_argument(
         "--shuffle_buffer", type=int, default=None, help="the recipe runs' --shuffle_buffer (default: theirs)"
     )
-    p.add_argument("--runs", default="plain,ddp,zero2,file_order", help="which runs, comma-separated")
+    p.add_argument("--shuffle_rows", type=int, default=None, help="the recipe runs' --shuffle_rows (default: theirs)")
+    p.add_argument(
+        "--runs",
+        default="plain,ddp,zero2,file_order",
+        help="which runs, comma-separated; the others' results are kept from OUT/results.json when it has them",
+    )
     args = p.parse_args()
     buffer = ["--shuffle_buffer", str(args.shuffle_buffer)] if args.shuffle_buffer is not None else []
+    buffer += ["--shuffle_rows", str(args.shuffle_rows)] if args.shuffle_rows is not None else []
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(str(SHIPPED_TOKENIZER))
@@ -119,11 +125,12 @@ def main() -> None:
         "plain loop (shuffled rows)": lambda: plain_loop(args.steps, tokenizer),
         "recipe, ddp x2 (shuffled)": lambda: recipe(args.steps, out / "ddp", ["-p", "ddp", *buffer]),
         "recipe, zero2 x2 (shuffled)": lambda: recipe(args.steps, out / "zero2", ["-p", "zero2", *buffer]),
-        "recipe, ddp x2, file order": lambda: recipe(args.steps, out / "file-order", ["-p", "ddp", "--shuffle_buffer", "0"]),
+        "recipe, ddp x2, file order": lambda: recipe(args.steps, out / "file-order", ["-p", "ddp", "--shuffle_buffer", "0", "--shuffle_rows", "0"]),
     }  # fmt: skip
     keys = dict(zip(["plain", "ddp", "zero2", "file_order"], runs, strict=True))
     runs = {keys[key]: runs[keys[key]] for key in args.runs.split(",")}
-    results = {}
+    earlier = out / "results.json"
+    results = json.loads(earlier.read_text()) if earlier.exists() else {}
     for name, train in runs.items():
         print(f"{name}:", flush=True)
         started = time.perf_counter()

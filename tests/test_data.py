@@ -271,3 +271,18 @@ def test_a_quarantine_reaches_past_the_read_ahead(tokenizer):
         assert torch.equal(ahead.next_batch()["input_ids"], plain.next_batch()["input_ids"])
         assert not {tuple(d) for d in ahead.provenance["documents"]} & {tuple(d) for d in quarantined}
     ahead.close()
+
+
+def test_the_row_buffer_is_sized_on_its_own(tmp_path, tokenizer):
+    """--shuffle_rows: a long document's rows come spread out even with a small document buffer."""
+    write_jsonl(tmp_path / "book_a.jsonl", ["chapter " + "word " * 3000, "short one", "short two"])
+
+    def rows(shuffle_rows):
+        batches = build_pretrain_batches(
+            str(tmp_path), tokenizer, 64, 8, 0, 1, shuffle_buffer=0, shuffle_rows=shuffle_rows
+        )
+        return [tuple(row) for row in batches.next_batch()["input_ids"].tolist()]
+
+    in_order, spread = rows(0), rows(32)
+    assert in_order == rows(None) and spread != in_order  # None: as many rows as documents (0 here)
+    assert in_order[0][1:3] == tuple(tokenizer("chapter word", add_special_tokens=False)["input_ids"][:2])
