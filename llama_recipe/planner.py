@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from .loss import CHUNK_TOKENS
 from .metrics import training_flops_per_token
 from .optim import OPTIMIZERS
-from .plugins import PLUGINS, _even_split
+from .plugins import PLUGINS, _even_split, resolve_optimizer, resolve_precision
+from .recompute import recompute_mode
 
 GiB = 2**30
 ROLES = ("weights", "gradients", "optimizer", "activations", "communication")
@@ -54,6 +55,27 @@ class Layout:
     @property
     def dp(self) -> int:
         return self.devices // (self.tp * self.pp)
+
+    @classmethod
+    def of(cls, cfg, devices: int) -> tuple[Layout, int]:
+        """This run's layout (`cfg`: a TrainConfig on `devices` processes) and its micro-batches per
+        optimizer step (the pipeline's, or --accumulation_steps)."""
+        par, batch = cfg.parallel, cfg.training.batch_size
+        pipeline = par.pp > 1
+        mbs = (batch // par.num_microbatches if par.num_microbatches else par.microbatch_size) if pipeline else batch
+        layout = cls(
+            par.plugin,
+            devices,
+            par.tp,
+            par.pp,
+            par.zero_stage,
+            mbs,
+            recompute_mode(cfg.model),
+            resolve_precision(cfg),
+            resolve_optimizer(cfg),
+            offload=PLUGINS[par.plugin].offloads_optimizer,
+        )
+        return layout, batch // mbs if pipeline else cfg.training.accumulation_steps
 
     def describe(self) -> str:
         parts = [self.plugin]
@@ -231,16 +253,26 @@ def activation_bytes(shape: Shape, layout: Layout, seq_len: int, microbatches: i
     if layout.recompute != "none":  # backward recomputes one layer's forward (whole for full)
         rerun = layer_kept_elements(shape, "none", layout.tp) - layer_kept_elements(shape, layout.recompute, layout.tp)
         rerun *= tokens * e
-    head = 0
-    if stage == layout.pp - 1:
-        vocab = shape.vocab // layout.tp
-        chunk = min(tokens, CHUNK_TOKENS)
-        # the last chunk of forward's loss: grad_hidden (N x h) and the fp32 grad_weight (V x h) it has filled, that
-        # chunk's fp32 logits and logsumexp's temporary of their size (and the previous chunk's logits, still
-        # referenced while the next ones are computed), the final norm's kept tensors
-        logit_buffers = 2 if tokens <= CHUNK_TOKENS else 3
-        head = 4 * tokens * shape.hidden * e + 4 * vocab * shape.hidden + logit_buffers * 4 * chunk * vocab
+    head = chunked_loss_bytes(shape, layout, tokens) if stage == layout.pp - 1 else 0
     return kept + max(rerun, head)
+
+
+def chunked_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
+    """The chunked loss's peak (loss.py), inside its forward: it holds grad_hidden (tokens x h, plus the
+    final norm's kept tensors: 4 x tokens x h in all) and the fp32 grad_weight (V x h) throughout, and per
+    chunk either (a) the chunk's logits, logsumexp's temporary of their size and, from the second chunk
+    on, the previous chunk's logits (the loop's `grad_logits` still refers to them), or (b) the logits
+    and the product `grad_logits.T @ h`, a V x h temporary before it is added into grad_weight (on `small`
+    at -l 256, where a chunk's logits are smaller than V x h, (b) is the peak). In 16 bits the logits and
+    the product also exist once in the compute dtype before their fp32 copy."""
+    e = activation_size(layout)
+    vocab = shape.vocab // layout.tp
+    chunk = min(tokens, CHUNK_TOKENS)
+    logits, product = 4 * chunk * vocab, 4 * vocab * shape.hidden
+    cast = 0 if e == 4 else e / 4  # the 16-bit copy next to each fp32 one
+    logsumexp = (2 if tokens <= CHUNK_TOKENS else 3) * logits
+    weight_gradient = logits * (1 + cast) + product * (1 + cast)
+    return int(4 * tokens * shape.hidden * e + product + max(logsumexp, weight_gradient))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ every tensor reachable from the boosted model and optimizer, by dtype.
 In-process (test_collage_training.py calls `measure`), or for several ranks under torchrun:
     memory_probe.py OUT_DIR PRETRAIN_FLAGS... [-- PRETRAIN_FLAGS...]
 which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json.
+With --activations first it measures each case's activation peak instead (`activation_peak`, the
+table in docs/planning.md), and `memory_probe.py --table OUT_DIR...` prints those next to the planner's
+predictions.
 """
 
 import json
@@ -79,14 +82,40 @@ def activation_peak(argv: list[str]) -> dict:
         par.step(optimizer)
         optimizer.zero_grad()
     peak = allocation_peak(lambda: forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch))
-    return dict(rank=dist.get_rank(), activation_peak=peak)
+    stage = int(par.plugin.stage_manager.stage) if par.pipeline else 0
+    return dict(rank=dist.get_rank(), activation_peak=peak, stage=stage)
+
+
+def predicted_table(out_dirs: list[str]) -> str:
+    """Measured activation peaks (memory_probe.py --activations) next to planner.activation_bytes, per rank."""
+    from llama_recipe.planner import Layout, Shape, activation_bytes
+
+    lines = ["| case | stage | measured MiB | predicted MiB | difference |", "|---|---:|---:|---:|---:|"]
+    reports = [json.loads(f.read_text()) for d in out_dirs for f in sorted(Path(d).glob("*.json"))]
+    for r in sorted(reports, key=lambda r: (r["argv"], r["rank"])):
+        cfg = parse_args("pretrain", r["argv"])
+        layout, microbatches = Layout.of(cfg, r["world_size"])
+        shape = Shape.of(get_model_config(cfg.model.config))
+        predicted = activation_bytes(shape, layout, cfg.data.max_length, microbatches, r["stage"])
+        measured = r["activation_peak"]
+        lines.append(
+            f"| {' '.join(r['argv'])} | {r['stage']} | {measured / 2**20:,.1f} | {predicted / 2**20:,.1f} | "
+            f"{predicted / measured - 1:+.1%} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    out, cases = Path(sys.argv[1]), " ".join(sys.argv[2:]).split(" -- ")
+    if sys.argv[1] == "--table":
+        print(predicted_table(sys.argv[2:]))
+        sys.exit(0)
+    activations = sys.argv[1] == "--activations"
+    args = sys.argv[2:] if activations else sys.argv[1:]
+    out, cases = Path(args[0]), " ".join(args[1:]).split(" -- ")
     launch(seed=42)
     for index, case in enumerate(cases):
-        report = measure(case.split())
+        report = activation_peak(case.split()) if activations else measure(case.split())
+        report.update(argv=case.split(), world_size=dist.get_world_size())
         (out / f"{index}-rank-{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
