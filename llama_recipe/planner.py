@@ -377,7 +377,7 @@ def candidate_layouts(
     recompute: str | None = None,
 ) -> list[Layout]:
     """Every layout of `plugins` that can run: tp divides the heads and stays in a node, pp the layers, the
-    batch divides into dp x micro-batches; --tp/--pp/--recompute fix those."""
+    batch divides into dp x micro-batches of a power-of-two size; --tp/--pp/--recompute fix those."""
     out = []
     sizes = [1, 2, 4, 8]
     for plugin in plugins:
@@ -392,9 +392,8 @@ def candidate_layouts(
                 if global_batch % dp:
                     continue
                 for mode in [recompute] if recompute else ["none", "selective", "full"]:
-                    for mbs in [1, 2, 4, 8]:
-                        if (global_batch // dp) % mbs:
-                            continue
+                    per_replica = global_batch // dp
+                    for mbs in [2**i for i in range(per_replica.bit_length()) if per_replica % 2**i == 0]:
                         zeros = [0, 1] if model_parallel else [0]
                         for zero in zeros:
                             if p > 1 and zero > 1 or (zero and precision == "fp32"):
@@ -438,3 +437,61 @@ def plan(
 def as_json(prediction: dict) -> dict:
     layout = prediction["layout"]
     return {**{k: v for k, v in prediction.items() if k != "layout"}, "layout": {**asdict(layout), "dp": layout.dp}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-start check (trainer.announce)
+
+
+def unmodelled(cfg) -> str | None:
+    """What of this run the planner does not model (the run-start check is then skipped), or None."""
+    par = cfg.parallel
+    if cfg.model.lora_rank:
+        return "LoRA's frozen weights"
+    if par.sp_mode:
+        return "sequence parallelism"
+    if par.pp_style != "1f1b":
+        return f"--pp_style {par.pp_style}"
+    if not PLUGINS[par.plugin].planned:
+        return f"-p {par.plugin}'s placement"
+    return None
+
+
+def fit_warning(cfg, shape: Shape, seq_len: int, devices: int, device_gb: float, plugins: list[str]) -> str | None:
+    """One line when this run's predicted peak per device exceeds `device_gb`: the prediction by role and
+    the fastest layout of the same devices and batch that fits (of this plugin if one does, else of
+    `plugins`), as flags. None when it fits."""
+    layout, microbatches = Layout.of(cfg, devices)
+    global_batch = layout.dp * layout.microbatch_size * microbatches
+    hw = Hardware()
+    prediction = predict(shape, layout, seq_len, global_batch, hw)
+    if prediction["peak_gb"] <= device_gb:
+        return None
+    searched = (shape, devices, device_gb, seq_len, global_batch)
+    fitting = plan(*searched, [layout.plugin], layout.precision, layout.optimizer, hw) or plan(
+        *searched, plugins, layout.precision, layout.optimizer, hw
+    )
+    roles = ", ".join(
+        f"{role} {b / 1e9:.3g}" for role, b in prediction["bytes"].items() if b or role != "communication"
+    )
+    advice = (
+        f"try {layout_flags(fitting[0]['layout'], fitting[0]['microbatches'])}"
+        if fitting
+        else f"no layout of {devices} devices fits this batch and -l; use more devices or a shorter -l"
+    )
+    return (
+        f"warning: predicted peak {prediction['peak_gb']:.3g} GB per device exceeds this device's {device_gb:.3g} GB "
+        f"({roles}): {advice}"
+    )
+
+
+def layout_flags(layout: Layout, microbatches: int) -> str:
+    """pretrain.py's flags for `layout` with `microbatches` per step (the same global batch)."""
+    flags = [f"-p {layout.plugin}"]
+    if PLUGINS[layout.plugin].model_parallel:
+        flags.append(f"--tp {layout.tp} --pp {layout.pp} --zero_stage {layout.zero_stage}")
+    if layout.pp > 1:  # the pipeline splits -b into micro-batches itself
+        flags.append(f"-b {layout.microbatch_size * microbatches} --mbs {layout.microbatch_size}")
+    else:
+        flags.append(f"-b {layout.microbatch_size} --accumulation_steps {microbatches}")
+    return " ".join([*flags, f"--recompute {layout.recompute}"])

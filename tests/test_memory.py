@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 from conftest import one_rank_process_group
 
+from llama_recipe.cli import parse_args
 from llama_recipe.config import TrainConfig
 from llama_recipe.memory import state_memory
 from llama_recipe.model import get_model_config
-from llama_recipe.planner import Layout, Shape, state_bytes
+from llama_recipe.planner import Hardware, Layout, Shape, fit_warning, predict, state_bytes
 
 
 @pytest.mark.parametrize(
@@ -51,3 +52,19 @@ def test_planner_activation_peak_within_15_percent():
             measured = activation_peak(argv)["activation_peak"]
             predicted = activation_bytes(shape, Layout("ddp", 1, recompute=mode, precision="fp32"), 256)
             assert abs(predicted / measured - 1) <= 0.15, (mode, predicted, measured)
+
+
+def test_fit_warning_names_a_layout_that_fits():
+    """A run predicted above the device's memory: one line with the prediction by role and the flags of a layout
+    of the same devices and global batch that the planner puts under it; on a device large enough, nothing.
+    (That pretrain.py prints it: test_attention.py's document-attention run, with --device_memory.)"""
+    run = ["-c", "tiny", "-l", "128", "-b", "2", "-p", "zero2", "-x", "fp32"]
+    shape, hw = Shape.of(get_model_config("tiny")), Hardware()
+    peak = predict(shape, Layout.of(parse_args("pretrain", run), 1)[0], 128, 2, hw)["peak_gb"]
+    assert fit_warning(parse_args("pretrain", run), shape, 128, 1, peak, ["ddp", "zero2"]) is None
+    warning = fit_warning(parse_args("pretrain", run), shape, 128, 1, 0.12, ["ddp", "zero2"])
+    assert warning.startswith(f"warning: predicted peak {peak:.3g} GB per device exceeds this device's 0.12 GB (")
+    assert "\n" not in warning and "weights" in warning and "activations" in warning
+    layout, microbatches = Layout.of(parse_args("pretrain", [*run, *warning.split(": try ")[1].split()]), 1)
+    assert layout.microbatch_size * microbatches == 2
+    assert predict(shape, layout, 128, 2, hw)["peak_gb"] <= 0.12
