@@ -240,21 +240,38 @@ def in_flight(layout: Layout, microbatches: int, stage: int = 0) -> int:
 
 def activation_bytes(shape: Shape, layout: Layout, seq_len: int, microbatches: int = 1, stage: int = 0) -> int:
     """Peak bytes above the state of one device during forward and backward: the layers of its stage keep
-    LAYER_KEPT per token for every micro-batch in flight; the last stage adds the loss head (the chunked
-    loss keeps the hidden states' gradient and an fp32 output-weight gradient, and works on one chunk's
-    fp32 logits; backward scales both gradients into new tensors); full recompute reruns one layer whole
-    during backward."""
+    LAYER_KEPT per token for every micro-batch in flight; the last stage adds the loss head (chunked_loss_bytes,
+    or plain_loss_bytes where the plugin runs transformers' own loss); full recompute reruns one layer whole
+    during backward. The first stage may peak instead in the embedding's backward (first_stage_bytes)."""
     e = activation_size(layout)
     tokens = layout.microbatch_size * seq_len
     layers = stage_layers(shape, layout.pp)[stage]
-    kept = layers * layer_kept_elements(shape, layout.recompute, layout.tp) * tokens * e
-    kept *= in_flight(layout, microbatches, stage)
+    per_microbatch = layers * layer_kept_elements(shape, layout.recompute, layout.tp) * tokens * e
+    kept = per_microbatch * in_flight(layout, microbatches, stage)
     rerun = 0
     if layout.recompute != "none":  # backward recomputes one layer's forward (whole for full)
         rerun = layer_kept_elements(shape, "none", layout.tp) - layer_kept_elements(shape, layout.recompute, layout.tp)
         rerun *= tokens * e
-    head = chunked_loss_bytes(shape, layout, tokens) if stage == layout.pp - 1 else 0
-    return kept + max(rerun, head)
+    head = 0
+    if stage == layout.pp - 1:
+        loss = chunked_loss_bytes if PLUGINS[layout.plugin].chunked_loss else plain_loss_bytes
+        head = loss(shape, layout, tokens)
+    embedding = 0
+    if stage == 0:
+        # the embedding's backward builds a dense V x h gradient (in the weights' dtype) before adding it into
+        # .grad, while the micro-batches forwarded ahead of this one stay kept (1F1B's steady state)
+        weight_size = 2 if layout.precision == "pure_bf16" or _plugin_casts(layout) else 4
+        embedding = per_microbatch * (in_flight(layout, microbatches, stage) - 1)
+        embedding += shape.vocab // layout.tp * shape.hidden * weight_size
+    return max(kept + max(rerun, head), embedding)
+
+
+def plain_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
+    """transformers' own loss (hybrid_parallel's shardformer forward, Gemini): log_softmax's fp32 output over
+    tokens x V, kept for backward, then in backward nll_loss's gradient and log_softmax's, fp32 each, while that
+    output is still held: three fp32 copies of the logits (measured under pp2, fp32; tp's vocabulary-parallel
+    cross-entropy is taken as the same over V/tp)."""
+    return 3 * 4 * tokens * (shape.vocab // layout.tp)
 
 
 def chunked_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
