@@ -4,10 +4,9 @@ every tensor reachable from the boosted model and optimizer, by dtype.
 
 In-process (test_collage_training.py calls `measure`), or for several ranks under torchrun:
     memory_probe.py OUT_DIR PRETRAIN_FLAGS... [-- PRETRAIN_FLAGS...]
-which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json.
-With --activations first it measures each case's activation peak instead (`activation_peak`, the
-table in docs/planning.md), and `memory_probe.py --table OUT_DIR...` prints those next to the planner's
-predictions.
+which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json. A case that
+starts with --activations is measured by `activation_peak` instead (docs/planning.md's table), and
+`memory_probe.py --table OUT_DIR...` prints those next to the planner's predictions.
 """
 
 import json
@@ -112,13 +111,13 @@ if __name__ == "__main__":
     if sys.argv[1] == "--table":
         print(predicted_table(sys.argv[2:]))
         sys.exit(0)
-    activations = sys.argv[1] == "--activations"
-    args = sys.argv[2:] if activations else sys.argv[1:]
-    out, cases = Path(args[0]), " ".join(args[1:]).split(" -- ")
+    out, cases = Path(sys.argv[1]), " ".join(sys.argv[2:]).split(" -- ")
     launch(seed=42)
     for index, case in enumerate(cases):
-        report = activation_peak(case.split()) if activations else measure(case.split())
-        report.update(argv=case.split(), world_size=dist.get_world_size())
+        argv = case.split()
+        activations = argv[0] == "--activations"
+        report = activation_peak(argv[1:]) if activations else measure(argv)
+        report.update(argv=argv[1:] if activations else argv, world_size=dist.get_world_size())
         (out / f"{index}-rank-{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()
