@@ -270,8 +270,9 @@ def plain_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
     """transformers' own loss (hybrid_parallel's shardformer forward, Gemini): log_softmax's fp32 output over
     tokens x V, kept for backward, then in backward nll_loss's gradient and log_softmax's, fp32 each, while that
     output is still held: three fp32 copies of the logits (measured under pp2, fp32; tp's vocabulary-parallel
-    cross-entropy is taken as the same over V/tp)."""
-    return 3 * 4 * tokens * (shape.vocab // layout.tp)
+    cross-entropy is taken as the same over V/tp). Plus the final norm's kept tensors, counted as a layer's
+    norms are (3 x tokens x h)."""
+    return 3 * 4 * tokens * (shape.vocab // layout.tp) + 3 * tokens * shape.hidden * activation_size(layout)
 
 
 def chunked_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
