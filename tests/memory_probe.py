@@ -67,7 +67,7 @@ def allocation_peak(run) -> int:
 
 
 def activation_peak(argv: list[str]) -> dict:
-    """The activation peak of one training forward/backward (after two steps and a forward/backward, so the
+    """The activation peak of one training forward/backward (after a step and a forward/backward, so the
     gradients, DDP's buckets and the optimizer state already exist): what the planner's `activation_bytes` predicts. Needs a process group."""
     cfg = parse_args("pretrain", argv)
     par = build_parallelism(cfg)
@@ -76,12 +76,12 @@ def activation_peak(argv: list[str]) -> dict:
     batches = SyntheticBatches(
         model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
     )
-    for _ in range(2):  # DDP rebuilds its gradient buckets after the first step
-        forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-        par.step(optimizer)
-        optimizer.zero_grad()
-    # once more without zero_grad: the gradients (state, in the planner's count) exist before the measured pass, as
-    # from a step's second micro-batch on (most plugins free them in zero_grad; DDP keeps its buckets)
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    par.step(optimizer)  # the optimizer state exists from here
+    optimizer.zero_grad()
+    # once more without zero_grad: DDP rebuilds its gradient buckets in this second forward, and the gradients (state,
+    # in the planner's count) exist before the measured pass, as from a step's second micro-batch on (most plugins
+    # free them in zero_grad; DDP keeps its buckets)
     forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
     peak = allocation_peak(lambda: forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch))
     stage = int(par.plugin.stage_manager.stage) if par.pipeline else 0
