@@ -289,6 +289,15 @@ class ParallelConfig:
         advanced=True,
         scripts=ALL_SCRIPTS,
     )
+    device_memory: float | None = flag(
+        None,
+        "--device_memory",
+        help="GB per device the run-start check plans for (a warning when the planner's predicted peak exceeds "
+        "it); default: the device's (CUDA's total memory; on CPU the RAM over this node's processes)",
+        above=0.0,
+        advanced=True,
+        scripts=TRAINING,
+    )
     shard_param_frac: float = flag(
         1.0, "--shard_param_frac", help="gemini: fraction of the parameters sharded", minimum=0.0, advanced=True
     )

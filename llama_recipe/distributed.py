@@ -99,6 +99,15 @@ def device() -> torch.device:
     return get_accelerator().get_current_device()
 
 
+def device_memory_gb() -> float:
+    """GB of memory one process has: its CUDA device's total, or on CPU the machine's RAM shared by this
+    node's processes (what the run-start fit check compares the planner's prediction with)."""
+    if has_cuda():
+        return torch.cuda.get_device_properties(device()).total_memory / 1e9
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return ram / int(os.environ.get("LOCAL_WORLD_SIZE", "1")) / 1e9
+
+
 def fewest_across_ranks(count: int) -> int:
     """The smallest of every rank's count: e.g. how many steps all replicas can take together."""
     t = torch.tensor([count], device=device())

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from .loss import CHUNK_TOKENS
 from .metrics import training_flops_per_token
 from .optim import OPTIMIZERS
-from .plugins import PLUGINS, _even_split
+from .plugins import PLUGINS, _even_split, resolve_optimizer, resolve_precision
+from .recompute import recompute_mode
 
 GiB = 2**30
 ROLES = ("weights", "gradients", "optimizer", "activations", "communication")
@@ -54,6 +55,27 @@ class Layout:
     @property
     def dp(self) -> int:
         return self.devices // (self.tp * self.pp)
+
+    @classmethod
+    def of(cls, cfg, devices: int) -> tuple[Layout, int]:
+        """This run's layout (`cfg`: a TrainConfig on `devices` processes) and its micro-batches per
+        optimizer step (the pipeline's, or --accumulation_steps)."""
+        par, batch = cfg.parallel, cfg.training.batch_size
+        pipeline = par.pp > 1
+        mbs = (batch // par.num_microbatches if par.num_microbatches else par.microbatch_size) if pipeline else batch
+        layout = cls(
+            par.plugin,
+            devices,
+            par.tp,
+            par.pp,
+            par.zero_stage,
+            mbs,
+            recompute_mode(cfg.model),
+            resolve_precision(cfg),
+            resolve_optimizer(cfg),
+            offload=PLUGINS[par.plugin].offloads_optimizer,
+        )
+        return layout, batch // mbs if pipeline else cfg.training.accumulation_steps
 
     def describe(self) -> str:
         parts = [self.plugin]
@@ -218,29 +240,57 @@ def in_flight(layout: Layout, microbatches: int, stage: int = 0) -> int:
 
 def activation_bytes(shape: Shape, layout: Layout, seq_len: int, microbatches: int = 1, stage: int = 0) -> int:
     """Peak bytes above the state of one device during forward and backward: the layers of its stage keep
-    LAYER_KEPT per token for every micro-batch in flight; the last stage adds the loss head (the chunked
-    loss keeps the hidden states' gradient and an fp32 output-weight gradient, and works on one chunk's
-    fp32 logits; backward scales both gradients into new tensors); full recompute reruns one layer whole
-    during backward."""
+    LAYER_KEPT per token for every micro-batch in flight; the last stage adds the loss head (chunked_loss_bytes,
+    or plain_loss_bytes where the plugin runs transformers' own loss); full recompute reruns one layer whole
+    during backward. The first stage may peak instead in the embedding's backward (first_stage_bytes)."""
     e = activation_size(layout)
     tokens = layout.microbatch_size * seq_len
     layers = stage_layers(shape, layout.pp)[stage]
-    kept = layers * layer_kept_elements(shape, layout.recompute, layout.tp) * tokens * e
-    kept *= in_flight(layout, microbatches, stage)
+    per_microbatch = layers * layer_kept_elements(shape, layout.recompute, layout.tp) * tokens * e
+    kept = per_microbatch * in_flight(layout, microbatches, stage)
     rerun = 0
     if layout.recompute != "none":  # backward recomputes one layer's forward (whole for full)
         rerun = layer_kept_elements(shape, "none", layout.tp) - layer_kept_elements(shape, layout.recompute, layout.tp)
         rerun *= tokens * e
     head = 0
     if stage == layout.pp - 1:
-        vocab = shape.vocab // layout.tp
-        chunk = min(tokens, CHUNK_TOKENS)
-        # the last chunk of forward's loss: grad_hidden (N x h) and the fp32 grad_weight (V x h) it has filled, that
-        # chunk's fp32 logits and logsumexp's temporary of their size (and the previous chunk's logits, still
-        # referenced while the next ones are computed), the final norm's kept tensors
-        logit_buffers = 2 if tokens <= CHUNK_TOKENS else 3
-        head = 4 * tokens * shape.hidden * e + 4 * vocab * shape.hidden + logit_buffers * 4 * chunk * vocab
-    return kept + max(rerun, head)
+        loss = chunked_loss_bytes if PLUGINS[layout.plugin].chunked_loss else plain_loss_bytes
+        head = loss(shape, layout, tokens)
+    embedding = 0
+    if stage == 0:
+        # the embedding's backward builds a dense V x h gradient (in the weights' dtype) before adding it into
+        # .grad, while the micro-batches forwarded ahead of this one stay kept (1F1B's steady state)
+        weight_size = 2 if layout.precision == "pure_bf16" or _plugin_casts(layout) else 4
+        embedding = per_microbatch * (in_flight(layout, microbatches, stage) - 1)
+        embedding += shape.vocab // layout.tp * shape.hidden * weight_size
+    return max(kept + max(rerun, head), embedding)
+
+
+def plain_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
+    """transformers' own loss (hybrid_parallel's shardformer forward, Gemini): log_softmax's fp32 output over
+    tokens x V, kept for backward, then in backward nll_loss's gradient and log_softmax's, fp32 each, while that
+    output is still held: three fp32 copies of the logits (measured under pp2, fp32; tp's vocabulary-parallel
+    cross-entropy is taken as the same over V/tp). Plus the final norm's kept tensors, counted as a layer's
+    norms are (3 x tokens x h)."""
+    return 3 * 4 * tokens * (shape.vocab // layout.tp) + 3 * tokens * shape.hidden * activation_size(layout)
+
+
+def chunked_loss_bytes(shape: Shape, layout: Layout, tokens: int) -> int:
+    """The chunked loss's peak (loss.py), inside its forward: it holds grad_hidden (tokens x h, plus the
+    final norm's kept tensors: 4 x tokens x h in all) and the fp32 grad_weight (V x h) throughout, and per
+    chunk either (a) the chunk's logits, logsumexp's temporary of their size and, from the second chunk
+    on, the previous chunk's logits (the loop's `grad_logits` still refers to them), or (b) the logits
+    and the product `grad_logits.T @ h`, a V x h temporary before it is added into grad_weight (on `small`
+    at -l 256, where a chunk's logits are smaller than V x h, (b) is the peak). In 16 bits the logits and
+    the product also exist once in the compute dtype before their fp32 copy."""
+    e = activation_size(layout)
+    vocab = shape.vocab // layout.tp
+    chunk = min(tokens, CHUNK_TOKENS)
+    logits, product = 4 * chunk * vocab, 4 * vocab * shape.hidden
+    cast = 0 if e == 4 else e / 4  # the 16-bit copy next to each fp32 one
+    logsumexp = (2 if tokens <= CHUNK_TOKENS else 3) * logits
+    weight_gradient = logits * (1 + cast) + product * (1 + cast)
+    return int(4 * tokens * shape.hidden * e + product + max(logsumexp, weight_gradient))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +395,7 @@ def candidate_layouts(
     recompute: str | None = None,
 ) -> list[Layout]:
     """Every layout of `plugins` that can run: tp divides the heads and stays in a node, pp the layers, the
-    batch divides into dp x micro-batches; --tp/--pp/--recompute fix those."""
+    batch divides into dp x micro-batches of a power-of-two size; --tp/--pp/--recompute fix those."""
     out = []
     sizes = [1, 2, 4, 8]
     for plugin in plugins:
@@ -360,9 +410,8 @@ def candidate_layouts(
                 if global_batch % dp:
                     continue
                 for mode in [recompute] if recompute else ["none", "selective", "full"]:
-                    for mbs in [1, 2, 4, 8]:
-                        if (global_batch // dp) % mbs:
-                            continue
+                    per_replica = global_batch // dp
+                    for mbs in [2**i for i in range(per_replica.bit_length()) if per_replica % 2**i == 0]:
                         zeros = [0, 1] if model_parallel else [0]
                         for zero in zeros:
                             if p > 1 and zero > 1 or (zero and precision == "fp32"):
@@ -406,3 +455,61 @@ def plan(
 def as_json(prediction: dict) -> dict:
     layout = prediction["layout"]
     return {**{k: v for k, v in prediction.items() if k != "layout"}, "layout": {**asdict(layout), "dp": layout.dp}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The run-start check (trainer.announce)
+
+
+def unmodelled(cfg) -> str | None:
+    """What of this run the planner does not model (the run-start check is then skipped), or None."""
+    par = cfg.parallel
+    if cfg.model.lora_rank:
+        return "LoRA's frozen weights"
+    if par.sp_mode:
+        return "sequence parallelism"
+    if par.pp_style != "1f1b":
+        return f"--pp_style {par.pp_style}"
+    if not PLUGINS[par.plugin].planned:
+        return f"-p {par.plugin}'s placement"
+    return None
+
+
+def fit_warning(cfg, shape: Shape, seq_len: int, devices: int, device_gb: float, plugins: list[str]) -> str | None:
+    """One line when this run's predicted peak per device exceeds `device_gb`: the prediction by role and
+    the fastest layout of the same devices and batch that fits (of this plugin if one does, else of
+    `plugins`), as flags. None when it fits."""
+    layout, microbatches = Layout.of(cfg, devices)
+    global_batch = layout.dp * layout.microbatch_size * microbatches
+    hw = Hardware()
+    prediction = predict(shape, layout, seq_len, global_batch, hw)
+    if prediction["peak_gb"] <= device_gb:
+        return None
+    searched = (shape, devices, device_gb, seq_len, global_batch)
+    fitting = plan(*searched, [layout.plugin], layout.precision, layout.optimizer, hw) or plan(
+        *searched, plugins, layout.precision, layout.optimizer, hw
+    )
+    roles = ", ".join(
+        f"{role} {b / 1e9:.3g}" for role, b in prediction["bytes"].items() if b or role != "communication"
+    )
+    advice = (
+        f"try {layout_flags(fitting[0]['layout'], fitting[0]['microbatches'])}"
+        if fitting
+        else f"no layout of {devices} devices fits this batch and -l; use more devices or a shorter -l"
+    )
+    return (
+        f"warning: predicted peak {prediction['peak_gb']:.3g} GB per device exceeds this device's {device_gb:.3g} GB "
+        f"({roles}): {advice}"
+    )
+
+
+def layout_flags(layout: Layout, microbatches: int) -> str:
+    """pretrain.py's flags for `layout` with `microbatches` per step (the same global batch)."""
+    flags = [f"-p {layout.plugin}"]
+    if PLUGINS[layout.plugin].model_parallel:
+        flags.append(f"--tp {layout.tp} --pp {layout.pp} --zero_stage {layout.zero_stage}")
+    if layout.pp > 1:  # the pipeline splits -b into micro-batches itself
+        flags.append(f"-b {layout.microbatch_size * microbatches} --mbs {layout.microbatch_size}")
+    else:
+        flags.append(f"-b {layout.microbatch_size} --accumulation_steps {microbatches}")
+    return " ".join([*flags, f"--recompute {layout.recompute}"])

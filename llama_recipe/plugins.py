@@ -113,6 +113,7 @@ class PluginSpec:
     zero_stage: int | None = 0
     offloads_optimizer: bool = False
     casts_model: bool = True
+    planned: bool = True  # False: its memory moves between host and device as it runs (gemini_auto), unmodelled
     # (cfg, precision, world size): raises UsageError where the run breaks this plugin's own rules
     check: Callable[[TrainConfig, str, int], None] | None = None
 
@@ -525,6 +526,7 @@ PLUGINS: dict[str, PluginSpec] = {
             "gemini_auto",
             "Gemini with automatic CPU/GPU placement",
             _gemini("auto"),
+            planned=False,
             pure_bf16_refusal=_gemini_refuses_pure_bf16("gemini_auto"),
             compression_refusal=_zero_refuses_compression("gemini_auto"),
             **_GEMINI,

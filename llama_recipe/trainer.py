@@ -21,7 +21,16 @@ from .attention import ModelInputs, select_attention
 from .checkpointer import Checkpointer
 from .config import TrainConfig
 from .data import mixture_tokens
-from .distributed import any_rank, device, is_main_process, print_main, synchronize, world_size
+from .distributed import (
+    any_rank,
+    device,
+    device_memory_gb,
+    has_cuda,
+    is_main_process,
+    print_main,
+    synchronize,
+    world_size,
+)
 from .errors import TrainingDiverged
 from .evaluate import Evaluator
 from .export import export_hf
@@ -32,6 +41,8 @@ from .metrics import RunMetrics, StepResult, reset_peak_memory
 from .model import WeightInit, build_model, compile_decoder_layers, count_parameters
 from .optim import LRSchedule, build_lr_scheduler, build_optimizer
 from .parallel import Parallelism, unwrap_optimizer
+from .planner import Shape, fit_warning, unmodelled
+from .plugins import CPU_PLUGINS, PLUGIN_NAMES, PLUGINS
 from .recompute import enable_recompute, recompute_mode
 
 
@@ -298,6 +309,7 @@ def announce(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> str:
         f"({par.precision}), optimizer {par.optimizer}, {world_size()} processes, {par.dp_size} data-parallel "
         f"replicas; {run.total_steps} steps"
     )
+    warn_if_too_big(cfg, run)
     # a run sized by epochs learns here (before the model is built) whether a wsd decay fits it
     print_main(f"lr schedule: {LRSchedule.of(cfg.optim, run.warmup_steps, run.total_steps).describe()}")
     if run.warmup_steps >= run.total_steps:
@@ -305,6 +317,20 @@ def announce(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> str:
             f"note: {run.warmup_steps} warmup steps >= {run.total_steps} total steps, so the lr never reaches its peak"
         )
     return attn_implementation
+
+
+def warn_if_too_big(cfg: TrainConfig, run: RunPlan) -> None:
+    """One line on rank 0 when the planner (planner.py) predicts this run's peak per device above the
+    device's memory (--device_memory overrides it), with a layout of the same devices that fits."""
+    if unmodelled(cfg):
+        return
+    # (on CPU the host is the device: offloading to it saves nothing)
+    plugins = PLUGIN_NAMES if has_cuda() else [n for n in CPU_PLUGINS if not PLUGINS[n].offloads_optimizer]
+    plugins = [n for n in plugins if PLUGINS[n].planned]
+    memory = cfg.parallel.device_memory or device_memory_gb()
+    warning = fit_warning(cfg, Shape.of(run.model_config), run.seq_len, world_size(), memory, plugins)
+    if warning:
+        print_main(warning)
 
 
 def fit(cfg: TrainConfig, par: Parallelism, run: RunPlan) -> dict:

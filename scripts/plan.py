@@ -17,7 +17,7 @@ from llama_recipe.cli import add_config_flags
 from llama_recipe.errors import EXIT_USAGE, UsageError
 from llama_recipe.model import get_model_config
 from llama_recipe.planner import ROLES, Hardware, Shape, plan
-from llama_recipe.plugins import PLUGIN_NAMES
+from llama_recipe.plugins import PLUGIN_NAMES, PLUGINS
 
 SEARCHED = {
     "plugin": {"default": None},
@@ -56,7 +56,7 @@ def main(argv: list[str]) -> int:
     hw = Hardware(**{name: getattr(args, name) for name in asdict(Hardware())})
     shape = Shape.of(get_model_config(args.config))
     batch = args.batch_size or args.gpus  # a sequence per device unless -b says
-    plugins = [args.plugin] if args.plugin else [n for n in PLUGIN_NAMES if n != "gemini_auto"]
+    plugins = [args.plugin] if args.plugin else [n for n in PLUGIN_NAMES if PLUGINS[n].planned]
     fixed = dict(tp=args.tp, pp=args.pp, recompute=args.recompute)
     rows = plan(
         shape,

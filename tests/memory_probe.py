@@ -4,7 +4,9 @@ every tensor reachable from the boosted model and optimizer, by dtype.
 
 In-process (test_collage_training.py calls `measure`), or for several ranks under torchrun:
     memory_probe.py OUT_DIR PRETRAIN_FLAGS... [-- PRETRAIN_FLAGS...]
-which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json.
+which measures each layout in turn, in one job, and writes OUT_DIR/<case>-rank-<R>.json. A case that
+starts with --activations is measured by `activation_peak` instead (docs/planning.md's table), and
+`memory_probe.py --table OUT_DIR...` prints those next to the planner's predictions.
 """
 
 import json
@@ -65,8 +67,8 @@ def allocation_peak(run) -> int:
 
 
 def activation_peak(argv: list[str]) -> dict:
-    """The activation peak of one training forward/backward (after two steps, so the gradients, DDP's
-    buckets and the optimizer state already exist): what the planner's `activation_bytes` predicts. Needs a process group."""
+    """The activation peak of one training forward/backward (after a step and a forward/backward, so the
+    gradients, DDP's buckets and the optimizer state already exist): what the planner's `activation_bytes` predicts. Needs a process group."""
     cfg = parse_args("pretrain", argv)
     par = build_parallelism(cfg)
     model_config = get_model_config(cfg.model.config)
@@ -74,19 +76,48 @@ def activation_peak(argv: list[str]) -> dict:
     batches = SyntheticBatches(
         model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
     )
-    for _ in range(2):  # DDP rebuilds its gradient buckets after the first step
-        forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-        par.step(optimizer)
-        optimizer.zero_grad()
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    par.step(optimizer)  # the optimizer state exists from here
+    optimizer.zero_grad()
+    # once more without zero_grad: DDP rebuilds its gradient buckets in this second forward, and the gradients (state,
+    # in the planner's count) exist before the measured pass, as from a step's second micro-batch on (most plugins
+    # free them in zero_grad; DDP keeps its buckets)
+    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
     peak = allocation_peak(lambda: forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch))
-    return dict(rank=dist.get_rank(), activation_peak=peak)
+    stage = int(par.plugin.stage_manager.stage) if par.pipeline else 0
+    return dict(rank=dist.get_rank(), activation_peak=peak, stage=stage)
+
+
+def predicted_table(out_dirs: list[str]) -> str:
+    """Measured activation peaks (memory_probe.py --activations) next to planner.activation_bytes, per rank."""
+    from llama_recipe.planner import Layout, Shape, activation_bytes
+
+    lines = ["| case | stage | measured MiB | predicted MiB | difference |", "|---|---:|---:|---:|---:|"]
+    reports = [json.loads(f.read_text()) for d in out_dirs for f in sorted(Path(d).glob("*.json"))]
+    for r in sorted(reports, key=lambda r: (r["argv"], r["rank"])):
+        cfg = parse_args("pretrain", r["argv"])
+        layout, microbatches = Layout.of(cfg, r["world_size"])
+        shape = Shape.of(get_model_config(cfg.model.config))
+        predicted = activation_bytes(shape, layout, cfg.data.max_length, microbatches, r["stage"])
+        measured = r["activation_peak"]
+        lines.append(
+            f"| {' '.join(r['argv'])} | {r['stage']} | {measured / 2**20:,.1f} | {predicted / 2**20:,.1f} | "
+            f"{predicted / measured - 1:+.1%} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--table":
+        print(predicted_table(sys.argv[2:]))
+        sys.exit(0)
     out, cases = Path(sys.argv[1]), " ".join(sys.argv[2:]).split(" -- ")
     launch(seed=42)
     for index, case in enumerate(cases):
-        report = measure(case.split())
+        argv = case.split()
+        activations = argv[0] == "--activations"
+        report = activation_peak(argv[1:]) if activations else measure(argv)
+        report.update(argv=argv[1:] if activations else argv, world_size=dist.get_world_size())
         (out / f"{index}-rank-{dist.get_rank()}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

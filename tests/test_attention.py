@@ -91,10 +91,13 @@ def test_flash_request_falls_back_with_a_message_without_flash_attn():
 
 
 def test_pretrain_with_document_attention_trains_and_says_which_kernel(tmp_path):
-    """(With hybrid_parallel it is refused in one line: test_bad_input.py.)"""
+    """(With hybrid_parallel it is refused in one line: test_bad_input.py.) With --device_memory below the
+    planner's predicted peak it also warns, once, naming a layout that fits (test_memory.py checks that one)."""
     args = [*TINY_RUN, "-p", "zero2", "-a", "--document_attention", "--max_steps", "4", "-o", str(tmp_path / "c")]
-    proc = run_in_process("pretrain.py", [*args, "-t", str(tmp_path / "tb")])
+    proc = run_in_process("pretrain.py", [*args, "-t", str(tmp_path / "tb"), "--device_memory", "0.12"])
     check_ok(proc)
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: predicted peak")]
+    assert len(warnings) == 1 and "exceeds this device's 0.12 GB" in warnings[0] and ": try -p " in warnings[0]
     if not flash_attn_available():
         assert "uses PyTorch SDPA attention instead" in proc.stdout
     assert "attention confined to documents" in proc.stdout

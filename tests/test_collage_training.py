@@ -23,7 +23,7 @@ from conftest import TINY_RUN, check_ok, launch, launch_runs, one_rank_process_g
 from memory_probe import measure
 
 from llama_recipe.model import get_model_config
-from llama_recipe.planner import Layout, Shape, state_bytes
+from llama_recipe.planner import Layout, Shape, activation_bytes, state_bytes
 
 # (plugin, precision, optimizer) -> expected bytes per parameter of weights + grads + optimizer state
 MEMORY_CASES = {
@@ -87,11 +87,27 @@ def sharded_reports(tmp_path_factory) -> dict[str, list[dict]]:
     argv = [str(out)]
     for i, (args, _) in enumerate(SHARDED_BYTES.values()):
         argv += [*(["--"] if i else []), *PROBE, *args, "--optimizer", "collage_plus"]
+    argv += ["--", "--activations", *PIPELINE_ACTIVATIONS]  # (read by test_planner_pipeline_activation_peaks)
     check_ok(launch("tests/memory_probe.py", argv, nproc=2))
     return {
         layout: [json.loads((out / f"{i}-rank-{r}.json").read_text()) for r in range(2)]
-        for i, layout in enumerate(SHARDED_BYTES)
+        for i, layout in enumerate([*SHARDED_BYTES, "activations"])
     }
+
+
+PIPELINE_ACTIVATIONS = ["-c", "tiny4", "-l", "256", "-b", "4", "--mbs", "1", "-p", "hybrid_parallel", "--pp", "2"]
+PIPELINE_ACTIVATIONS += ["-x", "fp32"]
+
+
+@pytest.mark.multiprocess
+def test_planner_pipeline_activation_peaks(sharded_reports):
+    """pp2 with 4 micro-batches: each stage's activation peak (memory_probe.activation_peak) within 15% of the
+    planner's: the first stage holds 2 micro-batches in flight or peaks in the embedding's backward, the last
+    runs transformers' own loss (three fp32 copies of the logits)."""
+    layout = Layout("hybrid_parallel", 2, pp=2, precision="fp32")
+    for report in sharded_reports["activations"]:
+        predicted = activation_bytes(Shape.of(get_model_config("tiny4")), layout, 256, 4, report["stage"])
+        assert abs(predicted / report["activation_peak"] - 1) <= 0.15, report
 
 
 @pytest.mark.multiprocess
