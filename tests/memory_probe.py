@@ -25,8 +25,9 @@ from llama_recipe.parallel import build_parallelism
 from llama_recipe.trainer import build_boosted, forward_backward
 
 
-def measure(argv: list[str]) -> dict:
-    """Needs a process group. `argv`: pretrain.py's flags."""
+def _build(argv: list[str]):
+    """pretrain.py's model and optimizer for `argv`, boosted, after one step (the optimizer state exists),
+    and random batches of its shape: (par, model_config, model, optimizer, one forward/backward)."""
     cfg = parse_args("pretrain", argv)
     par = build_parallelism(cfg)
     model_config = get_model_config(cfg.model.config)
@@ -34,10 +35,20 @@ def measure(argv: list[str]) -> dict:
     batches = SyntheticBatches(
         model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
     )
-    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+
+    def pass_once():
+        forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+
+    pass_once()
     par.step(optimizer)
     optimizer.zero_grad()
-    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
+    return par, model_config, model, optimizer, pass_once
+
+
+def measure(argv: list[str]) -> dict:
+    """Needs a process group. `argv`: pretrain.py's flags."""
+    _, model_config, model, optimizer, pass_once = _build(argv)
+    pass_once()
     return dict(
         rank=dist.get_rank(),
         parameters=count_parameters(model_config),
@@ -69,21 +80,12 @@ def allocation_peak(run) -> int:
 def activation_peak(argv: list[str]) -> dict:
     """The activation peak of one training forward/backward (after a step and a forward/backward, so the
     gradients, DDP's buckets and the optimizer state already exist): what the planner's `activation_bytes` predicts. Needs a process group."""
-    cfg = parse_args("pretrain", argv)
-    par = build_parallelism(cfg)
-    model_config = get_model_config(cfg.model.config)
-    model, optimizer, _ = build_boosted(cfg, par, model_config, "sdpa", warmup_steps=0, total_steps=10)
-    batches = SyntheticBatches(
-        model_config.vocab_size, cfg.data.max_length, cfg.training.batch_size, seed=cfg.training.seed + par.dp_rank
-    )
-    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-    par.step(optimizer)  # the optimizer state exists from here
-    optimizer.zero_grad()
+    par, _, _, _, pass_once = _build(argv)  # (the optimizer state exists from here)
     # once more without zero_grad: DDP rebuilds its gradient buckets in this second forward, and the gradients (state,
     # in the planner's count) exist before the measured pass, as from a step's second micro-batch on (most plugins
     # free them in zero_grad; DDP keeps its buckets)
-    forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch)
-    peak = allocation_peak(lambda: forward_backward(par, model, optimizer, batches, 1, inputs=lambda batch: batch))
+    pass_once()
+    peak = allocation_peak(pass_once)
     stage = int(par.plugin.stage_manager.stage) if par.pipeline else 0
     return dict(rank=dist.get_rank(), activation_peak=peak, stage=stage)
 
