@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: install demo test test-fast test-kit lint format clean
+.PHONY: install demo test test-fast test-kit test-slurm lint format clean
 
 $(STAMP): requirements.txt requirements-colossalai.txt pyproject.toml scripts/install.sh
 	@echo "Installing into $(VENV) (first time: about 1-2 minutes)..."
@@ -31,6 +31,9 @@ test-fast: $(STAMP)
 
 test-kit: $(STAMP)  # the offline GPU kit built and installed into a fresh venv (left out of `make test`: 40-55 s)
 	$(BIN)/python -m pytest -m wheelhouse
+
+test-slurm: $(STAMP)  # the sbatch scripts under a real one-node Slurm (left out of `make test`: about 60 s)
+	$(BIN)/python -m pytest -m slurm
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -19,7 +19,7 @@ from conftest import PYTHON_BIN, REPO, TINY_RUN, script_env
 
 from llama_recipe.distributed import free_port
 
-pytestmark = pytest.mark.multiprocess
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slurm]  # run by `make test-slurm`
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client"]  # Debian's (bookworm: Slurm 22.05, munge 0.5)
 STOPPED = r"SIGTERM received: stopping at the end of step (\d+)"
 PROGRAMS = ["munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo"]
