@@ -221,7 +221,7 @@ class DocumentStream:
         found = []
         for epoch in range(lag["epoch"], lead["epoch"] + 1):
             in_epoch = [s for s in states if s["epoch"] == epoch]
-            start = min((s for s in in_epoch if s["epoch"] == lag["epoch"]), key=_position, default=None)
+            start = lag if epoch == lag["epoch"] else None  # the lead's epoch, begun after the lag's: from its start
             base, deal = in_epoch[0]["base"], in_epoch[0]["deal"]
             g = start["g"] if start else 0
             for ref, _ in self._order(epoch, start["order"] if start else None):
@@ -234,14 +234,20 @@ class DocumentStream:
         return found
 
     def _read_again(self, refs: list[Ref]) -> list[tuple[Ref, str]]:
-        texts = read_texts(self.source, refs)
-        for ref in refs:
-            if texts[ref] is None:
-                raise UsageError(
-                    f"the data changed since the checkpoint: {self.source.files[ref[0]]} has no usable record "
-                    f"{ref[1]} any more; restore the data, or pass --reset_data"
-                )
-        return [(ref, texts[ref]["text"]) for ref in refs]
+        texts = read_again(self.source, refs)
+        return [(ref, texts[ref]) for ref in refs]
+
+
+def read_again(source: Source, refs: list[Ref]) -> dict[Ref, str]:
+    """The texts of the documents a checkpoint's buffers name; one line if one is gone (the data changed)."""
+    texts = read_texts(source, refs)
+    for ref in refs:
+        if texts[ref] is None:
+            raise UsageError(
+                f"the data changed since the checkpoint: {source.files[ref[0]]} has no usable record {ref[1]} any "
+                "more; restore the data, or pass --reset_data"
+            )
+    return {ref: document["text"] for ref, document in texts.items()}
 
 
 def _position(state: dict) -> tuple[int, int]:
@@ -523,17 +529,9 @@ class PackedRows:
 
     def _load_pieces(self, leftover: list[Piece], rows: list[list[Piece]]) -> None:
         """The tokens of the leftover and the buffered rows, from their documents read again."""
-        source = self.documents.source
         refs = {tuple(p[:3]) for p in leftover} | {tuple(p[:3]) for pieces in rows for p in pieces}
-        texts = read_texts(source, sorted(refs))
-        tokens = {}
-        for ref in sorted(refs):
-            if texts[ref] is None:
-                raise UsageError(
-                    f"the data changed since the checkpoint: {source.files[ref[0]]} has no usable record {ref[1]} any "
-                    "more; restore the data, or pass --reset_data"
-                )
-            tokens[ref] = tokenize_texts(self.documents.tokenizer, [texts[ref]["text"]])[0]
+        texts = read_again(self.documents.source, sorted(refs))
+        tokens = {ref: tokenize_texts(self.documents.tokenizer, [text])[0] for ref, text in texts.items()}
 
         def cut(pieces):
             return [t for p in pieces for t in tokens[tuple(p[:3])][p[3] : p[4]]]

@@ -21,86 +21,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .sources import Source, damaged_file_errors, parse_jsonl_line, parse_row, skip_line
+from .sources import JsonlRecords, Source, open_binary, parse_jsonl_line, parse_row
 
 OPEN_FILES = 16  # files read at once per stream: enough to mix slices, few enough connections per rank on the hub
-BLOCK = 1 << 18  # bytes read at a time from a (decompressed) JSON-lines file
 
 Ref = tuple[int, int, int]  # (index into the source's files, record number in that file, its byte offset)
-
-
-def _open_binary(file: str):
-    """The file's raw bytes (fsspec: local paths and hf:// URLs alike) and their size."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(file)
-    return fs.open(path, "rb"), fs.size(path)
-
-
-class JsonlRecords:
-    """The non-blank lines of a JSON-lines file (plain, .gz or .zst), from record `record`.
-
-    Progress (for the interleave's weights) is counted in raw bytes: the decompressed offset for a
-    plain file, the compressed position after each block for a compressed one. A compressed file
-    resumes by reading again from its start with the same blocks, so its progress figures are the
-    same as the uninterrupted run's; a plain one seeks to the record's offset.
-    """
-
-    def __init__(self, file: str, record: int = 0, offset: int = 0):
-        import fsspec
-
-        self.file = file
-        self.raw, self.size = _open_binary(file)
-        codec = fsspec.core.get_compression(file, "infer")
-        self.stream = fsspec.compression.compr[codec](self.raw, mode="rb") if codec else self.raw
-        self.compressed = codec is not None
-        self.record, self.offset, self.progress = 0, 0, 0
-        self._buffer, self._start, self._done = b"", 0, False
-        if not self.compressed and offset:
-            self.raw.seek(offset)
-            self.record, self.offset, self.progress = record, offset, offset
-        while self.record < record and self.next() is not None:
-            pass  # a compressed file: decompress up to the record
-
-    def _fill(self) -> bool:
-        try:
-            chunk = self.stream.read(BLOCK)
-        except damaged_file_errors() as e:
-            skip_line(
-                self.file, self.record + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest"
-            )
-            chunk = b""
-        if self.compressed:
-            self.progress = self.raw.tell()
-        self._buffer, self._start = self._buffer[self._start :] + chunk, 0
-        return bool(chunk)
-
-    def next(self) -> tuple[int, int, bytes] | None:
-        """(record number, byte offset, the line) of the next non-blank line; None at the end."""
-        while True:
-            end = self._buffer.find(b"\n", self._start)
-            if end < 0 and not self._done:
-                self._done = not self._fill()
-                continue
-            if end < 0:
-                end = len(self._buffer)
-                if end == self._start:
-                    return None
-            line, offset = self._buffer[self._start : end], self.offset
-            self._start, self.offset = end + 1, self.offset + end + 1 - self._start
-            if not self.compressed:
-                self.progress = self.offset
-            if line.strip():
-                self.record += 1
-                return self.record - 1, offset, line
-
-    def remaining(self) -> tuple[float, float]:
-        """(raw bytes left, raw bytes per record so far; 0 when none read yet)."""
-        return max(self.size - self.progress, 0), (self.progress / self.record if self.record else 0.0)
-
-    def close(self) -> None:
-        self.stream.close()
-        self.raw.close()
 
 
 class ParquetRecords:
@@ -110,7 +35,7 @@ class ParquetRecords:
         import pyarrow.parquet as pq
 
         self.file = file
-        self.raw, _ = _open_binary(file)
+        self.raw, _ = open_binary(file)
         self.parquet = pq.ParquetFile(self.raw)
         self.columns = [c for c in columns if c in self.parquet.schema_arrow.names]
         self.size = self.parquet.metadata.num_rows

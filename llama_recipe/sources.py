@@ -407,24 +407,81 @@ def damaged_file_errors() -> tuple[type[Exception], ...]:
     return tuple(errors)
 
 
-def _lines(f, file: str, block: int = 1 << 20) -> Iterator[bytes]:
-    """The lines of a binary file object, read in blocks (zstd readers cannot iterate lines). A file
-    cut short (a truncated .gz or .zst, a dropped download) ends where it can no longer be read,
-    with a warning: the lines before it still count."""
-    rest, count = b"", 0
-    while True:
+BLOCK = 1 << 18  # bytes read at a time from a (decompressed) JSON-lines file
+
+
+def open_binary(file: str):
+    """The file's raw bytes (fsspec: local paths and hf:// URLs alike) and their size."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(file)
+    return fs.open(path, "rb"), fs.size(path)
+
+
+class JsonlRecords:
+    """The non-blank lines of a JSON-lines file (plain, .gz or .zst), from record `record`.
+
+    Progress (for the interleave's weights) is counted in raw bytes: the decompressed offset for a
+    plain file, the compressed position after each block for a compressed one. A compressed file
+    resumes by reading again from its start with the same blocks, so its progress figures are the
+    same as the uninterrupted run's; a plain one seeks to the record's offset.
+    """
+
+    def __init__(self, file: str, record: int = 0, offset: int = 0):
+        import fsspec
+
+        self.file = file
+        self.raw, self.size = open_binary(file)
+        codec = fsspec.core.get_compression(file, "infer")
+        self.stream = fsspec.compression.compr[codec](self.raw, mode="rb") if codec else self.raw
+        self.compressed = codec is not None
+        self.record, self.offset, self.progress = 0, 0, 0
+        self._buffer, self._start, self._done = b"", 0, False
+        if not self.compressed and offset:
+            self.raw.seek(offset)
+            self.record, self.offset, self.progress = record, offset, offset
+        while self.record < record and self.next() is not None:
+            pass  # a compressed file: decompress up to the record
+
+    def _fill(self) -> bool:
         try:
-            chunk = f.read(block)
+            chunk = self.stream.read(BLOCK)
         except damaged_file_errors() as e:
-            skip_line(file, count + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest of it")
-            return
-        if not chunk:
-            break
-        *lines, rest = (rest + chunk).split(b"\n")
-        count += len(lines)
-        yield from lines
-    if rest:
-        yield rest
+            skip_line(
+                self.file, self.record + 1, f"the file is damaged or cut short here ({type(e).__name__}); the rest"
+            )
+            chunk = b""
+        if self.compressed:
+            self.progress = self.raw.tell()
+        self._buffer, self._start = self._buffer[self._start :] + chunk, 0
+        return bool(chunk)
+
+    def next(self) -> tuple[int, int, bytes] | None:
+        """(record number, byte offset, the line) of the next non-blank line; None at the end."""
+        while True:
+            end = self._buffer.find(b"\n", self._start)
+            if end < 0 and not self._done:
+                self._done = not self._fill()
+                continue
+            if end < 0:
+                end = len(self._buffer)
+                if end == self._start:
+                    return None
+            line, offset = self._buffer[self._start : end], self.offset
+            self._start, self.offset = end + 1, self.offset + end + 1 - self._start
+            if not self.compressed:
+                self.progress = self.offset
+            if line.strip():
+                self.record += 1
+                return self.record - 1, offset, line
+
+    def remaining(self) -> tuple[float, float]:
+        """(raw bytes left, raw bytes per record so far; 0 when none read yet)."""
+        return max(self.size - self.progress, 0), (self.progress / self.record if self.record else 0.0)
+
+    def close(self) -> None:
+        self.stream.close()
+        self.raw.close()
 
 
 def parse_jsonl_line(raw: bytes, file: str, number: int, source: Source) -> dict | None:
@@ -457,14 +514,13 @@ def read_jsonl_documents(
 ) -> Iterator[dict]:
     """Rows {"text", "slice"} of JSON-lines files: local or hf:// URLs, plain, .gz or .zst; unusable
     lines skipped and counted."""
-    import fsspec
-
     source = Source("", None, text_field, slice_field, slice_names or {})
     for file in files:
-        with fsspec.open(file, "rb", compression="infer") as f:
-            for number, raw in enumerate(_lines(f, file), 1):
-                if raw.strip() and (row := parse_jsonl_line(raw, file, number, source)) is not None:
-                    yield row
+        reader = JsonlRecords(file)
+        while (item := reader.next()) is not None:
+            if (row := parse_jsonl_line(item[2], file, item[0] + 1, source)) is not None:
+                yield row
+        reader.close()
 
 
 def _usable(row: dict) -> bool:
